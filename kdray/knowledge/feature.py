@@ -1,0 +1,203 @@
+"""Feature-based knowledge (hints): the student matches the teacher's intermediate representations."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from kdray.knowledge.base import (
+    Knowledge,
+    KnowledgeParams,
+    ModelLayout,
+    TapOutputs,
+    as_float,
+    middle,
+    register_knowledge,
+)
+
+
+def resize_to(x: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Adaptive average pooling of the spatial dims of ``x`` (B, C, *spatial) to ``size``."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
+    return pool(x, size)
+
+
+class Regressor(nn.Module):
+    """FitNets' learned regressor r(·) from a student feature shape to a teacher feature shape.
+
+    Same rank and spatial maps: a 1x1 convolution (Conv1d/Conv2d/Conv3d) changes the channel count, then
+    adaptive pooling matches the spatial size. Vectors: a linear layer. Ranks that differ (an MLP
+    student against a CNN teacher): flatten, linear, reshape to the teacher's shape.
+    """
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        s, t = self.student_shape, self.teacher_shape
+        if len(s) == len(t) and 2 <= len(s) <= 4:
+            conv = {2: nn.Conv1d, 3: nn.Conv2d, 4: nn.Conv3d}[len(s)]
+            self.kind = "conv1x1"
+            self.proj: nn.Module = conv(s[0], t[0], kernel_size=1)
+        elif len(s) == len(t) == 1:
+            self.kind = "linear"
+            self.proj = nn.Linear(s[0], t[0])
+        else:
+            self.kind = "flatten-linear"
+            self.proj = nn.Linear(math.prod(s), math.prod(t))
+
+    def forward(self, f_s: Tensor) -> Tensor:
+        if self.kind == "conv1x1":
+            return resize_to(self.proj(f_s), self.teacher_shape[1:])
+        if self.kind == "linear":
+            return self.proj(f_s)
+        return self.proj(f_s.flatten(1)).view(f_s.shape[0], *self.teacher_shape)
+
+
+@register_knowledge("fitnet", "feature", "FitNets hints: L2 between a teacher layer and a regressed student layer")
+class FitNet(Knowledge):
+    r"""FitNets: hints from an intermediate teacher layer.
+
+    Romero, Ballas, Kahou, Chassang, Gatta & Bengio, "FitNets: Hints for Thin Deep Nets", ICLR 2015,
+    arXiv:1412.6550.
+
+    .. math::
+        L_{hint} = \frac{1}{N} \sum \big(r(F_s) - F_t\big)^2
+
+    where :math:`F_t` is the teacher's *hint* layer, :math:`F_s` the student's *guided* layer, :math:`r`
+    a learned regressor (a 1x1 convolution, or a linear map for vectors) whose shape is inferred from
+    one dry forward pass, and the mean runs over every element (RepDistiller's ``nn.MSELoss``). The
+    paper trains this stage alone before KD; here it is one term of the joint objective, as in the
+    CRD/RepDistiller benchmarks (their default weight is 100).
+    """
+
+    class Params(KnowledgeParams):
+        teacher_layer: str | None = Field(None, description="teacher hint layer (default: middle)")
+        student_layer: str | None = Field(None, description="student guided layer (default: middle)")
+
+    def __init__(self, teacher_layer: str, student_layer: str) -> None:
+        super().__init__()
+        self.teacher_layers, self.student_layers = [teacher_layer], [student_layer]
+        self.regressor: Regressor | None = None
+
+    @classmethod
+    def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
+        return cls(
+            kwargs.get("teacher_layer") or middle(teacher.feature_layers, "teacher_layer"),
+            kwargs.get("student_layer") or middle(student.feature_layers, "student_layer"),
+        )
+
+    def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
+        t = teacher_features[self.teacher_layers[0]]
+        s = student_features[self.student_layers[0]]
+        self.regressor = Regressor(tuple(s.shape[1:]), tuple(t.shape[1:])).to(s.device)
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        if self.regressor is None:  # used directly on tensors: infer the connector now
+            self.regressor = Regressor(tuple(f_s.shape[1:]), tuple(f_t.shape[1:])).to(f_s.device)
+        return F.mse_loss(as_float(self.regressor(f_s)), as_float(f_t))
+
+    def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
+        return self(student.features[self.student_layers[0]], teacher.features[self.teacher_layers[0]])
+
+
+def attention_map(f: Tensor, p: float = 2.0) -> Tensor:
+    r"""Spatial attention :math:`\frac{1}{C}\sum_c |A_c|^p`, shape (B, *spatial), not yet normalised.
+
+    ``f`` is (B, C, *spatial) or (B, D); a vector is read as one channel over D positions.
+    """
+    f = as_float(f)
+    if f.dim() == 2:
+        f = f.unsqueeze(1)
+    return f.pow(2).mean(1) if p == 2 else f.abs().pow(p).mean(1)
+
+
+def matched_attention(q_s: Tensor, q_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Pool two attention maps to a common size, then flatten and L2-normalise each sample.
+
+    Same rank: each spatial dim is pooled to the smaller of the two. Different rank (a vector
+    against a map): both are flattened and the longer is pooled to the shorter length.
+    """
+    if q_s.dim() == q_t.dim():
+        size = tuple(min(a, b) for a, b in zip(q_s.shape[1:], q_t.shape[1:]))
+        q_s, q_t = (resize_to(q.unsqueeze(1), size).squeeze(1) for q in (q_s, q_t))
+    else:
+        q_s, q_t = q_s.flatten(1), q_t.flatten(1)
+        n = min(q_s.shape[1], q_t.shape[1])
+        q_s, q_t = (resize_to(q.unsqueeze(1), (n,)).squeeze(1) for q in (q_s, q_t))
+    return F.normalize(q_s.flatten(1), dim=1), F.normalize(q_t.flatten(1), dim=1)
+
+
+@register_knowledge("at", "feature", "Attention transfer: match normalised spatial attention maps over layer pairs")
+class AT(Knowledge):
+    r"""Attention transfer (activation-based).
+
+    Zagoruyko & Komodakis, "Paying More Attention to Attention: Improving the Performance of
+    Convolutional Neural Networks via Attention Transfer", ICLR 2017, arXiv:1612.03928.
+
+    For each layer pair :math:`j`, with :math:`Q^j = \mathrm{vec}(\frac{1}{C}\sum_c |A^j_c|^p)`:
+
+    .. math::
+        L_{at} = \sum_{j} \frac{1}{B\,N_j} \sum_{i=1}^{B}
+                 \Big\| \frac{Q^j_{s,i}}{\|Q^j_{s,i}\|_2} - \frac{Q^j_{t,i}}{\|Q^j_{t,i}\|_2} \Big\|_2^2
+
+    with :math:`p = 2` (the paper's choice) and :math:`N_j` the number of positions, i.e. the authors'
+    code ``(at(x) - at(y)).pow(2).mean()``. Maps of different spatial size are average-pooled to the
+    smaller size first. RepDistiller's default weight is 1000.
+    """
+
+    class Params(KnowledgeParams):
+        teacher_layers: list[str] | None = Field(None, description="teacher layers (default: all stages)")
+        student_layers: list[str] | None = Field(None, description="student layers, paired in order")
+        p: float = Field(2.0, gt=0, description="exponent of the attention map")
+
+        @model_validator(mode="after")
+        def _same_length(self) -> "AT.Params":
+            t, s = self.teacher_layers, self.student_layers
+            if t is not None and s is not None and len(t) != len(s):
+                raise ValueError(
+                    f"teacher_layers ({len(t)}) and student_layers ({len(s)}) must pair up one to one"
+                )
+            if (t is not None and not t) or (s is not None and not s):
+                raise ValueError("teacher_layers / student_layers must not be empty")
+            return self
+
+    def __init__(self, teacher_layers: list[str], student_layers: list[str], p: float = 2.0) -> None:
+        super().__init__()
+        if len(teacher_layers) != len(student_layers) or not teacher_layers:
+            raise ValueError("attention transfer needs the same non-zero number of teacher and student layers")
+        self.teacher_layers, self.student_layers, self.p = list(teacher_layers), list(student_layers), float(p)
+
+    @classmethod
+    def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
+        t, s = kwargs.get("teacher_layers"), kwargs.get("student_layers")
+        if t is None and s is None:
+            if not teacher.feature_layers or not student.feature_layers:
+                raise ValueError("a model declares no feature layers; name teacher_layers/student_layers")
+            n = min(len(teacher.feature_layers), len(student.feature_layers))
+            t, s = list(teacher.feature_layers[-n:]), list(student.feature_layers[-n:])
+        elif t is None:
+            t = list(teacher.feature_layers[-len(s):])
+        elif s is None:
+            s = list(student.feature_layers[-len(t):])
+        return cls(t, s, kwargs.get("p", 2.0))
+
+    def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        if isinstance(f_s, Tensor):
+            f_s, f_t = [f_s], [f_t]
+        total = f_s[0].new_zeros((), dtype=torch.float32)
+        for a_s, a_t in zip(f_s, f_t):
+            q_s, q_t = matched_attention(attention_map(a_s, self.p), attention_map(a_t, self.p))
+            total = total + (q_s - q_t).pow(2).mean()
+        return total
+
+    def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
+        return self(
+            [student.features[n] for n in self.student_layers],
+            [teacher.features[n] for n in self.teacher_layers],
+        )

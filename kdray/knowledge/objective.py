@@ -1,0 +1,101 @@
+"""The objective of a run: w_ce·CE(y, z_s) + Σ_k w_k·L_k over any subset of knowledge types."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdray.knowledge.base import KNOWLEDGE, Knowledge, ModelLayout, TapOutputs, as_float
+
+
+class DistillObjective(nn.Module):
+    """Cross-entropy on the labels plus weighted knowledge terms.
+
+    ``forward`` returns a dict with every term unweighted (``ce``, ``kd``, ``at``, ...) and their
+    weighted sum under ``loss``, so each term can be logged on its own. The learnable connectors of
+    the knowledge types (FitNets' regressor) live in this module, which the training loop wraps in
+    DDP together with the student.
+    """
+
+    def __init__(
+        self,
+        knowledge: Mapping[str, Knowledge] | None = None,
+        weights: Mapping[str, float] | None = None,
+        ce_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.knowledge = nn.ModuleDict(dict(knowledge or {}))
+        self.weights = {k: float((weights or {}).get(k, 1.0)) for k in self.knowledge}
+        self.ce_weight = float(ce_weight)
+        self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_specs(
+        cls,
+        specs: Sequence[Mapping[str, Any]],
+        teacher: ModelLayout,
+        student: ModelLayout,
+        ce_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> "DistillObjective":
+        """Build from config entries ``{"type": "kd", "weight": 0.9, "temperature": 4, ...}``."""
+        modules, weights = {}, {}
+        for spec in specs:
+            spec = dict(spec)
+            kind = spec.pop("type")
+            if kind in modules:
+                raise ValueError(f"knowledge type {kind!r} is listed twice")
+            cls_ = KNOWLEDGE.get(kind)
+            params = cls_.Params(**spec)
+            modules[kind] = cls_.from_params(params, teacher, student)
+            weights[kind] = params.weight
+        return cls(modules, weights, ce_weight, label_smoothing)
+
+    # -- what the training loop needs to know ------------------------------------------------------
+    @property
+    def teacher_layers(self) -> list[str]:
+        return _unique(n for k in self.knowledge.values() for n in k.teacher_layers)
+
+    @property
+    def student_layers(self) -> list[str]:
+        return _unique(n for k in self.knowledge.values() for n in k.student_layers)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return len(self.knowledge) > 0
+
+    def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
+        for k in self.knowledge.values():
+            k.bind(teacher_features, student_features)
+
+    def set_epoch(self, epoch: int) -> None:
+        for k in self.knowledge.values():
+            k.set_epoch(epoch)
+
+    # -- the loss ----------------------------------------------------------------------------------
+    def forward(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor) -> dict[str, Tensor]:
+        terms = {"ce": F.cross_entropy(as_float(student.logits), target, label_smoothing=self.label_smoothing)}
+        total = self.ce_weight * terms["ce"]
+        if self.knowledge:
+            if teacher is None:
+                raise ValueError("knowledge terms need teacher outputs")
+            for name, k in self.knowledge.items():
+                terms[name] = k.compute(student, teacher, target)
+                total = total + self.weights[name] * terms[name]
+        terms["loss"] = total
+        return terms
+
+
+def _unique(names) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def nonfinite_terms(terms: Mapping[str, Tensor]) -> list[str]:
+    """The names of the terms that are NaN or infinite (one host sync for all of them)."""
+    names = list(terms)
+    finite = torch.stack([torch.isfinite(terms[n].detach()).all() for n in names]).tolist()
+    return [n for n, ok in zip(names, finite) if not ok]
