@@ -1,0 +1,151 @@
+"""A trained model on disk: architecture name, options, preprocessing and weights in one file.
+
+The record holds only tensors and plain Python values, so it loads with
+``torch.load(weights_only=True)``: opening a checkpoint never runs code from it. A teacher trained by
+``kdray teacher`` and a student saved by ``kdray distill`` share this format, so a distilled student
+can teach the next one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdray.knowledge.base import TapOutputs
+from kdray.models.taps import FeatureTaps
+from kdray.models.zoo import Classifier, Preprocess, build_model
+
+FORMAT = "kdray.model/1"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / compiled wrapper."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def model_record(
+    model: Classifier,
+    *,
+    model_name: str,
+    model_options: dict[str, Any] | None,
+    num_classes: int,
+    dataset: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    model = unwrap(model)
+    pre = model.preprocess
+    return {
+        "format": FORMAT,
+        "model": model_name,
+        "model_options": dict(model_options or {}),
+        "num_classes": int(num_classes),
+        "preprocess": {"shape": list(pre.shape), "mean": pre.mean.flatten().tolist(), "std": pre.std.flatten().tolist()},
+        "dataset": dict(dataset),
+        "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        "config": config or {},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_model(record: dict[str, Any], path: str | os.PathLike) -> Path:
+    return atomic_torch_save(record, path)
+
+
+def load_record(source: str | os.PathLike | dict[str, Any] | bytes) -> dict[str, Any]:
+    """A model record from a path, raw bytes or an already loaded dict (always ``weights_only``)."""
+    if isinstance(source, dict):
+        record = source
+    elif isinstance(source, (bytes, bytearray)):
+        record = torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
+    else:
+        p = Path(source)
+        if not p.is_file():
+            raise FileNotFoundError(f"model checkpoint {p} does not exist")
+        record = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ValueError(f"{source if not isinstance(source, (dict, bytes)) else 'record'} is not a kdray model checkpoint")
+    return record
+
+
+def model_from_record(record: dict[str, Any]) -> Classifier:
+    pre = record["preprocess"]
+    mean, std = pre["mean"], pre["std"]
+    preprocess = Preprocess(tuple(pre["shape"]), mean if len(mean) > 1 else mean[0], std if len(std) > 1 else std[0])
+    model = build_model(record["model"], record["num_classes"], preprocess, record.get("model_options"))
+    model.load_state_dict(record["state_dict"])
+    return model
+
+
+def weights_digest(records: list[dict[str, Any]]) -> str:
+    """A content hash of one or more models' weights: part of every teacher-cache key."""
+    h = hashlib.sha256()
+    for rec in records:
+        h.update(rec["model"].encode())
+        for k in sorted(rec["state_dict"]):
+            t: Tensor = rec["state_dict"][k]
+            h.update(k.encode())
+            h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class Teacher(nn.Module):
+    """The frozen teacher: eval mode, no gradients, never wrapped in DDP.
+
+    An ensemble of checkpoints averages its members' logits (Hinton et al.'s original setting);
+    feature taps read the first member, whose layer names the config refers to.
+    """
+
+    def __init__(self, members: list[Classifier]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("a teacher needs at least one model")
+        self.members = nn.ModuleList(members)
+        self.requires_grad_(False)
+        self.eval()
+        self.taps = FeatureTaps(self.members[0].net, [])
+
+    @classmethod
+    def from_records(cls, records: list[dict[str, Any]]) -> "Teacher":
+        return cls([model_from_record(r) for r in records])
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)  # a teacher never leaves eval mode (BatchNorm stats stay frozen)
+
+    def tap(self, layers: list[str]) -> None:
+        self.taps.remove()
+        self.taps = FeatureTaps(self.members[0].net, layers)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> TapOutputs:
+        out = self.taps.run(self.members[0], x)
+        if len(self.members) == 1:
+            return out
+        logits = out.logits.float()
+        for m in self.members[1:]:
+            logits = logits + m(x).float()
+        return TapOutputs(logits / len(self.members), out.features)

@@ -1,0 +1,101 @@
+"""The model registry and the wrapper that carries a data set's preprocessing inside every model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from kdray.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture: a factory ``(num_classes, input_shape, **options) -> nn.Module``.
+
+    ``example_input`` is an input shape (without batch) the model accepts; tests use it to run every
+    registered model. The built module carries ``kd_feature_layers`` (stage outputs, the default hint
+    layers) and ``kd_embedding_layer`` (the penultimate representation, the default for relational
+    knowledge) as attributes.
+    """
+
+    name: str
+    factory: Callable[..., nn.Module]
+    family: str
+    example_input: tuple[int, ...]
+    description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, num_classes: int, input_shape: tuple[int, ...], **options: Any) -> nn.Module:
+        net = self.factory(num_classes=num_classes, input_shape=tuple(input_shape), **{**self.defaults, **options})
+        net.kd_model_name = self.name  # type: ignore[assignment]
+        return net
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+
+def register_model(
+    name: str, family: str, example_input: tuple[int, ...], description: str = "", **defaults: Any
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register a model factory; ``defaults`` are bound options (e.g. a depth)."""
+
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS.register(name, ModelSpec(name, factory, family, tuple(example_input), description, dict(defaults)))
+        return factory
+
+    return decorator
+
+
+def set_layout(net: nn.Module, feature_layers: list[str], embedding_layer: str) -> nn.Module:
+    net.kd_feature_layers = list(feature_layers)  # type: ignore[assignment]
+    net.kd_embedding_layer = embedding_layer  # type: ignore[assignment]
+    return net
+
+
+class Preprocess(nn.Module):
+    """Turn a data set's raw inputs into what the network expects: reshape, then standardise.
+
+    It is part of every model kdray builds (teacher, student, exported champion), so a registered
+    model takes the data set's raw rows or images and nobody has to re-implement the normalisation.
+    """
+
+    def __init__(self, shape: tuple[int, ...], mean: list[float] | float = 0.0, std: list[float] | float = 1.0):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        stat_shape = (1, -1) + (1,) * (len(self.shape) - 1) if isinstance(mean, (list, tuple)) else (1,)
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(stat_shape))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(stat_shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], *self.shape)
+        if not torch.is_floating_point(x):
+            x = x.float()
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
+class Classifier(nn.Module):
+    """``net(preprocess(x))``: a registered network with its data set's preprocessing in front.
+
+    Layer names for taps are relative to ``net`` (``layer2``, not ``net.layer2``).
+    """
+
+    def __init__(self, preprocess: Preprocess, net: nn.Module) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.preprocess(x))
+
+
+def build_model(
+    name: str, num_classes: int, preprocess: Preprocess, options: dict[str, Any] | None = None
+) -> Classifier:
+    """Build the registered model ``name`` for a data set (its class count and preprocessing)."""
+    spec = MODELS.get(name)
+    return Classifier(preprocess, spec.build(num_classes, preprocess.shape, **(options or {})))
