@@ -1,0 +1,36 @@
+"""Data sets: the registry (``DATASETS``), loaders and the fixed-seed validation split.
+
+Importing this package registers every data set.
+"""
+from kdray.data.base import (
+    DATASETS,
+    DataBundle,
+    DatasetInfo,
+    DatasetSpec,
+    DatasetUnavailable,
+    Split,
+    carve_validation,
+    data_dir,
+    describe_dataset,
+    load_dataset,
+    register_dataset,
+)
+from kdray.data import offline, vision  # noqa: F401  (registers the data sets)
+from kdray.data.loaders import Batches, ShardSampler, crop_flip
+
+__all__ = [
+    "DATASETS",
+    "Batches",
+    "DataBundle",
+    "DatasetInfo",
+    "DatasetSpec",
+    "DatasetUnavailable",
+    "ShardSampler",
+    "Split",
+    "carve_validation",
+    "crop_flip",
+    "data_dir",
+    "describe_dataset",
+    "load_dataset",
+    "register_dataset",
+]

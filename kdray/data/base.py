@@ -1,0 +1,171 @@
+"""Data sets: the registry, what a loaded data set looks like, and the fixed-seed validation split.
+
+Every data set yields *raw* inputs (MNIST-1D's float rows, images as uint8 or [0, 1] floats); the
+normalisation is a ``Preprocess`` module that travels inside every model kdray builds. Validation is
+always carved from the training split with a fixed seed (``split_seed``), so selecting a student never
+touches the test split; the test split is read only for the final evaluation of a champion.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdray.models.zoo import Preprocess
+from kdray.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kdray.config import DatasetConfig
+
+
+class DatasetUnavailable(RuntimeError):
+    """A data set that is not on disk and may not (or cannot) be downloaded."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is known about a data set without loading it: enough to build and dry-run models."""
+
+    input_shape: tuple[int, ...]  # the raw sample shape as stored (e.g. (40,) or (3, 32, 32))
+    num_classes: int
+    model_input: tuple[int, ...]  # what the network sees after Preprocess (e.g. (1, 40))
+    mean: tuple[float, ...] | float = 0.0
+    std: tuple[float, ...] | float = 1.0
+
+    def preprocess(self) -> Preprocess:
+        m = list(self.mean) if isinstance(self.mean, tuple) else self.mean
+        s = list(self.std) if isinstance(self.std, tuple) else self.std
+        return Preprocess(self.model_input, m, s)
+
+
+@dataclass
+class Split:
+    """One split. In-memory sets hold stacked tensors ``x``/``y``; file-backed sets hold a Dataset."""
+
+    y: Tensor
+    x: Tensor | None = None
+    dataset: torch.utils.data.Dataset | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def in_memory(self) -> bool:
+        return self.x is not None
+
+
+@dataclass
+class DataBundle:
+    name: str
+    info: DatasetInfo
+    train: Split
+    val: Split
+    test: Split
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None  # batch-level, train only
+    file_augment: bool = False  # file-backed sets that augment inside their Dataset
+    fingerprint: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def deterministic(self) -> bool:
+        """True when a training sample is the same tensor every epoch (teacher outputs can be cached)."""
+        return self.augment is None and not self.file_augment
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    load: Callable[["DatasetConfig"], DataBundle]
+    describe: Callable[["DatasetConfig"], DatasetInfo]
+    offline: bool
+    description: str
+    option_keys: tuple[str, ...] = ()
+
+
+DATASETS: Registry[DatasetSpec] = Registry("data set")
+
+
+def register_dataset(
+    name: str, describe: Callable[["DatasetConfig"], DatasetInfo], *, offline: bool, description: str,
+    option_keys: tuple[str, ...] = (),
+):
+    """Decorator: register a loader ``(DatasetConfig) -> DataBundle`` under ``name``."""
+
+    def decorator(load: Callable[["DatasetConfig"], DataBundle]):
+        DATASETS.register(name, DatasetSpec(name, load, describe, offline, description, tuple(option_keys)))
+        return load
+
+    return decorator
+
+
+def data_dir(cfg: "DatasetConfig") -> Path:
+    """Where data sets live: ``dataset.data_dir``, else ``$KDRAY_DATA_DIR``, else ``~/.cache/kdray/data``."""
+    root = cfg.data_dir or os.environ.get("KDRAY_DATA_DIR") or Path.home() / ".cache" / "kdray" / "data"
+    return Path(root).expanduser()
+
+
+def carve_validation(n: int, val_fraction: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) of a training split of size ``n``: a fixed-seed random permutation."""
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise ValueError(f"val_fraction {val_fraction} leaves no training samples out of {n}")
+    perm = np.random.default_rng(split_seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def in_memory_bundle(
+    name: str,
+    info: DatasetInfo,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    cfg: "DatasetConfig",
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+) -> DataBundle:
+    """Carve validation from train and fingerprint the data (the teacher-cache key uses it)."""
+    tr, va = carve_validation(len(y_train), cfg.val_fraction, cfg.split_seed)
+    tr_t, va_t = torch.from_numpy(tr), torch.from_numpy(va)
+    train = Split(y_train[tr_t].contiguous(), x_train[tr_t].contiguous())
+    val = Split(y_train[va_t].contiguous(), x_train[va_t].contiguous())
+    test = Split(y_test.contiguous(), x_test.contiguous())
+    h = hashlib.sha256()
+    for part in (train, val):
+        h.update(part.x.numpy().tobytes())
+        h.update(part.y.numpy().tobytes())
+    h.update(repr((name, info, cfg.val_fraction, cfg.split_seed, sorted(cfg.options.items()))).encode())
+    return DataBundle(name, info, train, val, test, augment=augment, fingerprint=h.hexdigest()[:16],
+                      details={"train": len(train), "val": len(val), "test": len(test)})
+
+
+def cached_arrays(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Load ``path`` (.npz) or make the arrays and write them atomically (safe with concurrent trials)."""
+    if path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    arrays = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return arrays
+
+
+def load_dataset(cfg: "DatasetConfig") -> DataBundle:
+    return DATASETS.get(cfg.name).load(cfg)
+
+
+def describe_dataset(cfg: "DatasetConfig") -> DatasetInfo:
+    return DATASETS.get(cfg.name).describe(cfg)
