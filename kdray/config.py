@@ -1,0 +1,372 @@
+"""Typed configuration, validated once at the edge.
+
+YAML is read with ``yaml.safe_load`` and validated by pydantic models; any problem becomes a
+``ConfigError`` that names the file and the dotted field (``knowledge.0.temperature``) before Ray or
+MLflow is touched. The resolved config (defaults filled in) is what every run logs.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdray.data import DATASETS
+from kdray.knowledge import KNOWLEDGE
+from kdray.models import MODELS
+
+
+class ConfigError(Exception):
+    """A bad config: a list of (field, message) pairs, and the file they came from."""
+
+    def __init__(self, errors: list[tuple[str, str]] | str, file: str | Path | None = None, field: str = "") -> None:
+        if isinstance(errors, str):
+            errors = [(field, errors)]
+        self.errors = errors
+        self.file = str(file) if file else None
+        super().__init__(self._message())
+
+    def with_file(self, file: str | Path) -> "ConfigError":
+        return ConfigError(self.errors, file)
+
+    def _message(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        lines = [f"{where}{f'field {f!r}: ' if f else ''}{m}" for f, m in self.errors]
+        return lines[0] if len(lines) == 1 else f"{len(lines)} problems:\n  " + "\n  ".join(lines)
+
+    def __str__(self) -> str:
+        return self._message()
+
+    @property
+    def fields(self) -> list[str]:
+        return [f for f, _ in self.errors]
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _valid_keys(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """The field names of the model that sits at ``loc`` (best effort, for 'unknown field' errors)."""
+    cls: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(cls, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        ann = fields[part].annotation
+        cls = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return None
+    return list(getattr(cls, "model_fields", {}) or []) or None
+
+
+def pydantic_errors(e: ValidationError, root: type[BaseModel], prefix: tuple[Any, ...] = ()) -> list[tuple[str, str]]:
+    out = []
+    for err in e.errors():
+        loc = prefix + tuple(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            keys = _valid_keys(root, tuple(err["loc"])[:-1])
+            msg = "unknown field" + (f" (valid fields here: {', '.join(keys)})" if keys else "")
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error"):
+            shown = repr(err["input"])
+            msg += f" (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        out.append((_loc(loc), msg))
+    return out
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# -- pieces --------------------------------------------------------------------------------------------
+class DatasetConfig(Strict):
+    name: str = Field("mnist1d", description="a registered data set (kdray list)")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train carved out for validation")
+    split_seed: int = Field(0, description="seed of the train/validation split (fixed across trials)")
+    data_dir: str | None = Field(None, description="where data sets live (default $KDRAY_DATA_DIR or ~/.cache/kdray/data)")
+    download: bool = Field(False, description="allow torchvision to download a missing data set")
+    augment: bool | None = Field(None, description="random augmentation of training images (default: the set's standard)")
+    options: dict[str, Any] = Field(default_factory=dict, description="data-set specific options")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(DATASETS.unknown_message(v))
+        return v
+
+    @model_validator(mode="after")
+    def _options(self) -> "DatasetConfig":
+        keys = DATASETS.get(self.name).option_keys
+        unknown = sorted(set(self.options) - set(keys))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for data set {self.name!r}"
+                + (f"; valid: {', '.join(keys)}" if keys else "; it takes no options")
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    name: str = Field(description="a registered model (kdray list)")
+    options: dict[str, Any] = Field(default_factory=dict, description="constructor options, e.g. hidden: [64]")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(MODELS.unknown_message(v))
+        return v
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    scheduler: Literal["none", "cosine", "step"] = "cosine"
+    step_epochs: list[int] = Field(default_factory=list, description="epochs at which `step` multiplies lr by gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it (else fp16), fp32 on CPU"
+    )
+    channels_last: bool | None = Field(None, description="NHWC memory format for 2-D convnets (default: on GPU)")
+    checkpoint_every: int = Field(1, ge=1, description="save a resumable checkpoint every N epochs (and the last)")
+
+    @model_validator(mode="after")
+    def _step(self) -> "TrainConfig":
+        if self.scheduler == "step" and not self.step_epochs:
+            raise ValueError("scheduler 'step' needs step_epochs, e.g. [150, 180, 210]")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        return self
+
+
+class ResourcesConfig(Strict):
+    num_workers: int = Field(1, ge=1, description="data-parallel workers (Ray Train) for one run or trial")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker; also its torch thread count")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; a fraction < 1 shares a GPU between trials")
+    execution: Literal["auto", "train", "inline"] = Field(
+        "auto",
+        description="how a sweep trial runs: train = a Ray Train TorchTrainer; inline = the same loop inside the "
+        "Tune trial (no worker group to start); auto = inline for one CPU worker, train otherwise",
+    )
+    loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker (file-backed data sets)")
+    max_failures: int = Field(2, ge=-1, description="times a failed worker/trial is restarted from its checkpoint")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError(f"more than one GPU per worker must be a whole number, got {v}")
+        return v
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def resolved_execution(self) -> str:
+        if self.execution != "auto":
+            return self.execution
+        return "inline" if self.num_workers == 1 and not self.use_gpu else "train"
+
+
+class TeacherTrainSpec(Strict):
+    """Train the teacher before the run (once; reused while its config and data are unchanged)."""
+
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+class TeacherConfig(Strict):
+    checkpoint: str | list[str] | None = Field(
+        None, description="a kdray model checkpoint, or a list of them (an ensemble whose logits are averaged)"
+    )
+    train: TeacherTrainSpec | None = Field(None, description="train this teacher first instead of loading one")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        if (self.checkpoint is None) == (self.train is None):
+            raise ValueError("give exactly one of `checkpoint` (path or list of paths) or `train`")
+        if isinstance(self.checkpoint, list) and not self.checkpoint:
+            raise ValueError("`checkpoint` is an empty list")
+        return self
+
+    @property
+    def checkpoints(self) -> list[str]:
+        if self.checkpoint is None:
+            return []
+        return [self.checkpoint] if isinstance(self.checkpoint, str) else list(self.checkpoint)
+
+
+class CacheConfig(Strict):
+    teacher_outputs: Literal["auto", "off"] = Field(
+        "auto", description="auto: share precomputed teacher outputs when training inputs are deterministic"
+    )
+    max_bytes: int = Field(2 * 1024**3, ge=0, description="memory budget of the cached outputs")
+    dtype: Literal["auto", "float32", "float16"] = Field("auto", description="auto: float32 if it fits, else float16")
+
+
+def validate_knowledge(entries: list[Any]) -> list[dict[str, Any]]:
+    """Validate each ``{type: ..., weight: ..., <params>}`` entry against its registered schema.
+
+    Raises ``ConfigError`` with a precise field (``knowledge.1.temperature``) rather than a pydantic
+    ValueError, so the location survives.
+    """
+    errors: list[tuple[str, str]] = []
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            errors.append((f"knowledge.{i}", f"expected a mapping like {{type: kd, weight: 1.0}}, got {entry!r}"))
+            continue
+        kind = entry.get("type")
+        if kind is None:
+            errors.append((f"knowledge.{i}.type", "required field is missing"))
+            continue
+        if kind not in KNOWLEDGE:
+            errors.append((f"knowledge.{i}.type", KNOWLEDGE.unknown_message(kind)))
+            continue
+        if kind in seen:
+            errors.append((f"knowledge.{i}.type", f"knowledge type {kind!r} is listed twice"))
+            continue
+        seen.add(kind)
+        params_cls = KNOWLEDGE.get(kind).Params
+        try:
+            params = params_cls(**{k: v for k, v in entry.items() if k != "type"})
+        except ValidationError as e:
+            errors.extend(pydantic_errors(e, params_cls, ("knowledge", i)))
+            continue
+        out.append({"type": kind, **params.model_dump()})
+    if errors:
+        raise ConfigError(errors)
+    return out
+
+
+# -- a run ---------------------------------------------------------------------------------------------
+class RunConfig(Strict):
+    """One teacher -> student run (``kdray distill``), or a labels-only run when there is no knowledge."""
+
+    name: str = "run"
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    teacher: TeacherConfig | None = None
+    student: ModelConfig
+    knowledge: list[dict[str, Any]] = Field(default_factory=list)
+    ce_weight: float = Field(1.0, ge=0, description="w_ce, weight of the cross-entropy on labels")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    output_dir: str | None = Field(None, description="where the run writes its checkpoints and the final model")
+
+    @field_validator("knowledge", mode="before")
+    @classmethod
+    def _knowledge(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise ValueError("expected a list of {type: ..., weight: ...} entries")
+        return validate_knowledge(v)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "RunConfig":
+        if self.knowledge and self.teacher is None:
+            raise ConfigError([("teacher", "knowledge types are configured but no teacher is given")])
+        if not self.knowledge and self.ce_weight == 0:
+            raise ConfigError([("ce_weight", "is 0 and there is no knowledge term: nothing to optimise")])
+        if all(k["weight"] == 0 for k in self.knowledge) and self.knowledge and self.ce_weight == 0:
+            raise ConfigError([("knowledge", "every weight is 0: nothing to optimise")])
+        return self
+
+    @property
+    def knowledge_label(self) -> str:
+        """``none``, ``kd``, ``kd+at``: the knowledge types of this run, as the sweep names them."""
+        return "+".join(k["type"] for k in self.knowledge) or "none"
+
+
+class TeacherRunConfig(Strict):
+    """``kdray teacher``: train a model on labels alone and save it as a teacher checkpoint."""
+
+    name: str = "teacher"
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: str | None = Field(None, description="checkpoint path (default kdray_runs/teachers/<name>.pt)")
+
+    def as_run(self) -> RunConfig:
+        return RunConfig(
+            name=self.name, seed=self.seed, dataset=self.dataset, student=self.model, train=self.train,
+            resources=self.resources,
+        )
+
+
+# -- loading -------------------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML mapping safely; syntax errors name the file, line and column."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"file not found (looked in {p.resolve().parent})", file=p)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"YAML syntax error at {where}{e.problem or e}", file=p) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"YAML error: {e}", file=p) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not a text file: {e}", file=p) from None
+    if data is None:
+        raise ConfigError("the file is empty", file=p)
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of fields at the top level, got {type(data).__name__}", file=p)
+    return data
+
+
+def validate(cls: type[BaseModel], data: dict[str, Any], file: str | Path | None = None) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(pydantic_errors(e, cls), file=file) from None
+    except ConfigError as e:
+        raise (e.with_file(file) if file else e) from None
+
+
+def load_config(path: str | Path, cls: type[BaseModel] = RunConfig) -> Any:
+    """Read and validate ``path`` as ``cls`` (RunConfig, TeacherRunConfig or a search space)."""
+    return validate(cls, read_yaml(path), path)
+
+
+def dotted_set(data: dict[str, Any], path: str, value: Any) -> None:
+    """``dotted_set(d, "train.lr", 0.01)``: set a nested key, creating mappings on the way."""
+    parts = path.split(".")
+    cur = data
+    for part in parts[:-1]:
+        nxt = cur.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[part] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

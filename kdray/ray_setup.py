@@ -1,0 +1,83 @@
+"""Starting or joining Ray the way kdray needs it.
+
+* Reporting latency: Ray Train's controller polls its workers every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
+  (2 s by default), and every ``ray.train.report`` waited about that long here (FIELD-NOTES). kdray
+  sets 0.1 s for its jobs, locally through the environment the cluster inherits and on an existing
+  cluster through the job's runtime environment.
+* A sweep trial that drives a TorchTrainer needs no CPU of its own, but Tune will not schedule a
+  trial on zero resources. kdray gives such trials a custom resource, ``kdray_driver``, that a local
+  Ray declares and that ``cluster.yaml`` declares on the head node, so trials never compete with
+  their own workers for CPUs (the deadlock in FIELD-NOTES).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+DRIVER_RESOURCE = "kdray_driver"
+FAST_REPORTING_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    # Tune writes its experiment state at most this often; short, so an interrupted sweep loses little.
+    "TUNE_GLOBAL_CHECKPOINT_S": "2",
+}
+QUIET_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no TensorBoard/CSV/JSON loggers per trial: MLflow is the record
+    "RAY_TRAIN_ENABLE_STATE_TRACKING": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100",
+    "RAY_DEDUP_LOGS": "1",
+    # Train re-routes print() through its logger, which echoed every progress line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+
+def job_env() -> dict[str, str]:
+    env = dict(FAST_REPORTING_ENV)
+    env.update(QUIET_ENV)
+    for key in list(env):
+        if key in os.environ:  # a user's own setting wins
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    driver_slots: int = 64,
+    log_to_driver: bool = True,
+) -> dict[str, float]:
+    """Start a local Ray (``address=None``) or join one (``"auto"``, ``"ray://..."``, ``host:port``).
+
+    Returns the cluster's total resources. Idempotent: an already initialised Ray is reused.
+    """
+    import ray
+
+    env = job_env()
+    os.environ.update(env)  # inherited by a local cluster's raylet and so by every worker and actor
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = dict(
+            runtime_env={"env_vars": env},
+            log_to_driver=log_to_driver,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # The dashboard stays on: Ray Train's placement-group cleaner needs its State API to free the
+            # workers of an early-stopped trial (FIELD-NOTES).
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources={DRIVER_RESOURCE: driver_slots}, **kwargs)
+    return cluster_resources()
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items()}
+
+
+def has_driver_resource() -> bool:
+    return cluster_resources().get(DRIVER_RESOURCE, 0) > 0

@@ -1,0 +1,347 @@
+"""The per-run training loop: the same function on Ray Train workers, in a Tune trial, or in-process.
+
+One epoch: student (and connectors) in DDP, the frozen teacher outside it under ``no_grad`` (or its
+outputs read from the shared cache by sample index), every loss term summed on the device and synced
+once per epoch; then validation on the unwrapped student, all-reduced across ranks, so the reported
+accuracy is that of the whole validation split; then a resumable checkpoint and one report.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdray.config import RunConfig, TrainConfig
+from kdray.data import Batches, DataBundle, Split, load_dataset
+from kdray.knowledge import DistillObjective, ModelLayout, TapOutputs, nonfinite_terms
+from kdray.models import Classifier, FeatureTaps, Teacher, build_model, model_record, unwrap
+from kdray.models.checkpoint import atomic_torch_save
+from kdray.train.session import Session, scratch_dir
+
+STUDENT_FILE = "student.pt"  # a self-contained model record (kdray.models.checkpoint)
+STATE_FILE = "train_state.pt"  # optimizer, scaler, epoch: what resuming needs besides the weights
+
+
+class DistillStep(nn.Module):
+    """Student + objective (with its connectors) as one module, so DDP syncs both in one go."""
+
+    def __init__(self, student: Classifier, objective: DistillObjective, taps: FeatureTaps) -> None:
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.taps = taps
+
+    def forward(self, x: Tensor, y: Tensor, teacher_out: TapOutputs | None) -> tuple[dict[str, Tensor], Tensor]:
+        s_out = self.taps.run(self.student, x)
+        return self.objective(s_out, teacher_out, y), s_out.logits
+
+
+def lr_at(train: TrainConfig, epoch: int) -> float:
+    """Learning rate of (1-based) ``epoch``: a pure function, so a resumed run continues exactly."""
+    if train.warmup_epochs and epoch <= train.warmup_epochs:
+        return train.lr * epoch / train.warmup_epochs
+    if train.scheduler == "cosine":
+        span = max(1, train.epochs - train.warmup_epochs)
+        progress = (epoch - 1 - train.warmup_epochs) / span
+        return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if train.scheduler == "step":
+        return train.lr * train.gamma ** sum(epoch > m for m in train.step_epochs)
+    return train.lr
+
+
+def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov,
+                               weight_decay=train.weight_decay)
+    cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that have it (fp16 + loss scaling otherwise); fp32 on CPU unless asked."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_ref(obj: Any) -> Any:
+    """Values handed to workers may be Ray object references (shared through the object store)."""
+    try:
+        import ray
+
+        if isinstance(obj, ray.ObjectRef):
+            return ray.get(obj)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, split: Split, batch_size: int, device: torch.device, session: Session | None = None,
+    channels_last: bool = False, amp: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``split``, summed over all ranks exactly once."""
+    rank, world = (session.rank, session.world_size) if session else (0, 1)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss
+    for _, x, y in Batches(split, batch_size, train=False, rank=rank, world=world, device=device):
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            logits = model(x)
+        logits = logits.float()
+        sums[0] += (logits.argmax(1) == y).sum()
+        sums[1] += y.numel()
+        sums[2] += F.cross_entropy(logits, y, reduction="sum")
+    if session is not None:
+        session.all_reduce_sum(sums)
+    model.train(was_training)
+    correct, count, loss = sums.tolist()
+    return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "count": count}
+
+
+def move_small_splits(data: DataBundle, device: torch.device, budget_bytes: int = 2 * 1024**3) -> None:
+    """On a GPU, keep small in-memory splits on the device: batches are then sliced there (no copies)."""
+    if device.type != "cuda":
+        return
+    for split in (data.train, data.val):
+        if split.in_memory and split.x.numel() * split.x.element_size() < budget_bytes:
+            split.x, split.y = split.x.to(device), split.y.to(device)
+
+
+def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
+    """Train one student (or a teacher, when there is no knowledge) and report every epoch.
+
+    ``config``: ``run`` (a RunConfig as a dict), ``teacher_records`` (model records or object refs),
+    ``teacher_cache`` (optional TeacherCache or ref), ``progress`` (print a line per epoch).
+    Returns the last metrics. A NaN/inf loss ends the run with a final report whose ``failed`` field
+    gives the reason; it is not raised, so Ray does not retry a deterministic failure.
+    """
+    from kdray.teacher_cache import TeacherOutputs  # local: the cache module imports this one
+
+    cfg = RunConfig.model_validate(config["run"])
+    rank, world = session.rank, session.world_size
+    progress = bool(config.get("progress", False)) and rank == 0
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    seed_everything(cfg.seed)
+    device = session.device(cfg.resources.use_gpu)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+
+    data = load_dataset(cfg.dataset)
+    move_small_splits(data, device)
+    info = data.info
+    student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options).to(device)
+
+    teacher = None
+    records = [resolve_ref(r) for r in config.get("teacher_records") or []]
+    if cfg.knowledge:
+        if not records:
+            raise ValueError("this run has knowledge terms but was given no teacher")
+        teacher = Teacher.from_records(records).to(device)
+    objective = DistillObjective.from_specs(
+        cfg.knowledge, ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), ""),
+        ModelLayout.of(student), cfg.ce_weight, cfg.train.label_smoothing,
+    )
+    s_taps = FeatureTaps(student.net, objective.student_layers)
+    if teacher is not None:
+        teacher.tap(objective.teacher_layers)
+
+    channels_last = bool(cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda")
+    channels_last = channels_last and len(info.model_input) == 3
+    if channels_last:
+        student = student.to(memory_format=torch.channels_last)
+
+    train_batches = Batches(data.train, cfg.train.batch_size, train=True, rank=rank, world=world, seed=cfg.seed,
+                            device=device, augment=data.augment, num_workers=cfg.resources.loader_workers)
+    teacher_out = TeacherOutputs.create(teacher, resolve_ref(config.get("teacher_cache")), records, data,
+                                        objective.teacher_layers, device)
+
+    # One dry forward pass on two samples: connector shapes (FitNets' regressor) come from real taps.
+    if objective.needs_teacher:
+        x0 = data.train.x[:2] if data.train.in_memory else torch.stack([data.train.dataset[i][0] for i in range(2)])
+        from kdray.data.loaders import to_float
+
+        x0 = to_float(x0.to(device))
+        student.eval()
+        with torch.no_grad():
+            objective.bind(teacher(x0).features, s_taps.run(student, x0).features)
+        student.train()
+    objective.to(device)
+
+    step_module: nn.Module = DistillStep(student, objective, s_taps)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+        )
+    params = [p for p in step_module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.train)
+    amp = autocast_dtype(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    start_epoch = 1
+    with session.restored_checkpoint() as ckpt_dir:
+        if ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=True)
+            record = torch.load(Path(ckpt_dir) / STUDENT_FILE, map_location=device, weights_only=True)
+            student.load_state_dict(record["state_dict"])
+            objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch = int(state["epoch"]) + 1
+            if progress:
+                print(f"[kdray] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+
+    fault = _fault_injection()
+    last: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        lr = lr_at(cfg.train, epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        objective.set_epoch(epoch)
+        train_batches.set_epoch(epoch)
+        step_module.train()
+        sums: dict[str, Tensor] = {}
+        correct = torch.zeros((), device=device)
+        seen = 0
+        for step, (idx, x, y) in enumerate(train_batches):
+            if fault and fault.should_fire(epoch, step):
+                fault.fire()
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t_out = teacher_out(idx, x) if objective.needs_teacher else None
+            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                terms, logits = step_module(x, y, t_out)
+            loss = terms["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.train.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            n = y.numel()
+            seen += n
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * n
+            correct += (logits.detach().argmax(1) == y).sum()
+
+        # One sync per epoch: every term's sum, the accuracy and the count, over all ranks.
+        names = list(sums)
+        packed = torch.stack([sums[k] for k in names] + [correct.float(), torch.tensor(float(seen), device=device)])
+        packed = session.all_reduce_sum(packed.double())
+        total = packed[-1].item()
+        means = {k: packed[i].item() / total for i, k in enumerate(names)}
+        bad = [k for k in names if not math.isfinite(means[k])]
+        train_time = time.perf_counter() - t0
+
+        if bad:
+            reason = (f"loss term{'s' if len(bad) > 1 else ''} {', '.join(bad)} became non-finite "
+                      f"(NaN or inf) in epoch {epoch}")
+            last = {"epoch": epoch, "val_accuracy": 0.0, "failed": reason, "lr": lr}
+            if progress:
+                print(f"[kdray] {reason}; stopping this run", flush=True)
+            session.report(last, None)
+            return last
+
+        val = evaluate(unwrap(step_module).student, data.val, max(cfg.train.batch_size, 256), device, session,
+                       channels_last, amp)
+        epoch_time = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch,
+            "val_accuracy": val["accuracy"],
+            "val_loss": val["loss"],
+            "train_accuracy": packed[-2].item() / total,
+            "train_loss": means.pop("loss"),
+            **{f"loss_{k}": v for k, v in means.items()},
+            "lr": lr,
+            "epoch_time_s": epoch_time,
+            "train_time_s": train_time,
+            "samples_per_s": total / train_time if train_time > 0 else 0.0,
+            "teacher_source": teacher_out.source if objective.needs_teacher else "none",
+        }
+        if not math.isfinite(metrics["val_loss"]):
+            metrics.update(failed=f"validation loss became non-finite in epoch {epoch}", val_accuracy=0.0)
+            session.report(metrics, None)
+            return metrics
+        save = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
+        if save and rank == 0:
+            with scratch_dir() as d:
+                _write_checkpoint(d, unwrap(step_module), optimizer, scaler, epoch, cfg, info, metrics)
+                session.report(metrics, d)
+        else:
+            session.report(metrics, None)
+        if progress:
+            print(
+                f"[kdray] epoch {epoch}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"val_acc {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+                f"({epoch_time:.1f} s, {metrics['samples_per_s']:.0f} samples/s)",
+                flush=True,
+            )
+        last = metrics
+    s_taps.remove()
+    return last
+
+
+def _write_checkpoint(d: str, step: DistillStep, optimizer, scaler, epoch: int, cfg: RunConfig, info, metrics) -> None:
+    record = model_record(
+        step.student, model_name=cfg.student.name, model_options=cfg.student.options,
+        num_classes=info.num_classes, dataset=cfg.dataset.model_dump(mode="json"),
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        config=cfg.model_dump(mode="json"),
+    )
+    atomic_torch_save(record, Path(d) / STUDENT_FILE)
+    atomic_torch_save(
+        {"epoch": epoch, "objective": step.objective.state_dict(), "optimizer": optimizer.state_dict(),
+         "scaler": scaler.state_dict()},
+        Path(d) / STATE_FILE,
+    )
+
+
+class _Fault:
+    """Test hook: ``KDRAY_FAULT_KILL_AT=epoch:step:marker`` SIGKILLs this process once, mid-epoch.
+
+    Only the fault-tolerance tests set it; the marker file makes it fire on the first attempt only,
+    so the restarted worker can resume from its checkpoint and finish.
+    """
+
+    def __init__(self, epoch: int, step: int, marker: Path) -> None:
+        self.epoch, self.step, self.marker = epoch, step, marker
+
+    def should_fire(self, epoch: int, step: int) -> bool:
+        return epoch == self.epoch and step == self.step and not self.marker.exists()
+
+    def fire(self) -> None:
+        import signal
+
+        self.marker.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_injection() -> _Fault | None:
+    spec = os.environ.get("KDRAY_FAULT_KILL_AT")
+    if not spec:
+        return None
+    epoch, step, marker = spec.split(":", 2)
+    return _Fault(int(epoch), int(step), Path(marker))

@@ -1,0 +1,178 @@
+"""Run one training job with Ray Train V2's ``TorchTrainer``: ``kdray distill`` and ``kdray teacher``.
+
+CPU workers use gloo; GPU workers get one GPU each and NCCL. ``local=True`` uses Train's in-process
+local mode (``ScalingConfig(num_workers=0)``): the same loop, no worker group, for fast tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdray.config import RunConfig, TeacherRunConfig
+from kdray.models import load_record, save_model
+from kdray.train.loop import STUDENT_FILE
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, Any]
+    checkpoint_dir: str | None  # where the final checkpoint (student.pt + train_state.pt) can be read
+    path: str | None  # the run's folder in storage
+
+    @property
+    def failed(self) -> str | None:
+        return self.metrics.get("failed")
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs."""
+    import logging
+
+    from kdray.train.loop import train_run
+    from kdray.train.session import RayTrainSession
+
+    # Train's worker-side context logs every report at INFO ("Reporting training result ..."), through
+    # loggers named by module or by file path (getLogger(__file__)); each one is lowered to WARNING.
+    for name in ["ray.train", *list(logging.root.manager.loggerDict)]:
+        if name == "ray.train" or name.startswith("ray.train.") or "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    train_run(config, RayTrainSession(config.get("local_checkpoint_root")))
+
+
+def share(obj: Any) -> Any:
+    """Put a large object in Ray's object store once (when Ray runs) and pass the reference around."""
+    import ray
+
+    return ray.put(obj) if ray.is_initialized() else obj
+
+
+def scaling_config(cfg: RunConfig, local: bool = False):
+    from ray.train import ScalingConfig
+
+    res = cfg.resources
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    return ScalingConfig(num_workers=0 if local else res.num_workers, use_gpu=res.use_gpu,
+                         resources_per_worker=None if local else per_worker)
+
+
+def make_trainer(cfg: RunConfig, loop_config: dict[str, Any], *, name: str, storage_path: str,
+                 local: bool = False, callbacks: list | None = None):
+    """A TorchTrainer for ``cfg``; a run with the same ``name`` and storage resumes its last checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(cfg, local),
+        torch_config=TorchConfig(backend="nccl" if cfg.resources.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
+            callbacks=callbacks,
+            # Train logs every report and checkpoint at INFO; kdray prints its own one line per epoch.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+def fit(
+    cfg: RunConfig,
+    teacher_records: list[dict[str, Any]] | None = None,
+    *,
+    storage_path: str,
+    name: str,
+    local: bool = False,
+    progress: bool = True,
+    teacher_cache: Any = None,
+) -> FitResult:
+    """Train ``cfg`` to the end and return its last metrics and final checkpoint."""
+    loop_config = {
+        "run": cfg.model_dump(mode="json"),
+        "teacher_records": [share(r) for r in teacher_records or []],
+        "teacher_cache": teacher_cache,
+        "progress": progress,
+    }
+    if local:
+        loop_config["local_checkpoint_root"] = str(Path(storage_path) / name)
+    result = make_trainer(cfg, loop_config, name=name, storage_path=storage_path, local=local).fit()
+    if result.error is not None:
+        raise result.error
+    ckpt_dir = None
+    if result.checkpoint is not None:
+        ckpt_dir = result.checkpoint.path
+        if not Path(ckpt_dir).exists():  # remote storage: download once
+            ckpt_dir = result.checkpoint.to_directory()
+    return FitResult(dict(result.metrics or {}), ckpt_dir, str(result.path) if result.path else None)
+
+
+def final_student(result: FitResult) -> dict[str, Any]:
+    """The student's model record from the final checkpoint of a run."""
+    if result.checkpoint_dir is None:
+        raise RuntimeError("the run reported no checkpoint")
+    return load_record(Path(result.checkpoint_dir) / STUDENT_FILE)
+
+
+# -- teachers -------------------------------------------------------------------------------------------
+def teacher_key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def teacher_run_config(cfg: RunConfig) -> TeacherRunConfig:
+    """The labels-only run that trains ``cfg.teacher.train`` on ``cfg``'s data set."""
+    t = cfg.teacher.train
+    return TeacherRunConfig(name=f"teacher-{t.model.name}", seed=t.seed, dataset=cfg.dataset, model=t.model,
+                            train=t.train, resources=cfg.resources.model_copy(update={"execution": "train"}))
+
+
+def trained_teacher_path(cfg: RunConfig, storage_path: str) -> Path:
+    tcfg = teacher_run_config(cfg)
+    key = teacher_key({"model": tcfg.model.model_dump(), "train": tcfg.train.model_dump(), "seed": tcfg.seed,
+                       "dataset": tcfg.dataset.model_dump()})
+    return Path(storage_path) / "teachers" / f"{tcfg.model.name}-{key}.pt"
+
+
+def train_teacher(tcfg: TeacherRunConfig, *, storage_path: str, output: str | Path, local: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    """Train a teacher on labels and save its model record at ``output`` (written atomically)."""
+    result = fit(tcfg.as_run(), storage_path=storage_path, name=f"{tcfg.name}-{Path(output).stem}",
+                 local=local, progress=progress)
+    if result.failed:
+        raise RuntimeError(f"teacher training failed: {result.failed}")
+    record = final_student(result)
+    save_model(record, output)
+    return record
+
+
+def teacher_records(cfg: RunConfig, storage_path: str, *, local: bool = False, progress: bool = True,
+                    log=print) -> list[dict[str, Any]]:
+    """The teacher of ``cfg``: loaded from its checkpoint(s), or trained once and reused afterwards."""
+    if cfg.teacher is None:
+        return []
+    if cfg.teacher.checkpoint is not None:
+        return [load_record(p) for p in cfg.teacher.checkpoints]
+    path = trained_teacher_path(cfg, storage_path)
+    if path.is_file():
+        log(f"[kdray] using the teacher trained earlier for this config: {path}")
+        return [load_record(path)]
+    log(f"[kdray] training the teacher ({cfg.teacher.train.model.name}, {cfg.teacher.train.train.epochs} epochs); "
+        f"it is saved to {path} and reused by later runs")
+    return [train_teacher(teacher_run_config(cfg), storage_path=storage_path, output=path, local=local,
+                          progress=progress)]
+
+
+def copy_checkpoint_file(result: FitResult, dest: str | Path) -> Path:
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".tmp")
+    shutil.copyfile(Path(result.checkpoint_dir) / STUDENT_FILE, tmp)
+    tmp.replace(dest)
+    return dest

@@ -1,0 +1,161 @@
+"""Where the training loop runs, and how it reports: Ray Train worker, Ray Tune trial, or plain process.
+
+The loop is one function; a ``Session`` hides the three ways of reporting metrics and checkpoints.
+FIELD-NOTES: inside a Tune function trial, Train's own ``ray.train.report`` is refused, so a loop run
+directly in the trial must use ``ray.tune.report``; on Train workers it must use ``ray.train.report``
+(every rank calls it; only rank 0 passes a checkpoint).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class Session:
+    """A single process, rank 0 of 1: the base for the Ray sessions and for in-process runs."""
+
+    kind = "local"
+
+    def __init__(self, checkpoint_root: str | os.PathLike | None = None,
+                 on_report: Callable[[dict[str, Any], str | None], None] | None = None,
+                 resume_from: str | os.PathLike | None = None) -> None:
+        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root else None
+        self.on_report = on_report
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.reports: list[dict[str, Any]] = []
+        self.last_checkpoint: Path | None = None
+
+    # -- topology --------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def local_rank(self) -> int:
+        return 0
+
+    def device(self, use_gpu: bool) -> torch.device:
+        if use_gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError("resources.gpus_per_worker > 0 but this worker sees no CUDA device")
+            return torch.device("cuda", self.local_rank if torch.cuda.device_count() > self.local_rank else 0)
+        return torch.device("cpu")
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir and self.checkpoint_root is not None:
+            dest = self.checkpoint_root / f"checkpoint_{int(metrics.get('epoch', len(self.reports))):06d}"
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(checkpoint_dir, dest)
+            self.last_checkpoint = dest
+        if self.on_report:
+            self.on_report(dict(metrics), str(self.last_checkpoint) if checkpoint_dir else None)
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[str | None]:
+        """The directory of the checkpoint to resume from, if any (valid inside the ``with``)."""
+        yield str(self.resume_from) if self.resume_from else None
+
+
+class RayTrainSession(Session):
+    """Inside a ``TorchTrainer`` worker (or its in-process local mode, ``num_workers=0``)."""
+
+    kind = "train"
+
+    def __init__(self, local_checkpoint_root: str | None = None) -> None:
+        """``local_checkpoint_root``: in Train's local mode checkpoints are not copied to storage, so the
+        session keeps them there itself (the runner sets it only for ``num_workers=0``)."""
+        super().__init__(checkpoint_root=local_checkpoint_root)
+        import ray.train
+
+        self._ctx = ray.train.get_context()
+
+    @property
+    def world_size(self) -> int:
+        return self._ctx.get_world_size()
+
+    @property
+    def rank(self) -> int:
+        return self._ctx.get_world_rank()
+
+    @property
+    def local_rank(self) -> int:
+        return self._ctx.get_local_rank()
+
+    def device(self, use_gpu: bool) -> torch.device:
+        if use_gpu:
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return torch.device("cpu")
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        if checkpoint_dir and self.checkpoint_root is not None:
+            super().report(metrics, checkpoint_dir)  # persist a copy
+            checkpoint_dir = str(self.last_checkpoint)
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield d
+
+
+class TuneSession(Session):
+    """Directly inside a Ray Tune function trial: one process, no Train worker group."""
+
+    kind = "tune"
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from ray import tune
+
+        ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=ckpt)
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[str | None]:
+        from ray import tune
+
+        ckpt = tune.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield d
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str = "kdray-ckpt-") -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
