@@ -1,0 +1,198 @@
+"""Pre-flight checks: everything that can be wrong with a run, found before Ray or MLflow start.
+
+``dry_run`` builds the teacher and student, resolves every tapped layer, infers the connectors and runs
+one forward pass of the whole objective on a zero batch; ``check_resources`` compares the workers
+asked for with the machine or cluster. Each failure is a ``ConfigError`` naming the file and field.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdray.config import ConfigError, RunConfig
+from kdray.data import DatasetUnavailable, describe_dataset
+from kdray.knowledge import KNOWLEDGE, ModelLayout
+from kdray.models import FeatureTaps, LayerNotFound, Teacher, build_model, load_record, model_from_record
+from kdray.models.taps import check_layers
+
+
+@dataclass
+class DryRun:
+    """What a dry run learned: tapped shapes, connectors and model sizes."""
+
+    knowledge: str
+    teacher: str | None
+    student: str
+    teacher_params: int = 0
+    student_params: int = 0
+    teacher_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    student_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    connectors: dict[str, str] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"knowledge {self.knowledge}: teacher {self.teacher or '-'} ({self.teacher_params:,} params) -> "
+               f"student {self.student} ({self.student_params:,} params)"]
+        for k, s in self.teacher_shapes.items():
+            out.append(f"  teacher tap {k}: {s}")
+        for k, s in self.student_shapes.items():
+            out.append(f"  student tap {k}: {s}")
+        for k, c in self.connectors.items():
+            out.append(f"  connector {k}: {c}")
+        return out
+
+
+LAYER_PARAMS = ("teacher_layer", "teacher_layers", "student_layer", "student_layers")
+
+
+def _layer_field(i: int, spec: dict[str, Any], missing: list[str], side: str) -> str:
+    for p in (f"{side}_layer", f"{side}_layers"):
+        v = spec.get(p)
+        names = v if isinstance(v, list) else [v]
+        if any(m in names for m in missing):
+            return f"knowledge.{i}.{p}"
+    return f"knowledge.{i}"
+
+
+def load_teacher_records(cfg: RunConfig, file: str | Path | None = None) -> list[dict[str, Any]]:
+    recs = []
+    for i, p in enumerate(cfg.teacher.checkpoints):
+        where = "teacher.checkpoint" if isinstance(cfg.teacher.checkpoint, str) else f"teacher.checkpoint.{i}"
+        try:
+            recs.append(load_record(p))
+        except FileNotFoundError:
+            raise ConfigError(f"teacher checkpoint {p} does not exist", file, where) from None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input at fault
+            raise ConfigError(f"cannot read teacher checkpoint {p}: {e}", file, where) from None
+    return recs
+
+
+def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
+            teacher_records: list[dict[str, Any]] | None = None) -> DryRun:
+    """Build everything a run needs and push a zero batch through it; raise ``ConfigError`` on failure."""
+    try:
+        info = describe_dataset(cfg.dataset)
+    except DatasetUnavailable as e:
+        raise ConfigError(str(e), file, "dataset.download" if "download" in str(e) else "dataset.options") from None
+    except ValueError as e:
+        raise ConfigError(str(e), file, "dataset.options") from None
+
+    def build(name: str, options: dict[str, Any], where: str):
+        try:
+            return build_model(name, info.num_classes, info.preprocess(), options)
+        except TypeError as e:
+            raise ConfigError(f"bad options for model {name!r}: {e}", file, f"{where}.options") from None
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"model {name!r} cannot be used on data set {cfg.dataset.name!r}: {e}", file,
+                              f"{where}.name") from None
+
+    student = build(cfg.student.name, cfg.student.options, "student")
+    report = DryRun(cfg.knowledge_label, None, cfg.student.name,
+                    student_params=sum(p.numel() for p in student.parameters()))
+    teacher = None
+    if cfg.teacher is not None:
+        if cfg.teacher.checkpoint is not None:
+            records = teacher_records if teacher_records is not None else load_teacher_records(cfg, file)
+            members = []
+            for i, rec in enumerate(records):
+                where = "teacher.checkpoint" if len(records) == 1 else f"teacher.checkpoint.{i}"
+                if rec["num_classes"] != info.num_classes:
+                    raise ConfigError(f"the teacher predicts {rec['num_classes']} classes but data set "
+                                      f"{cfg.dataset.name!r} has {info.num_classes}", file, where)
+                if tuple(rec["preprocess"]["shape"]) != tuple(info.model_input):
+                    raise ConfigError(f"the teacher takes inputs of shape {tuple(rec['preprocess']['shape'])} "
+                                      f"but data set {cfg.dataset.name!r} gives {info.model_input}", file, where)
+                members.append(model_from_record(rec))
+            teacher = Teacher(members)
+            report.teacher = "+".join(r["model"] for r in records)
+        else:
+            t = cfg.teacher.train.model
+            teacher = Teacher([build(t.name, t.options, "teacher.train.model")])
+            report.teacher = t.name
+        report.teacher_params = sum(p.numel() for p in teacher.members[0].parameters())
+
+    t_layout = ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), "")
+    s_layout = ModelLayout.of(student)
+    modules = {}
+    for i, spec in enumerate(cfg.knowledge):
+        cls = KNOWLEDGE.get(spec["type"])
+        try:
+            k = cls.from_params({p: v for p, v in spec.items() if p != "type"}, t_layout, s_layout)
+        except ValueError as e:
+            raise ConfigError(str(e), file, f"knowledge.{i}") from None
+        try:
+            check_layers(teacher.members[0].net, k.teacher_layers, report.teacher)
+        except LayerNotFound as e:
+            raise ConfigError(f"teacher {e}", file, _layer_field(i, spec, e.missing, "teacher")) from None
+        try:
+            check_layers(student.net, k.student_layers, cfg.student.name)
+        except LayerNotFound as e:
+            raise ConfigError(f"student {e}", file, _layer_field(i, spec, e.missing, "student")) from None
+        modules[i] = k
+
+    x = torch.zeros(2, *info.input_shape)
+    student.eval()
+    with torch.no_grad():
+        s_taps = FeatureTaps(student.net, [n for k in modules.values() for n in k.student_layers])
+        try:
+            s_out = s_taps.run(student, x)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"model {cfg.student.name!r} fails on inputs of shape {tuple(info.model_input)}: {e}",
+                              file, "student.name") from None
+        s_taps.remove()
+        if s_out.logits.shape != (2, info.num_classes):
+            raise ConfigError(f"student outputs {tuple(s_out.logits.shape[1:])}, expected ({info.num_classes},)",
+                              file, "student.name")
+        report.student_shapes = {k: tuple(v.shape[1:]) for k, v in s_out.features.items()}
+        if teacher is not None:
+            teacher.tap([n for k in modules.values() for n in k.teacher_layers])
+            try:
+                t_out = teacher(x)
+            except Exception as e:  # noqa: BLE001
+                raise ConfigError(f"the teacher fails on inputs of shape {tuple(info.model_input)}: {e}", file,
+                                  "teacher") from None
+            report.teacher_shapes = {k: tuple(v.shape[1:]) for k, v in t_out.features.items()}
+            y = torch.zeros(2, dtype=torch.long)
+            for i, k in modules.items():
+                try:
+                    k.bind(t_out.features, s_out.features)
+                    value = k.compute(s_out, t_out, y)
+                except Exception as e:  # noqa: BLE001 - a shape mismatch in a loss is a config problem
+                    raise ConfigError(f"{spec_name(cfg, i)} cannot combine these layers: {e}", file,
+                                      f"knowledge.{i}") from None
+                if value.dim() != 0:
+                    raise ConfigError(f"{spec_name(cfg, i)} returned a {tuple(value.shape)} tensor, not a scalar",
+                                      file, f"knowledge.{i}")
+                reg = getattr(k, "regressor", None)
+                if reg is not None:
+                    report.connectors[k.name] = f"{reg.kind} {reg.student_shape} -> {reg.teacher_shape}"
+    return report
+
+
+def spec_name(cfg: RunConfig, i: int) -> str:
+    return f"knowledge type {cfg.knowledge[i]['type']!r}"
+
+
+def local_capacity() -> dict[str, float]:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
+
+
+def check_resources(cfg: RunConfig, capacity: dict[str, float] | None = None, file: str | Path | None = None,
+                    where: str = "resources") -> None:
+    """A run whose workers cannot fit on the machine or cluster would wait forever: refuse it now."""
+    cap = capacity or local_capacity()
+    res = cfg.resources
+    cpus = res.num_workers * res.cpus_per_worker
+    if cpus > cap.get("CPU", 0):
+        raise ConfigError(
+            f"{res.num_workers} workers x {res.cpus_per_worker:g} CPUs = {cpus:g} CPUs, but the "
+            f"{'cluster' if capacity else 'machine'} has {cap.get('CPU', 0):g}", file, f"{where}.num_workers")
+    gpus = res.num_workers * res.gpus_per_worker
+    if gpus > cap.get("GPU", 0):
+        raise ConfigError(
+            f"{res.num_workers} workers x {res.gpus_per_worker:g} GPUs = {gpus:g} GPUs, but the "
+            f"{'cluster' if capacity else 'machine'} has {cap.get('GPU', 0):g}", file, f"{where}.gpus_per_worker")

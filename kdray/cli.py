@@ -1,0 +1,312 @@
+"""``kdray``: the command line.
+
+Every command validates its input completely (YAML, schema, models, layers, shapes, resources) before
+it starts Ray or touches MLflow; a bad input exits with status 2 and a message naming the file and
+field. Runtime failures exit with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EPILOG = """\
+typical use:
+  kdray list                          what can be distilled: knowledge types, models, data sets
+  kdray teacher configs/mnist1d_teacher.yaml
+  kdray distill configs/mnist1d_kd.yaml
+  kdray sweep                         the default sweep (search_spaces/default.yaml)
+  kdray best --json                   the champion of the latest sweep
+  kdray compare                       every trial, and each knowledge type against labels only
+  kdray final --seeds 5               the champion vs labels only, retrained over seeds, with a t-test
+"""
+
+
+class KdrayError(Exception):
+    """A failure at run time (not a config problem): exit status 1 with this message."""
+
+
+def _storage(path: str | None) -> str:
+    return str(Path(path or "kdray_runs").expanduser().resolve())
+
+
+def _print_err(msg: str) -> None:
+    print(f"kdray: error: {msg}", file=sys.stderr, flush=True)
+
+
+# -- list / layers ---------------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    from kdray import DATASETS, KNOWLEDGE, MODELS
+
+    if args.json:
+        print(json.dumps({
+            "knowledge": {n: {"family": c.family, "summary": c.summary,
+                              "params": list(c.Params.model_fields)} for n, c in KNOWLEDGE.items()},
+            "models": {n: {"family": s.family, "description": s.description} for n, s in MODELS.items()},
+            "datasets": {n: {"offline": s.offline, "description": s.description} for n, s in DATASETS.items()},
+        }, indent=2))
+        return 0
+    print("knowledge types (use in `knowledge:` or as sweep choices; `none` = labels only):")
+    for n, c in KNOWLEDGE.items():
+        params = ", ".join(p for p in c.Params.model_fields if p != "weight")
+        print(f"  {n:<8} {c.family:<10} {c.summary}  [weight{', ' + params if params else ''}]")
+    print("\nmodels:")
+    for n, s in MODELS.items():
+        print(f"  {n:<20} {s.family:<12} {s.description}")
+    print("\ndata sets:")
+    for n, s in DATASETS.items():
+        print(f"  {n:<14} {'offline' if s.offline else 'download':<9} {s.description}")
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdray.config import DatasetConfig, ModelConfig, validate
+    from kdray.data import describe_dataset
+    from kdray.models import FeatureTaps, build_model, layer_names
+
+    model_cfg = validate(ModelConfig, {"name": args.model}, "command line")
+    if args.dataset:
+        info = describe_dataset(validate(DatasetConfig, {"name": args.dataset}, "command line"))
+        num_classes, pre = info.num_classes, info.preprocess()
+    else:
+        from kdray import MODELS
+        from kdray.models import Preprocess
+
+        num_classes, pre = 10, Preprocess(MODELS.get(args.model).example_input)
+    model = build_model(model_cfg.name, num_classes, pre).eval()
+    names = layer_names(model.net)
+    taps = FeatureTaps(model.net, names)
+    with torch.no_grad():
+        out = taps.run(model, torch.zeros(2, *pre.shape))
+    net = model.net
+    print(f"{args.model}: default hint layers {getattr(net, 'kd_feature_layers', [])}, "
+          f"embedding {getattr(net, 'kd_embedding_layer', '')!r}; input {pre.shape}")
+    for n in names:
+        if args.all or n.count(".") <= 1:
+            shape = tuple(out.features[n].shape[1:]) if n in out.features else "?"
+            print(f"  {n:<40} {shape}")
+    return 0
+
+
+# -- teacher / distill / check -----------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    from kdray.check import check_resources, dry_run
+    from kdray.config import RunConfig, TeacherRunConfig, load_config, read_yaml
+
+    data = read_yaml(args.config)
+    if "space" in data or "base" in data:
+        from kdray.sweep.space import check_space
+
+        space = check_space(args.config)
+        print(f"{args.config}: search space {space.name!r} is valid")
+        for line in space.check_report:
+            print(line)
+        return 0
+    if "model" in data and "student" not in data:
+        tcfg = load_config(args.config, TeacherRunConfig)
+        cfg = tcfg.as_run()
+    else:
+        cfg = load_config(args.config, RunConfig)
+    check_resources(cfg, file=args.config)
+    report = dry_run(cfg, file=args.config)
+    print(f"{args.config}: valid")
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+def _start_ray(address: str | None, local: bool) -> None:
+    if local:
+        return
+    from kdray.ray_setup import init_ray
+
+    print("[kdray] starting Ray" if not address else f"[kdray] joining the Ray cluster at {address}", flush=True)
+    init_ray(address)
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from kdray.check import check_resources, dry_run
+    from kdray.config import TeacherRunConfig, load_config
+
+    tcfg = load_config(args.config, TeacherRunConfig)
+    if not args.address:
+        check_resources(tcfg.as_run(), file=args.config)
+    dry_run(tcfg.as_run(), file=args.config)
+    storage = _storage(args.storage)
+    output = Path(args.output or tcfg.output or Path(storage) / "teachers" / f"{tcfg.name}.pt").expanduser().resolve()
+    _start_ray(args.address, args.local)
+    from kdray.train.runner import train_teacher
+
+    t0 = time.time()
+    record = train_teacher(tcfg, storage_path=storage, output=output, local=args.local)
+    _print_final(record, tcfg.dataset, time.time() - t0, "teacher")
+    print(f"[kdray] teacher saved to {output}")
+    return 0
+
+
+def _print_final(record: dict[str, Any], dataset_cfg, seconds: float, what: str) -> None:
+    import torch
+
+    from kdray.data import load_dataset
+    from kdray.models import model_from_record
+    from kdray.train.loop import evaluate
+
+    val = record["metrics"].get("val_accuracy", float("nan"))
+    msg = f"[kdray] {what} finished in {seconds:.0f} s: validation accuracy {val:.4f}"
+    if what == "teacher":
+        # A teacher is not selected on the test split, so reporting it here selects nothing.
+        test = evaluate(model_from_record(record), load_dataset(dataset_cfg).test, 512, torch.device("cpu"))
+        msg += f", test accuracy {test['accuracy']:.4f}"
+    print(msg, flush=True)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kdray.check import check_resources, dry_run, load_teacher_records
+    from kdray.config import RunConfig, TeacherConfig, load_config
+    from kdray.data import load_dataset
+
+    cfg: RunConfig = load_config(args.config, RunConfig)
+    overrides: dict[str, Any] = {}
+    if args.teacher_checkpoint:
+        overrides["teacher"] = TeacherConfig(checkpoint=args.teacher_checkpoint)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
+    if not args.address:
+        check_resources(cfg, file=args.config)
+    records = load_teacher_records(cfg, args.config) if cfg.teacher and cfg.teacher.checkpoint else None
+    dry_run(cfg, file=args.config, teacher_records=records)
+
+    storage = _storage(args.storage)
+    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(args.output or cfg.output_dir or Path(storage) / "runs" / run_name).expanduser().resolve()
+    _start_ray(args.address, args.local)
+    from kdray.train.runner import final_student, fit, teacher_records
+
+    t0 = time.time()
+    if records is None:
+        records = teacher_records(cfg, storage, local=args.local)
+    print(f"[kdray] distilling {cfg.knowledge_label}: {cfg.teacher and '+'.join(r['model'] for r in records)} -> "
+          f"{cfg.student.name} on {cfg.dataset.name}, {cfg.resources.num_workers} worker(s)", flush=True)
+    result = fit(cfg, records, storage_path=str(Path(storage) / "runs"), name=run_name, local=args.local)
+    if result.failed:
+        raise KdrayError(f"the run failed: {result.failed}")
+    record = final_student(result)
+    from kdray.models import save_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(record, out_dir / "student.pt")
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    summary = {"val_accuracy": result.metrics["val_accuracy"], "student": str(out_dir / "student.pt")}
+    if args.test:
+        import torch
+
+        from kdray.models import model_from_record
+        from kdray.train.loop import evaluate
+
+        summary["test_accuracy"] = evaluate(model_from_record(record), load_dataset(cfg.dataset).test, 512,
+                                            torch.device("cpu"))["accuracy"]
+    (out_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    print(f"[kdray] finished in {time.time() - t0:.0f} s: validation accuracy {summary['val_accuracy']:.4f}"
+          + (f", test accuracy {summary['test_accuracy']:.4f}" if "test_accuracy" in summary else ""), flush=True)
+    print(f"[kdray] student saved to {out_dir / 'student.pt'}")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kdray",
+        description="Find the best distilled student for a teacher: knowledge-distillation sweeps on Ray "
+        "Train + Tune, driven by Optuna, tracked in MLflow.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"kdray {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("list", help="list the registered knowledge types, models and data sets")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_list)
+
+    s = sub.add_parser("layers", help="print the tappable layers of a model (for hint / relational knowledge)")
+    s.add_argument("model", help="a registered model name")
+    s.add_argument("--dataset", help="build it for this data set's inputs (default: the model's example input)")
+    s.add_argument("--all", action="store_true", help="every submodule, not only the first two levels")
+    s.set_defaults(fn=cmd_layers)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--storage", help="folder (or s3:// URI for sweeps) for checkpoints, teachers and run "
+                        "state (default ./kdray_runs)")
+    common.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
+
+    s = sub.add_parser("check", help="validate a run config or a search space and dry-run the shapes, "
+                       "without training")
+    s.add_argument("config", help="a run config (kdray distill/teacher) or a search space (kdray sweep)")
+    s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("teacher", parents=[common], help="train a teacher on labels and save its checkpoint",
+                       description="Train a model on labels alone with the Ray Train loop and save it as a "
+                       "checkpoint that `teacher.checkpoint` of a distillation config can name.")
+    s.add_argument("config", help="YAML with name, dataset, model, train, resources, output")
+    s.add_argument("--output", help="checkpoint path (default: the config's output, else kdray_runs/teachers/NAME.pt)")
+    s.add_argument("--local", action="store_true", help="run in this process (Ray Train local mode), one worker")
+    s.set_defaults(fn=cmd_teacher)
+
+    s = sub.add_parser("distill", parents=[common], help="run one teacher -> student distillation",
+                       description="Distil one student from a teacher with Ray Train (DDP over "
+                       "resources.num_workers workers), printing progress every epoch and the final "
+                       "validation accuracy. The student is saved as OUTPUT/student.pt.")
+    s.add_argument("config", help="YAML with dataset, teacher, student, knowledge, train, resources")
+    s.add_argument("--teacher-checkpoint", help="use this teacher checkpoint instead of the config's teacher")
+    s.add_argument("--seed", type=int, help="override the config's seed")
+    s.add_argument("--output", help="folder for student.pt, config.yaml and result.json")
+    s.add_argument("--test", action="store_true", help="also evaluate the final student on the test split")
+    s.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    s.add_argument("--local", action="store_true", help="run in this process (Ray Train local mode), one worker")
+    s.set_defaults(fn=cmd_distill)
+
+    from kdray.sweep.cli import add_sweep_commands
+
+    add_sweep_commands(sub, common)
+    return p
+
+
+def _version() -> str:
+    from kdray import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kdray.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        _print_err(str(e))
+        return 2
+    except KdrayError as e:
+        _print_err(str(e))
+        return 1
+    except KeyboardInterrupt:
+        _print_err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
