@@ -19,13 +19,13 @@ DRIVER_RESOURCE = "kdray_driver"
 FAST_REPORTING_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     # Tune writes its experiment state at most this often; short, so an interrupted sweep loses little.
-    "TUNE_GLOBAL_CHECKPOINT_S": "2",
+    "TUNE_GLOBAL_CHECKPOINT_S": "1",
 }
 QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # no TensorBoard/CSV/JSON loggers per trial: MLflow is the record
     "RAY_TRAIN_ENABLE_STATE_TRACKING": "0",
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "100",
+    # Per-epoch checkpoints with num_to_keep force frequent state snapshots; cheap here, so no warning.
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_DEDUP_LOGS": "1",
     # Train re-routes print() through its logger, which echoed every progress line twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -81,3 +81,13 @@ def cluster_resources() -> dict[str, float]:
 
 def has_driver_resource() -> bool:
     return cluster_resources().get(DRIVER_RESOURCE, 0) > 0
+
+
+def quiet_ray_loggers() -> None:
+    """Lower Ray Train/Tune's per-report INFO logs ("Reporting training result", "Checkpoint successfully
+    created") in a worker or trial process. Some of those loggers are named by file path
+    (``getLogger(__file__)``), so names are matched by package as well as by path."""
+    for name in ["ray.train", "ray.tune", *list(logging.root.manager.loggerDict)]:
+        if (name in ("ray.train", "ray.tune") or name.startswith(("ray.train.", "ray.tune."))
+                or "/ray/train/" in name or "/ray/tune/" in name):
+            logging.getLogger(name).setLevel(logging.WARNING)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,9 +113,12 @@ class TeacherOutputs:
         self._logits: Tensor | None = None
         self._feats: dict[str, Tensor] = {}
         if cache is not None:
-            # Read-only views of the object-store arrays (zero-copy on the same node); on a GPU, one copy.
-            self._logits = torch.from_numpy(np.asarray(cache.logits))
-            self._feats = {k: torch.from_numpy(np.asarray(cache.features[k])) for k in self.layers}
+            # Read-only views of the object-store arrays (zero-copy on the same node; never written, so
+            # torch's warning about non-writable arrays does not apply); on a GPU, one copy.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self._logits = torch.from_numpy(np.asarray(cache.logits))
+                self._feats = {k: torch.from_numpy(np.asarray(cache.features[k])) for k in self.layers}
             if device.type == "cuda":
                 self._logits = self._logits.to(device)
                 self._feats = {k: v.to(device) for k, v in self._feats.items()}

@@ -119,6 +119,18 @@ def evaluate(
     return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "count": count}
 
 
+def node_info() -> dict[str, str]:
+    """The Ray node this process runs on (recorded per trial, so multi-node placement is visible)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    except Exception:  # noqa: BLE001 - local mode without a runtime context
+        pass
+    return {}
+
+
 def move_small_splits(data: DataBundle, device: torch.device, budget_bytes: int = 2 * 1024**3) -> None:
     """On a GPU, keep small in-memory splits on the device: batches are then sliced there (no copies)."""
     if device.type != "cuda":
@@ -213,6 +225,10 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
                 print(f"[kdray] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
     fault = _fault_injection()
+    progress_every = max(1, cfg.train.epochs // 20)  # about 20 progress lines per run
+    where = node_info()
+    if objective.needs_teacher:
+        where["teacher_reason"] = teacher_out.reason
     last: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         t0 = time.perf_counter()
@@ -280,6 +296,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             "train_time_s": train_time,
             "samples_per_s": total / train_time if train_time > 0 else 0.0,
             "teacher_source": teacher_out.source if objective.needs_teacher else "none",
+            **where,
         }
         if not math.isfinite(metrics["val_loss"]):
             metrics.update(failed=f"validation loss became non-finite in epoch {epoch}", val_accuracy=0.0)
@@ -292,7 +309,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
                 session.report(metrics, d)
         else:
             session.report(metrics, None)
-        if progress:
+        if progress and (epoch % progress_every == 0 or epoch in (start_epoch, cfg.train.epochs)):
             print(
                 f"[kdray] epoch {epoch}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val_acc {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "

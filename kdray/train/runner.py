@@ -30,16 +30,11 @@ class FitResult:
 
 def train_worker(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
-    import logging
-
+    from kdray.ray_setup import quiet_ray_loggers
     from kdray.train.loop import train_run
     from kdray.train.session import RayTrainSession
 
-    # Train's worker-side context logs every report at INFO ("Reporting training result ..."), through
-    # loggers named by module or by file path (getLogger(__file__)); each one is lowered to WARNING.
-    for name in ["ray.train", *list(logging.root.manager.loggerDict)]:
-        if name == "ray.train" or name.startswith("ray.train.") or "/ray/train/" in name:
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_ray_loggers()
     train_run(config, RayTrainSession(config.get("local_checkpoint_root")))
 
 
@@ -153,7 +148,7 @@ def train_teacher(tcfg: TeacherRunConfig, *, storage_path: str, output: str | Pa
 
 
 def teacher_records(cfg: RunConfig, storage_path: str, *, local: bool = False, progress: bool = True,
-                    log=print) -> list[dict[str, Any]]:
+                    log=lambda m: print(f"[kdray] {m}", flush=True)) -> list[dict[str, Any]]:
     """The teacher of ``cfg``: loaded from its checkpoint(s), or trained once and reused afterwards."""
     if cfg.teacher is None:
         return []
@@ -161,9 +156,9 @@ def teacher_records(cfg: RunConfig, storage_path: str, *, local: bool = False, p
         return [load_record(p) for p in cfg.teacher.checkpoints]
     path = trained_teacher_path(cfg, storage_path)
     if path.is_file():
-        log(f"[kdray] using the teacher trained earlier for this config: {path}")
+        log(f"using the teacher trained earlier for this config: {path}")
         return [load_record(path)]
-    log(f"[kdray] training the teacher ({cfg.teacher.train.model.name}, {cfg.teacher.train.train.epochs} epochs); "
+    log(f"training the teacher ({cfg.teacher.train.model.name}, {cfg.teacher.train.train.epochs} epochs); "
         f"it is saved to {path} and reused by later runs")
     return [train_teacher(teacher_run_config(cfg), storage_path=storage_path, output=path, local=local,
                           progress=progress)]

@@ -1,0 +1,1 @@
+"""Sweeps: search spaces (YAML), Optuna through Ray Tune, and the sweep runner."""

@@ -1,0 +1,253 @@
+"""The sweep commands: ``kdray sweep``, ``kdray best``, ``kdray compare``."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kdray.tracking.store import TAG_KNOWLEDGE, TAG_STATUS, TAG_TRIAL, client, find_sweep, sweep_children, tracking_uri
+
+REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+def default_space() -> str:
+    """``search_spaces/default.yaml`` of this folder, else the one beside the kdray sources."""
+    here = Path("search_spaces/default.yaml")
+    return str(here if here.is_file() else REPO_SPACES / "default.yaml")
+
+
+def _latest_sweep_dir(storage: str, prefix: str) -> str | None:
+    root = Path(storage)
+    if not root.is_dir():
+        return None
+    cands = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix + "-") and (p / "tuner.pkl").exists()]
+    return max(cands, key=lambda p: p.stat().st_mtime).name if cands else None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from kdray.cli import KdrayError, _storage
+    from kdray.config import ConfigError
+    from kdray.sweep.runner import SweepError, SweepRequest, is_remote, run_sweep
+    from kdray.sweep.space import check_space
+    from kdray.tracking.store import TrackingUnavailable, probe
+
+    path = args.space or default_space()
+    capacity = None if args.address else None  # local machine; a joined cluster is checked once connected
+    space = check_space(path, capacity if not args.address else {"CPU": math.inf, "GPU": math.inf})
+    storage = args.storage if args.storage and is_remote(args.storage) else _storage(args.storage)
+    uri = tracking_uri(args.tracking_uri)
+    try:
+        probe(uri)
+    except TrackingUnavailable as e:
+        raise KdrayError(str(e)) from None
+    name = args.name
+    if args.resume and not name:
+        name = _latest_sweep_dir(storage, space.name) if not is_remote(storage) else None
+        if not name:
+            raise ConfigError("--resume needs --name NAME (no interrupted sweep of this space found in "
+                              f"{storage})", field="--name")
+    name = name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    req = SweepRequest(space=space, space_path=path, space_yaml=Path(path).read_text(), name=name, storage=storage,
+                       tracking_uri=uri, address=args.address, resume=args.resume, num_samples=args.num_samples,
+                       max_concurrent=args.max_concurrent, quiet=args.quiet)
+    try:
+        result = run_sweep(req)
+    except (SweepError, TrackingUnavailable) as e:
+        raise KdrayError(str(e)) from None
+    if result.interrupted:
+        return 130
+    print()
+    print(f"sweep {result.name} finished in {result.wall_s:.0f} s ({len(result.outcomes)} trials)")
+    print(_format_board(result.leaderboard))
+    if result.champion:
+        ch = result.champion
+        print(f"\nchampion: {ch.knowledge} (trial {ch.trial_id}) val_accuracy {ch.val_accuracy:.4f}, "
+              f"test_accuracy {ch.test_accuracy:.4f}")
+        print(f"registered as {ch.alias_uri} ({ch.model_uri})")
+        print(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _format_board(df, limit: int = 20) -> str:
+    if df.empty:
+        return "(no trials)"
+    cols = [c for c in ["rank", "trial", "knowledge", "status", "epochs", "val_accuracy"] if c in df.columns]
+    extra = [c for c in df.columns if c not in cols and c not in ("trial_id", "run_id")]
+    view = df[cols + extra].head(limit).copy()
+    for c in view.columns:
+        if view[c].dtype.kind == "f":
+            view[c] = view[c].map(lambda v: "" if v != v else f"{v:.4g}")
+    view = view.fillna("")
+    return view.to_string(index=False)
+
+
+# -- best ----------------------------------------------------------------------------------------------
+def champion_info(uri: str, sweep: str | None) -> dict[str, Any]:
+    from kdray.cli import KdrayError
+
+    c = client(uri)
+    parent = find_sweep(c, sweep)
+    if parent is None:
+        raise KdrayError(f"no sweep {'named ' + repr(sweep) + ' ' if sweep else ''}in the MLflow store {uri}")
+    tags = parent.data.tags
+    run_id = tags.get("kdray.champion_run_id")
+    if not run_id:
+        raise KdrayError(f"sweep {tags.get('kdray.sweep')} has no champion (status: {tags.get(TAG_STATUS, 'running')})")
+    run = c.get_run(run_id)
+    metrics = parent.data.metrics
+    params = dict(run.data.params)
+    searched = json.loads(run.data.tags.get("kdray.searched", "{}"))
+    return {
+        "sweep": tags.get("kdray.sweep"),
+        "experiment_id": parent.info.experiment_id,
+        "parent_run_id": parent.info.run_id,
+        "run_id": run_id,
+        "trial_id": run.data.tags.get(TAG_TRIAL),
+        "knowledge": tags.get("kdray.champion_knowledge"),
+        "model_uri": tags.get("kdray.champion_model_uri"),
+        "alias_uri": f"models:/{tags.get('kdray.registered_model')}@champion",
+        "registered_model": tags.get("kdray.registered_model"),
+        "version": tags.get("kdray.champion_version"),
+        "val_accuracy": metrics.get("champion_val_accuracy"),
+        "test_accuracy": metrics.get("champion_test_accuracy"),
+        "params": params,
+        "searched": searched,
+    }
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    uri = tracking_uri(args.tracking_uri)
+    info = champion_info(uri, args.sweep)
+    if args.export:
+        from kdray.tracking.champion import export
+
+        formats = ("state_dict", "torchscript") + (("onnx",) if args.onnx else ())
+        info["exported"] = export(info["model_uri"], args.export, uri, formats)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"sweep {info['sweep']}: champion {info['knowledge']} (trial {info['trial_id']}, run {info['run_id']})")
+    print(f"  val_accuracy  {info['val_accuracy']:.4f}   (selection)")
+    print(f"  test_accuracy {info['test_accuracy']:.4f}   (measured once, after selection)")
+    print(f"  model         {info['model_uri']}  =  {info['alias_uri']}")
+    for k, v in sorted(info["searched"].items()):
+        print(f"  {k:<28} {v}")
+    for k, v in info.get("exported", {}).items():
+        print(f"  exported {k}: {v}")
+    return 0
+
+
+# -- compare ---------------------------------------------------------------------------------------------
+def trial_table(uri: str, sweep: str | None):
+    import pandas as pd
+
+    from kdray.cli import KdrayError
+
+    c = client(uri)
+    parent = find_sweep(c, sweep)
+    if parent is None:
+        raise KdrayError(f"no sweep {'named ' + repr(sweep) + ' ' if sweep else ''}in the MLflow store {uri}")
+    rows = []
+    for run in sweep_children(c, parent, kind="trial"):
+        t = run.data.tags
+        row = {"trial": t.get("mlflow.runName", ""), "knowledge": t.get(TAG_KNOWLEDGE, "none"),
+               "status": t.get(TAG_STATUS, run.info.status.lower()), "epochs": int(t.get("kdray.epochs", 0) or 0),
+               "val_accuracy": run.data.metrics.get("val_accuracy", float("nan")), "run_id": run.info.run_id}
+        row.update({k: v for k, v in json.loads(t.get("kdray.searched", "{}")).items() if k != "knowledge"})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df = df.sort_values("val_accuracy", ascending=False, na_position="last").reset_index(drop=True)
+    return parent, df
+
+
+def knowledge_summary(df) -> list[dict[str, Any]]:
+    """Per knowledge type: its best completed trial against the best completed labels-only trial."""
+    done = df[df["status"] == "completed"] if not df.empty else df
+    if done.empty:
+        return []
+    best = done.groupby("knowledge")["val_accuracy"].max()
+    base = best.get("none", float("nan"))
+    return [{"knowledge": k, "best_val_accuracy": float(v), "gain_over_none": float(v - base) if base == base else None,
+             "trials": int((df["knowledge"] == k).sum())} for k, v in best.sort_values(ascending=False).items()]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    uri = tracking_uri(args.tracking_uri)
+    parent, df = trial_table(uri, args.sweep)
+    summary = knowledge_summary(df)
+    finals = _final_runs(uri, parent)
+    if args.json:
+        print(json.dumps({"sweep": parent.data.tags.get("kdray.sweep"), "trials": df.to_dict(orient="records"),
+                          "by_knowledge": summary, "final": finals}, indent=2, default=str))
+        return 0
+    if args.csv:
+        df.to_csv(sys.stdout, index=False)
+        return 0
+    print(f"sweep {parent.data.tags.get('kdray.sweep')}: {len(df)} trials (sorted by validation accuracy)")
+    print(_format_board(df.drop(columns=["run_id"]), limit=len(df)))
+    print("\nbest completed trial per knowledge type, against labels only (none):")
+    for s in summary:
+        gain = s["gain_over_none"]
+        print(f"  {s['knowledge']:<12} {s['best_val_accuracy']:.4f}   "
+              + (f"{gain * 100:+.2f} points" if gain is not None else "(no completed `none` trial)")
+              + f"   ({s['trials']} trials)")
+    for f in finals:
+        print(f"\nfinal evaluation over {f['seeds']} seeds (test split): {f['summary']}")
+    return 0
+
+
+def _final_runs(uri: str, parent) -> list[dict[str, Any]]:
+    c = client(uri)
+    out = []
+    for run in sweep_children(c, parent, kind="final"):
+        m = run.data.metrics
+        out.append({"run_id": run.info.run_id, "seeds": int(m.get("seeds", 0)),
+                    "summary": run.data.tags.get("kdray.final_summary", ""),
+                    **{k: v for k, v in m.items()}})
+    return out
+
+
+# -- registration with the main parser -----------------------------------------------------------------------
+def add_sweep_commands(sub, common: argparse.ArgumentParser) -> None:
+    track = argparse.ArgumentParser(add_help=False)
+    track.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                       "sqlite:///mlflow.db in this folder)")
+    which = argparse.ArgumentParser(add_help=False)
+    which.add_argument("--sweep", help="the sweep's name (default: the most recent sweep)")
+
+    s = sub.add_parser(
+        "sweep", parents=[common, track], help="search knowledge types and hyperparameters with Ray Tune + Optuna",
+        description="Run a sweep: every trial is a distillation run of the kdray training loop; Optuna "
+        "(seeded TPE over a conditional space) proposes the knowledge type and its parameters, ASHA stops "
+        "weak trials, MLflow records every trial, and the best student is registered with the alias "
+        "`champion`. Progress is printed as trials start and finish.",
+    )
+    s.add_argument("space", nargs="?", help="search space YAML (default search_spaces/default.yaml)")
+    s.add_argument("--num-samples", type=int, help="number of trials (default: the space's num_samples)")
+    s.add_argument("--name", help="sweep name (default <space>-<date>-<time>); with --resume, the sweep to finish")
+    s.add_argument("--resume", action="store_true", help="finish an interrupted sweep: unfinished trials resume "
+                   "from their checkpoints, finished ones are not run again")
+    s.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster's CPUs/GPUs fit)")
+    s.add_argument("--quiet", action="store_true", help="only the final leaderboard")
+    s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("best", parents=[track, which], help="the champion of a sweep: metrics, model URI, export",
+                       description="Print the best trial of a sweep (selected on validation accuracy; its test "
+                       "accuracy was measured once, after selection).")
+    s.add_argument("--json", action="store_true", help="print run_id, model_uri, val_accuracy, test_accuracy, "
+                   "params as JSON")
+    s.add_argument("--export", metavar="DIR", help="write the student as a state dict and TorchScript into DIR")
+    s.add_argument("--onnx", action="store_true", help="with --export, also write ONNX (needs `pip install kdray[onnx]`)")
+    s.set_defaults(fn=cmd_best)
+
+    s = sub.add_parser("compare", parents=[track, which], help="every trial of a sweep, and each knowledge type "
+                       "against labels only")
+    fmt = s.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="CSV of every trial")
+    fmt.add_argument("--json", action="store_true", help="JSON with trials, per-knowledge summary, final runs")
+    s.set_defaults(fn=cmd_compare)

@@ -1,0 +1,67 @@
+"""Optuna through Ray Tune, with a deliberate answer to "what does an early-stopped trial tell Optuna?".
+
+Ray's ``OptunaSearch`` tells Optuna that a trial ASHA stopped early COMPLETED, with its last (early,
+low) value (FIELD-NOTES). TPE then models those half-trained scores as if they were final results
+and steers away from regions that were merely stopped early. kdray tells Optuna the truth instead:
+
+* stopped early by ASHA -> ``PRUNED``. Optuna already received every epoch's value as an
+  intermediate value, and its TPE ranks pruned trials by how far they got and their last value,
+  below every completed trial: exactly ASHA's verdict ("worse than the trials it let continue").
+* a trial whose loss became NaN/inf (``failed`` in its last report) or that errored -> ``FAIL``;
+  TPE ignores failed trials.
+* ran every epoch -> ``COMPLETE`` with its final validation accuracy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+from optuna.trial import TrialState
+
+
+def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
+    """A seeded sampler: the same seed and space propose the same trials (when run one at a time)."""
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # group=True: with conditional parameters (each knowledge type's own sub-space) multivariate TPE
+    # models each group of co-occurring parameters jointly instead of falling back to independent TPE.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials,
+                                      warn_independent_sampling=False)
+
+
+class KdraySearch(OptunaSearch):
+    """``OptunaSearch`` that reports early-stopped trials as PRUNED and NaN trials as FAIL."""
+
+    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_epochs = int(max_epochs)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._ot_trials or result.get("failed"):
+            return  # unknown after an interrupted run's restore, or a failure report (no real value)
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        value, state = None, TrialState.FAIL
+        if not error and result and not result.get("failed") and self.metric in result:
+            if int(result.get("epoch", self.max_epochs)) < self.max_epochs:
+                state = TrialState.PRUNED
+            else:
+                value, state = float(result[self.metric]), TrialState.COMPLETE
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except Exception:  # noqa: BLE001 - already told (e.g. after a restore)
+            pass
+        self._completed_trials.add(trial_id)
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out

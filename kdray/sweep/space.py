@@ -1,0 +1,393 @@
+"""Search spaces: a fixed run config plus Optuna distributions, with a conditional knowledge-type choice.
+
+A search space YAML has a fixed part (``base``: data set, teacher, student, training, resources per
+trial) and a ``space``:
+
+.. code-block:: yaml
+
+    space:
+      train.lr: {type: float, low: 3.0e-4, high: 3.0e-3, log: true}   # any dotted path of the run config
+      knowledge:                       # the knowledge type: a categorical whose choices carry sub-spaces
+        none: {}                       # labels only: always a choice (added if missing)
+        kd:
+          kd.temperature: {type: float, low: 1, high: 20, log: true}
+          kd.weight: {type: float, low: 0.1, high: 10, log: true}
+          ce_weight: {type: float, low: 0.1, high: 1.0}
+        kd+at:                         # combinations: every type's parameters, prefixed by the type
+          kd.temperature: 4            # a plain value is fixed
+          at.weight: {type: float, low: 100, high: 10000, log: true}
+
+Distributions use Optuna's vocabulary (``float``/``int`` with ``low``, ``high``, ``log``, ``step``;
+``categorical`` with ``choices``). Parameters of a choice are named ``<choice>:<key>`` in Optuna, so
+the same key under two choices never clashes.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from kdray.config import ConfigError, RunConfig, Strict, dotted_set, pydantic_errors, read_yaml
+from kdray.knowledge import KNOWLEDGE
+
+NONE = "none"
+
+
+class Distribution(BaseModel):
+    """One searched parameter, in Optuna's vocabulary."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Distribution":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical needs a non-empty `choices` list")
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("a categorical takes only `choices`")
+            if len({repr(c) for c in self.choices}) != len(self.choices):
+                raise ValueError(f"`choices` has duplicates: {self.choices}")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} takes low/high, not `choices`")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} needs both `low` and `high`")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("`low` and `high` must be finite numbers")
+        if self.low >= self.high:
+            raise ValueError(f"`low` ({self.low}) must be smaller than `high` ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scaled range needs `low` > 0, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("Optuna does not combine `log` with `step`")
+        if self.type == "int":
+            if not float(self.low).is_integer() or not float(self.high).is_integer():
+                raise ValueError("an int range needs whole `low` and `high`")
+            if self.step is not None and not float(self.step).is_integer():
+                raise ValueError("an int `step` must be whole")
+        return self
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.type == "categorical":
+            return trial.suggest_categorical(name, self.choices)
+        if self.type == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def extremes(self) -> list[Any]:
+        """Values that together exercise the range: both ends, or every categorical choice."""
+        if self.type == "categorical":
+            return list(self.choices)
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+    def grid(self, n: int) -> list[Any]:
+        """``n`` evenly spaced values (log-spaced for log ranges), or every categorical choice."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if n <= 1:
+            mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+            values = [mid]
+        elif self.log:
+            values = [math.exp(math.log(self.low) + i * (math.log(self.high) - math.log(self.low)) / (n - 1))
+                      for i in range(n)]
+        else:
+            values = [self.low + i * (self.high - self.low) / (n - 1) for i in range(n)]
+        if self.type == "int":
+            return sorted({int(round(v)) for v in values})
+        return values
+
+
+def parse_value(raw: Any) -> Distribution | Any:
+    """A mapping with ``type`` is a distribution; anything else is a fixed value."""
+    if isinstance(raw, dict) and "type" in raw:
+        return Distribution.model_validate(raw)
+    return raw
+
+
+class SchedulerConfig(Strict):
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(4, ge=1, description="epochs every trial runs before ASHA may stop it")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SearcherConfig(Strict):
+    type: Literal["tpe", "random", "grid"] = "tpe"
+    n_startup_trials: int = Field(8, ge=0, description="random trials before TPE models the space")
+    grid_points: int = Field(3, ge=1, description="values per numeric parameter for the grid searcher")
+
+
+class SearchSpace(Strict):
+    """A sweep definition: what is fixed, what is searched, how, and where the champion goes."""
+
+    name: str = Field(description="the MLflow experiment of this space (one experiment per search space)")
+    description: str = ""
+    metric: Literal["val_accuracy"] = "val_accuracy"
+    mode: Literal["max"] = "max"
+    num_samples: int = Field(16, ge=1, description="trials of the sweep")
+    seed: int = Field(0, description="seed of the sampler (same seed + space -> same proposals)")
+    max_concurrent: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs/GPUs fit")
+    register_as: str | None = Field(None, description="registered model name (default kdray-<name>)")
+    base: dict[str, Any] = Field(description="the fixed part: a run config (dataset, teacher, student, ...)")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    searcher: SearcherConfig = Field(default_factory=SearcherConfig)
+    space: dict[str, Any] = Field(default_factory=dict)
+
+    # parsed forms, set by the validator (private: not settable from YAML)
+    _params: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _choices: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+    _check_report: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def check_report(self) -> list[str]:
+        return self._check_report
+
+    @property
+    def params(self) -> dict[str, Distribution | Any]:
+        """Run-level parameters: dotted config path -> distribution or fixed value."""
+        return self._params
+
+    @property
+    def choices(self) -> dict[str, dict[str, Distribution | Any]]:
+        """Knowledge choice (``none``, ``kd``, ``kd+at``) -> its sub-space."""
+        return self._choices
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("use letters, digits, '-', '_' and '.' only")
+        return v
+
+    @model_validator(mode="after")
+    def _parse(self) -> "SearchSpace":
+        errors: list[tuple[str, str]] = []
+        if "knowledge" in self.base:
+            errors.append(("base.knowledge", "the knowledge types are chosen by `space.knowledge`, not fixed in base"))
+        params: dict[str, Any] = {}
+        for key, raw in self.space.items():
+            if key == "knowledge":
+                continue
+            try:
+                params[key] = parse_value(raw)
+            except ValidationError as e:
+                errors.extend(pydantic_errors(e, Distribution, ("space", key)))
+        raw_choices = self.space.get("knowledge") or {}
+        if not isinstance(raw_choices, dict):
+            errors.append(("space.knowledge", "expected a mapping from knowledge type (kd, kd+at, none) to its sub-space"))
+            raw_choices = {}
+        choices: dict[str, dict[str, Any]] = {}
+        for choice, sub in raw_choices.items():
+            where = f"space.knowledge.{choice}"
+            types = str(choice).split("+")
+            if choice != NONE:
+                bad = [t for t in types if t not in KNOWLEDGE]
+                if bad:
+                    errors.append((where, KNOWLEDGE.unknown_message(bad[0])))
+                    continue
+                if len(set(types)) != len(types):
+                    errors.append((where, "a knowledge type appears twice in this combination"))
+                    continue
+            sub = sub or {}
+            if not isinstance(sub, dict):
+                errors.append((where, "expected a mapping of parameters (or {} for defaults)"))
+                continue
+            parsed = {}
+            for key, raw in sub.items():
+                key = str(key)
+                head = key.split(".", 1)[0]
+                if choice != NONE and "." not in key and len(types) == 1 and key in KNOWLEDGE.get(types[0]).Params.model_fields:
+                    key = f"{types[0]}.{key}"  # shorthand inside a single-type choice: `temperature`
+                elif choice != NONE and head in KNOWLEDGE and head not in types:
+                    errors.append((f"{where}.{key}", f"{head!r} is not part of the choice {choice!r}"))
+                    continue
+                try:
+                    parsed[key] = parse_value(raw)
+                except ValidationError as e:
+                    errors.extend(pydantic_errors(e, Distribution, ("space", "knowledge", choice, key)))
+            choices[str(choice)] = parsed
+        if choices and NONE not in choices:
+            choices = {NONE: {}, **choices}  # every sweep measures what distillation gains
+        if not choices:
+            choices = {NONE: {}}
+        if errors:
+            raise ConfigError(errors)
+        self._params, self._choices = params, choices
+        return self
+
+    # -- trials ------------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.register_as or f"kdray-{self.name}"
+
+    @staticmethod
+    def optuna_name(choice: str, key: str) -> str:
+        return f"{choice}:{key}"
+
+    def define_by_run(self, trial: Any) -> dict[str, Any]:
+        """Optuna define-by-run: the run-level parameters, the knowledge type, then its own sub-space."""
+        fixed: dict[str, Any] = {}
+        for key, dist in self.params.items():
+            if isinstance(dist, Distribution):
+                dist.suggest(trial, key)
+            else:
+                fixed[key] = dist
+        choice = trial.suggest_categorical("knowledge", list(self.choices))
+        for key, dist in self.choices[choice].items():
+            name = self.optuna_name(choice, key)
+            if isinstance(dist, Distribution):
+                dist.suggest(trial, name)
+            else:
+                fixed[name] = dist
+        return fixed
+
+    def resolve(self, params: dict[str, Any]) -> RunConfig:
+        """The full run config of a trial from its flat parameters (Optuna's names)."""
+        return self._resolve(params)
+
+    def resolved_dict(self, params: dict[str, Any]) -> dict[str, Any]:
+        choice = params.get("knowledge", NONE)
+        if choice not in self.choices:
+            raise ValueError(f"knowledge choice {choice!r} is not in this search space")
+        data = copy.deepcopy(self.base)
+        data.setdefault("name", self.name)
+        types = [] if choice == NONE else choice.split("+")
+        kparams: dict[str, dict[str, Any]] = {t: {} for t in types}
+        values = {k: v for k, v in params.items() if k != "knowledge"}
+        for key, dist in self.params.items():  # fixed run-level values are not in Optuna's params
+            values.setdefault(key, dist)
+        for key, dist in self.choices[choice].items():
+            values.setdefault(self.optuna_name(choice, key), dist)
+        for name, value in values.items():
+            if isinstance(value, Distribution):
+                continue
+            key = name.split(":", 1)[1] if ":" in name else name
+            if ":" in name and name.split(":", 1)[0] != choice:
+                continue  # a parameter of another choice (can only come from a hand-written point)
+            head = key.split(".", 1)[0]
+            if head in kparams and "." in key:
+                kparams[head][key.split(".", 1)[1]] = value
+            else:
+                dotted_set(data, key, value)
+        data["knowledge"] = [{"type": t, **kparams[t]} for t in types]
+        return data
+
+    def _resolve(self, params: dict[str, Any]) -> RunConfig:
+        return RunConfig.model_validate(self.resolved_dict(params))
+
+    def representative_points(self) -> list[dict[str, Any]]:
+        """Trial parameters that exercise every choice and both ends of every range (for validation)."""
+        points = []
+        run_dists = {k: d for k, d in self.params.items() if isinstance(d, Distribution)}
+        run_axes = [[(k, v) for v in d.extremes()] for k, d in run_dists.items()]
+        run_corners = [dict(c) for c in itertools.product(*run_axes)][:8] or [{}]
+        for choice, sub in self.choices.items():
+            dists = {self.optuna_name(choice, k): d for k, d in sub.items() if isinstance(d, Distribution)}
+            axes = [[(k, v) for v in d.extremes()] for k, d in dists.items()]
+            corners = [dict(c) for c in itertools.product(*axes)] if axes else [{}]
+            if len(corners) > 16:  # many parameters: both all-low and all-high, plus every categorical alone
+                corners = [dict((k, d.extremes()[i if d.type != "categorical" else 0]) for k, d in dists.items())
+                           for i in (0, -1)]
+                for k, d in dists.items():
+                    if d.type == "categorical":
+                        for c in d.choices:
+                            corners.append({**corners[0], k: c})
+            for rc in run_corners[:1] if len(corners) > 1 else run_corners:
+                for c in corners:
+                    points.append({"knowledge": choice, **rc, **c})
+        return points
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """The full grid for the grid searcher: every choice x ``grid_points`` values per parameter."""
+        n = self.searcher.grid_points
+        run_axes = [[(k, v) for v in d.grid(n)] for k, d in self.params.items() if isinstance(d, Distribution)]
+        points = []
+        for choice, sub in self.choices.items():
+            axes = [[(self.optuna_name(choice, k), v) for v in d.grid(n)] for k, d in sub.items()
+                    if isinstance(d, Distribution)]
+            for combo in itertools.product(*run_axes, *axes):
+                points.append({"knowledge": choice, **dict(combo)})
+        return points
+
+    def validate_trials(self, file: str | Path | None = None) -> list[RunConfig]:
+        """Resolve the representative points: every parameter name and range is checked by RunConfig."""
+        configs = []
+        for point in self.representative_points():
+            try:
+                configs.append(self._resolve(point))
+            except ConfigError as e:
+                raise ConfigError([(self._field_for(point, f), m) for f, m in e.errors], file) from None
+            except ValidationError as e:
+                raise ConfigError([(self._field_for(point, f), m) for f, m in pydantic_errors(e, RunConfig)],
+                                  file) from None
+        return configs
+
+    def _field_for(self, point: dict[str, Any], run_field: str) -> str:
+        """Map a field of a resolved run config back to where the search space sets it."""
+        choice = point.get("knowledge", NONE)
+        parts = run_field.split(".")
+        if parts[0] == "knowledge" and len(parts) >= 2 and parts[1].isdigit():
+            types = [] if choice == NONE else choice.split("+")
+            idx = int(parts[1])
+            if idx < len(types):
+                key = f"{types[idx]}.{parts[2]}" if len(parts) > 2 else types[idx]
+                if len(parts) > 2 and key in self.choices[choice]:
+                    return f"space.knowledge.{choice}.{key}"
+                return f"space.knowledge.{choice}" + (f" ({key})" if len(parts) > 2 else "")
+        if run_field in self.params:
+            return f"space.{run_field}"
+        if run_field in self.choices.get(choice, {}):
+            return f"space.knowledge.{choice}.{run_field}"
+        return f"base.{run_field}"
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read, validate and resolve every representative trial of a search space (no models built)."""
+    from kdray.config import validate
+
+    space: SearchSpace = validate(SearchSpace, read_yaml(path), path)
+    space.validate_trials(path)
+    return space
+
+
+def check_space(path: str | Path, capacity: dict[str, float] | None = None) -> SearchSpace:
+    """``kdray check``: validate the space, then dry-run the shapes of every representative trial."""
+    from kdray.check import check_resources, dry_run, load_teacher_records
+
+    space = load_space(path)
+    configs = space.validate_trials(path)
+    points = space.representative_points()
+    records = None
+    seen: set[str] = set()
+    report: list[str] = []
+    for point, cfg in zip(points, configs):
+        try:
+            check_resources(cfg, capacity, where="base.resources")
+        except ConfigError as e:
+            raise ConfigError(e.errors, path) from None
+        if records is None and cfg.teacher and cfg.teacher.checkpoint:
+            try:
+                records = load_teacher_records(cfg)
+            except ConfigError as e:
+                raise ConfigError([(f"base.{f}", m) for f, m in e.errors], path) from None
+        try:
+            dr = dry_run(cfg, teacher_records=records)
+        except ConfigError as e:
+            raise ConfigError([(space._field_for(point, f), m) for f, m in e.errors], path) from None
+        key = repr(dr.lines())
+        if key not in seen:
+            seen.add(key)
+            report.extend(dr.lines())
+    space._check_report = [f"  {len(points)} representative trials dry-run, {len(space.choices)} knowledge "
+                          f"choices: {', '.join(space.choices)}"] + ["  " + line for line in report]
+    return space

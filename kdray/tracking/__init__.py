@@ -1,0 +1,1 @@
+"""MLflow: the sweep's single writer, the champion's registration and export, and queries."""

@@ -1,0 +1,212 @@
+"""The best student of a sweep: chosen on validation, measured once on test, logged and registered.
+
+Selection uses the validation accuracy at the last epoch of trials that ran to the end (an ASHA-stopped
+trial's student is not fully trained). The test split is read once, after selection, and never feeds
+back into it. The registered model is the ``Classifier`` (preprocessing + network), so it takes the data
+set's raw inputs: for MNIST-1D the float32 rows ``x`` of ``make_dataset(get_dataset_args())``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdray.models import load_record, model_from_record
+from kdray.tracking.store import TAG_STATUS, client
+
+CHAMPION_ALIAS = "champion"
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    run_id: str | None
+    knowledge: str
+    status: str  # completed | stopped_early | failed | error
+    epochs: int
+    val_accuracy: float
+    params: dict[str, Any]
+    checkpoint: str | None
+    number: int = 0
+
+
+@dataclass
+class Champion:
+    sweep: str
+    run_id: str
+    trial_id: str
+    knowledge: str
+    val_accuracy: float
+    test_accuracy: float
+    model_uri: str
+    registered_model: str
+    version: str
+    params: dict[str, Any] = field(default_factory=dict)
+    alias_uri: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select(outcomes: list[TrialOutcome]) -> TrialOutcome | None:
+    """Best completed trial by validation accuracy (ties: the earlier trial)."""
+    done = [o for o in outcomes if o.status == "completed" and o.checkpoint]
+    return max(done, key=lambda o: (o.val_accuracy, -o.number), default=None)
+
+
+def read_checkpoint_record(path: str) -> dict[str, Any]:
+    """The student record of a Ray checkpoint, on local disk or cloud storage."""
+    from kdray.train.loop import STUDENT_FILE
+
+    p = Path(path)
+    if p.exists():
+        return load_record(p / STUDENT_FILE)
+    import ray.train
+
+    with ray.train.Checkpoint(path).as_directory() as d:
+        return load_record(Path(d) / STUDENT_FILE)
+
+
+def test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: bool = False) -> float:
+    """Accuracy of a student record on the test split (the one place kdray reads it)."""
+    from kdray.config import DatasetConfig
+    from kdray.data import load_dataset
+    from kdray.train.loop import evaluate
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    data = load_dataset(DatasetConfig.model_validate(dataset_cfg))
+    return evaluate(model_from_record(record).to(device), data.test, 512, device)["accuracy"]
+
+
+def remote_test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], gpus: float = 0.0) -> float:
+    """Run the test evaluation as a Ray task, so on a cluster it lands where the data and GPUs are."""
+    import ray
+
+    if not ray.is_initialized():
+        return test_accuracy(record, dataset_cfg, gpus > 0)
+    task = ray.remote(test_accuracy).options(num_cpus=1, num_gpus=min(gpus, 1.0))
+    return float(ray.get(task.remote(record, dataset_cfg, gpus > 0)))
+
+
+def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: float, *, sweep: str,
+             model_name: str, parent_run_id: str, raw_example: torch.Tensor) -> Champion:
+    """Log the champion with ``mlflow.pytorch`` (signature + input example) and point the alias at it."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    c = client(uri)
+    mlflow.set_tracking_uri(uri)
+    model = model_from_record(record).eval()
+    example = raw_example[:5].float()
+    with torch.no_grad():
+        out = model(example)
+    signature = infer_signature(example.numpy(), out.numpy())
+    with mlflow.start_run(run_id=outcome.run_id):
+        info = mlflow.pytorch.log_model(
+            model, name="student", signature=signature, input_example=example.numpy(),
+            registered_model_name=model_name, pip_requirements=_requirements(),
+        )
+        mlflow.log_metric("test_accuracy", test_acc)
+        mlflow.set_tag("kdray.champion", "true")
+    version = str(info.registered_model_version)
+    c.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
+    c.set_model_version_tag(model_name, version, "kdray.sweep", sweep)
+    c.set_model_version_tag(model_name, version, "val_accuracy", f"{outcome.val_accuracy:.6f}")
+    c.set_model_version_tag(model_name, version, "test_accuracy", f"{test_acc:.6f}")
+    c.set_model_version_tag(model_name, version, "knowledge", outcome.knowledge)
+    champion = Champion(sweep, outcome.run_id, outcome.trial_id, outcome.knowledge, outcome.val_accuracy,
+                        test_acc, f"models:/{model_name}/{version}", model_name, version, outcome.params,
+                        f"models:/{model_name}@{CHAMPION_ALIAS}")
+    for k, v in {"kdray.champion_run_id": champion.run_id, "kdray.champion_model_uri": champion.model_uri,
+                 "kdray.champion_knowledge": champion.knowledge, "kdray.registered_model": model_name,
+                 "kdray.champion_version": version}.items():
+        c.set_tag(parent_run_id, k, v)
+    c.log_metric(parent_run_id, "champion_val_accuracy", champion.val_accuracy)
+    c.log_metric(parent_run_id, "champion_test_accuracy", champion.test_accuracy)
+    c.log_text(parent_run_id, json.dumps(champion.as_dict(), indent=2, default=str), "champion.json")
+    return champion
+
+
+def _requirements() -> list[str]:
+    """Pins for the logged model's environment: what loading a kdray student needs."""
+    import torch as _t
+
+    from kdray import __version__
+
+    return [f"torch=={_t.__version__.split('+')[0]}", f"kdray=={__version__}"]
+
+
+def export(model_uri: str, out_dir: str | os.PathLike, tracking: str, formats: tuple[str, ...] = ("state_dict", "torchscript")) -> dict[str, str]:
+    """Write the champion as a state dict, a kdray model record, TorchScript and/or ONNX."""
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracking)
+    model = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    shape = model.preprocess.shape
+    c = client(tracking)
+    mv = _model_version(c, model_uri)
+    example_len = int(torch.tensor(shape).prod())
+    raw_shape = _raw_shape(mv, c) or (example_len,)
+    example = torch.zeros(2, *raw_shape)
+    if "state_dict" in formats:
+        p = out / "student_state_dict.pt"
+        torch.save(model.state_dict(), p)
+        written["state_dict"] = str(p)
+    if "torchscript" in formats:
+        p = out / "student.torchscript.pt"
+        with torch.no_grad():
+            scripted = torch.jit.trace(model, example, check_trace=False)
+        scripted.save(str(p))
+        written["torchscript"] = str(p)
+    if "onnx" in formats:
+        p = out / "student.onnx"
+        torch.onnx.export(model, (example,), str(p), input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        written["onnx"] = str(p)
+    (out / "README.txt").write_text(
+        f"kdray champion exported from {model_uri}\n"
+        f"inputs: float32 raw samples of shape (batch, {', '.join(map(str, raw_shape))}); outputs: logits.\n"
+        "state_dict: load into kdray.models.build_model(<name>, ...); torchscript: torch.jit.load(path); "
+        "onnx: onnxruntime.InferenceSession(path).\n"
+    )
+    return written
+
+
+def _model_version(c, model_uri: str):
+    try:
+        name_version = model_uri.split("models:/", 1)[1]
+        if "@" in name_version:
+            name, alias = name_version.split("@", 1)
+            return c.get_model_version_by_alias(name, alias)
+        name, version = name_version.split("/", 1)
+        return c.get_model_version(name, version)
+    except Exception:  # noqa: BLE001 - a runs:/ URI has no version
+        return None
+
+
+def _raw_shape(mv, c) -> tuple[int, ...] | None:
+    """The raw input shape from the model's signature (the data set's sample shape)."""
+    if mv is None:
+        return None
+    try:
+        from mlflow.models import get_model_info
+
+        info = get_model_info(f"models:/{mv.name}/{mv.version}")
+        spec = info.signature.inputs.to_dict()[0]
+        shape = spec.get("tensor-spec", {}).get("shape") or spec.get("shape")
+        return tuple(int(s) for s in shape[1:]) if shape else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def outcome_status(tags: dict[str, str]) -> str:
+    return tags.get(TAG_STATUS, "unknown")
