@@ -1,0 +1,28 @@
+# kdray: every target sets up the local virtual environment (.venv) first, from pyproject.toml.
+#   make demo   run the default sweep (MNIST-1D, offline) and print the champion
+#   make test   run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kdray-installed
+
+.PHONY: install demo test benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/kdray sweep
+
+test: install
+	$(PY) -m pytest -q
+
+benchmark: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) kdray_runs mlflow.db mlartifacts

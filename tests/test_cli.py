@@ -1,0 +1,81 @@
+"""The command line as a user runs it (subprocesses)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kdray(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "kdray", *args], cwd=cwd or REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_help_explains_every_command():
+    out = kdray("--help").stdout
+    for cmd in ("list", "layers", "check", "teacher", "distill", "sweep", "best", "compare", "final"):
+        assert cmd in out
+    sweep_help = kdray("sweep", "--help").stdout
+    for flag in ("--num-samples", "--name", "--storage", "--tracking-uri", "--address", "--resume"):
+        assert flag in sweep_help
+
+
+def test_list_shows_every_registry():
+    out = kdray("list").stdout
+    for name in ("kd", "dkd", "fitnet", "at", "rkd", "sp", "resnet110", "resnet8x4", "wrn_40_2", "mobilenet_v2",
+                 "mnist1d_cnn", "mnist1d", "digits", "cifar100", "imagefolder"):
+        assert name in out
+    data = json.loads(kdray("list", "--json").stdout)
+    assert "temperature" in data["knowledge"]["kd"]["params"]
+
+
+def test_layers_prints_tappable_layers_with_shapes():
+    out = kdray("layers", "resnet20").stdout
+    assert "layer2" in out and "(32, 16, 16)" in out
+
+
+def write(tmp: Path, name: str, data) -> Path:
+    p = tmp / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return p
+
+
+def test_teacher_then_distill_end_to_end(tmp_path):
+    teacher = write(tmp_path, "teacher.yaml", {
+        "name": "blobs_teacher", "dataset": {"name": "test_blobs"}, "model": {"name": "test_cnn1d"},
+        "train": {"epochs": 8, "batch_size": 64, "lr": 0.01}, "output": str(tmp_path / "t.pt")})
+    r = kdray("teacher", str(teacher), "--local", "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout and (tmp_path / "t.pt").is_file()
+    cfg = write(tmp_path, "kd.yaml", {
+        "name": "blobs-kd", "dataset": {"name": "test_blobs"}, "teacher": {"checkpoint": str(tmp_path / "t.pt")},
+        "student": {"name": "test_mlp"}, "knowledge": [{"type": "kd", "temperature": 2.0}, {"type": "fitnet"}],
+        "train": {"epochs": 3, "batch_size": 64, "lr": 0.01}})
+    r = kdray("distill", str(cfg), "--local", "--json", "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 3/3" in r.stdout and "validation accuracy" in r.stdout
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0.0 < result["val_accuracy"] <= 1.0
+    assert (tmp_path / "out" / "student.pt").is_file() and (tmp_path / "out" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"student": {"name": "mnist1d_mlpp"}}, "student.name"),
+    ({"student": {"name": "mnist1d_mlp"}, "train": {"epochs": 0}}, "train.epochs"),
+    ({"student": {"name": "mnist1d_mlp"}, "teacher": {"checkpoint": "absent.pt"}, "knowledge": [{"type": "kd"}]},
+     "teacher.checkpoint"),
+])
+def test_a_bad_config_exits_2_naming_file_and_field_before_ray(tmp_path, data, field):
+    p = write(tmp_path, "bad.yaml", data)
+    r = kdray("distill", str(p), cwd=tmp_path, timeout=60)
+    assert r.returncode == 2
+    assert str(p) in r.stderr and f"field '{field}'" in r.stderr
+    assert "starting Ray" not in r.stdout

@@ -1,0 +1,111 @@
+"""The training loop: in-process (Train local mode), exact resume, NaN handling, and 2-worker DDP on Ray."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdray.config import RunConfig
+from kdray.data import load_dataset
+from kdray.models import model_from_record
+from kdray.train.loop import STUDENT_FILE, evaluate, lr_at, train_run
+from kdray.train.runner import final_student, fit
+from kdray.train.session import Session
+
+
+def blobs_cfg(**kw) -> RunConfig:
+    base = {"dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"},
+            "train": {"epochs": 4, "batch_size": 32, "lr": 0.01}}
+    for k, v in kw.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return RunConfig.model_validate(base)
+
+
+def test_train_local_mode_learns_and_reports_every_term(tmp_path, blobs_teacher):
+    """Ray Train's local mode (ScalingConfig(num_workers=0)): the real TorchTrainer path, in-process."""
+    cfg = blobs_cfg(teacher={"checkpoint": "unused.pt"}, knowledge=[{"type": "kd", "temperature": 2.0},
+                                                                     {"type": "rkd", "weight": 0.5}],
+                    train={"epochs": 6})
+    result = fit(cfg, [blobs_teacher], storage_path=str(tmp_path), name="local", local=True, progress=False)
+    m = result.metrics
+    assert m["epoch"] == 6 and m["val_accuracy"] > 0.6  # 3 classes: chance is 0.33
+    assert {"loss_ce", "loss_kd", "loss_rkd", "train_loss", "samples_per_s", "epoch_time_s"} <= set(m)
+    assert m["teacher_source"] == "live"
+    student = model_from_record(final_student(result))
+    val = evaluate(student, load_dataset(cfg.dataset).val, 256, torch.device("cpu"))
+    assert val["accuracy"] == pytest.approx(m["val_accuracy"])
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter(Session):
+    def __init__(self, epochs: int, **kw):
+        super().__init__(**kw)
+        self.stop_after = epochs
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if metrics["epoch"] == self.stop_after:
+            raise Interrupt()
+
+
+def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, blobs_teacher):
+    cfg = blobs_cfg(teacher={"checkpoint": "unused.pt"}, knowledge=[{"type": "fitnet"}], train={"epochs": 4,
+                    "optimizer": "sgd", "scheduler": "cosine"})
+    loop = {"run": cfg.model_dump(mode="json"), "teacher_records": [blobs_teacher]}
+    straight = Session(checkpoint_root=tmp_path / "a")
+    train_run(loop, straight)
+
+    first = StopAfter(2, checkpoint_root=tmp_path / "b")
+    with pytest.raises(Interrupt):
+        train_run(loop, first)
+    resumed = Session(checkpoint_root=tmp_path / "c", resume_from=first.last_checkpoint)
+    train_run(loop, resumed)
+    assert [r["epoch"] for r in resumed.reports] == [3, 4]
+    a = torch.load(straight.last_checkpoint / STUDENT_FILE, weights_only=True)["state_dict"]
+    b = torch.load(resumed.last_checkpoint / STUDENT_FILE, weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert resumed.reports[-1]["val_accuracy"] == straight.reports[-1]["val_accuracy"]
+
+
+def test_a_nan_loss_ends_the_run_with_the_reason():
+    cfg = blobs_cfg(train={"optimizer": "sgd", "lr": 1e12, "momentum": 0.0, "scheduler": "none"})
+    session = Session()
+    last = train_run({"run": cfg.model_dump(mode="json")}, session)
+    assert "non-finite" in last["failed"] and "ce" in last["failed"]
+    assert last["val_accuracy"] == 0.0
+    assert len(session.reports) == last["epoch"]  # it stopped at the first bad epoch
+
+
+def test_lr_schedule_is_a_function_of_the_epoch():
+    t = RunConfig.model_validate({"student": {"name": "test_mlp"}, "train": {"epochs": 10, "lr": 0.1,
+                                  "warmup_epochs": 2, "scheduler": "cosine"}}).train
+    assert lr_at(t, 1) == pytest.approx(0.05) and lr_at(t, 3) == pytest.approx(0.1)
+    assert lr_at(t, 10) < 0.01
+    s = RunConfig.model_validate({"student": {"name": "test_mlp"}, "train": {"epochs": 10, "lr": 0.1,
+                                  "scheduler": "step", "step_epochs": [5, 8]}}).train
+    assert [round(lr_at(s, e), 6) for e in (5, 6, 9)] == [0.1, 0.01, 0.001]
+
+
+@pytest.mark.ray
+def test_two_gloo_workers_report_the_accuracy_of_the_saved_student(ray_cluster, tmp_path, mnist1d_teacher):
+    """DDP over 2 CPU workers: validation is sharded and all-reduced, so the reported accuracy is that of
+    the whole split, and it equals a single-process evaluation of the checkpointed student."""
+    cfg = RunConfig.model_validate({
+        "dataset": {"name": "mnist1d"}, "student": {"name": "mnist1d_mlp"}, "teacher": {"checkpoint": "x.pt"},
+        "knowledge": [{"type": "kd", "temperature": 4.0}, {"type": "at", "weight": 100.0}],
+        "train": {"epochs": 3, "batch_size": 100, "lr": 0.002},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1},
+    })
+    result = fit(cfg, [mnist1d_teacher], storage_path=str(tmp_path), name="ddp", progress=False)
+    m = result.metrics
+    assert m["epoch"] == 3 and math.isfinite(m["loss_at"])
+    data = load_dataset(cfg.dataset)
+    single = evaluate(model_from_record(final_student(result)), data.val, 64, torch.device("cpu"))
+    assert single["count"] == 400
+    assert single["accuracy"] == pytest.approx(m["val_accuracy"], abs=1e-9)
+    assert single["loss"] == pytest.approx(m["val_loss"], rel=1e-4)

@@ -1,0 +1,93 @@
+"""Every registered model builds, runs and exposes its taps; teachers stay frozen; checkpoints round-trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdray.models import (
+    MODELS,
+    FeatureTaps,
+    LayerNotFound,
+    Preprocess,
+    Teacher,
+    build_model,
+    load_record,
+    model_from_record,
+    model_record,
+    save_model,
+    weights_digest,
+)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_model_runs_and_taps_its_default_layers(name):
+    spec = MODELS.get(name)
+    model = build_model(name, 7, Preprocess(spec.example_input)).eval()
+    net = model.net
+    layers = list(net.kd_feature_layers) + [net.kd_embedding_layer]
+    assert net.kd_feature_layers, f"{name} declares no default hint layers"
+    taps = FeatureTaps(net, layers)
+    with torch.no_grad():
+        out = taps.run(model, torch.randn(2, *spec.example_input))
+    assert out.logits.shape == (2, 7)
+    assert set(out.features) == set(layers)
+    assert all(v.shape[0] == 2 and torch.isfinite(v).all() for v in out.features.values())
+
+
+def test_unknown_layer_fails_at_once_listing_valid_names():
+    model = build_model("mnist1d_mlp", 10, Preprocess((1, 40)))
+    with pytest.raises(LayerNotFound) as e:
+        FeatureTaps(model.net, ["block9"])
+    msg = str(e.value)
+    assert "'block9' does not exist in mnist1d_mlp" in msg
+    assert "block1" in msg and "block2" in msg and "fc" in msg
+
+
+def test_taps_survive_in_place_relu_after_a_tapped_layer():
+    model = build_model("resnet8", 10, Preprocess((3, 32, 32)))
+    taps = FeatureTaps(model.net, ["layer1.0.bn1"])  # a ReLU(inplace=True) follows this BatchNorm
+    out = taps.run(model, torch.randn(2, 3, 32, 32))
+    assert (out.features["layer1.0.bn1"] < 0).any(), "the recorded BN output was overwritten by the ReLU"
+    (out.logits.sum() + out.features["layer1.0.bn1"].sum()).backward()
+
+
+def test_preprocess_travels_inside_the_model():
+    pre = Preprocess((1, 8, 8), 4.0, 2.0)
+    x = torch.full((3, 64), 6.0)
+    assert torch.allclose(pre(x), torch.ones(3, 1, 8, 8))
+
+
+def test_checkpoint_round_trip_loads_with_weights_only(tmp_path):
+    model = build_model("mnist1d_cnn", 10, Preprocess((1, 40)))
+    rec = model_record(model, model_name="mnist1d_cnn", model_options={}, num_classes=10,
+                       dataset={"name": "mnist1d"}, metrics={"val_accuracy": 0.5})
+    path = save_model(rec, tmp_path / "m.pt")
+    loaded = model_from_record(load_record(path))  # torch.load(weights_only=True) inside
+    x = torch.randn(4, 40)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert not list(tmp_path.glob(".*tmp")), "atomic save left a temporary file"
+
+
+def test_teacher_is_frozen_in_eval_and_ensembles_average_logits():
+    a = build_model("test_mlp", 3, Preprocess((1, 16)))
+    b = build_model("test_mlp", 3, Preprocess((1, 16)))
+    t = Teacher([a, b])
+    t.train()  # must stay in eval mode
+    assert not t.training and not any(m.training for m in t.modules())
+    assert not any(p.requires_grad for p in t.parameters())
+    t.tap(["block1"])
+    x = torch.randn(5, 16)
+    out = t(x)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, (a(x) + b(x)) / 2)
+    assert out.features["block1"].shape == (5, 8)
+    assert not isinstance(t, nn.parallel.DistributedDataParallel)
+
+
+def test_weights_digest_changes_with_the_weights():
+    m = build_model("test_mlp", 3, Preprocess((1, 16)))
+    rec = model_record(m, model_name="test_mlp", model_options={}, num_classes=3, dataset={})
+    d1 = weights_digest([rec])
+    rec["state_dict"]["net.fc.bias"] = rec["state_dict"]["net.fc.bias"] + 1e-3
+    assert weights_digest([rec]) != d1
