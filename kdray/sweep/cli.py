@@ -125,8 +125,13 @@ def cmd_best(args: argparse.Namespace) -> int:
     if args.export:
         from kdray.tracking.champion import export
 
+        from kdray.cli import KdrayError
+
         formats = ("state_dict", "torchscript") + (("onnx",) if args.onnx else ())
-        info["exported"] = export(info["model_uri"], args.export, uri, formats)
+        try:
+            info["exported"] = export(info["run_id"], args.export, uri, formats)
+        except RuntimeError as e:
+            raise KdrayError(str(e)) from None
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0

@@ -325,7 +325,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     state_dir = local_state_dir(req)
     state_dir.mkdir(parents=True, exist_ok=True)
     teacher_storage = req.storage if not is_remote(req.storage) else str(Path("kdray_runs").resolve())
-    records = teacher_records(base, teacher_storage, log=say, progress=not req.quiet)
+    records = teacher_records(base, teacher_storage, log=say, progress=not req.quiet, inline=execution == "inline")
     timings["teacher_s"] = time.time() - t0
     refs = [ray.put(r) for r in records]
     t0 = time.time()
@@ -367,7 +367,9 @@ def run_sweep(req: SweepRequest) -> SweepResult:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=n_parallel, reuse_actors=False),
+                                        max_concurrent_trials=n_parallel,
+                                        # inline trials reuse their process: no torch import per trial
+                                        reuse_actors=execution == "inline"),
             run_config=tune.RunConfig(
                 name=req.name, storage_path=req.storage, callbacks=[tracker], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=base.resources.max_failures),

@@ -55,6 +55,10 @@ class Distribution(BaseModel):
                 raise ValueError("a categorical needs a non-empty `choices` list")
             if self.low is not None or self.high is not None or self.log or self.step is not None:
                 raise ValueError("a categorical takes only `choices`")
+            bad = [c for c in self.choices if not (c is None or isinstance(c, (str, int, float, bool)))]
+            if bad:
+                raise ValueError(f"Optuna's categorical choices must be strings, numbers, booleans or null; got {bad[0]!r} "
+                                 "(fix a list-valued parameter as a plain value instead)")
             if len({repr(c) for c in self.choices}) != len(self.choices):
                 raise ValueError(f"`choices` has duplicates: {self.choices}")
             return self

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kdray.models import load_record, model_from_record
+from kdray.models import load_record, model_from_record, save_model
 from kdray.tracking.store import TAG_STATUS, client
 
 CHAMPION_ALIAS = "champion"
+RECORD_NAME = "student.pt"
 
 
 @dataclass
@@ -107,12 +109,17 @@ def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: 
         out = model(example)
     signature = infer_signature(example.numpy(), out.numpy())
     with mlflow.start_run(run_id=outcome.run_id):
+        # MLflow 3 saves PyTorch models as "pt2" (torch.export): loading runs no pickled code.
         info = mlflow.pytorch.log_model(
             model, name="student", signature=signature, input_example=example.numpy(),
             registered_model_name=model_name, pip_requirements=_requirements(),
         )
         mlflow.log_metric("test_accuracy", test_acc)
         mlflow.set_tag("kdray.champion", "true")
+        # The kdray record too (weights_only-loadable, rebuildable as a module): what --export reads.
+        with tempfile.TemporaryDirectory() as d:
+            save_model(record, Path(d) / RECORD_NAME)
+            mlflow.log_artifact(str(Path(d) / RECORD_NAME), "kdray")
     version = str(info.registered_model_version)
     c.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
     c.set_model_version_tag(model_name, version, "kdray.sweep", sweep)
@@ -141,22 +148,22 @@ def _requirements() -> list[str]:
     return [f"torch=={_t.__version__.split('+')[0]}", f"kdray=={__version__}"]
 
 
-def export(model_uri: str, out_dir: str | os.PathLike, tracking: str, formats: tuple[str, ...] = ("state_dict", "torchscript")) -> dict[str, str]:
-    """Write the champion as a state dict, a kdray model record, TorchScript and/or ONNX."""
+def export(run_id: str, out_dir: str | os.PathLike, tracking: str,
+           formats: tuple[str, ...] = ("state_dict", "torchscript")) -> dict[str, str]:
+    """Write the champion of run ``run_id`` as a kdray record, a state dict, TorchScript and/or ONNX.
+
+    Every format takes the data set's raw inputs (the preprocessing is part of the module).
+    """
     import mlflow
-    import mlflow.pytorch
 
     mlflow.set_tracking_uri(tracking)
-    model = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, str] = {}
-    shape = model.preprocess.shape
-    c = client(tracking)
-    mv = _model_version(c, model_uri)
-    example_len = int(torch.tensor(shape).prod())
-    raw_shape = _raw_shape(mv, c) or (example_len,)
-    example = torch.zeros(2, *raw_shape)
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"kdray/{RECORD_NAME}", dst_path=str(out))
+    record = load_record(local)
+    model = model_from_record(record).eval()
+    written: dict[str, str] = {"kdray_record": str(Path(local))}
+    example = torch.zeros(2, int(torch.tensor(model.preprocess.shape).prod()))
     if "state_dict" in formats:
         p = out / "student_state_dict.pt"
         torch.save(model.state_dict(), p)
@@ -164,48 +171,26 @@ def export(model_uri: str, out_dir: str | os.PathLike, tracking: str, formats: t
     if "torchscript" in formats:
         p = out / "student.torchscript.pt"
         with torch.no_grad():
-            scripted = torch.jit.trace(model, example, check_trace=False)
-        scripted.save(str(p))
+            torch.jit.trace(model, example, check_trace=False).save(str(p))
         written["torchscript"] = str(p)
     if "onnx" in formats:
+        try:
+            import onnx  # noqa: F401  (torch's exporter needs it)
+        except ImportError:
+            raise RuntimeError("ONNX export needs the onnx package: pip install 'kdray[onnx]'") from None
         p = out / "student.onnx"
         torch.onnx.export(model, (example,), str(p), input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
         written["onnx"] = str(p)
     (out / "README.txt").write_text(
-        f"kdray champion exported from {model_uri}\n"
-        f"inputs: float32 raw samples of shape (batch, {', '.join(map(str, raw_shape))}); outputs: logits.\n"
-        "state_dict: load into kdray.models.build_model(<name>, ...); torchscript: torch.jit.load(path); "
-        "onnx: onnxruntime.InferenceSession(path).\n"
+        f"kdray champion of MLflow run {run_id}: {record['model']} trained on {record['dataset'].get('name')}.\n"
+        f"Input: float32 raw samples, shape (batch, {example.shape[1]}) (reshaped to {model.preprocess.shape} "
+        "inside); output: logits.\n"
+        "student.pt: kdray.models.model_from_record(kdray.models.load_record(path)).\n"
+        "student_state_dict.pt: load into kdray.models.build_model(<model>, <classes>, <Preprocess>).\n"
+        "student.torchscript.pt: torch.jit.load(path).  student.onnx: onnxruntime.InferenceSession(path).\n"
     )
     return written
-
-
-def _model_version(c, model_uri: str):
-    try:
-        name_version = model_uri.split("models:/", 1)[1]
-        if "@" in name_version:
-            name, alias = name_version.split("@", 1)
-            return c.get_model_version_by_alias(name, alias)
-        name, version = name_version.split("/", 1)
-        return c.get_model_version(name, version)
-    except Exception:  # noqa: BLE001 - a runs:/ URI has no version
-        return None
-
-
-def _raw_shape(mv, c) -> tuple[int, ...] | None:
-    """The raw input shape from the model's signature (the data set's sample shape)."""
-    if mv is None:
-        return None
-    try:
-        from mlflow.models import get_model_info
-
-        info = get_model_info(f"models:/{mv.name}/{mv.version}")
-        spec = info.signature.inputs.to_dict()[0]
-        shape = spec.get("tensor-spec", {}).get("shape") or spec.get("shape")
-        return tuple(int(s) for s in shape[1:]) if shape else None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def outcome_status(tags: dict[str, str]) -> str:

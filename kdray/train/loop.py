@@ -226,6 +226,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
 
     fault = _fault_injection()
     progress_every = max(1, cfg.train.epochs // 20)  # about 20 progress lines per run
+    report_latency = 0.0
     where = node_info()
     if objective.needs_teacher:
         where["teacher_reason"] = teacher_out.reason
@@ -302,13 +303,17 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             metrics.update(failed=f"validation loss became non-finite in epoch {epoch}", val_accuracy=0.0)
             session.report(metrics, None)
             return metrics
+        metrics["report_latency_s"] = report_latency  # of the previous report: what reporting costs
         save = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
+        t_report = time.perf_counter()
         if save and rank == 0:
             with scratch_dir() as d:
                 _write_checkpoint(d, unwrap(step_module), optimizer, scaler, epoch, cfg, info, metrics)
+                metrics["checkpoint_write_s"] = time.perf_counter() - t_report
                 session.report(metrics, d)
         else:
             session.report(metrics, None)
+        report_latency = time.perf_counter() - t_report
         if progress and (epoch % progress_every == 0 or epoch in (start_epoch, cfg.train.epochs)):
             print(
                 f"[kdray] epoch {epoch}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "

@@ -135,19 +135,57 @@ def trained_teacher_path(cfg: RunConfig, storage_path: str) -> Path:
     return Path(storage_path) / "teachers" / f"{tcfg.model.name}-{key}.pt"
 
 
+def _inline_run(run: dict[str, Any], progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The training loop in one process (a Ray task, or this process): metrics and the final student."""
+    import tempfile
+
+    from kdray.ray_setup import quiet_ray_loggers
+    from kdray.train.loop import train_run
+    from kdray.train.session import Session
+
+    quiet_ray_loggers()
+    with tempfile.TemporaryDirectory() as d:
+        session = Session(checkpoint_root=d)
+        last = train_run({"run": run, "progress": progress}, session)
+        if last.get("failed") or session.last_checkpoint is None:
+            return last, None
+        return last, load_record(session.last_checkpoint / STUDENT_FILE)
+
+
+def fit_inline(cfg: RunConfig, progress: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Train a one-worker run without a Train worker group (no ~8 s group start-up): a plain Ray task."""
+    import ray
+
+    if not ray.is_initialized():
+        return _inline_run(cfg.model_dump(mode="json"), progress)
+    task = ray.remote(_inline_run).options(num_cpus=cfg.resources.cpus_per_worker,
+                                           num_gpus=min(1.0, cfg.resources.gpus_per_worker))
+    return ray.get(task.remote(cfg.model_dump(mode="json"), progress))
+
+
 def train_teacher(tcfg: TeacherRunConfig, *, storage_path: str, output: str | Path, local: bool = False,
-                  progress: bool = True) -> dict[str, Any]:
-    """Train a teacher on labels and save its model record at ``output`` (written atomically)."""
-    result = fit(tcfg.as_run(), storage_path=storage_path, name=f"{tcfg.name}-{Path(output).stem}",
-                 local=local, progress=progress)
-    if result.failed:
-        raise RuntimeError(f"teacher training failed: {result.failed}")
-    record = final_student(result)
+                  progress: bool = True, inline: bool = False) -> dict[str, Any]:
+    """Train a teacher on labels and save its model record at ``output`` (written atomically).
+
+    ``inline``: one process as a Ray task (what a sweep uses for one-CPU-worker configs); otherwise a
+    TorchTrainer with the config's workers.
+    """
+    if inline:
+        metrics, record = fit_inline(tcfg.as_run(), progress)
+        if record is None:
+            raise RuntimeError(f"teacher training failed: {metrics.get('failed', 'no checkpoint')}")
+    else:
+        result = fit(tcfg.as_run(), storage_path=storage_path, name=f"{tcfg.name}-{Path(output).stem}",
+                     local=local, progress=progress)
+        if result.failed:
+            raise RuntimeError(f"teacher training failed: {result.failed}")
+        record = final_student(result)
     save_model(record, output)
     return record
 
 
 def teacher_records(cfg: RunConfig, storage_path: str, *, local: bool = False, progress: bool = True,
+                    inline: bool = False,
                     log=lambda m: print(f"[kdray] {m}", flush=True)) -> list[dict[str, Any]]:
     """The teacher of ``cfg``: loaded from its checkpoint(s), or trained once and reused afterwards."""
     if cfg.teacher is None:
@@ -161,7 +199,7 @@ def teacher_records(cfg: RunConfig, storage_path: str, *, local: bool = False, p
     log(f"training the teacher ({cfg.teacher.train.model.name}, {cfg.teacher.train.train.epochs} epochs); "
         f"it is saved to {path} and reused by later runs")
     return [train_teacher(teacher_run_config(cfg), storage_path=storage_path, output=path, local=local,
-                          progress=progress)]
+                          progress=progress, inline=inline)]
 
 
 def copy_checkpoint_file(result: FitResult, dest: str | Path) -> Path:

@@ -1,0 +1,114 @@
+"""A sweep end to end on Ray (CPU) with MLflow: parent run, one child per trial, champion registered."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from kdray.config import DatasetConfig
+from kdray.data import load_dataset
+from kdray.sweep.runner import run_sweep
+from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, find_sweep, sweep_children
+from sweep_helpers import request, write_space
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    space = write_space(tmp, num_samples=3)
+    result = run_sweep(request(tmp, space, "tiny-e2e"))
+    return tmp, result
+
+
+def test_the_sweep_records_a_parent_and_one_child_per_trial(sweep):
+    tmp, result = sweep
+    c = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    parent = find_sweep(c, "tiny-e2e")
+    assert parent is not None and parent.info.status == "FINISHED"
+    children = sweep_children(c, parent, kind="trial")
+    assert len(children) == 3 == len(result.outcomes)
+    assert len({ch.data.tags[TAG_TRIAL] for ch in children}) == 3
+    for ch in children:
+        assert ch.info.status == "FINISHED" and ch.data.tags[TAG_STATUS] == "completed"
+        p = ch.data.params
+        assert p["knowledge"] in ("none", "kd", "kd+fitnet") and "train.lr" in p and p["student.name"] == "test_mlp"
+        assert {"dataset", "student", "teacher", "kdray.version", "kdray.git_commit"} <= set(ch.data.tags)
+        if p["knowledge"] != "none":
+            assert "kd.temperature" in p
+        hist = c.get_metric_history(ch.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in hist) == [1, 2, 3]
+        assert "loss_ce" in ch.data.metrics and "samples_per_s" in ch.data.metrics and "epoch_time_s" in ch.data.metrics
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "search_space.yaml", "plots", "champion.json"} <= arts
+    plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/optimization_history.html" in plots and "plots/val_accuracy_by_trial.png" in plots
+
+
+def test_the_champion_is_registered_and_reproduces_its_test_accuracy(sweep):
+    tmp, result = sweep
+    ch = result.champion
+    assert ch is not None
+    best_val = max(o.val_accuracy for o in result.outcomes if o.status == "completed")
+    assert ch.val_accuracy == best_val
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(ch.alias_uri)
+    test = load_dataset(DatasetConfig(name="test_blobs")).test
+    with torch.no_grad():
+        acc = (model(test.x).argmax(1) == test.y).float().mean().item()  # raw inputs: preprocessing is inside
+    assert acc == pytest.approx(ch.test_accuracy, abs=0.005)
+    version = MlflowClient(uri).get_model_version_by_alias("kdray-tiny", "champion")
+    assert version.tags["kdray.sweep"] == "tiny-e2e"
+
+
+def test_best_and_compare_read_the_sweep_back(sweep, tmp_path):
+    tmp, result = sweep
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kdray", *a, "--tracking-uri", uri], capture_output=True,
+                                    text=True, timeout=120, cwd=tmp)
+    r = run("best", "--json", "--export", str(tmp_path / "export"), "--onnx")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert {"run_id", "model_uri", "val_accuracy", "test_accuracy", "params"} <= set(info)
+    assert info["run_id"] == result.champion.run_id and info["test_accuracy"] == pytest.approx(result.champion.test_accuracy)
+    from kdray.models import load_record, model_from_record
+
+    x = load_dataset(DatasetConfig(name="test_blobs")).test.x[:8]
+    mlflow.set_tracking_uri(uri)
+    registered = mlflow.pytorch.load_model(info["model_uri"])
+    scripted = torch.jit.load(info["exported"]["torchscript"])
+    rebuilt = model_from_record(load_record(info["exported"]["kdray_record"])).eval()
+    rebuilt.load_state_dict(torch.load(info["exported"]["state_dict"], weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), registered(x))
+        torch.testing.assert_close(rebuilt(x), registered(x))
+        expected = registered(x).numpy()
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    onnx.checker.check_model(onnx.load(info["exported"]["onnx"]))
+    got = ReferenceEvaluator(info["exported"]["onnx"]).run(None, {"x": x.numpy()})[0]
+    assert abs(got - expected).max() < 1e-4
+    r = run("compare", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert len(data["trials"]) == 3
+    accs = [t["val_accuracy"] for t in data["trials"]]
+    assert accs == sorted(accs, reverse=True)
+    assert {s["knowledge"] for s in data["by_knowledge"]} <= {"none", "kd", "kd+fitnet"}
+
+
+def test_optuna_study_is_persisted_beside_the_run(sweep):
+    import optuna
+
+    tmp, _ = sweep
+    study = optuna.load_study(study_name="tiny-e2e", storage=f"sqlite:///{tmp / 'runs' / 'tiny-e2e' / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE"] * 3
