@@ -164,11 +164,16 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
         return None
     layers = teacher_layers_needed(space, records)
     t0 = time.time()
-    task = ray.remote(_build_cache_task).options(num_cpus=base.resources.cpus_per_worker,
-                                                 num_gpus=min(1.0, base.resources.gpus_per_worker))
-    ref = task.remote(refs, base.dataset.model_dump(mode="json"), layers, base.cache.max_bytes, base.cache.dtype,
-                      base.resources.use_gpu)
-    cache = ray.get(ref)
+    args = (refs, base.dataset.model_dump(mode="json"), layers, base.cache.max_bytes, base.cache.dtype,
+            base.resources.use_gpu)
+    if base.resources.use_gpu:  # the teacher pass belongs on a GPU node: a Ray task there
+        task = ray.remote(_build_cache_task).options(num_cpus=base.resources.cpus_per_worker,
+                                                     num_gpus=min(1.0, base.resources.gpus_per_worker))
+        ref = task.remote(*args)
+        cache = ray.get(ref)
+    else:  # on CPU, here: no worker process to start for one pass over the data
+        cache = _build_cache_task(*args)
+        ref = ray.put(cache) if cache is not None else None
     if cache is None:
         say("teacher-output cache: nothing fits the memory budget (cache.max_bytes); teachers run live")
         return None
@@ -217,7 +222,8 @@ def leaderboard(outcomes: list[TrialOutcome]) -> pd.DataFrame:
         rows.append(row)
     df = pd.DataFrame(rows)
     if not df.empty:
-        df = df.sort_values(["val_accuracy"], ascending=False, na_position="last").reset_index(drop=True)
+        # Same order as the champion's selection: accuracy, then the earlier trial on ties.
+        df = df.sort_values(["val_accuracy", "trial"], ascending=[False, True], na_position="last").reset_index(drop=True)
         df.insert(0, "rank", range(1, len(df) + 1))
     return df
 

@@ -64,6 +64,7 @@ class SweepTracker(Callback):
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
         self._children: dict[str, str] = {}
+        self._last_step: dict[str, int] = {}  # run id -> last epoch logged (idempotent across resumes)
         self._tagged: set[str] = set()
         self._best: tuple[float, str] | None = None
         self._done = 0
@@ -72,13 +73,14 @@ class SweepTracker(Callback):
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
         state = self.__dict__.copy()
-        for k in ("_client", "_lock", "_children", "_tagged"):
+        for k in ("_client", "_lock", "_children", "_tagged", "_last_step"):
             state.pop(k, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._client, self._lock, self._children, self._tagged = None, threading.Lock(), {}, set()
+        self._last_step = {}
 
     # -- set-up ----------------------------------------------------------------------------------------
     @property
@@ -87,7 +89,7 @@ class SweepTracker(Callback):
             self._client = client(self.uri)
         return self._client
 
-    def open(self) -> str:
+    def open(self, announce: bool = True) -> str:
         """Create (or, on resume, reopen) the experiment and the sweep's parent run; return its id."""
         c = self.c
         exp = c.get_experiment_by_name(self.experiment)
@@ -103,7 +105,10 @@ class SweepTracker(Callback):
                 tid = child.data.tags.get(TAG_TRIAL)
                 if tid:
                     self._children[tid] = child.info.run_id
-            self._say(f"resuming sweep {self.sweep}: {len(self._children)} trial runs already in MLflow")
+                    hist = c.get_metric_history(child.info.run_id, "val_accuracy")
+                    self._last_step[child.info.run_id] = max((m.step for m in hist), default=0)
+            if announce:
+                self._say(f"resuming sweep {self.sweep}: {len(self._children)} trial runs already in MLflow")
         else:
             base = self.space.base
             tags = {TAG_KIND: "sweep", TAG_SWEEP: self.sweep, "mlflow.runName": self.sweep,
@@ -123,7 +128,7 @@ class SweepTracker(Callback):
 
     def setup(self, **info: Any) -> None:
         if self.parent_id is None or self._client is None:
-            self.open()
+            self.open(announce=self.parent_id is None)  # a restored copy reconnects quietly
 
     # -- trials ------------------------------------------------------------------------------------
     def child(self, trial: Any) -> str:
@@ -158,6 +163,9 @@ class SweepTracker(Callback):
 
         rid = self.child(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self._last_step.get(rid, 0):
+            return  # an epoch re-run after a restore from an earlier checkpoint: already in MLflow
+        self._last_step[rid] = step
         ts = int(time.time() * 1000)
         keys = [k for k in result if k in METRICS or k.startswith("loss_")]
         metrics = [Metric(k, float(result[k]), ts, step) for k in keys
