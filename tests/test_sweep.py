@@ -42,6 +42,7 @@ def test_the_sweep_records_a_parent_and_one_child_per_trial(sweep):
         assert {"dataset", "student", "teacher", "kdray.version", "kdray.git_commit"} <= set(ch.data.tags)
         if p["knowledge"] != "none":
             assert "kd.temperature" in p
+            assert ch.data.tags["kdray.teacher_source"] == "cache"  # the shared teacher outputs were used
         hist = c.get_metric_history(ch.info.run_id, "val_accuracy")
         assert sorted(m.step for m in hist) == [1, 2, 3]
         assert "loss_ce" in ch.data.metrics and "samples_per_s" in ch.data.metrics and "epoch_time_s" in ch.data.metrics
@@ -112,3 +113,25 @@ def test_optuna_study_is_persisted_beside_the_run(sweep):
     study = optuna.load_study(study_name="tiny-e2e", storage=f"sqlite:///{tmp / 'runs' / 'tiny-e2e' / 'optuna.db'}")
     states = [t.state.name for t in study.trials]
     assert states == ["COMPLETE"] * 3
+
+
+def test_final_retrains_champion_and_none_over_seeds_with_a_test(sweep):
+    from kdray.final import run_final
+
+    tmp, result = sweep
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    res = run_final(uri, "tiny-e2e", 3, str(tmp / "runs"), say=lambda m: None)
+    assert res.seeds == [1, 2, 3] and len(res.champion) == 3 and len(res.none) == 3
+    assert all(0.0 < a <= 1.0 for a in res.champion + res.none)
+    assert 0.0 <= res.p_value <= 1.0 and res.ci[0] <= res.gain <= res.ci[1]
+    assert 0.5 < res.teacher_test_accuracy <= 1.0
+    c = MlflowClient(uri)
+    parent = find_sweep(c, "tiny-e2e")
+    finals = sweep_children(c, parent, kind="final")
+    assert len(finals) == 1 and finals[0].data.metrics["seeds"] == 3
+    assert finals[0].data.metrics["gain"] == pytest.approx(res.gain)
+    version = c.get_model_version_by_alias("kdray-tiny", "champion")
+    assert version.tags["final_seeds"] == "3" and "kdray final over 3 seeds" in version.description
+    r = subprocess.run([sys.executable, "-m", "kdray", "compare", "--tracking-uri", uri], capture_output=True, text=True,
+                       timeout=120, cwd=tmp)
+    assert "final evaluation over 3 seeds" in r.stdout

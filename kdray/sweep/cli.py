@@ -211,10 +211,39 @@ def _final_runs(uri: str, parent) -> list[dict[str, Any]]:
     out = []
     for run in sweep_children(c, parent, kind="final"):
         m = run.data.metrics
-        out.append({"run_id": run.info.run_id, "seeds": int(m.get("seeds", 0)),
-                    "summary": run.data.tags.get("kdray.final_summary", ""),
-                    **{k: v for k, v in m.items()}})
+        out.append({**m, "run_id": run.info.run_id, "seeds": int(m.get("seeds", 0)),
+                    "summary": run.data.tags.get("kdray.final_summary", "")})
     return out
+
+
+# -- final -------------------------------------------------------------------------------------------------
+def cmd_final(args: argparse.Namespace) -> int:
+    from kdray.cli import KdrayError, _storage
+    from kdray.final import FinalError, format_table, run_final
+    from kdray.ray_setup import init_ray
+    from kdray.tracking.store import TrackingUnavailable, probe
+
+    uri = tracking_uri(args.tracking_uri)
+    try:
+        probe(uri)
+    except TrackingUnavailable as e:
+        raise KdrayError(str(e)) from None
+    champion_info(uri, args.sweep)  # fails clearly before Ray starts if there is nothing to evaluate
+    if args.seeds < 2:
+        raise KdrayError("--seeds must be at least 2")
+    init_ray(args.address)
+    try:
+        res = run_final(uri, args.sweep, args.seeds, _storage(args.storage),
+                        say=lambda m: print(f"[kdray] {m}", flush=True))
+    except FinalError as e:
+        raise KdrayError(str(e)) from None
+    if args.json:
+        print(json.dumps({"sweep": res.sweep, "seeds": res.seeds, "champion": res.champion, "none": res.none,
+                          "teacher_test_accuracy": res.teacher_test_accuracy, "gain": res.gain,
+                          "p_value": res.p_value, "ci": res.ci, "run_id": res.run_id}, indent=2))
+    else:
+        print(format_table(res))
+    return 0
 
 
 # -- registration with the main parser -----------------------------------------------------------------------
@@ -256,3 +285,13 @@ def add_sweep_commands(sub, common: argparse.ArgumentParser) -> None:
     fmt.add_argument("--csv", action="store_true", help="CSV of every trial")
     fmt.add_argument("--json", action="store_true", help="JSON with trials, per-knowledge summary, final runs")
     s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("final", parents=[common, track, which],
+                       help="retrain the champion and the best labels-only config over seeds; test with error bars",
+                       description="Retrain the champion's configuration and the best `none` configuration with K "
+                       "fresh seeds each, evaluate every run on the test split, and report mean ± std, the "
+                       "teacher's accuracy and the gain with Welch's t-test and a bootstrap interval. Logged as "
+                       "an MLflow run under the sweep and attached to the registered champion.")
+    s.add_argument("--seeds", type=int, default=5, help="seeds per configuration (default 5)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_final)

@@ -149,6 +149,7 @@ class SweepTracker(Callback):
             run = self.c.create_run(self.experiment_id, tags=tags, run_name=tags["mlflow.runName"])
             rid = run.info.run_id
             _log_params(self.c, rid, run_params(resolved))
+            self.c.log_dict(rid, resolved, "resolved_config.json")  # the whole config, to rerun it exactly
             # What the searcher chose, under the names shared by every choice (kd.temperature, train.lr).
             self.c.set_tag(rid, "kdray.searched", json.dumps(searched_params(trial.config), default=str))
             self._children[tid] = rid

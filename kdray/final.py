@@ -1,0 +1,208 @@
+"""``kdray final``: what distillation gained, with error bars, on the test split.
+
+A sweep selects on one validation split with one seed, so its best trial is an optimistic estimate.
+``final`` retrains the champion's configuration and the best labels-only (``none``) configuration with
+K fresh seeds each, evaluates every run once on the test split, and reports mean ± std for both, the
+teacher's own accuracy, the gain and its significance (Welch's t-test, and a bootstrap 95 % interval
+of the difference of means). The result is an MLflow run under the sweep, shown by ``kdray compare``
+and attached to the registered champion as tags and a description.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kdray.config import RunConfig
+from kdray.tracking.store import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, client, find_sweep, sweep_children
+
+
+class FinalError(RuntimeError):
+    pass
+
+
+@dataclass
+class FinalResult:
+    sweep: str
+    seeds: list[int]
+    champion: list[float]
+    none: list[float]
+    teacher_test_accuracy: float
+    champion_knowledge: str
+    p_value: float
+    ci: tuple[float, float]
+    run_id: str = ""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def gain(self) -> float:
+        return float(np.mean(self.champion) - np.mean(self.none))
+
+    def summary(self) -> str:
+        c, n = np.array(self.champion), np.array(self.none)
+        return (f"{self.champion_knowledge} {c.mean() * 100:.2f} ± {c.std(ddof=1) * 100:.2f} vs none "
+                f"{n.mean() * 100:.2f} ± {n.std(ddof=1) * 100:.2f} (gain {self.gain * 100:+.2f} points, "
+                f"95% CI [{self.ci[0] * 100:+.2f}, {self.ci[1] * 100:+.2f}], Welch p = {self.p_value:.3g}); "
+                f"teacher {self.teacher_test_accuracy * 100:.2f}")
+
+
+def welch(a: list[float], b: list[float]) -> float:
+    """Two-sided p-value of Welch's t-test (unequal variances); 1.0 when both samples are constant."""
+    from scipy import stats
+
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 0.0 if np.mean(a) != np.mean(b) else 1.0
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def bootstrap_ci(a: list[float], b: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of mean(a) - mean(b), resampling each group with replacement."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(a), np.asarray(b)
+    diffs = rng.choice(a, (n, len(a))).mean(1) - rng.choice(b, (n, len(b))).mean(1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _train_and_test(run: dict[str, Any], teacher_refs: list) -> dict[str, float]:
+    """One seed of one configuration: train (inline) and measure the final student on the test split."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from kdray.data import load_dataset
+    from kdray.models import load_record, model_from_record
+    from kdray.ray_setup import quiet_ray_loggers
+    from kdray.train.loop import STUDENT_FILE, evaluate, resolve_ref, train_run
+    from kdray.train.session import Session
+
+    quiet_ray_loggers()
+    cfg = RunConfig.model_validate(run)
+    with tempfile.TemporaryDirectory() as d:
+        session = Session(checkpoint_root=d)
+        last = train_run({"run": run, "teacher_records": [resolve_ref(r) for r in teacher_refs]}, session)
+        if last.get("failed"):
+            return {"val_accuracy": float("nan"), "test_accuracy": float("nan"), "failed": 1.0}
+        record = load_record(Path(session.last_checkpoint) / STUDENT_FILE)
+    device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
+    test = evaluate(model_from_record(record).to(device), load_dataset(cfg.dataset).test, 512, device)
+    return {"val_accuracy": float(last["val_accuracy"]), "test_accuracy": float(test["accuracy"])}
+
+
+def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) -> FinalResult:
+    """Retrain the champion and the best ``none`` trial over ``seeds`` seeds; log and return the result."""
+    import mlflow
+    import ray
+
+    from kdray.tracking.champion import test_accuracy
+    from kdray.train.runner import teacher_records
+
+    if seeds < 2:
+        raise FinalError("--seeds must be at least 2 for a standard deviation and a test")
+    c = client(uri)
+    parent = find_sweep(c, sweep)
+    if parent is None:
+        raise FinalError(f"no sweep {'named ' + repr(sweep) + ' ' if sweep else ''}in {uri}")
+    name = parent.data.tags[TAG_SWEEP]
+    champ_id = parent.data.tags.get("kdray.champion_run_id")
+    if not champ_id:
+        raise FinalError(f"sweep {name} has no champion yet (status {parent.data.tags.get(TAG_STATUS)})")
+    trials = sweep_children(c, parent, kind="trial")
+    nones = [t for t in trials if t.data.tags.get("kdray.knowledge") == "none"
+             and t.data.tags.get(TAG_STATUS) == "completed"]
+    if not nones:
+        raise FinalError(f"sweep {name} has no completed labels-only (none) trial to compare with")
+    best_none = max(nones, key=lambda r: r.data.metrics.get("val_accuracy", -1))
+    mlflow.set_tracking_uri(uri)
+    try:
+        configs = {"champion": mlflow.artifacts.load_dict(f"runs:/{champ_id}/resolved_config.json"),
+                   "none": mlflow.artifacts.load_dict(f"runs:/{best_none.info.run_id}/resolved_config.json")}
+    except Exception as e:  # noqa: BLE001
+        raise FinalError(f"sweep {name}'s trials have no resolved_config.json artifact (made by an older kdray?): "
+                         f"{e}") from None
+    champ_cfg = RunConfig.model_validate(configs["champion"])
+    if champ_cfg.knowledge_label == "none":
+        say("the champion is itself a labels-only trial: its 'gain' is measured against the best other none trial")
+    records = teacher_records(champ_cfg, storage, log=say, inline=True)
+    teacher_acc = test_accuracy(records[0], champ_cfg.dataset.model_dump(mode="json")) if len(records) == 1 else \
+        float("nan")
+    seed_list = list(range(1, seeds + 1))  # fresh seeds: the sweep's trials all used the space's seed
+    refs = [ray.put(r) for r in records] if ray.is_initialized() else records
+    jobs = []
+    for which, cfg in configs.items():
+        rc = RunConfig.model_validate(cfg)
+        for s in seed_list:
+            run = rc.model_copy(update={"seed": s}).model_dump(mode="json")
+            jobs.append((which, s, run, rc))
+    say(f"retraining {champ_cfg.knowledge_label} (champion) and none (best labels-only) with seeds {seed_list}: "
+        f"{len(jobs)} runs")
+    if ray.is_initialized():
+        pending = [ray.remote(_train_and_test).options(num_cpus=rc.resources.cpus_per_worker,
+                                                       num_gpus=min(1.0, rc.resources.gpus_per_worker))
+                   .remote(run, refs) for _, _, run, rc in jobs]
+        outputs = ray.get(pending)
+    else:
+        outputs = [_train_and_test(run, refs) for _, _, run, _ in jobs]
+    rows = [{"config": w, "seed": s, **o} for (w, s, _, _), o in zip(jobs, outputs)]
+    champ = [r["test_accuracy"] for r in rows if r["config"] == "champion" and math.isfinite(r["test_accuracy"])]
+    none = [r["test_accuracy"] for r in rows if r["config"] == "none" and math.isfinite(r["test_accuracy"])]
+    if len(champ) < 2 or len(none) < 2:
+        raise FinalError(f"too many retraining runs failed (champion {len(champ)}, none {len(none)} succeeded)")
+    res = FinalResult(name, seed_list, champ, none, teacher_acc, champ_cfg.knowledge_label, welch(champ, none),
+                      bootstrap_ci(champ, none), rows=rows)
+    res.run_id = _log(c, parent, res, configs)
+    return res
+
+
+def _log(c, parent, res: FinalResult, configs: dict[str, Any]) -> str:
+    import pandas as pd
+
+    exp = parent.info.experiment_id
+    run = c.create_run(exp, run_name=f"final-{len(res.seeds)}-seeds", tags={
+        TAG_PARENT: parent.info.run_id, TAG_KIND: "final", TAG_SWEEP: res.sweep,
+        "kdray.final_summary": res.summary()})
+    rid = run.info.run_id
+    c.log_metric(rid, "seeds", len(res.seeds))
+    c.log_metric(rid, "champion_test_mean", float(np.mean(res.champion)))
+    c.log_metric(rid, "champion_test_std", float(np.std(res.champion, ddof=1)))
+    c.log_metric(rid, "none_test_mean", float(np.mean(res.none)))
+    c.log_metric(rid, "none_test_std", float(np.std(res.none, ddof=1)))
+    c.log_metric(rid, "gain", res.gain)
+    c.log_metric(rid, "p_value_welch", res.p_value)
+    c.log_metric(rid, "gain_ci_low", res.ci[0])
+    c.log_metric(rid, "gain_ci_high", res.ci[1])
+    if math.isfinite(res.teacher_test_accuracy):
+        c.log_metric(rid, "teacher_test_accuracy", res.teacher_test_accuracy)
+    buf = io.StringIO()
+    pd.DataFrame(res.rows).to_csv(buf, index=False)
+    c.log_text(rid, buf.getvalue(), "final_runs.csv")
+    c.log_text(rid, json.dumps(configs, indent=2, default=str), "configs.json")
+    c.set_terminated(rid, "FINISHED")
+    for k, v in {"kdray.final_run_id": rid, "kdray.final_summary": res.summary()}.items():
+        c.set_tag(parent.info.run_id, k, v)
+    model, version = parent.data.tags.get("kdray.registered_model"), parent.data.tags.get("kdray.champion_version")
+    if model and version:
+        for k, v in {"final_test_mean": f"{np.mean(res.champion):.6f}", "final_test_std": f"{np.std(res.champion, ddof=1):.6f}",
+                     "final_none_mean": f"{np.mean(res.none):.6f}", "final_gain": f"{res.gain:.6f}",
+                     "final_p_value": f"{res.p_value:.6g}", "final_seeds": str(len(res.seeds))}.items():
+            c.set_model_version_tag(model, version, k, v)
+        c.update_model_version(model, version, description=f"kdray final over {len(res.seeds)} seeds: {res.summary()}")
+    return rid
+
+
+def format_table(res: FinalResult) -> str:
+    c, n = np.array(res.champion) * 100, np.array(res.none) * 100
+    lines = [f"final evaluation of sweep {res.sweep} on the test split, seeds {res.seeds}",
+             f"  {'':<28}{'test accuracy (%)':>22}",
+             f"  {'teacher':<28}{res.teacher_test_accuracy * 100:>15.2f}",
+             f"  {'labels only (none)':<28}{n.mean():>15.2f} ± {n.std(ddof=1):.2f}",
+             f"  {'champion (' + res.champion_knowledge + ')':<28}{c.mean():>15.2f} ± {c.std(ddof=1):.2f}",
+             f"  gain {res.gain * 100:+.2f} points; bootstrap 95% interval [{res.ci[0] * 100:+.2f}, "
+             f"{res.ci[1] * 100:+.2f}]; Welch's t-test p = {res.p_value:.3g}"
+             + ("  (significant at 5%)" if res.p_value < 0.05 else "  (not significant at 5%)")]
+    return "\n".join(lines)
