@@ -290,11 +290,10 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from kdray.check import check_resources
     from kdray.ray_setup import DRIVER_RESOURCE, has_driver_resource, init_ray
-    from kdray.sweep.searcher import KdraySearch, make_sampler
+    from kdray.sweep.searcher import GridSearch, KdraySearch, make_sampler
     from kdray.tracking.tracker import SweepTracker
     from kdray.train.runner import teacher_records
 
@@ -358,7 +357,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
         if space.searcher.type == "grid":
             points = space.grid_points()
             num_samples = len(points)
-            search = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=n_parallel)
+            search = GridSearch(points, space.metric, space.mode)
         else:
             storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}")
             search = KdraySearch(space=space.define_by_run, metric=space.metric, mode=space.mode,

@@ -13,9 +13,11 @@ and steers away from regions that were merely stopped early. kdray tells Optuna 
 """
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import optuna
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from optuna.trial import TrialState
 
@@ -65,3 +67,38 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     for t in study.get_trials(deepcopy=False):
         out[t.state.name] = out.get(t.state.name, 0) + 1
     return out
+
+
+class GridSearch(Searcher):
+    """The grid of a conditional space (every choice x ``grid_points`` values per parameter), in order.
+
+    Tune's ``points_to_evaluate`` needs every key of every point in ``param_space``, which a conditional
+    space cannot give; this searcher hands out the points itself and finishes after the last one.
+    """
+
+    def __init__(self, points: list[dict[str, Any]], metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.points = list(points)
+        self.next = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.next >= len(self.points):
+            return Searcher.FINISHED
+        point = dict(self.points[self.next])
+        self.next += 1
+        return point
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"points": self.points, "next": self.next}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.points, self.next = state["points"], state["next"]

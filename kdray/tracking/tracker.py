@@ -33,7 +33,7 @@ from kdray.tracking.store import (
 
 # Per-epoch metrics that are logged (strings such as teacher_source become tags).
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "lr", "epoch_time_s", "train_time_s",
-           "samples_per_s", "report_latency_s", "checkpoint_write_s")
+           "samples_per_s", "report_latency_s", "checkpoint_write_s", "resumed_from_epoch")
 
 
 def searched_params(config: dict[str, Any]) -> dict[str, Any]:

@@ -211,7 +211,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     amp = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
-    start_epoch = 1
+    start_epoch, where_resumed = 1, 0
     with session.restored_checkpoint() as ckpt_dir:
         if ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=True)
@@ -221,10 +221,11 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             start_epoch = int(state["epoch"]) + 1
+            where_resumed = int(state["epoch"])
             if progress:
                 print(f"[kdray] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
-    fault = _fault_injection()
+    fault = _fault_injection(config.get("_fault_kill_at"))
     progress_every = max(1, cfg.train.epochs // 20)  # about 20 progress lines per run
     report_latency = 0.0
     where = node_info()
@@ -299,6 +300,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             "teacher_source": teacher_out.source if objective.needs_teacher else "none",
             **where,
         }
+        if where_resumed:
+            metrics["resumed_from_epoch"] = where_resumed
         if not math.isfinite(metrics["val_loss"]):
             metrics.update(failed=f"validation loss became non-finite in epoch {epoch}", val_accuracy=0.0)
             session.report(metrics, None)
@@ -342,7 +345,8 @@ def _write_checkpoint(d: str, step: DistillStep, optimizer, scaler, epoch: int, 
 
 
 class _Fault:
-    """Test hook: ``KDRAY_FAULT_KILL_AT=epoch:step:marker`` SIGKILLs this process once, mid-epoch.
+    """Test hook: ``epoch:step:marker`` (loop config ``_fault_kill_at`` or ``$KDRAY_FAULT_KILL_AT``) SIGKILLs
+    this process once, mid-epoch.
 
     Only the fault-tolerance tests set it; the marker file makes it fire on the first attempt only,
     so the restarted worker can resume from its checkpoint and finish.
@@ -361,8 +365,8 @@ class _Fault:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fault_injection() -> _Fault | None:
-    spec = os.environ.get("KDRAY_FAULT_KILL_AT")
+def _fault_injection(spec: str | None = None) -> _Fault | None:
+    spec = spec or os.environ.get("KDRAY_FAULT_KILL_AT")
     if not spec:
         return None
     epoch, step, marker = spec.split(":", 2)

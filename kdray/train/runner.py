@@ -88,6 +88,7 @@ def fit(
     local: bool = False,
     progress: bool = True,
     teacher_cache: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``cfg`` to the end and return its last metrics and final checkpoint."""
     loop_config = {
@@ -96,6 +97,7 @@ def fit(
         "teacher_cache": teacher_cache,
         "progress": progress,
     }
+    loop_config.update(extra or {})
     if local:
         loop_config["local_checkpoint_root"] = str(Path(storage_path) / name)
     result = make_trainer(cfg, loop_config, name=name, storage_path=storage_path, local=local).fit()
