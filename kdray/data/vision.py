@@ -8,6 +8,8 @@ times faster than per-sample PIL transforms.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 from functools import partial
 from pathlib import Path
@@ -42,6 +44,17 @@ TV_SETS: dict[str, tuple[str, str, tuple[int, ...], int, tuple[float, ...], tupl
 }
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _describe_tv(name: str, cfg: "DatasetConfig") -> DatasetInfo:
     cls_name, folder, shape, classes, mean, std, _ = TV_SETS[name]
     root = data_dir(cfg)
@@ -61,8 +74,10 @@ def _load_tv(name: str, cfg: "DatasetConfig") -> DataBundle:
     cls = getattr(tvd, cls_name)
     root = data_dir(cfg)
     try:
-        train = cls(str(root), train=True, download=cfg.download)
-        test = cls(str(root), train=False, download=cfg.download)
+        # Several trials on one node may start at once: one downloads, the others wait for it.
+        with _file_lock(root / f".{name}.lock"):
+            train = cls(str(root), train=True, download=cfg.download)
+            test = cls(str(root), train=False, download=cfg.download)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a corrupt copy is a RuntimeError
         raise DatasetUnavailable(f"could not load {name} from {root}: {e}") from e
 

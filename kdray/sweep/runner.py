@@ -182,7 +182,22 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
     return ref
 
 
-def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, str]) -> list[TrialOutcome]:
+def _checkpoint_of(r, storage: str) -> Any:
+    """A trial's last checkpoint as Ray's Checkpoint (which knows its filesystem: S3 or local)."""
+    if r.checkpoint is not None:
+        return r.checkpoint
+    path = (r.metrics or {}).get("checkpoint_path")  # trials that drove a TorchTrainer
+    if path and is_remote(storage):
+        import pyarrow.fs
+        import ray.train
+
+        fs, _ = pyarrow.fs.FileSystem.from_uri(storage)
+        return ray.train.Checkpoint(path, filesystem=fs)
+    return path
+
+
+def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, str],
+              storage: str = "") -> list[TrialOutcome]:
     out = []
     for r in results:
         m = dict(r.metrics or {})
@@ -196,7 +211,7 @@ def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, s
             status = "stopped_early"
         else:
             status = "completed"
-        ckpt = r.checkpoint.path if r.checkpoint is not None else m.get("checkpoint_path")
+        ckpt = _checkpoint_of(r, storage)
         number = _number_from_path(r.path)
         out.append(TrialOutcome(tid, run_ids.get(tid), params.get("knowledge", NONE), status, int(m.get("epoch", 0)),
                                 float(m.get("val_accuracy", float("nan"))), params, ckpt, number))
@@ -386,7 +401,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     timings["trials_s"] = time.time() - t0
 
     run_ids = {r.data.tags.get(TAG_TRIAL): r.info.run_id for r in sweep_children(c, c.get_run(parent_id))}
-    outcomes = _outcomes(results, space, max_epochs, run_ids)
+    outcomes = _outcomes(results, space, max_epochs, run_ids, req.storage)
     known = {o.trial_id for o in outcomes}
     if req.resume:
         _discard_orphans(c, parent_id, known, say)

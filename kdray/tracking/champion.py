@@ -32,7 +32,7 @@ class TrialOutcome:
     epochs: int
     val_accuracy: float
     params: dict[str, Any]
-    checkpoint: str | None
+    checkpoint: Any  # a ray.train.Checkpoint (local or cloud storage) or a local path
     number: int = 0
 
 
@@ -60,16 +60,17 @@ def select(outcomes: list[TrialOutcome]) -> TrialOutcome | None:
     return max(done, key=lambda o: (o.val_accuracy, -o.number), default=None)
 
 
-def read_checkpoint_record(path: str) -> dict[str, Any]:
-    """The student record of a Ray checkpoint, on local disk or cloud storage."""
-    from kdray.train.loop import STUDENT_FILE
-
-    p = Path(path)
-    if p.exists():
-        return load_record(p / STUDENT_FILE)
+def read_checkpoint_record(checkpoint: Any) -> dict[str, Any]:
+    """The student record of a trial checkpoint: a Ray Checkpoint (local disk or cloud storage) or a path."""
     import ray.train
 
-    with ray.train.Checkpoint(path).as_directory() as d:
+    from kdray.train.loop import STUDENT_FILE
+
+    if isinstance(checkpoint, (str, os.PathLike)):
+        if Path(checkpoint).exists():
+            return load_record(Path(checkpoint) / STUDENT_FILE)
+        checkpoint = ray.train.Checkpoint(str(checkpoint))
+    with checkpoint.as_directory() as d:  # downloads once from cloud storage
         return load_record(Path(d) / STUDENT_FILE)
 
 

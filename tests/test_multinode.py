@@ -1,0 +1,104 @@
+"""Scale-out: the cluster configs pass validation, and a sweep runs on a real two-node Ray cluster with a
+real MLflow server, surviving the loss of a node (tests/multinode_driver.py runs the cluster)."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from kdray.tracking.store import find_sweep, sweep_children
+from sweep_helpers import TINY_SPACE
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS, SAMPLES = 25, 4
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(cfg)))  # what `ray up` runs before touching the cloud
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert head["resources"]["CPU"] == 0 and head["resources"]["kdray_driver"] > 0  # the head trains nothing
+    assert cfg["provider"]["use_internal_ips"] is True
+    start = " ".join(cfg["head_start_ray_commands"])
+    assert "mlflow server" in start and "--dashboard-host=$(hostname -I" in start and "0.0.0.0" not in start
+    broken = copy.deepcopy(cfg)
+    broken["available_node_types"]["head"].pop("node_config")
+    with pytest.raises(Exception, match="node_config"):
+        validate_config(prepare_config(broken))
+
+
+def test_kuberay_rayjob_runs_the_sweep_on_a_driver_only_head():
+    job = yaml.safe_load((REPO / "deploy" / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["apiVersion"].startswith("ray.io/")
+    assert job["spec"]["entrypoint"].startswith("kdray sweep") and "--address auto" in job["spec"]["entrypoint"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert head["num-cpus"] == "0" and "kdray_driver" in head["resources"]
+
+
+def test_no_credentials_and_only_weights_only_checkpoint_loads_in_the_repository():
+    # Built from pieces so that this file does not match itself.
+    secret = re.compile("(" + "AKIA" + "[0-9A-Z]{16}|aws_secret_" + "access_key|BEGIN (RSA|OPENSSH) " + "PRIVATE KEY)")
+    files = [p for p in REPO.rglob("*") if p.is_file() and ".venv" not in p.parts and ".git" not in p.parts
+             and p.suffix in {".py", ".yaml", ".yml", ".md", ".toml", ".cfg", ".txt", ""}]
+    assert not [str(p) for p in files if secret.search(p.read_text(errors="ignore"))]
+    for p in (REPO / "kdray").rglob("*.py"):
+        for line in p.read_text().splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{p}: {line.strip()}"
+
+
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multinode")
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space.update(num_samples=SAMPLES, searcher={"type": "tpe", "n_startup_trials": 4})
+    space["base"]["train"]["epochs"] = EPOCHS
+    path = tmp / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("multinode_driver.py")), str(tmp / "summary.json"),
+                        str(path), "kill"], capture_output=True, text=True, timeout=480)
+    assert (tmp / "summary.json").exists(), r.stdout[-3000:] + r.stderr[-5000:]
+    summary = json.loads((tmp / "summary.json").read_text())
+    assert r.returncode == 0, r.stderr[-5000:]
+    return tmp, summary
+
+
+def children(tmp, summary):
+    db = MlflowClient(f"sqlite:///{tmp / 'server.db'}")  # the server's own store, read after it stopped
+    return db, sweep_children(db, find_sweep(db, "multinode"), kind="trial")
+
+
+def test_trials_ran_on_both_nodes_and_everything_is_readable_from_the_driver(multinode):
+    tmp, summary = multinode
+    db, runs = children(tmp, summary)
+    nodes = {r.data.tags.get("kdray.node_id") for r in runs}
+    assert {summary["head_node"], summary["worker_node"]} <= nodes
+    assert summary["checkpoints_readable"] == SAMPLES
+    champ = summary["champion"]
+    assert champ is not None
+    version = db.get_model_version_by_alias("kdray-tiny", "champion")
+    assert version.run_id == champ["run_id"] and (tmp / "artifacts").is_dir()  # stored through the server
+
+
+def test_a_lost_node_is_survived_with_every_trial_exactly_once(multinode):
+    tmp, summary = multinode
+    assert summary["killed"] is not None, summary
+    db, runs = children(tmp, summary)
+    ids = [r.data.tags["kdray.trial_id"] for r in runs]
+    assert len(ids) == len(set(ids)) == SAMPLES
+    assert all(r.info.status == "FINISHED" and r.data.tags["kdray.status"] == "completed" for r in runs)
+    killed = next(r for r in runs if r.data.tags["kdray.trial_id"] == summary["killed"]["trial_id"])
+    assert killed.data.tags["kdray.retries"] == "1"
+    resumed = db.get_metric_history(killed.info.run_id, "resumed_from_epoch")
+    assert resumed and resumed[0].value >= 1  # restarted from a checkpoint, not from scratch
+    steps = sorted(m.step for m in db.get_metric_history(killed.info.run_id, "val_accuracy"))
+    assert steps == list(range(1, EPOCHS + 1))
