@@ -66,7 +66,7 @@ def read_checkpoint_record(checkpoint: Any) -> dict[str, Any]:
 
     from kdray.train.loop import STUDENT_FILE
 
-    if isinstance(checkpoint, (str, os.PathLike)):
+    if not isinstance(checkpoint, ray.train.Checkpoint):  # (a Checkpoint claims to be PathLike, and refuses it)
         if Path(checkpoint).exists():
             return load_record(Path(checkpoint) / STUDENT_FILE)
         checkpoint = ray.train.Checkpoint(str(checkpoint))
