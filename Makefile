@@ -1,12 +1,13 @@
 # kdray: every target sets up the local virtual environment (.venv) first, from pyproject.toml.
 #   make demo   run the default sweep (MNIST-1D, offline) and print the champion
 #   make test   run the test suite
+#   make results  the README's results table (sweeps + kdray final over seeds, ~15 min)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdray-installed
 
-.PHONY: install demo test benchmark clean
+.PHONY: install demo test benchmark results clean
 
 install: $(STAMP)
 
@@ -23,6 +24,9 @@ test: install
 
 benchmark: install
 	$(PY) benchmarks/run_all.py
+
+results: install
+	$(PY) benchmarks/results_table.py
 
 clean:
 	rm -rf $(VENV) kdray_runs mlflow.db mlartifacts

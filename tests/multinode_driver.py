@@ -33,7 +33,7 @@ def start_mlflow(tmp: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "artifacts")],
-        stdout=open(tmp / "mlflow-server.log", "w"), stderr=subprocess.STDOUT)
+        stdout=open(tmp / "mlflow-server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     for _ in range(240):
         try:
@@ -42,7 +42,7 @@ def start_mlflow(tmp: Path) -> tuple[subprocess.Popen, str]:
                     return proc, uri
         except OSError:
             time.sleep(0.25)
-    proc.kill()
+    stop(proc)
     raise RuntimeError("mlflow server did not start: " + (tmp / "mlflow-server.log").read_text()[-2000:])
 
 
@@ -116,11 +116,21 @@ def main(out: Path, space_path: Path, kill: bool) -> None:
 
         ray.shutdown()  # disconnect this driver before the cluster's nodes are stopped
         cluster.shutdown()
-        mlflow_proc.terminate()
+        stop(mlflow_proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the mlflow CLI and the uvicorn server it spawned (its own process group)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
         try:
-            mlflow_proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            mlflow_proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 if __name__ == "__main__":

@@ -399,6 +399,10 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     t0 = time.time()
     results = tuner.fit()
     timings["trials_s"] = time.time() - t0
+    if space.searcher.type != "grid" and not _was_interrupted(results):
+        from kdray.sweep.searcher import close_abandoned
+
+        close_abandoned(f"sqlite:///{state_dir / 'optuna.db'}", req.name)
 
     run_ids = {r.data.tags.get(TAG_TRIAL): r.info.run_id for r in sweep_children(c, c.get_run(parent_id))}
     outcomes = _outcomes(results, space, max_epochs, run_ids, req.storage)

@@ -43,12 +43,20 @@ class KdraySearch(OptunaSearch):
         if trial_id not in self._ot_trials or result.get("failed"):
             return  # unknown after an interrupted run's restore, or a failure report (no real value)
         if self.metric in result:
-            super().on_trial_result(trial_id, result)
+            try:
+                super().on_trial_result(trial_id, result)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # After a SIGKILL the restored searcher may be older than the study in SQLite: a trial told
+                # COMPLETE just before the kill is re-run from its checkpoint. Optuna already has its result.
+                self._completed_trials.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)  # told before an interruption (see on_trial_result)
+            return
         value, state = None, TrialState.FAIL
         if not error and result and not result.get("failed") and self.metric in result:
             if int(result.get("epoch", self.max_epochs)) < self.max_epochs:
@@ -102,3 +110,15 @@ class GridSearch(Searcher):
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
         self.points, self.next = state["points"], state["next"]
+
+
+def close_abandoned(storage_url: str, study_name: str) -> int:
+    """Mark the study's RUNNING trials FAIL once the sweep is over: after a SIGKILL, trials asked for after
+    Tune's last state save were re-proposed under new ids, and their old Optuna twins would otherwise
+    stay RUNNING forever in optuna-dashboard."""
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        n += 1
+    return n
