@@ -85,9 +85,11 @@ def test_teacher_is_frozen_in_eval_and_ensembles_average_logits():
     assert not isinstance(t, nn.parallel.DistributedDataParallel)
 
 
-def test_weights_digest_changes_with_the_weights():
-    m = build_model("test_mlp", 3, Preprocess((1, 16)))
-    rec = model_record(m, model_name="test_mlp", model_options={}, num_classes=3, dataset={})
+@pytest.mark.parametrize("name,shape", [("test_mlp", (1, 16)), ("resnet8", (3, 32, 32))])  # resnet8: BatchNorm
+def test_weights_digest_changes_with_the_weights(name, shape):
+    m = build_model(name, 3, Preprocess(shape))
+    rec = model_record(m, model_name=name, model_options={}, num_classes=3, dataset={})
     d1 = weights_digest([rec])
+    assert weights_digest([rec]) == d1
     rec["state_dict"]["net.fc.bias"] = rec["state_dict"]["net.fc.bias"] + 1e-3
     assert weights_digest([rec]) != d1

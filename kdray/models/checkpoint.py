@@ -109,7 +109,8 @@ def weights_digest(records: list[dict[str, Any]]) -> str:
             t: Tensor = rec["state_dict"][k]
             h.update(k.encode())
             h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # reshape(-1): 0-dim tensors (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,25 @@
+"""Every benchmark, one after another, each in its own process; results as JSON under benchmarks/results/.
+
+    make benchmark        (about 40 minutes on 2 CPUs; run nothing else meanwhile: timings are compared)
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNS = [
+    ["bench_epoch.py", "--epochs", "8", "--threads", "1", "--json", "results/epoch_1thread.json"],
+    ["bench_sweep.py", "--trials", "8", "--epochs", "30", "--cache", "off", "--json", "results/sweep8_cache_off.json"],
+    ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "off", "--json", "results/sweep16_cache_off.json"],
+    ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "auto", "--json", "results/sweep16_cache_on.json"],
+    ["bench_cache.py", "--trials", "8", "--epochs", "30", "--json", "results/cache.json"],
+    ["bench_search.py", "--epochs", "40", "--seeds", "2"],
+]
+
+if __name__ == "__main__":
+    (HERE / "results").mkdir(exist_ok=True)
+    for args in RUNS:
+        print(f"== {' '.join(args)}", flush=True)
+        subprocess.run([sys.executable, str(HERE / args[0]), *args[1:]], cwd=HERE, check=True)
