@@ -116,6 +116,7 @@ def main() -> None:
         print(f"{name:<32} plain {p:9.0f}/s  kdray {k:9.0f}/s ({k / p:.2f}x)  kdray+cache {c:9.0f}/s ({c / p:.2f}x)"
               f"  [kdray incl. validation {whole:8.0f}/s]", flush=True)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"threads": args.threads, "epochs": args.epochs, "rows": rows}, indent=2))
 
 
