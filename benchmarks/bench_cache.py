@@ -77,7 +77,7 @@ def main() -> None:
     runs = {}
     for mode in ("off", "auto"):
         data["base"]["cache"] = {"teacher_outputs": mode}
-        result, wall, _, _, _, teacher = sweep_once(data, args.storage, f"cache-{mode}")
+        result, wall, _, _, teacher = sweep_once(data, args.storage, f"cache-{mode}")
         runs[mode] = {json.dumps(o.params, sort_keys=True): o.val_accuracy for o in result.outcomes}
         out[f"wall_s_cache_{mode}"] = wall
         out[f"trials_s_cache_{mode}"] = result.timings["trials_s"]

@@ -85,7 +85,7 @@ def main() -> None:
                 continue  # a grid has no randomness
             data = json.loads(json.dumps(base))
             data.update(over, seed=seed)
-            _, wall, _, tmp, _, _ = sweep_once(data, args.storage, f"{method}-{seed}")
+            _, wall, tmp, _, _ = sweep_once(data, args.storage, f"{method}-{seed}")
             pts = curve(tmp, f"{method}-{seed}", budget)
             results[f"{method} (seed {seed})" if method != "grid" else "grid"] = pts
             print(f"{method:<9} seed {seed}: best {pts[-1][1]:.4f} after {pts[-1][0]} of {budget} epochs "

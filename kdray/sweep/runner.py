@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,6 +328,10 @@ def run_sweep(req: SweepRequest) -> SweepResult:
         raise SweepError(f"a sweep named {req.name!r} already exists in {req.storage}; use --resume to finish it "
                          f"or --name for a new one")
 
+    # A fresh MLflow SQLite store spends ~3 s creating its schema: do it while Ray starts. (Only the schema:
+    # no run is written until the sweep has passed every check below.)
+    warm = threading.Thread(target=_warm_tracking_store, args=(req.tracking_uri,), daemon=True)
+    warm.start()
     say("starting Ray" if not req.address else f"joining the Ray cluster at {req.address}")
     res = init_ray(req.address)
     check_resources(base, res, file=req.space_path, where="base.resources")
@@ -362,7 +367,10 @@ def run_sweep(req: SweepRequest) -> SweepResult:
 
     tracker = SweepTracker(req.tracking_uri, space.name, req.name, space, max_epochs=max_epochs,
                            space_yaml=req.space_yaml, total=num_samples, quiet=req.quiet)
+    warm.join()
+    t0 = time.time()
     parent_id = tracker.open()
+    timings["mlflow_open_s"] = time.time() - t0
     c = client(req.tracking_uri)
 
     if req.resume:
@@ -404,6 +412,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
 
         close_abandoned(f"sqlite:///{state_dir / 'optuna.db'}", req.name)
 
+    t0 = time.time()
     run_ids = {r.data.tags.get(TAG_TRIAL): r.info.run_id for r in sweep_children(c, c.get_run(parent_id))}
     outcomes = _outcomes(results, space, max_epochs, run_ids, req.storage)
     known = {o.trial_id for o in outcomes}
@@ -415,10 +424,14 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     c.log_text(parent_id, buf.getvalue(), "leaderboard.csv")
     unfinished = [o for o in outcomes if o.status == "error" and "interrupt" in str(o).lower()]
     interrupted = len(outcomes) < num_samples or bool(unfinished) or _was_interrupted(results)
-    log_search_plots(c, parent_id, req, board, say)
+    timings["leaderboard_s"] = time.time() - t0
+    # The plots (Optuna's importance etc., ~2 s) are drawn while the champion is tested and registered.
+    plots = threading.Thread(target=log_search_plots, args=(c, parent_id, req, board, say), daemon=True)
+    plots.start()
 
     champion = None
     if interrupted:
+        plots.join()
         c.set_tag(parent_id, TAG_STATUS, "interrupted")
         c.set_terminated(parent_id, "KILLED")
         say(f"sweep {req.name} was interrupted after {len(outcomes)} trials; finish it with "
@@ -426,6 +439,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     else:
         best = select(outcomes)
         if best is None:
+            plots.join()
             c.set_tag(parent_id, TAG_STATUS, "no_champion")
             c.set_terminated(parent_id, "FAILED")
             raise SweepError("no trial ran to the end successfully, so there is no champion; see the leaderboard "
@@ -445,12 +459,21 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                                  model_name=space.model_name, parent_run_id=parent_id, raw_example=to_float(example))
             timings["champion_s"] = time.time() - t0
         c.set_tag(parent_id, TAG_STATUS, "completed")
+    plots.join()
+    if not interrupted:
         c.set_terminated(parent_id, "FINISHED")
     wall = time.time() - t_start
     for k, v in timings.items():
         c.log_metric(parent_id, f"time.{k}", v)
     c.log_metric(parent_id, "time.wall_s", wall)
     return SweepResult(req.name, parent_id, outcomes, champion, board, wall, interrupted, timings)
+
+
+def _warm_tracking_store(uri: str) -> None:
+    try:
+        client(uri).search_experiments(max_results=1)  # creates/migrates a SQLite store's schema
+    except Exception:  # noqa: BLE001 - the real open reports any problem
+        pass
 
 
 def _was_interrupted(results) -> bool:

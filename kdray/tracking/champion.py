@@ -86,11 +86,11 @@ def test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: 
 
 
 def remote_test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], gpus: float = 0.0) -> float:
-    """Run the test evaluation as a Ray task, so on a cluster it lands where the data and GPUs are."""
+    """The test evaluation: a Ray task on a GPU node when the trials use GPUs, else in this process."""
     import ray
 
-    if not ray.is_initialized():
-        return test_accuracy(record, dataset_cfg, gpus > 0)
+    if not ray.is_initialized() or gpus == 0:  # on CPU, here: no worker process to start for one pass
+        return test_accuracy(record, dataset_cfg, False)
     task = ray.remote(test_accuracy).options(num_cpus=1, num_gpus=min(gpus, 1.0))
     return float(ray.get(task.remote(record, dataset_cfg, gpus > 0)))
 
