@@ -14,7 +14,7 @@ RUNS = [
     ["bench_sweep.py", "--trials", "8", "--epochs", "30", "--cache", "off", "--json", "results/sweep8_cache_off.json"],
     ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "off", "--json", "results/sweep16_cache_off.json"],
     ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "auto", "--json", "results/sweep16_cache_on.json"],
-    ["bench_cache.py", "--trials", "8", "--epochs", "30", "--json", "results/cache.json"],
+    ["bench_cache.py", "--epochs", "30", "--json", "results/cache.json"],
     ["bench_search.py", "--epochs", "40", "--seeds", "2"],
 ]
 

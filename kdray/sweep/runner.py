@@ -422,8 +422,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     buf = io.StringIO()
     board.to_csv(buf, index=False)
     c.log_text(parent_id, buf.getvalue(), "leaderboard.csv")
-    unfinished = [o for o in outcomes if o.status == "error" and "interrupt" in str(o).lower()]
-    interrupted = len(outcomes) < num_samples or bool(unfinished) or _was_interrupted(results)
+    interrupted = len(outcomes) < num_samples or _was_interrupted(results)
     timings["leaderboard_s"] = time.time() - t0
     # The plots (Optuna's importance etc., ~2 s) are drawn while the champion is tested and registered.
     plots = threading.Thread(target=log_search_plots, args=(c, parent_id, req, board, say), daemon=True)
@@ -477,11 +476,11 @@ def _warm_tracking_store(uri: str) -> None:
 
 
 def _was_interrupted(results) -> bool:
-    """True if Tune stopped before every trial terminated (Ctrl+C: Tune saves state and returns)."""
-    try:
-        return any(r.metrics is None or r.error is not None and "interrupt" in str(r.error).lower() for r in results)
-    except Exception:  # noqa: BLE001
-        return False
+    """True if Tune returned before every trial ended (Ctrl+C: Tune saves its state and returns)."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None)
+    if trials is None:  # pragma: no cover - Tune internals changed: fall back to the results themselves
+        return any(r.metrics is None for r in results)
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 def _discard_orphans(c, parent_id: str, known: set[str], say) -> None:
