@@ -233,8 +233,9 @@ def cmd_final(args: argparse.Namespace) -> int:
         raise KdrayError("--seeds must be at least 2")
     init_ray(args.address)
     try:
+        # with --json, stdout carries only the JSON: progress goes to stderr
         res = run_final(uri, args.sweep, args.seeds, _storage(args.storage),
-                        say=lambda m: print(f"[kdray] {m}", flush=True))
+                        say=lambda m: print(f"[kdray] {m}", flush=True, file=sys.stderr if args.json else sys.stdout))
     except FinalError as e:
         raise KdrayError(str(e)) from None
     if args.json:
