@@ -47,6 +47,8 @@ def test_the_sweep_records_a_parent_and_one_child_per_trial(sweep):
         assert sorted(m.step for m in hist) == [1, 2, 3]
         assert "loss_ce" in ch.data.metrics and "samples_per_s" in ch.data.metrics and "epoch_time_s" in ch.data.metrics
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    # artifacts live beside the database, not in whatever folder the process happened to run in
+    assert parent.info.artifact_uri.startswith((tmp / "mlartifacts").as_uri())
     assert {"leaderboard.csv", "search_space.yaml", "plots", "champion.json"} <= arts
     plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/optimization_history.html" in plots and "plots/val_accuracy_by_trial.png" in plots
@@ -135,3 +137,4 @@ def test_final_retrains_champion_and_none_over_seeds_with_a_test(sweep):
     r = subprocess.run([sys.executable, "-m", "kdray", "compare", "--tracking-uri", uri], capture_output=True, text=True,
                        timeout=120, cwd=tmp)
     assert "final evaluation over 3 seeds" in r.stdout
+

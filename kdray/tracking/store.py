@@ -107,6 +107,18 @@ def run_params(resolved: dict[str, Any]) -> dict[str, str]:
     return {k: _param(v) for k, v in flat.items()}
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite database, not in the current folder.
+
+    MLflow's default for a SQLite backend is ``./mlruns`` of whichever folder the process runs in, which
+    scatters a sweep's plots and models over the user's working folders; a tracking server chooses its own.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri[len("sqlite:///"):])
+    return ((path if path.is_absolute() else Path.cwd() / path).parent / "mlartifacts").as_uri()
+
+
 def _param(v: Any) -> str:
     s = "" if v is None else str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."

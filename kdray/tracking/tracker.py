@@ -25,6 +25,7 @@ from kdray.tracking.store import (
     TAG_STATUS,
     TAG_SWEEP,
     TAG_TRIAL,
+    artifact_location,
     client,
     git_commit,
     run_params,
@@ -94,7 +95,8 @@ class SweepTracker(Callback):
         c = self.c
         exp = c.get_experiment_by_name(self.experiment)
         self.experiment_id = exp.experiment_id if exp else c.create_experiment(
-            self.experiment, tags={"kdray.search_space": self.space.name})
+            self.experiment, artifact_location=artifact_location(self.uri),
+            tags={"kdray.search_space": self.space.name})
         found = c.search_runs([self.experiment_id],
                               filter_string=f"tags.`{TAG_KIND}` = 'sweep' and tags.`{TAG_SWEEP}` = '{self.sweep}'",
                               max_results=1)
