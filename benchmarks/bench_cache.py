@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sweep import sweep_once  # noqa: E402
+from bench_sweep import emit, sweep_once  # noqa: E402
 
 
 def cost_ratio(teacher_record: dict, batch: int = 100, reps: int = 30) -> float:
@@ -106,10 +106,7 @@ def main() -> None:
         out["max_val_accuracy_difference"] = max(diffs)
         out["val_accuracy_cache_off"] = [runs["off"][k] for k in sorted(runs["off"])]
         out["val_accuracy_cache_on"] = [runs["auto"][k] for k in sorted(runs["off"])]
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

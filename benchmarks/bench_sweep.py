@@ -50,6 +50,14 @@ def plain(configs_path: str, threads: int) -> None:
     print(json.dumps({"wall_s": time.perf_counter() - t0, "val_accuracy": accs}))
 
 
+def emit(out: dict, path: str | None) -> None:
+    """Print a benchmark's results and, when asked, write them as JSON (for the README's table)."""
+    print(json.dumps(out, indent=2))
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=2))
+
+
 def sweep_once(space_data: dict, shared_storage: str, name: str):
     """Run one sweep in a fresh folder (MLflow on SQLite there), reusing a teacher trained once in
     ``shared_storage``. Returns (result, sweep wall s including Ray start, folder, space, teacher path)."""
@@ -133,10 +141,7 @@ def main() -> None:
             [o.val_accuracy for o in result.outcomes], base_out["val_accuracy"])),
         "knowledge": [o.knowledge for o in result.outcomes],
     }
-    print(json.dumps(out, indent=2))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdray.data import DATASETS
 from kdray.knowledge import KNOWLEDGE
@@ -89,20 +89,14 @@ class Strict(BaseModel):
 
 # -- pieces --------------------------------------------------------------------------------------------
 class DatasetConfig(Strict):
-    name: str = Field("mnist1d", description="a registered data set (kdray list)")
+    name: Annotated[str, AfterValidator(DATASETS.check)] = Field(
+        "mnist1d", description="a registered data set (kdray list)")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train carved out for validation")
     split_seed: int = Field(0, description="seed of the train/validation split (fixed across trials)")
     data_dir: str | None = Field(None, description="where data sets live (default $KDRAY_DATA_DIR or ~/.cache/kdray/data)")
     download: bool = Field(False, description="allow torchvision to download a missing data set")
     augment: bool | None = Field(None, description="random augmentation of training images (default: the set's standard)")
     options: dict[str, Any] = Field(default_factory=dict, description="data-set specific options")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(DATASETS.unknown_message(v))
-        return v
 
     @model_validator(mode="after")
     def _options(self) -> "DatasetConfig":
@@ -117,15 +111,8 @@ class DatasetConfig(Strict):
 
 
 class ModelConfig(Strict):
-    name: str = Field(description="a registered model (kdray list)")
+    name: Annotated[str, AfterValidator(MODELS.check)] = Field(description="a registered model (kdray list)")
     options: dict[str, Any] = Field(default_factory=dict, description="constructor options, e.g. hidden: [64]")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(MODELS.unknown_message(v))
-        return v
 
 
 class TrainConfig(Strict):

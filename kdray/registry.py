@@ -54,6 +54,12 @@ class Registry(Generic[T]):
         except KeyError:
             raise RegistryError(self.unknown_message(name)) from None
 
+    def check(self, name: str) -> str:
+        """``name`` if registered, else a ``ValueError`` listing the known names (a pydantic validator)."""
+        if name not in self._entries:
+            raise ValueError(self.unknown_message(name))
+        return name
+
     def unknown_message(self, name: Any) -> str:
         close = difflib.get_close_matches(str(name), list(self._entries), n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
