@@ -35,6 +35,7 @@ class FinalResult:
     champion_knowledge: str
     p_value: float
     ci: tuple[float, float]
+    baseline: str = "the best completed labels-only trial"
     run_id: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -112,19 +113,24 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     champ_id = parent.data.tags.get("kdray.champion_run_id")
     if not champ_id:
         raise FinalError(f"sweep {name} has no champion yet (status {parent.data.tags.get(TAG_STATUS)})")
-    trials = sweep_children(c, parent, kind="trial")
-    nones = [t for t in trials if t.data.tags.get("kdray.knowledge") == "none"
-             and t.data.tags.get(TAG_STATUS) == "completed"]
-    if not nones:
-        raise FinalError(f"sweep {name} has no completed labels-only (none) trial to compare with")
-    best_none = max(nones, key=lambda r: r.data.metrics.get("val_accuracy", -1))
+    best_none = best_labels_only(sweep_children(c, parent, kind="trial"))
     mlflow.set_tracking_uri(uri)
     try:
-        configs = {"champion": mlflow.artifacts.load_dict(f"runs:/{champ_id}/resolved_config.json"),
-                   "none": mlflow.artifacts.load_dict(f"runs:/{best_none.info.run_id}/resolved_config.json")}
+        configs = {"champion": mlflow.artifacts.load_dict(f"runs:/{champ_id}/resolved_config.json")}
+        if best_none is not None:
+            configs["none"] = mlflow.artifacts.load_dict(f"runs:/{best_none.info.run_id}/resolved_config.json")
     except Exception as e:  # noqa: BLE001
         raise FinalError(f"sweep {name}'s trials have no resolved_config.json artifact (made by an older kdray?): "
                          f"{e}") from None
+    if best_none is None:
+        baseline = "the champion's configuration without its knowledge terms (the sweep has no labels-only trial)"
+        configs["none"] = {**configs["champion"], "knowledge": [], "ce_weight": 1.0}
+    else:
+        st = best_none.data.tags.get(TAG_STATUS, "").replace("_", " ")
+        ep = best_none.data.tags.get("kdray.epochs", "?")
+        baseline = f"labels-only trial {best_none.data.tags.get('mlflow.runName', best_none.info.run_id)} ({st}" + (
+            "" if st == "completed" else f" after {ep} epochs: no labels-only trial ran to the end") + ")"
+    say(f"baseline: {baseline}")
     champ_cfg = RunConfig.model_validate(configs["champion"])
     if champ_cfg.knowledge_label == "none":
         say("the champion is itself a labels-only trial: its 'gain' is measured against the best other none trial")
@@ -154,9 +160,25 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     if len(champ) < 2 or len(none) < 2:
         raise FinalError(f"too many retraining runs failed (champion {len(champ)}, none {len(none)} succeeded)")
     res = FinalResult(name, seed_list, champ, none, teacher_acc, champ_cfg.knowledge_label, welch(champ, none),
-                      bootstrap_ci(champ, none), rows=rows)
+                      bootstrap_ci(champ, none), baseline=baseline, rows=rows)
     res.run_id = _log(c, parent, res, configs)
     return res
+
+
+def best_labels_only(trials: list) -> Any | None:
+    """The sweep's best labels-only (``none``) trial run: completed ones first, else the best stopped early.
+
+    ASHA stops ``none`` trials as readily as any other weak configuration, so a sweep may end without a
+    completed one; the trial that got furthest still holds a searched configuration, and ``final``
+    retrains it for the full budget anyway. Failed trials never serve. None when there is no such trial.
+    """
+    nones = [t for t in trials if t.data.tags.get("kdray.knowledge") == "none"
+             and t.data.tags.get(TAG_STATUS) in ("completed", "stopped_early")]
+    if not nones:
+        return None
+    return max(nones, key=lambda r: (r.data.tags.get(TAG_STATUS) == "completed",
+                                     r.data.metrics.get("val_accuracy", -1.0),
+                                     int(r.data.tags.get("kdray.epochs", 0) or 0)))
 
 
 def _log(c, parent, res: FinalResult, configs: dict[str, Any]) -> str:
@@ -165,7 +187,7 @@ def _log(c, parent, res: FinalResult, configs: dict[str, Any]) -> str:
     exp = parent.info.experiment_id
     run = c.create_run(exp, run_name=f"final-{len(res.seeds)}-seeds", tags={
         TAG_PARENT: parent.info.run_id, TAG_KIND: "final", TAG_SWEEP: res.sweep,
-        "kdray.final_summary": res.summary()})
+        "kdray.final_summary": res.summary(), "kdray.final_baseline": res.baseline})
     rid = run.info.run_id
     c.log_metric(rid, "seeds", len(res.seeds))
     c.log_metric(rid, "champion_test_mean", float(np.mean(res.champion)))
@@ -200,7 +222,7 @@ def format_table(res: FinalResult) -> str:
     lines = [f"final evaluation of sweep {res.sweep} on the test split, seeds {res.seeds}",
              f"  {'':<28}{'test accuracy (%)':>22}",
              f"  {'teacher':<28}{res.teacher_test_accuracy * 100:>15.2f}",
-             f"  {'labels only (none)':<28}{n.mean():>15.2f} ± {n.std(ddof=1):.2f}",
+             f"  {'labels only (none)':<28}{n.mean():>15.2f} ± {n.std(ddof=1):.2f}   baseline: {res.baseline}",
              f"  {'champion (' + res.champion_knowledge + ')':<28}{c.mean():>15.2f} ± {c.std(ddof=1):.2f}",
              f"  gain {res.gain * 100:+.2f} points; bootstrap 95% interval [{res.ci[0] * 100:+.2f}, "
              f"{res.ci[1] * 100:+.2f}]; Welch's t-test p = {res.p_value:.3g}"

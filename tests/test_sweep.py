@@ -138,3 +138,22 @@ def test_final_retrains_champion_and_none_over_seeds_with_a_test(sweep):
                        timeout=120, cwd=tmp)
     assert "final evaluation over 3 seeds" in r.stdout
 
+
+def test_final_baseline_prefers_a_completed_labels_only_trial_else_the_best_stopped_early():
+    from types import SimpleNamespace
+
+    from kdray.final import best_labels_only
+
+    def trial(name, knowledge, status, acc, epochs):
+        return SimpleNamespace(info=SimpleNamespace(run_id=name), data=SimpleNamespace(
+            tags={"mlflow.runName": name, "kdray.knowledge": knowledge, TAG_STATUS: status, "kdray.epochs": str(epochs)},
+            metrics={"val_accuracy": acc}))
+
+    runs = [trial("kd", "kd", "completed", 0.99, 60), trial("n-early-20", "none", "stopped_early", 0.96, 20),
+            trial("n-early-40", "none", "stopped_early", 0.96, 40), trial("n-failed", "none", "failed", 0.98, 60)]
+    # ASHA stopped every labels-only trial: the best of them (ties: the one that got further) is the baseline
+    assert best_labels_only(runs).info.run_id == "n-early-40"
+    # a completed labels-only trial wins over a better one that was stopped early
+    assert best_labels_only(runs + [trial("n-done", "none", "completed", 0.90, 60)]).info.run_id == "n-done"
+    # failed trials never serve; with no labels-only trial at all, final strips the champion's knowledge
+    assert best_labels_only([runs[0], runs[3]]) is None

@@ -196,6 +196,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"sweep {parent.data.tags.get('kdray.sweep')}: {len(df)} trials (sorted by validation accuracy)")
     print(_format_board(df.drop(columns=["run_id"]), limit=len(df)))
     print("\nbest completed trial per knowledge type, against labels only (none):")
+    nones = df[df["knowledge"] == "none"] if not df.empty else df
+    if not nones.empty and not (nones["status"] == "completed").any():
+        top = nones.sort_values(["val_accuracy", "epochs"], ascending=False).iloc[0]
+        print(f"  (no labels-only trial ran to the end: the best, {top['trial']}, reached {top['val_accuracy']:.4f} "
+              f"before it was {top['status'].replace('_', ' ')} at epoch {top['epochs']}; `kdray final` retrains it in full)")
     for s in summary:
         gain = s["gain_over_none"]
         print(f"  {s['knowledge']:<12} {s['best_val_accuracy']:.4f}   "
@@ -241,7 +246,8 @@ def cmd_final(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"sweep": res.sweep, "seeds": res.seeds, "champion": res.champion, "none": res.none,
                           "teacher_test_accuracy": res.teacher_test_accuracy, "gain": res.gain,
-                          "p_value": res.p_value, "ci": res.ci, "run_id": res.run_id}, indent=2))
+                          "p_value": res.p_value, "ci": res.ci, "baseline": res.baseline,
+                          "run_id": res.run_id}, indent=2))
     else:
         print(format_table(res))
     return 0
