@@ -56,6 +56,7 @@ def main() -> None:
             "champion": best["knowledge"], "champion_mean": c.mean(), "champion_std": c.std(ddof=1),
             "gain": final["gain"] * 100, "p_value": final["p_value"], "seeds": args.seeds,
             "sweep_val": best["val_accuracy"] * 100, "sweep_test": best["test_accuracy"] * 100,
+            "baseline": final["baseline"],
         })
         print(json.dumps(rows[-1]), flush=True)
     lines = [
@@ -72,6 +73,10 @@ def main() -> None:
             f"{r['none_mean']:.1f} ± {r['none_std']:.1f} | {PAPER[r['dataset']]['student']} | "
             f"{r['champion_mean']:.1f} ± {r['champion_std']:.1f} ({r['champion']}) | {r['gain']:+.1f} | "
             f"{r['p_value']:.2g} |")
+    lines.append("")
+    lines += [f"{r['dataset']}: sweep `{r['space']}` in {r['minutes']:.1f} min; its champion scored {r['sweep_val']:.1f} "
+              f"(validation) / {r['sweep_test']:.1f} (test, one seed); the labels-only baseline retrained by "
+              f"`kdray final` is {r['baseline']}." for r in rows]
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
