@@ -35,7 +35,7 @@ class FinalResult:
     champion_knowledge: str
     p_value: float
     ci: tuple[float, float]
-    baseline: str = "the best completed labels-only trial"
+    baseline: str  # which labels-only configuration was retrained, in words
     run_id: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
 

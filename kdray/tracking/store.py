@@ -54,8 +54,7 @@ def probe(uri: str, timeout: float = 5.0) -> None:
             ) from None
         return
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        folder = (path if path.is_absolute() else Path.cwd() / path).parent
+        folder = _sqlite_file(uri).parent
         if not folder.is_dir():
             raise TrackingUnavailable(f"the folder of the MLflow database {uri} does not exist: {folder}")
         if not os.access(folder, os.W_OK):
@@ -115,8 +114,13 @@ def artifact_location(uri: str) -> str | None:
     """
     if not uri.startswith("sqlite:///"):
         return None
+    return (_sqlite_file(uri).parent / "mlartifacts").as_uri()
+
+
+def _sqlite_file(uri: str) -> Path:
+    """The absolute path of the database file of a ``sqlite:///`` URI (relative paths: to this folder)."""
     path = Path(uri[len("sqlite:///"):])
-    return ((path if path.is_absolute() else Path.cwd() / path).parent / "mlartifacts").as_uri()
+    return path if path.is_absolute() else Path.cwd() / path
 
 
 def _param(v: Any) -> str:
