@@ -31,6 +31,11 @@ class KdrayError(Exception):
 
 
 def _storage(path: str | None) -> str:
+    """``--storage``: a URI (``s3://...``) as given, a folder made absolute (default ./kdray_runs)."""
+    from kdray.storage import is_remote
+
+    if path and is_remote(path):
+        return path
     return str(Path(path or "kdray_runs").expanduser().resolve())
 
 
@@ -138,16 +143,43 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     if not args.address:
         check_resources(tcfg.as_run(), file=args.config)
     dry_run(tcfg.as_run(), file=args.config)
-    storage = _storage(args.storage)
-    output = Path(args.output or tcfg.output or Path(storage) / "teachers" / f"{tcfg.name}.pt").expanduser().resolve()
-    _start_ray(args.address, args.local)
+    from kdray.storage import is_remote, join
     from kdray.train.runner import train_teacher
 
+    storage = _storage(args.storage)
+    output = args.output or tcfg.output or join(storage, "teachers", f"{tcfg.name}.pt")
+    if not is_remote(output):
+        output = str(Path(output).expanduser().resolve())
+    run_name = _run_name(args, storage, tcfg.name)
+    _start_ray(args.address, args.local)
+    print(f"[kdray] run {run_name} in {storage} (continue it after an interruption with --resume --run-name "
+          f"{run_name})", flush=True)
     t0 = time.time()
-    record = train_teacher(tcfg, storage_path=storage, output=output, local=args.local)
+    record = train_teacher(tcfg, storage_path=storage, output=output, local=args.local, run_name=run_name)
     _print_final(record, tcfg.dataset, time.time() - t0, "teacher")
     print(f"[kdray] teacher saved to {output}")
     return 0
+
+
+def _run_name(args: argparse.Namespace, storage: str, prefix: str) -> str:
+    """A new Ray Train run, unless ``--resume`` names one (or finds the newest of ``prefix`` in a folder)."""
+    from kdray.config import ConfigError
+    from kdray.storage import is_remote
+    from kdray.train.runner import new_run_name
+
+    if not args.resume:
+        if args.run_name:
+            raise ConfigError("--run-name names a run to continue; it needs --resume", field="--run-name")
+        return new_run_name(prefix)
+    if args.run_name:
+        return args.run_name
+    root = Path(storage)
+    runs = [] if is_remote(storage) or not root.is_dir() else \
+        [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix + "-")]
+    if not runs:
+        raise ConfigError(f"--resume found no run of {prefix!r} in {storage}; name it with --run-name",
+                          field="--run-name")
+    return max(runs, key=lambda p: p.stat().st_mtime).name
 
 
 def _print_final(record: dict[str, Any], dataset_cfg, seconds: float, what: str) -> None:
@@ -186,10 +218,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     records = load_teacher_records(cfg, args.config) if cfg.teacher and cfg.teacher.checkpoint else None
     dry_run(cfg, file=args.config, teacher_records=records)
 
+    from kdray.storage import is_remote, join
+
     storage = _storage(args.storage)
-    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(args.output or cfg.output_dir or Path(storage) / "runs" / run_name).expanduser().resolve()
+    runs = join(storage, "runs")
+    run_name = _run_name(args, runs, cfg.name)
+    out_dir = Path(args.output or cfg.output_dir or (Path("kdray_runs") if is_remote(storage) else Path(storage))
+                   / "runs" / run_name).expanduser().resolve()
     _start_ray(args.address, args.local)
+    print(f"[kdray] run {run_name} in {runs} (continue it after an interruption with --resume --run-name "
+          f"{run_name})", flush=True)
     from kdray.train.runner import final_student, fit, teacher_records
 
     t0 = time.time()
@@ -197,7 +235,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         records = teacher_records(cfg, storage, local=args.local)
     print(f"[kdray] distilling {cfg.knowledge_label}: {cfg.teacher and '+'.join(r['model'] for r in records)} -> "
           f"{cfg.student.name} on {cfg.dataset.name}, {cfg.resources.num_workers} worker(s)", flush=True)
-    result = fit(cfg, records, storage_path=str(Path(storage) / "runs"), name=run_name, local=args.local)
+    result = fit(cfg, records, storage_path=runs, name=run_name, local=args.local)
     if result.failed:
         raise KdrayError(f"the run failed: {result.failed}")
     record = final_student(result)
@@ -249,13 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--storage", help="folder (or s3:// URI for sweeps) for checkpoints, teachers and run "
                         "state (default ./kdray_runs)")
     common.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting a local Ray")
+    one_run = argparse.ArgumentParser(add_help=False)
+    one_run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last "
+                         "checkpoint (the newest run of this config's name, or --run-name); without it every "
+                         "run starts fresh")
+    one_run.add_argument("--run-name", help="with --resume: the run to continue (printed when it started)")
 
     s = sub.add_parser("check", help="validate a run config or a search space and dry-run the shapes, "
                        "without training")
     s.add_argument("config", help="a run config (kdray distill/teacher) or a search space (kdray sweep)")
     s.set_defaults(fn=cmd_check)
 
-    s = sub.add_parser("teacher", parents=[common], help="train a teacher on labels and save its checkpoint",
+    s = sub.add_parser("teacher", parents=[common, one_run], help="train a teacher on labels and save its checkpoint",
                        description="Train a model on labels alone with the Ray Train loop and save it as a "
                        "checkpoint that `teacher.checkpoint` of a distillation config can name.")
     s.add_argument("config", help="YAML with name, dataset, model, train, resources, output")
@@ -263,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--local", action="store_true", help="run in this process (Ray Train local mode), one worker")
     s.set_defaults(fn=cmd_teacher)
 
-    s = sub.add_parser("distill", parents=[common], help="run one teacher -> student distillation",
+    s = sub.add_parser("distill", parents=[common, one_run], help="run one teacher -> student distillation",
                        description="Distil one student from a teacher with Ray Train (DDP over "
                        "resources.num_workers workers), printing progress every epoch and the final "
                        "validation accuracy. The student is saved as OUTPUT/student.pt.")
@@ -290,6 +333,7 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from kdray.config import ConfigError
+    from kdray.train.runner import TrainingFailed
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -303,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _print_err(str(e))
         return 2
-    except KdrayError as e:
+    except (KdrayError, TrainingFailed) as e:
         _print_err(str(e))
         return 1
     except KeyboardInterrupt:

@@ -163,6 +163,17 @@ class ResourcesConfig(Strict):
             raise ValueError(f"more than one GPU per worker must be a whole number, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _one_device_per_rank(self) -> "ResourcesConfig":
+        # Ray would place both ranks of one run on the same GPU, and NCCL refuses that
+        # ("Duplicate GPU detected"); several one-worker *trials* may still share a GPU.
+        if self.num_workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ConfigError([("resources.gpus_per_worker",
+                                f"{self.num_workers} workers x {self.gpus_per_worker:g} GPU would put several ranks "
+                                "of one run on one GPU, which NCCL refuses; use gpus_per_worker: 1 (or more) with "
+                                "several workers, or num_workers: 1 to share a GPU between trials")])
+        return self
+
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0

@@ -79,6 +79,33 @@ def cluster_resources() -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items()}
 
 
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """What the cluster can grow to: the autoscaler's node types x their max workers, as the autoscaler
+    publishes them in Ray's GCS (the API Ray Train itself reads before it waits for workers). ``None`` when
+    no autoscaler has published a config (a static cluster, or one started by hand)."""
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - older Ray or no GCS access: treat as unknown
+        return None
+    if not most:
+        return None
+    now = cluster_resources()  # a node outside the autoscaler's groups (the head) counts as well
+    return {k: max(float(v), now.get(k, 0.0)) for k, v in {**now, **most}.items()}
+
+
+def trials_that_fit(res: dict[str, float], resources: Any) -> int:
+    """How many runs of ``resources`` (a ResourcesConfig) fit in ``res`` at once; 0 if not one."""
+    import math
+
+    r = resources
+    fits = [math.floor(res.get("CPU", 0) / (r.num_workers * r.cpus_per_worker) + 1e-9)]
+    if r.use_gpu:
+        fits.append(math.floor(res.get("GPU", 0) / (r.num_workers * r.gpus_per_worker) + 1e-9))
+    return min(fits)
+
+
 def has_driver_resource() -> bool:
     return cluster_resources().get(DRIVER_RESOURCE, 0) > 0
 

@@ -71,7 +71,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_model(record: dict[str, Any], path: str | os.PathLike) -> Path:
+def save_model(record: dict[str, Any], path: str | os.PathLike) -> str | Path:
+    """Save a model record to a local path or a storage URI (``s3://...``), whole or not at all."""
+    from kdray import storage
+
+    if storage.is_remote(str(path)):
+        buf = io.BytesIO()
+        torch.save(record, buf)
+        storage.write_bytes(str(path), buf.getvalue())
+        return str(path)
     return atomic_torch_save(record, path)
 
 
@@ -81,6 +89,12 @@ def load_record(source: str | os.PathLike | dict[str, Any] | bytes) -> dict[str,
         record = source
     elif isinstance(source, (bytes, bytearray)):
         record = torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
+    elif "://" in str(source):  # a storage URI: s3://bucket/teachers/x.pt
+        from kdray import storage
+
+        if not storage.exists(str(source)):
+            raise FileNotFoundError(f"model checkpoint {source} does not exist")
+        record = torch.load(io.BytesIO(storage.read_bytes(str(source))), map_location="cpu", weights_only=True)
     else:
         p = Path(source)
         if not p.is_file():

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import threading
 import time
@@ -22,7 +23,9 @@ from typing import Any
 
 import pandas as pd
 
+from kdray import storage
 from kdray.config import RunConfig
+from kdray.storage import is_remote
 from kdray.sweep.space import NONE, SearchSpace
 from kdray.tracking.champion import Champion, TrialOutcome, read_checkpoint_record, register, remote_test_accuracy, select
 from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, client, probe, sweep_children
@@ -60,23 +63,27 @@ class SweepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path
+SWEEP_FILE = "kdray_sweep.json"  # beside Tune's state: the sweep's own size, read back by --resume
 
 
 def local_state_dir(req: SweepRequest) -> Path:
-    """Where the driver keeps what only it uses (the Optuna study): the storage if it is a local path."""
+    """Where the driver keeps what only it uses (the Optuna study): the storage if it is a local path
+    (with remote storage a copy of the study is uploaded beside Tune's state at the end)."""
     root = Path("kdray_runs").resolve() if is_remote(req.storage) else Path(req.storage)
     return root / req.name
 
 
 def concurrency(res: dict[str, float], cfg: RunConfig, num_samples: int) -> int:
     """As many trials at once as the cluster's CPUs and GPUs fit, never oversubscribed."""
+    from kdray.ray_setup import trials_that_fit
+
+    return max(1, min(trials_that_fit(res, cfg.resources), num_samples))
+
+
+def describe_need(cfg: RunConfig) -> str:
     r = cfg.resources
-    fits = [math.floor(res.get("CPU", 0) / (r.num_workers * r.cpus_per_worker) + 1e-9)]
-    if r.use_gpu:
-        fits.append(math.floor(res.get("GPU", 0) / (r.num_workers * r.gpus_per_worker) + 1e-9))
-    return max(1, min(min(fits), num_samples))
+    return (f"{r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU"
+            + (f" + {r.gpus_per_worker:g} GPU" if r.use_gpu else ""))
 
 
 def run_trial(params: dict[str, Any], *, space: SearchSpace, teacher_refs: list, cache_ref: Any,
@@ -199,6 +206,8 @@ def _checkpoint_of(r, storage: str) -> Any:
 
 def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, str],
               storage: str = "") -> list[TrialOutcome]:
+    from kdray.train.loop import ran_all_epochs
+
     out = []
     for r in results:
         m = dict(r.metrics or {})
@@ -208,7 +217,7 @@ def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, s
             status = "error"
         elif m.get("failed"):
             status = "failed"
-        elif int(m.get("epoch", 0)) < max_epochs:
+        elif not ran_all_epochs(m, max_epochs):
             status = "stopped_early"
         else:
             status = "completed"
@@ -308,8 +317,9 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from kdray.check import check_resources
-    from kdray.ray_setup import DRIVER_RESOURCE, has_driver_resource, init_ray
-    from kdray.sweep.searcher import GridSearch, KdraySearch, make_sampler
+    from kdray.ray_setup import (DRIVER_RESOURCE, autoscaler_max_resources, has_driver_resource, init_ray,
+                                  trials_that_fit)
+    from kdray.sweep.searcher import ElasticLimiter, GridSearch, KdraySearch, make_sampler
     from kdray.tracking.tracker import SweepTracker
     from kdray.train.runner import teacher_records
 
@@ -320,13 +330,17 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     base = space.resolve({"knowledge": NONE})
     max_epochs = base.train.epochs
     num_samples = req.num_samples or space.num_samples
-    experiment_dir = f"{req.storage.rstrip('/')}/{req.name}"
+    experiment_dir = storage.join(req.storage, req.name)
+    sweep_file = storage.join(experiment_dir, SWEEP_FILE)
     if req.resume:
-        if not is_remote(req.storage) and not (Path(experiment_dir) / "tuner.pkl").exists():
+        if not storage.exists(storage.join(experiment_dir, "tuner.pkl")):
             raise SweepError(f"no sweep named {req.name!r} to resume in {req.storage} (looked for {experiment_dir})")
-    elif not is_remote(req.storage) and Path(experiment_dir).exists():
+        num_samples = _stored_size(sweep_file, num_samples, req, say)
+    elif storage.exists(experiment_dir):
         raise SweepError(f"a sweep named {req.name!r} already exists in {req.storage}; use --resume to finish it "
                          f"or --name for a new one")
+    elif space.searcher.type == "grid":
+        num_samples = len(space.grid_points())
 
     # A fresh MLflow SQLite store spends ~3 s creating its schema: do it while Ray starts. (Only the schema:
     # no run is written until the sweep has passed every check below.)
@@ -334,23 +348,36 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     warm.start()
     say("starting Ray" if not req.address else f"joining the Ray cluster at {req.address}")
     res = init_ray(req.address)
-    check_resources(base, res, file=req.space_path, where="base.resources")
+    # A cluster is judged by what it can grow to (an autoscaler's node types x max workers), not by the
+    # nodes present at start: a 0-CPU head with workers at min_workers: 0 is the usual shape.
+    most = autoscaler_max_resources() if req.address else res
+    if most is not None:
+        check_resources(base, most, file=req.space_path, where="base.resources")
     execution = base.resources.resolved_execution()
     if execution == "train" and not has_driver_resource():
         raise SweepError(
             f"trials that drive a TorchTrainer need the custom resource {DRIVER_RESOURCE!r} on the cluster; start "
             f"the head with `ray start --head --resources='{{\"{DRIVER_RESOURCE}\": 64}}'` (cluster.yaml does)")
-    n_parallel = req.max_concurrent or space.max_concurrent or concurrency(res, base, num_samples)
-    say(f"sweep {req.name}: {num_samples} trials, {n_parallel} at a time ({execution} trials, "
-        f"{base.resources.num_workers} worker(s) x {base.resources.cpus_per_worker:g} CPU"
-        + (f" + {base.resources.gpus_per_worker:g} GPU" if base.resources.use_gpu else "") + " each)")
+    fixed = req.max_concurrent or space.max_concurrent
+    if not fixed and most is not None:
+        fixed = concurrency(most, base, num_samples)
+    say(f"sweep {req.name}: {num_samples} trials, "
+        + (f"{fixed} at a time" if fixed else "as many at a time as the workers present fit")
+        + f" ({execution} trials, {describe_need(base)} each)")
+    if trials_that_fit(res, base.resources) < 1:
+        say(f"the cluster has {res.get('CPU', 0):g} CPU / {res.get('GPU', 0):g} GPU now and one trial needs "
+            f"{describe_need(base)}: waiting for workers to join"
+            + (" (the autoscaler adds them on demand)" if most is not None and req.address else ""))
 
     timings: dict[str, float] = {}
     t0 = time.time()
     state_dir = local_state_dir(req)
     state_dir.mkdir(parents=True, exist_ok=True)
-    teacher_storage = req.storage if not is_remote(req.storage) else str(Path("kdray_runs").resolve())
-    records = teacher_records(base, teacher_storage, log=say, progress=not req.quiet, inline=execution == "inline")
+    remote_study = storage.join(experiment_dir, "optuna.db")
+    if req.resume and is_remote(req.storage) and not (state_dir / "optuna.db").exists() and storage.exists(remote_study):
+        (state_dir / "optuna.db").write_bytes(storage.read_bytes(remote_study))  # resumed on another machine
+    # Teachers live in the run storage: every node reads them, and a later sweep reuses them.
+    records = teacher_records(base, req.storage, log=say, progress=not req.quiet, inline=execution == "inline")
     timings["teacher_s"] = time.time() - t0
     refs = [ray.put(r) for r in records]
     t0 = time.time()
@@ -358,7 +385,8 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     timings["cache_s"] = time.time() - t0
 
     trainable = tune.with_parameters(run_trial, space=space, teacher_refs=refs, cache_ref=cache_ref,
-                                     train_storage=f"{req.storage.rstrip('/')}/{req.name}-train", execution=execution)
+                                     train_storage=storage.join(req.storage, f"{req.name}-train"),
+                                     execution=execution)
     if execution == "inline":
         r = base.resources
         trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
@@ -378,24 +406,26 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                                    restart_errored=False)
     else:
         if space.searcher.type == "grid":
-            points = space.grid_points()
-            num_samples = len(points)
-            search = GridSearch(points, space.metric, space.mode)
+            search = GridSearch(space.grid_points(), space.metric, space.mode)
         else:
-            storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}")
+            study_storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}")
             search = KdraySearch(space=space.define_by_run, metric=space.metric, mode=space.mode,
                                  sampler=make_sampler(space.searcher.type, space.seed, space.searcher.n_startup_trials),
-                                 study_name=req.name, storage=storage, max_epochs=max_epochs)
+                                 study_name=req.name, storage=study_storage, max_epochs=max_epochs)
         if space.scheduler.type == "asha":
             scheduler = ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=max_epochs,
                                       grace_period=min(space.scheduler.grace_period, max_epochs),
                                       reduction_factor=space.scheduler.reduction_factor)
         else:
             scheduler = FIFOScheduler()
+        if not fixed:  # concurrency follows the workers that join (Tune's own limit is fixed at start)
+            search = ElasticLimiter(search, num_samples, base.resources)
+        # The sweep's own size, for --resume (which may be run without --num-samples, or on another machine).
+        storage.write_text(sweep_file, json.dumps({"num_samples": num_samples, "space": space.name}))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=n_parallel,
+                                        max_concurrent_trials=fixed or None,
                                         # inline trials reuse their process: no torch import per trial
                                         reuse_actors=execution == "inline"),
             run_config=tune.RunConfig(
@@ -411,6 +441,8 @@ def run_sweep(req: SweepRequest) -> SweepResult:
         from kdray.sweep.searcher import close_abandoned
 
         close_abandoned(f"sqlite:///{state_dir / 'optuna.db'}", req.name)
+    if space.searcher.type != "grid" and is_remote(req.storage) and (state_dir / "optuna.db").is_file():
+        storage.write_bytes(storage.join(experiment_dir, "optuna.db"), (state_dir / "optuna.db").read_bytes())
 
     t0 = time.time()
     run_ids = {r.data.tags.get(TAG_TRIAL): r.info.run_id for r in sweep_children(c, c.get_run(parent_id))}
@@ -466,6 +498,16 @@ def run_sweep(req: SweepRequest) -> SweepResult:
         c.log_metric(parent_id, f"time.{k}", v)
     c.log_metric(parent_id, "time.wall_s", wall)
     return SweepResult(req.name, parent_id, outcomes, champion, board, wall, interrupted, timings)
+
+
+def _stored_size(sweep_file: str, fallback: int, req: SweepRequest, say) -> int:
+    """The number of trials the sweep was started with (its --num-samples or grid), not today's flags."""
+    if not storage.exists(sweep_file):  # a sweep started before kdray stored its size
+        return fallback
+    size = int(json.loads(storage.read_text(sweep_file))["num_samples"])
+    if req.num_samples and req.num_samples != size:
+        say(f"--num-samples {req.num_samples} ignored: sweep {req.name} was started with {size} trials")
+    return size
 
 
 def _warm_tracking_store(uri: str) -> None:

@@ -14,12 +14,15 @@ and steers away from regions that were merely stopped early. kdray tells Optuna 
 from __future__ import annotations
 
 import pickle
+import time
 from typing import Any
 
 import optuna
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from optuna.trial import TrialState
+
+from kdray.train.loop import ran_all_epochs
 
 
 def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:
@@ -59,7 +62,7 @@ class KdraySearch(OptunaSearch):
             return
         value, state = None, TrialState.FAIL
         if not error and result and not result.get("failed") and self.metric in result:
-            if int(result.get("epoch", self.max_epochs)) < self.max_epochs:
+            if not ran_all_epochs(result, self.max_epochs):
                 state = TrialState.PRUNED
             else:
                 value, state = float(result[self.metric]), TrialState.COMPLETE
@@ -68,6 +71,31 @@ class KdraySearch(OptunaSearch):
         except Exception:  # noqa: BLE001 - already told (e.g. after a restore)
             pass
         self._completed_trials.add(trial_id)
+
+
+class ElasticLimiter(ConcurrencyLimiter):
+    """Tune's ``ConcurrencyLimiter`` whose limit follows the cluster: as many trials as the workers present
+    now hold (at least one, whose pending request is what makes an autoscaler add a node), up to
+    ``ceiling``. Tune's own ``max_concurrent_trials`` is fixed when the sweep starts, which on a cluster
+    whose workers join later would mean one trial at a time for the whole sweep."""
+
+    def __init__(self, searcher: Searcher, ceiling: int, resources: Any, refresh_s: float = 2.0) -> None:
+        self.resources, self.refresh_s = resources, refresh_s
+        self._fit, self._checked = 1, float("-inf")
+        super().__init__(searcher, max_concurrent=ceiling)
+
+    @property
+    def max_concurrent(self) -> int:
+        now = time.monotonic()
+        if now - self._checked >= self.refresh_s:
+            from kdray.ray_setup import cluster_resources, trials_that_fit
+
+            self._fit, self._checked = max(1, trials_that_fit(cluster_resources(), self.resources)), now
+        return min(self._ceiling, self._fit)
+
+    @max_concurrent.setter
+    def max_concurrent(self, value: int) -> None:
+        self._ceiling = value
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

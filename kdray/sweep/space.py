@@ -220,6 +220,7 @@ class SearchSpace(Strict):
                 except ValidationError as e:
                     errors.extend(pydantic_errors(e, Distribution, ("space", "knowledge", choice, key)))
             choices[str(choice)] = parsed
+        errors.extend(self._unsupported_keys(params, choices))
         if choices and NONE not in choices:
             choices = {NONE: {}, **choices}  # every sweep measures what distillation gains
         if not choices:
@@ -228,6 +229,21 @@ class SearchSpace(Strict):
             raise ConfigError(errors)
         self._params, self._choices = params, choices
         return self
+
+    def _unsupported_keys(self, params: dict[str, Any], choices: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        """Keys a sweep cannot honour per trial: refused here rather than silently ignored."""
+        errors = []
+        where = [(f"space.{k}", k, v) for k, v in params.items()]
+        where += [(f"space.knowledge.{c}.{k}", k, v) for c, sub in choices.items() for k, v in sub.items()]
+        for field, key, value in where:
+            if key.split(".", 1)[0] == "resources":
+                errors.append((field, "resources are fixed for a whole sweep (Tune reserves them and sizes its "
+                                      "concurrency from them); set them in base.resources"))
+            elif key == "train.epochs" and isinstance(value, Distribution) and self.scheduler.type == "asha":
+                errors.append((field, "ASHA compares trials at the same epochs over one max_t, so train.epochs "
+                                      "cannot be searched with scheduler asha; use scheduler: {type: fifo} or fix "
+                                      "train.epochs in base"))
+        return errors
 
     # -- trials ------------------------------------------------------------------------------------
     @property

@@ -29,6 +29,12 @@ from kdray.train.session import Session, scratch_dir
 
 STUDENT_FILE = "student.pt"  # a self-contained model record (kdray.models.checkpoint)
 STATE_FILE = "train_state.pt"  # optimizer, scaler, epoch: what resuming needs besides the weights
+PLANNED_EPOCHS = "epochs_planned"  # reported every epoch: a sweep may search train.epochs per trial
+
+
+def ran_all_epochs(metrics: dict[str, Any], default_epochs: int) -> bool:
+    """Did the run behind these (last reported) metrics reach the end of its own schedule?"""
+    return int(metrics.get("epoch", 0)) >= int(metrics.get(PLANNED_EPOCHS, default_epochs))
 
 
 class DistillStep(nn.Module):
@@ -283,7 +289,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             last = {"epoch": epoch, "val_accuracy": 0.0, "failed": reason, "lr": lr}
             if progress:
                 print(f"[kdray] {reason}; stopping this run", flush=True)
-            session.report(last, None)
+            session.report_failure(last)
             return last
 
         val = evaluate(unwrap(step_module).student, data.val, max(cfg.train.batch_size, 256), device, session,
@@ -291,6 +297,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         epoch_time = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
+            PLANNED_EPOCHS: cfg.train.epochs,
             "val_accuracy": val["accuracy"],
             "val_loss": val["loss"],
             "train_accuracy": packed[-2].item() / total,
@@ -307,7 +314,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             metrics["resumed_from_epoch"] = where_resumed
         if not math.isfinite(metrics["val_loss"]):
             metrics.update(failed=f"validation loss became non-finite in epoch {epoch}", val_accuracy=0.0)
-            session.report(metrics, None)
+            session.report_failure(metrics)
             return metrics
         metrics["report_latency_s"] = report_latency  # of the previous report: what reporting costs
         save = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs

@@ -8,13 +8,26 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdray import storage
 from kdray.config import RunConfig, TeacherRunConfig
 from kdray.models import load_record, save_model
 from kdray.train.loop import STUDENT_FILE
+
+
+class TrainingFailed(RuntimeError):
+    """A run that ended without a usable model (its loss became NaN, or it wrote no checkpoint)."""
+
+
+def new_run_name(prefix: str) -> str:
+    """A Ray Train run name no earlier run has: Train V2 silently *resumes* a run whose name and storage
+    match an earlier one, so only an explicit ``--resume`` may reuse a name."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
@@ -103,18 +116,23 @@ def fit(
     result = make_trainer(cfg, loop_config, name=name, storage_path=storage_path, local=local).fit()
     if result.error is not None:
         raise result.error
+    metrics = dict(result.metrics or {})
     ckpt_dir = None
+    if metrics.get("failed"):  # its checkpoint holds only failure.json (RayTrainSession.report_failure)
+        return FitResult(metrics, None, str(result.path) if result.path else None)
     if result.checkpoint is not None:
         ckpt_dir = result.checkpoint.path
         if not Path(ckpt_dir).exists():  # remote storage: download once
             ckpt_dir = result.checkpoint.to_directory()
-    return FitResult(dict(result.metrics or {}), ckpt_dir, str(result.path) if result.path else None)
+    return FitResult(metrics, ckpt_dir, str(result.path) if result.path else None)
 
 
 def final_student(result: FitResult) -> dict[str, Any]:
     """The student's model record from the final checkpoint of a run."""
+    if result.failed:
+        raise TrainingFailed(f"the run failed: {result.failed}")
     if result.checkpoint_dir is None:
-        raise RuntimeError("the run reported no checkpoint")
+        raise TrainingFailed("the run reported no checkpoint")
     return load_record(Path(result.checkpoint_dir) / STUDENT_FILE)
 
 
@@ -130,11 +148,13 @@ def teacher_run_config(cfg: RunConfig) -> TeacherRunConfig:
                             train=t.train, resources=cfg.resources.model_copy(update={"execution": "train"}))
 
 
-def trained_teacher_path(cfg: RunConfig, storage_path: str) -> Path:
+def trained_teacher_path(cfg: RunConfig, storage_path: str, data_fingerprint: str) -> str:
+    """Where the teacher trained for ``cfg`` lives in the run storage (a folder or a URI): keyed by its
+    config *and* the data's content, so changed data (a re-exported image folder) trains a new teacher."""
     tcfg = teacher_run_config(cfg)
     key = teacher_key({"model": tcfg.model.model_dump(), "train": tcfg.train.model_dump(), "seed": tcfg.seed,
-                       "dataset": tcfg.dataset.model_dump()})
-    return Path(storage_path) / "teachers" / f"{tcfg.model.name}-{key}.pt"
+                       "dataset": tcfg.dataset.model_dump(), "data": data_fingerprint})
+    return storage.join(storage_path, "teachers", f"{tcfg.model.name}-{key}.pt")
 
 
 def _inline_run(run: dict[str, Any], progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -166,21 +186,22 @@ def fit_inline(cfg: RunConfig, progress: bool = True) -> tuple[dict[str, Any], d
 
 
 def train_teacher(tcfg: TeacherRunConfig, *, storage_path: str, output: str | Path, local: bool = False,
-                  progress: bool = True, inline: bool = False) -> dict[str, Any]:
-    """Train a teacher on labels and save its model record at ``output`` (written atomically).
+                  progress: bool = True, inline: bool = False, run_name: str | None = None) -> dict[str, Any]:
+    """Train a teacher on labels and save its model record at ``output`` (a path or storage URI, written
+    whole or not at all).
 
     ``inline``: one process as a Ray task (what a sweep uses for one-CPU-worker configs); otherwise a
-    TorchTrainer with the config's workers.
+    TorchTrainer with the config's workers, under a new run name unless ``run_name`` resumes one.
     """
     if inline:
         metrics, record = fit_inline(tcfg.as_run(), progress)
         if record is None:
-            raise RuntimeError(f"teacher training failed: {metrics.get('failed', 'no checkpoint')}")
+            raise TrainingFailed(f"teacher training failed: {metrics.get('failed', 'no checkpoint')}")
     else:
-        result = fit(tcfg.as_run(), storage_path=storage_path, name=f"{tcfg.name}-{Path(output).stem}",
+        result = fit(tcfg.as_run(), storage_path=storage_path, name=run_name or new_run_name(tcfg.name),
                      local=local, progress=progress)
         if result.failed:
-            raise RuntimeError(f"teacher training failed: {result.failed}")
+            raise TrainingFailed(f"teacher training failed: {result.failed}")
         record = final_student(result)
     save_model(record, output)
     return record
@@ -194,9 +215,11 @@ def teacher_records(cfg: RunConfig, storage_path: str, *, local: bool = False, p
         return []
     if cfg.teacher.checkpoint is not None:
         return [load_record(p) for p in cfg.teacher.checkpoints]
-    path = trained_teacher_path(cfg, storage_path)
-    if path.is_file():
-        log(f"using the teacher trained earlier for this config: {path}")
+    from kdray.data import load_dataset
+
+    path = trained_teacher_path(cfg, storage_path, load_dataset(cfg.dataset).fingerprint)
+    if storage.exists(path):
+        log(f"using the teacher trained earlier for this config and data: {path}")
         return [load_record(path)]
     log(f"training the teacher ({cfg.teacher.train.model.name}, {cfg.teacher.train.train.epochs} epochs); "
         f"it is saved to {path} and reused by later runs")

@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 
 
+FAILURE_FILE = "failure.json"  # the only file of the checkpoint a failed Ray Train run reports last
+
+
 class Session:
     """A single process, rank 0 of 1: the base for the Ray sessions and for in-process runs."""
 
@@ -70,6 +73,10 @@ class Session:
         if self.on_report:
             self.on_report(dict(metrics), str(self.last_checkpoint) if checkpoint_dir else None)
 
+    def report_failure(self, metrics: dict[str, Any]) -> None:
+        """The last report of a run that failed (``metrics["failed"]`` says why)."""
+        self.report(metrics, None)
+
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[str | None]:
         """The directory of the checkpoint to resume from, if any (valid inside the ``with``)."""
@@ -116,6 +123,19 @@ class RayTrainSession(Session):
             checkpoint_dir = str(self.last_checkpoint)
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
+
+    def report_failure(self, metrics: dict[str, Any]) -> None:
+        """Ray Train V2 fills ``Result.metrics`` from the latest *checkpoint*: a failure report without one
+        never reaches the caller, which would then save the last good epoch as if the run had finished.
+        Rank 0 attaches a checkpoint holding only ``failure.json``."""
+        if self.rank != 0:
+            self.report(metrics, None)
+            return
+        import json
+
+        with scratch_dir("kdray-failure-") as d:
+            (Path(d) / FAILURE_FILE).write_text(json.dumps(metrics, default=str))
+            self.report(metrics, d)
 
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[str | None]:

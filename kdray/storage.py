@@ -1,0 +1,75 @@
+"""The run storage: a local folder or a URI (``s3://bucket/prefix?endpoint_override=...``, ``gs://``, ...).
+
+On a cluster every node must read what another wrote (teachers, checkpoints, the sweep's own state), so
+whatever a worker writes goes to the run's storage, never to a path on the head. Ray Train and Tune read
+and write such URIs through pyarrow's filesystems; kdray's own files go the same way. A URI's query string
+(endpoint, scheme) belongs to the bucket, not to a path: ``join`` keeps it at the end.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def join(root: str, *parts: str) -> str:
+    """``root/part/...`` for a folder or a URI, keeping a URI's ``?query`` after the path."""
+    if not is_remote(root):
+        return str(Path(root).joinpath(*parts))
+    base, sep, query = str(root).partition("?")
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + (sep + query if sep else "")
+
+
+def _fs(uri: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri)
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return Path(path).exists()
+    import pyarrow.fs
+
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
+
+
+def read_bytes(path: str) -> bytes:
+    if not is_remote(path):
+        return Path(path).read_bytes()
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write all of ``data`` or nothing: a local file is renamed into place; an object store's put is atomic."""
+    if not is_remote(path):
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    fs, p = _fs(path)
+    parent = p.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode()
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())

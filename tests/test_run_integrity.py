@@ -1,0 +1,194 @@
+"""Runs end as they really ended: no silent resume of an old run, no failure reported as success, a sweep's
+size and per-trial epochs honoured, configs that cannot work refused at check time (issue 10: 3-6, 8)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from kdray.tracking.store import TAG_STATUS, find_sweep, sweep_children
+from sweep_helpers import TINY_SPACE, request
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kdray(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "kdray", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def space_file(tmp: Path, **top) -> Path:
+    """TINY_SPACE with whole top-level keys replaced."""
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space.update(top)
+    return write_yaml(tmp / f"{space['name']}.yaml", space)
+
+
+# -- refused at check time ---------------------------------------------------------------------------
+def test_several_workers_on_a_fraction_of_a_gpu_are_refused(tmp_path):
+    cfg = write_yaml(tmp_path / "frac.yaml", {
+        "dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"},
+        "resources": {"num_workers": 2, "gpus_per_worker": 0.5}})
+    r = kdray("check", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "field 'resources.gpus_per_worker'" in r.stderr and "NCCL" in r.stderr
+    from kdray.config import ResourcesConfig
+
+    # several *trials* sharing one GPU (one worker each) stay allowed
+    assert ResourcesConfig(num_workers=1, gpus_per_worker=0.25).use_gpu
+
+
+@pytest.mark.parametrize("key,scheduler,field", [
+    ("resources.num_workers", "fifo", "space.resources.num_workers"),
+    ("train.epochs", "asha", "space.train.epochs"),
+])
+def test_a_space_that_the_sweep_cannot_honour_is_refused_by_check(tmp_path, key, scheduler, field):
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space["scheduler"] = {"type": scheduler}
+    space["space"][key] = {"type": "int", "low": 1, "high": 3}
+    r = kdray("check", str(write_yaml(tmp_path / "space.yaml", space)), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"field {field!r}" in r.stderr, r.stderr
+
+
+# -- a sweep's size and its trials' own epochs ---------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.slow
+def test_searched_epochs_are_honoured_and_a_finished_grid_sweep_resumes_as_finished(ray_cluster, tmp_path):
+    from kdray.sweep.runner import run_sweep
+
+    space = space_file(tmp_path, name="grid", searcher={"type": "grid"}, scheduler={"type": "fifo"},
+                        num_samples=16,  # more than the grid's 4 points: the grid is the sweep's size
+                        space={"train.epochs": {"type": "categorical", "choices": [2, 4]},
+                               "knowledge": {"none": {}, "kd": {}}})
+    result = run_sweep(request(tmp_path, space, "g"))
+    assert not result.interrupted and result.champion is not None
+    assert len(result.outcomes) == 4
+    for o in result.outcomes:  # a 2-epoch trial ran its whole schedule: completed, not "stopped early"
+        assert o.status == "completed" and o.epochs == o.params["train.epochs"], o
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tags = {r.data.tags[TAG_STATUS] for r in sweep_children(c, find_sweep(c, "g"), kind="trial")}
+    assert tags == {"completed"}
+
+    again = run_sweep(request(tmp_path, space, "g", resume=True))
+    assert not again.interrupted and again.champion is not None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_started_with_num_samples_resumes_without_it(ray_cluster, tmp_path):
+    from kdray.sweep.runner import run_sweep
+
+    space = space_file(tmp_path, num_samples=3)
+    result = run_sweep(request(tmp_path, space, "n", num_samples=2))
+    assert len(result.outcomes) == 2 and not result.interrupted
+    again = run_sweep(request(tmp_path, space, "n", resume=True))  # no num_samples: the stored size is used
+    assert not again.interrupted and again.champion is not None and len(again.outcomes) == 2
+
+
+# -- a NaN is a failure, also through Ray Train ------------------------------------------------------------
+DIVERGING = {"optimizer": "sgd", "lr": 1.0e30, "epochs": 3, "batch_size": 64, "scheduler": "none"}
+
+
+@pytest.mark.slow
+def test_a_diverging_teacher_and_distillation_fail_loudly_on_two_gloo_workers(tmp_path, blobs_teacher_file):
+    two = {"num_workers": 2, "cpus_per_worker": 1}
+    teacher = write_yaml(tmp_path / "teacher.yaml", {
+        "name": "nan-teacher", "dataset": {"name": "test_blobs"}, "model": {"name": "test_cnn1d"},
+        "train": DIVERGING, "resources": two})
+    r = kdray("teacher", str(teacher), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "teacher training failed" in r.stderr and "non-finite" in r.stderr, r.stderr[-3000:]
+    assert "teacher saved" not in r.stdout and not list((tmp_path / "runs").glob("teachers/*.pt"))
+
+    distill = write_yaml(tmp_path / "kd.yaml", {
+        "name": "nan-kd", "dataset": {"name": "test_blobs"}, "teacher": {"checkpoint": str(blobs_teacher_file)},
+        "student": {"name": "test_mlp"}, "knowledge": [{"type": "kd"}], "train": DIVERGING, "resources": two})
+    r = kdray("distill", str(distill), "--storage", str(tmp_path / "runs"), "--output", str(tmp_path / "out"),
+              cwd=tmp_path)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "the run failed" in r.stderr and "non-finite" in r.stderr, r.stderr[-3000:]
+    assert "finished" not in r.stdout and not (tmp_path / "out" / "student.pt").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_diverging_trial_driving_a_torch_trainer_is_recorded_as_failed(ray_cluster, tmp_path):
+    from kdray.sweep.runner import SweepError, run_sweep
+
+    base = yaml.safe_load(yaml.safe_dump(TINY_SPACE["base"]))
+    base["train"] = dict(DIVERGING, epochs=2)
+    base["resources"]["execution"] = "train"
+    space = space_file(tmp_path, name="nan", num_samples=1, base=base, scheduler={"type": "fifo"},
+                        space={"knowledge": {"none": {}}})
+    with pytest.raises(SweepError, match="no trial ran to the end"):
+        run_sweep(request(tmp_path, space, "nan"))
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (trial,) = sweep_children(c, find_sweep(c, "nan"), kind="trial")
+    assert trial.data.tags[TAG_STATUS] == "failed" and "non-finite" in trial.data.tags["kdray.failure"]
+
+
+# -- a new run is new ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_changed_teacher_config_trains_anew_and_resume_is_explicit(tmp_path):
+    cfg = {"name": "t", "dataset": {"name": "test_blobs"}, "model": {"name": "test_mlp"},
+           "train": {"epochs": 2, "batch_size": 64, "lr": 0.01}}
+    path = write_yaml(tmp_path / "t.yaml", cfg)
+    args = ("teacher", str(path), "--storage", str(tmp_path / "runs"), "--output", str(tmp_path / "t.pt"))
+    first = kdray(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cfg["train"]["epochs"] = 3
+    write_yaml(path, cfg)
+    second = kdray(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed" not in second.stdout and "epoch 1/3" in second.stdout, second.stdout
+    record = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert record["metrics"]["epoch"] == 3 and record["config"]["train"]["epochs"] == 3
+
+    # --resume continues the run it names: from its last checkpoint (epoch 3), to the new end (epoch 4)
+    run_name = next(line.split()[2] for line in second.stdout.splitlines() if line.startswith("[kdray] run "))
+    cfg["train"]["epochs"] = 4
+    write_yaml(path, cfg)
+    third = kdray(*args, "--resume", "--run-name", run_name, cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "resumed from the checkpoint of epoch 3" in third.stdout, third.stdout
+
+
+def test_a_teacher_trained_on_other_data_is_not_reused(tmp_path):
+    from PIL import Image
+
+    from kdray.config import RunConfig
+    from kdray.train.runner import teacher_records
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for split, n in (("train", 10), ("test", 2)):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    cfg = RunConfig.model_validate({
+        "dataset": {"name": "imagefolder", "augment": False, "options": {"root": str(root), "image_size": 8}},
+        "teacher": {"train": {"model": {"name": "mlp", "options": {"hidden": [4]}}, "train": {"epochs": 1}}},
+        "student": {"name": "mlp"}, "knowledge": [{"type": "kd"}]})
+    said: list[str] = []
+    teacher_records(cfg, str(tmp_path / "runs"), inline=True, progress=False, log=said.append)
+    teacher_records(cfg, str(tmp_path / "runs"), inline=True, progress=False, log=said.append)
+    assert [s.split()[0] for s in said] == ["training", "using"]  # same config and data: reused
+    # Same config, same file names, new pixels (a re-exported folder): the old teacher is not the right one.
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "train" / "a" / "0.png")
+    teacher_records(cfg, str(tmp_path / "runs"), inline=True, progress=False, log=said.append)
+    assert said[-1].startswith("training"), said
