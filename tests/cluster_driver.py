@@ -95,5 +95,56 @@ def main(out: Path, space_path: Path) -> None:
         s3_proc.wait(timeout=20)
 
 
+def publish_autoscaler_config(address: str, cpu_nodes: int) -> None:
+    """Put in the cluster's GCS what an autoscaler publishes there (Ray's autoscaler state: node groups and
+    their max counts): here one group of 1-CPU workers, 0..``cpu_nodes``."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    ray.init(address=address)
+    cfg = autoscaler_pb2.ClusterConfig(node_group_configs=[autoscaler_pb2.NodeGroupConfig(
+        name="cpu_worker", resources={"CPU": 1}, min_count=0, max_count=cpu_nodes)])
+    _internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, cfg.SerializeToString(),
+                     namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE)
+    ray.shutdown()
+
+
+def ceiling(out: Path, fits: Path, too_big: Path) -> None:
+    """Against an autoscaler that can grow to 2 CPUs: a sweep whose trial needs 3 is refused at once; one
+    that fits sizes its concurrency from the maximum (not from the 0 CPUs present)."""
+    tmp = out.parent
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"kdray_driver": 8}})
+    summary: dict = {}
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        publish_autoscaler_config(cluster.address, cpu_nodes=2)
+
+        def cmd(space: Path, name: str) -> list[str]:
+            return [sys.executable, "-u", "-m", "kdray", "sweep", str(space), "--address", cluster.address,
+                    "--storage", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--name", name]
+
+        big = subprocess.run(cmd(too_big, "big"), cwd=tmp, capture_output=True, text=True, env=env, timeout=180)
+        summary["too_big"] = {"returncode": big.returncode, "stderr": big.stderr[-3000:]}
+        proc = subprocess.Popen(cmd(fits, "fits"), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+        t0, lines = time.time(), []
+        for line in proc.stdout:  # the plan is printed before anything waits for a worker
+            lines.append(line)
+            if " trials, " in line or time.time() - t0 > 120:
+                break
+        proc.kill()
+        proc.wait(timeout=30)
+        summary["fits"] = lines
+    finally:
+        out.write_text(json.dumps(summary, indent=2, default=str))
+        cluster.shutdown()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "ceiling":
+        ceiling(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))

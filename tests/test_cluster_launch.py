@@ -74,3 +74,22 @@ def test_everything_the_workers_write_is_in_the_bucket_and_resume_reads_it(launc
     assert not (tmp / "kdray_runs" / "teachers").exists()  # no head-local teacher
     assert summary["resume_returncode"] == 0, (tmp / "resume.log").read_text()[-3000:]
     assert "champion:" in (tmp / "resume.log").read_text()
+
+
+def test_an_autoscaling_cluster_is_judged_by_what_it_can_grow_to(tmp_path):
+    def space(name: str, workers: int) -> Path:
+        data = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+        data["base"]["resources"].update(num_workers=workers, execution="train")
+        (tmp_path / name).write_text(yaml.safe_dump(data))
+        return tmp_path / name
+
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("cluster_driver.py")), "ceiling",
+                        str(tmp_path / "summary.json"), str(space("fits.yaml", 1)), str(space("big.yaml", 3))],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-5000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    big = summary["too_big"]
+    assert big["returncode"] == 2, big
+    assert "field 'base.resources.num_workers'" in big["stderr"] and "can grow to 2" in big["stderr"], big
+    plan = next(line for line in summary["fits"] if " trials, " in line)
+    assert "2 at a time" in plan, summary["fits"]  # from the autoscaler's maximum, not the 0 CPUs present

@@ -352,7 +352,8 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     # nodes present at start: a 0-CPU head with workers at min_workers: 0 is the usual shape.
     most = autoscaler_max_resources() if req.address else res
     if most is not None:
-        check_resources(base, most, file=req.space_path, where="base.resources")
+        check_resources(base, most, file=req.space_path, where="base.resources",
+                        holder="the cluster can grow to" if req.address else None)
     execution = base.resources.resolved_execution()
     if execution == "train" and not has_driver_resource():
         raise SweepError(
