@@ -88,11 +88,35 @@ def autoscaler_max_resources() -> dict[str, float] | None:
 
         most = state.get_max_resources_from_cluster_config()
     except Exception:  # noqa: BLE001 - older Ray or no GCS access: treat as unknown
-        return None
+        most = None
+    most = most or max_resources_of_cluster_yaml(os.path.expanduser(BOOTSTRAP_CONFIG))
     if not most:
         return None
     now = cluster_resources()  # a node outside the autoscaler's groups (the head) counts as well
     return {k: max(float(v), now.get(k, 0.0)) for k, v in {**now, **most}.items()}
+
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster config on the head
+
+
+def max_resources_of_cluster_yaml(path: str) -> dict[str, float] | None:
+    """The most a ``ray up`` cluster config can offer: each worker type's ``resources`` x ``max_workers``
+    (the head once). ``None`` if there is no such file or a worker type leaves its resources to detection."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except OSError:
+        return None
+    total: dict[str, float] = {}
+    for name, node in (cfg.get("available_node_types") or {}).items():
+        count = 1 if name == cfg.get("head_node_type") else int(node.get("max_workers", 0))
+        if count and not node.get("resources"):
+            return None  # detected at start: unknown until such a node exists
+        for key, value in (node.get("resources") or {}).items():
+            total[key] = total.get(key, 0.0) + float(value) * count
+    return total or None
 
 
 def trials_that_fit(res: dict[str, float], resources: Any) -> int:

@@ -25,8 +25,6 @@ def test_cluster_yaml_passes_rays_own_validation():
 
     cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
     validate_config(prepare_config(copy.deepcopy(cfg)))  # what `ray up` runs before touching the cloud
-    head = cfg["available_node_types"][cfg["head_node_type"]]
-    assert head["resources"]["CPU"] == 0 and head["resources"]["kdray_driver"] > 0  # the head trains nothing
     assert cfg["provider"]["use_internal_ips"] is True
     start = " ".join(cfg["head_start_ray_commands"])
     assert "mlflow server" in start and "--dashboard-host=$(hostname -I" in start and "0.0.0.0" not in start
@@ -34,6 +32,18 @@ def test_cluster_yaml_passes_rays_own_validation():
     broken["available_node_types"]["head"].pop("node_config")
     with pytest.raises(Exception, match="node_config"):
         validate_config(prepare_config(broken))
+
+
+def test_what_a_ray_up_cluster_can_grow_to_is_read_from_its_config(tmp_path):
+    from kdray.ray_setup import max_resources_of_cluster_yaml
+
+    # cluster.yaml: a 0-CPU head with 64 driver slots, and up to 12 workers of 8 CPUs + 1 GPU
+    assert max_resources_of_cluster_yaml(str(REPO / "cluster.yaml")) == {"CPU": 96.0, "GPU": 12.0, "kdray_driver": 64.0}
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    cfg["available_node_types"]["gpu_worker"]["resources"] = {}  # left to detection: unknown until a node exists
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert max_resources_of_cluster_yaml(str(tmp_path / "c.yaml")) is None
+    assert max_resources_of_cluster_yaml(str(tmp_path / "missing.yaml")) is None
 
 
 def test_kuberay_rayjob_runs_the_sweep_on_a_driver_only_head():
