@@ -26,12 +26,11 @@ def embedding(f: Tensor) -> Tensor:
 
 
 def pairwise_distances(e: Tensor) -> Tensor:
-    """Euclidean distance matrix of the rows of ``e`` (exactly 0 on the diagonal)."""
-    g = e @ e.t()
-    sq = g.diagonal()
-    d2 = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * g).clamp_min(1e-12)
-    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
-    return d2.sqrt().masked_fill(eye, 0.0)
+    """Euclidean distance matrix of the rows of ``e`` (exactly 0 on the diagonal, gradient 0 there).
+
+    ``torch.cdist`` on differences, not the Gram-matrix shortcut, whose cancellation loses the small
+    distances of wide features."""
+    return torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def distance_potential(e: Tensor) -> Tensor:

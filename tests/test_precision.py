@@ -1,0 +1,43 @@
+"""Losses at GPU precision: under bf16 / fp16 autocast every knowledge term stays float32 (issue 16, item 1).
+
+CPU autocast follows the same casting rules as CUDA autocast (matmuls and convolutions drop to the low
+precision), so this runs on any machine. Wide features (64 samples x 64·16·16) are where half precision
+hurts: distances and Gram matrices of 16k-dimensional rows.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdray.knowledge import KNOWLEDGE, DistillObjective, ModelLayout, TapOutputs
+
+B, C, H, W, CLASSES = 64, 64, 16, 16, 10
+
+
+def outputs(seed: int) -> tuple[TapOutputs, TapOutputs, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Post-ReLU maps of magnitude ~3: a row's squared norm (~70k) is past fp16's largest value (65504).
+    t_feat = 3 * torch.relu(torch.randn(B, C, H, W, generator=g))
+    s_feat = torch.relu(t_feat + 1.5 * torch.randn(B, C, H, W, generator=g))  # related, not equal
+    t_logits = 3 * torch.randn(B, CLASSES, generator=g)
+    s_logits = t_logits + torch.randn(B, CLASSES, generator=g)
+    y = torch.randint(0, CLASSES, (B,), generator=g)
+    return TapOutputs(s_logits, {"f": s_feat}), TapOutputs(t_logits, {"f": t_feat}), y
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", sorted(KNOWLEDGE.names()))
+def test_every_knowledge_term_is_float32_under_autocast(kind, dtype):
+    layout = ModelLayout(("f",), "f")
+    torch.manual_seed(0)
+    obj = DistillObjective.from_specs([{"type": kind}], layout, layout)
+    s, t, y = outputs(1)
+    obj.bind(t.features, s.features)
+    obj.set_epoch(100)  # past any warm-up
+    ref = obj(s, t, y)
+    with torch.autocast("cpu", dtype=dtype):
+        low = obj(s, t, y)
+    for name, value in ref.items():
+        assert low[name].dtype == torch.float32, name
+        assert torch.isfinite(low[name]), (name, low[name])
+        assert low[name].item() == pytest.approx(value.item(), rel=0.02), (name, value.item(), low[name].item())
