@@ -134,6 +134,11 @@ class TrainConfig(Strict):
     )
     channels_last: bool | None = Field(None, description="NHWC memory format for 2-D convnets (default: on GPU)")
     checkpoint_every: int = Field(1, ge=1, description="save a resumable checkpoint every N epochs (and the last)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept per run: the newest K (Ray's num_to_keep)")
+    sync_batchnorm: bool = Field(False, description="SyncBatchNorm across DDP ranks (GPU workers only); without it "
+                                 "rank 0's BatchNorm statistics are broadcast before every validation")
+    deterministic: bool = Field(False, description="deterministic kernels (cudnn.benchmark off, "
+                                "torch.use_deterministic_algorithms): bit-identical reruns on GPUs, slower")
 
     @model_validator(mode="after")
     def _step(self) -> "TrainConfig":
@@ -286,6 +291,9 @@ class RunConfig(Strict):
     def _coherent(self) -> "RunConfig":
         if self.knowledge and self.teacher is None:
             raise ConfigError([("teacher", "knowledge types are configured but no teacher is given")])
+        if self.train.sync_batchnorm and not self.resources.use_gpu:
+            raise ConfigError([("train.sync_batchnorm", "PyTorch's SyncBatchNorm runs on GPUs only; on CPU workers "
+                                "kdray broadcasts rank 0's BatchNorm statistics before each validation instead")])
         if not self.knowledge and self.ce_weight == 0:
             raise ConfigError([("ce_weight", "is 0 and there is no knowledge term: nothing to optimise")])
         if all(k["weight"] == 0 for k in self.knowledge) and self.knowledge and self.ce_weight == 0:

@@ -114,3 +114,34 @@ def load_test_blobs(cfg: "DatasetConfig") -> DataBundle:
     x_tr, x_te, y_tr, y_te = _fixed_test_split(x.astype(np.float32), y.astype(np.int64))
     t = torch.from_numpy
     return in_memory_bundle("test_blobs", describe_tiny(cfg), t(x_tr), t(y_tr), t(x_te), t(y_te), cfg)
+
+
+def describe_test_images(cfg: "DatasetConfig") -> DatasetInfo:
+    return DatasetInfo((3, 32, 32), 3, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+@register_dataset(
+    "test_images", describe_test_images, offline=True,
+    description="tiny synthetic CIFAR-shaped set (600 uint8 3x32x32 images, 3 classes, crop+flip) for tests",
+)
+def load_test_images(cfg: "DatasetConfig") -> DataBundle:
+    """Stored and augmented like CIFAR (uint8 NCHW, random crop with 4-pixel padding + flip), so the code
+    paths real image sets take run in tests: each class is a noisy colour gradient in its own direction."""
+    from functools import partial
+
+    from kdray.data.loaders import crop_flip
+
+    rng = np.random.default_rng(0)
+    n = 600
+    y = np.arange(n) % 3
+    ramp = np.linspace(-1.0, 1.0, 32, dtype=np.float32)
+    patterns = np.stack([np.broadcast_to(ramp[None, :, None], (3, 32, 32)),    # class 0: top to bottom
+                         np.broadcast_to(ramp[None, None, :], (3, 32, 32)),    # class 1: left to right
+                         np.broadcast_to(-ramp[None, :, None], (3, 32, 32))])  # class 2: bottom to top
+    x = 128 + 60 * patterns[y] + rng.normal(0, 40, (n, 3, 32, 32))
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    x_tr, x_te, y_tr, y_te = _fixed_test_split(x, y.astype(np.int64))
+    t = torch.from_numpy
+    augment = None if cfg.augment is False else partial(crop_flip, pad=4, flip=True)
+    return in_memory_bundle("test_images", describe_test_images(cfg), t(x_tr), t(y_tr), t(x_te), t(y_te), cfg,
+                            augment=augment)

@@ -44,14 +44,18 @@ class ConvNet1d(nn.Module):
 class MLP(nn.Module):
     """Flatten, then Linear+ReLU blocks, then a linear head."""
 
-    def __init__(self, num_classes: int, input_shape: tuple[int, ...], hidden: list[int] | tuple[int, ...] = (100, 100)):
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], hidden: list[int] | tuple[int, ...] = (100, 100),
+                 dropout: float = 0.0):
         super().__init__()
         if not hidden:
             raise ValueError("an MLP needs at least one hidden layer")
         self.flatten = nn.Flatten()
         width = math.prod(input_shape)
         for i, h in enumerate(hidden):
-            self.add_module(f"block{i + 1}", nn.Sequential(nn.Linear(width, h), nn.ReLU(inplace=False)))
+            layers: list[nn.Module] = [nn.Linear(width, h), nn.ReLU(inplace=False)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            self.add_module(f"block{i + 1}", nn.Sequential(*layers))
             width = h
         self.fc = nn.Linear(width, num_classes)
         self.n_blocks = len(hidden)
@@ -68,7 +72,8 @@ class ConvNet2d(nn.Module):
     """Small 2-D CNN for small images (8x8 digits, 28x28 MNIST): conv-BN-ReLU stages, pooling between."""
 
     def __init__(
-        self, num_classes: int, input_shape: tuple[int, ...], widths: list[int] | tuple[int, ...] = (32, 64)
+        self, num_classes: int, input_shape: tuple[int, ...], widths: list[int] | tuple[int, ...] = (32, 64),
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
@@ -82,6 +87,7 @@ class ConvNet2d(nn.Module):
             c = w
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
+        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(c, num_classes)
         self.n_stages = len(widths)
         set_layout(self, [f"stage{i + 1}" for i in range(len(widths))], "flatten")
@@ -89,7 +95,7 @@ class ConvNet2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         for i in range(self.n_stages):
             x = getattr(self, f"stage{i + 1}")(x)
-        return self.fc(self.flatten(self.pool(x)))
+        return self.fc(self.dropout(self.flatten(self.pool(x))))
 
 
 # -- registrations ---------------------------------------------------------------------------------

@@ -84,7 +84,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # every device's generator, CUDA included
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of every RNG (dropout, any random op) on ``rank`` in ``epoch``.
+
+    Re-seeding at each epoch's start makes the RNG state a pure function of (seed, rank, epoch): a run
+    resumed from the checkpoint of epoch k replays epoch k+1 exactly as the uninterrupted run did, with no
+    RNG state to save, and ranks draw different dropout masks."""
+    return (seed * 1_000_003 + rank) * 10_007 + epoch
 
 
 def resolve_ref(obj: Any) -> Any:
@@ -160,16 +169,24 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     rank, world = session.rank, session.world_size
     progress = bool(config.get("progress", False)) and rank == 0
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     device = session.device(cfg.resources.use_gpu)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+    # cudnn.benchmark picks the fastest kernels, which may differ between runs; deterministic trades speed
+    # for bit-identical reruns.
+    torch.backends.cudnn.benchmark = not cfg.train.deterministic
+    torch.backends.cudnn.deterministic = cfg.train.deterministic
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     data = load_dataset(cfg.dataset)
     move_small_splits(data, device)
     info = data.info
     student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options).to(device)
+    if world > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
     teacher = None
     records = [resolve_ref(r) for r in config.get("teacher_records") or []]
@@ -245,6 +262,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             g["lr"] = lr
         objective.set_epoch(epoch)
         train_batches.set_epoch(epoch)
+        seed_everything(epoch_seed(cfg.seed, rank, epoch))
         step_module.train()
         names: list[str] = []
         acc: Tensor | None = None  # per-term sums (weighted by batch size), then correct predictions
@@ -292,6 +310,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             session.report_failure(last)
             return last
 
+        session.broadcast_buffers(unwrap(step_module).student)  # validate exactly what rank 0 checkpoints
         val = evaluate(unwrap(step_module).student, data.val, max(cfg.train.batch_size, 256), device, session,
                        channels_last, amp)
         epoch_time = time.perf_counter() - t0

@@ -48,7 +48,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from kdray.train.session import RayTrainSession
 
     quiet_ray_loggers()
-    train_run(config, RayTrainSession(config.get("local_checkpoint_root")))
+    train_run(config, RayTrainSession(config.get("local_checkpoint_root"), config.get("resume_from")))
 
 
 def share(obj: Any) -> Any:
@@ -83,7 +83,7 @@ def make_trainer(cfg: RunConfig, loop_config: dict[str, Any], *, name: str, stor
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.resources.max_failures),
             callbacks=callbacks,
             # Train logs every report and checkpoint at INFO; kdray prints its own one line per epoch.
@@ -102,6 +102,7 @@ def fit(
     progress: bool = True,
     teacher_cache: Any = None,
     extra: dict[str, Any] | None = None,
+    resume_from: str | None = None,
 ) -> FitResult:
     """Train ``cfg`` to the end and return its last metrics and final checkpoint."""
     loop_config = {
@@ -113,6 +114,8 @@ def fit(
     loop_config.update(extra or {})
     if local:
         loop_config["local_checkpoint_root"] = str(Path(storage_path) / name)
+    if resume_from:  # Train V2's way: the loop reads it when Train itself has no checkpoint to restore
+        loop_config["resume_from"] = str(resume_from)
     result = make_trainer(cfg, loop_config, name=name, storage_path=storage_path, local=local).fit()
     if result.error is not None:
         raise result.error

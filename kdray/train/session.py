@@ -61,6 +61,13 @@ class Session:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (BatchNorm's running statistics): each rank updated its own
+        during the epoch, and only rank 0's are checkpointed, so validation must measure those."""
+        if self.world_size > 1:
+            for buf in module.buffers():
+                dist.broadcast(buf, src=0)
+
     # -- reporting ---------------------------------------------------------------------------------
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
@@ -88,10 +95,11 @@ class RayTrainSession(Session):
 
     kind = "train"
 
-    def __init__(self, local_checkpoint_root: str | None = None) -> None:
+    def __init__(self, local_checkpoint_root: str | None = None, resume_from: str | None = None) -> None:
         """``local_checkpoint_root``: in Train's local mode checkpoints are not copied to storage, so the
-        session keeps them there itself (the runner sets it only for ``num_workers=0``)."""
-        super().__init__(checkpoint_root=local_checkpoint_root)
+        session keeps them there itself (the runner sets it only for ``num_workers=0``). ``resume_from``: a
+        checkpoint folder a new run starts from (a restart of this run resumes its own newer checkpoints)."""
+        super().__init__(checkpoint_root=local_checkpoint_root, resume_from=resume_from)
         import ray.train
 
         self._ctx = ray.train.get_context()
@@ -143,7 +151,7 @@ class RayTrainSession(Session):
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            yield None
+            yield str(self.resume_from) if self.resume_from else None
         else:
             with ckpt.as_directory() as d:
                 yield d
