@@ -109,3 +109,16 @@ def test_two_gloo_workers_report_the_accuracy_of_the_saved_student(ray_cluster, 
     assert single["count"] == 400
     assert single["accuracy"] == pytest.approx(m["val_accuracy"], abs=1e-9)
     assert single["loss"] == pytest.approx(m["val_loss"], rel=1e-4)
+
+
+def test_an_in_process_run_keeps_only_its_newest_checkpoints(tmp_path):
+    from kdray.config import RunConfig
+    from kdray.train.loop import train_run
+    from kdray.train.session import Session
+
+    cfg = RunConfig.model_validate({"dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"},
+                                    "train": {"epochs": 5, "batch_size": 64, "keep_checkpoints": 2}})
+    session = Session(checkpoint_root=tmp_path)
+    train_run({"run": cfg.model_dump(mode="json")}, session)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000004", "checkpoint_000005"]
+    assert session.last_checkpoint == tmp_path / "checkpoint_000005"

@@ -166,6 +166,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     from kdray.teacher_cache import TeacherOutputs  # local: the cache module imports this one
 
     cfg = RunConfig.model_validate(config["run"])
+    session.keep_checkpoints = cfg.train.keep_checkpoints
     rank, world = session.rank, session.world_size
     progress = bool(config.get("progress", False)) and rank == 0
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))

@@ -35,6 +35,8 @@ class Session:
         self.resume_from = Path(resume_from) if resume_from else None
         self.reports: list[dict[str, Any]] = []
         self.last_checkpoint: Path | None = None
+        self.keep_checkpoints: int | None = None  # the newest K kept (train.keep_checkpoints); None: all
+        self._kept: list[Path] = []
 
     # -- topology --------------------------------------------------------------------------------
     @property
@@ -77,6 +79,9 @@ class Session:
                 shutil.rmtree(dest)
             shutil.copytree(checkpoint_dir, dest)
             self.last_checkpoint = dest
+            self._kept = [p for p in self._kept if p != dest] + [dest]
+            while self.keep_checkpoints and len(self._kept) > self.keep_checkpoints:
+                shutil.rmtree(self._kept.pop(0), ignore_errors=True)  # as Ray's CheckpointConfig(num_to_keep)
         if self.on_report:
             self.on_report(dict(metrics), str(self.last_checkpoint) if checkpoint_dir else None)
 
