@@ -2,8 +2,9 @@
 
 Every data set yields *raw* inputs (MNIST-1D's float rows, images as uint8 or [0, 1] floats); the
 normalisation is a ``Preprocess`` module that travels inside every model kdray builds. Validation is
-always carved from the training split with a fixed seed (``split_seed``), so selecting a student never
-touches the test split; the test split is read only for the final evaluation of a champion.
+always carved from the training split, stratified by class, with a fixed seed (``split_seed``), so
+selecting a student never touches the test split; the test split is read only for the final evaluation
+of a champion.
 """
 from __future__ import annotations
 
@@ -111,13 +112,24 @@ def data_dir(cfg: "DatasetConfig") -> Path:
     return Path(root).expanduser()
 
 
-def carve_validation(n: int, val_fraction: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val) of a training split of size ``n``: a fixed-seed random permutation."""
+def carve_validation(labels: np.ndarray, val_fraction: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices (train, val) of a training split with these ``labels``, fixed by ``split_seed``.
+
+    Stratified (scikit-learn's ``train_test_split``), so that validation accuracy weighs the classes as
+    training does, even on imbalanced data; unstratified only when stratification is impossible (a class
+    with a single sample, or fewer validation or training samples than classes).
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    n = len(labels)
     n_val = max(1, int(round(n * val_fraction)))
     if n_val >= n:
         raise ValueError(f"val_fraction {val_fraction} leaves no training samples out of {n}")
-    perm = np.random.default_rng(split_seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    classes, counts = np.unique(labels, return_counts=True)
+    stratify = labels if counts.min() >= 2 and min(n_val, n - n_val) >= len(classes) else None
+    tr, va = train_test_split(np.arange(n), test_size=n_val, stratify=stratify, random_state=split_seed)
+    return np.sort(tr), np.sort(va)
 
 
 def in_memory_bundle(
@@ -131,7 +143,7 @@ def in_memory_bundle(
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
 ) -> DataBundle:
     """Carve validation from train and fingerprint the data (the teacher-cache key uses it)."""
-    tr, va = carve_validation(len(y_train), cfg.val_fraction, cfg.split_seed)
+    tr, va = carve_validation(y_train.numpy(), cfg.val_fraction, cfg.split_seed)
     tr_t, va_t = torch.from_numpy(tr), torch.from_numpy(va)
     train = Split(y_train[tr_t].contiguous(), x_train[tr_t].contiguous())
     val = Split(y_train[va_t].contiguous(), x_train[va_t].contiguous())

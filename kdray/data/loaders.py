@@ -6,12 +6,12 @@ dominates the cost of small models); file-backed splits go through a ``DataLoade
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 from kdray.data.base import Split
 
@@ -35,39 +35,32 @@ def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4, flip: bool = 
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
-    """This rank's share of a split, reshuffled each epoch with the same seed on every rank.
+    """Evaluation shard of rank r: samples r, r+W, r+2W, ..., in order.
 
-    Training (``pad=True``): the permutation is padded by wrapping so that every rank gets the same
-    number of samples (DDP needs equal step counts). Evaluation (``pad=False``, no shuffle): rank r
-    takes samples r, r+W, r+2W, ... so that summing over ranks counts every sample exactly once.
+    Summing per-rank counts over ranks then counts every sample exactly once. Not ``DistributedSampler``:
+    it pads the last shard with repeated samples, which would count them twice in validation metrics.
     """
 
-    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = False, seed: int = 0, pad: bool = False):
-        self.n, self.rank, self.world, self.shuffle, self.seed, self.pad = n, rank, world, shuffle, seed, pad
-        self.epoch = 0
+    def __init__(self, n: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.rank, self.world = n, rank, world
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> Tensor:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
-        if self.pad and self.world > 1:
-            total = math.ceil(self.n / self.world) * self.world
-            if total > self.n:
-                order = torch.cat([order, order[: total - self.n]])
-        return order[self.rank :: self.world]
+        """Evaluation order does not change between epochs."""
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.indices().tolist())
+        return iter(range(self.rank, self.n, self.world))
 
     def __len__(self) -> int:
-        if self.pad and self.world > 1:
-            return math.ceil(self.n / self.world)
         return len(range(self.rank, self.n, self.world))
+
+
+def train_sampler(n: int, rank: int = 0, world: int = 1, seed: int = 0) -> DistributedSampler:
+    """Training shard of one rank: a permutation reshuffled by ``set_epoch``, the same on every rank, and
+    padded by wrapping so that every rank takes the same number of steps (DDP needs equal step counts)."""
+    # DistributedSampler seeds its permutation with seed + epoch; spreading the seeds keeps the runs of
+    # seeds s and s + 1 from sharing their shuffles one epoch apart.
+    return DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed * 1_000_003,
+                              drop_last=False)
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -83,6 +76,21 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 def to_float(x: Tensor) -> Tensor:
     """uint8 images to [0, 1] floats; float inputs unchanged."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+class _MergedBatches(torch.utils.data.Sampler[list[int]]):
+    """Batches of ``sampler``'s indices cut by ``batch_bounds`` (the in-memory path's batches), for a
+    ``DataLoader``'s ``batch_sampler``: its own batching would leave a trailing batch of one sample."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler[int], batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.sampler)
+        return iter([order[s:e] for s, e in batch_bounds(len(order), self.batch_size)])
+
+    def __len__(self) -> int:
+        return len(batch_bounds(len(self.sampler), self.batch_size))  # type: ignore[arg-type]
 
 
 class _WithIndex(torch.utils.data.Dataset):
@@ -117,15 +125,16 @@ class Batches:
         self.device = torch.device(device)
         self.augment = augment if train else None
         self.seed, self.rank = seed, rank
-        self.sampler = ShardSampler(len(split), rank, world, shuffle=train, seed=seed, pad=train)
+        self.sampler: DistributedSampler | ShardSampler = (
+            train_sampler(len(split), rank, world, seed) if train else ShardSampler(len(split), rank, world)
+        )
         self.epoch = 0
         self.loader = None
         if not split.in_memory:
             pin = self.device.type == "cuda"
             self.loader = torch.utils.data.DataLoader(
-                _WithIndex(split.dataset), batch_size=self.batch_size, sampler=self.sampler,
+                _WithIndex(split.dataset), batch_sampler=_MergedBatches(self.sampler, self.batch_size),
                 num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
-                drop_last=False,
             )
 
     def set_epoch(self, epoch: int) -> None:
@@ -133,7 +142,7 @@ class Batches:
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(batch_bounds(len(self.sampler.indices()), self.batch_size))
+        return len(batch_bounds(len(self.sampler), self.batch_size))  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         gen = None
@@ -146,7 +155,7 @@ class Batches:
             return
         xs, ys = self.split.x, self.split.y
         # Index where the data lives (the caller moves small splits to the GPU once), then copy the batch.
-        order = self.sampler.indices().to(xs.device)
+        order = torch.as_tensor(list(self.sampler), dtype=torch.int64, device=xs.device)
         for s, e in batch_bounds(len(order), self.batch_size):
             idx = order[s:e]
             x = to_float(xs[idx].to(self.device, non_blocking=True))

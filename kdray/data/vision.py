@@ -8,8 +8,6 @@ times faster than per-sample PIL transforms.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 from functools import partial
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from kdray.data.base import (
     DataBundle,
@@ -44,17 +43,6 @@ TV_SETS: dict[str, tuple[str, str, tuple[int, ...], int, tuple[float, ...], tupl
 }
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _describe_tv(name: str, cfg: "DatasetConfig") -> DatasetInfo:
     cls_name, folder, shape, classes, mean, std, _ = TV_SETS[name]
     root = data_dir(cfg)
@@ -75,7 +63,8 @@ def _load_tv(name: str, cfg: "DatasetConfig") -> DataBundle:
     root = data_dir(cfg)
     try:
         # Several trials on one node may start at once: one downloads, the others wait for it.
-        with _file_lock(root / f".{name}.lock"):
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(root / f".{name}.lock"):
             train = cls(str(root), train=True, download=cfg.download)
             test = cls(str(root), train=False, download=cfg.download)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a corrupt copy is a RuntimeError
@@ -143,7 +132,8 @@ class _Indexed(torch.utils.data.Dataset):
     description="your own images: options.root with train/<class>/ (and optionally test/<class>/)",
 )
 def load_imagefolder(cfg: "DatasetConfig") -> DataBundle:
-    """Images read from disk; random-resized-crop + flip for training, resize + centre crop otherwise.
+    """Images read from disk; random-resized-crop + flip for training, resize + centre crop otherwise
+    (for training too with ``dataset.augment: false``).
 
     Validation is carved from ``train/``; ``test/`` is the test split when present, otherwise a fixed
     ``test_fraction`` (default 0.1, seed 0) of ``train/`` is held out first.
@@ -154,11 +144,12 @@ def load_imagefolder(cfg: "DatasetConfig") -> DataBundle:
     info = describe_imagefolder(cfg)
     root, size = _folder_root(cfg), info.input_shape[1]
     augment = cfg.augment is not False
-    train_tf = T.Compose([T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()]
-                         if augment else [T.Resize(size), T.CenterCrop(size), T.ToTensor()])
     eval_tf = T.Compose([T.Resize(int(round(size * 1.14))), T.CenterCrop(size), T.ToTensor()])
-    train_aug = tvd.ImageFolder(str(root / "train"), transform=train_tf)
     train_eval = tvd.ImageFolder(str(root / "train"), transform=eval_tf)
+    # Without augmentation, training sees exactly what validation and test see (one preprocessing).
+    train_tf = T.Compose([T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomHorizontalFlip(), T.ToTensor()]
+                         ) if augment else eval_tf
+    train_aug = tvd.ImageFolder(str(root / "train"), transform=train_tf) if augment else train_eval
     labels = np.asarray(train_aug.targets, dtype=np.int64)
     pool = np.arange(len(labels))
     if (root / "test").is_dir():
@@ -167,12 +158,15 @@ def load_imagefolder(cfg: "DatasetConfig") -> DataBundle:
             raise DatasetUnavailable(f"{root}/test has classes {test_folder.classes}, train has {train_aug.classes}")
         test = Split(torch.as_tensor(test_folder.targets, dtype=torch.int64), dataset=test_folder)
     else:
-        keep, held = carve_validation(len(pool), float(cfg.options.get("test_fraction", 0.1)), 0)
+        keep, held = carve_validation(labels, float(cfg.options.get("test_fraction", 0.1)), 0)
         pool = keep
         test = Split(torch.from_numpy(labels[held]), dataset=_Indexed(train_eval, held))
-    tr, va = carve_validation(len(pool), cfg.val_fraction, cfg.split_seed)
+    tr, va = carve_validation(labels[pool], cfg.val_fraction, cfg.split_seed)
     tr, va = pool[tr], pool[va]
-    h = hashlib.sha256(repr((str(root), size, augment, cfg.val_fraction, cfg.split_seed)).encode())
+    # The teacher cache is keyed by this: it covers the files, the preprocessing and the split itself.
+    h = hashlib.sha256(repr((str(root), size, augment, repr(train_tf), repr(eval_tf))).encode())
+    for part in (pool, tr, va):
+        h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
     for path, _ in train_aug.samples:
         p = Path(path)
         h.update(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
