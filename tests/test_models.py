@@ -52,6 +52,34 @@ def test_taps_survive_in_place_relu_after_a_tapped_layer():
     (out.logits.sum() + out.features["layer1.0.bn1"].sum()).backward()
 
 
+class _ResidualAfterBN(nn.Module):
+    """Like torchvision's BasicBlock: the tapped BatchNorm's output is modified in place afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.bn(x)
+        out += 10.0  # `out += identity`
+        return self.fc(out)
+
+
+def test_taps_record_the_output_before_a_later_in_place_change():
+    net = _ResidualAfterBN().eval()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        expected = net.bn(x).clone()
+    taps = FeatureTaps(net, ["bn"])
+    out = taps.run(net, x)
+    torch.testing.assert_close(out.features["bn"], expected)
+    net.train()
+    out = taps.run(net, x)  # with autograd: the recorded feature still backpropagates
+    (out.logits.sum() + out.features["bn"].pow(2).sum()).backward()
+    assert net.bn.weight.grad is not None and torch.isfinite(net.bn.weight.grad).all()
+
+
 def test_preprocess_travels_inside_the_model():
     pre = Preprocess((1, 8, 8), 4.0, 2.0)
     x = torch.full((3, 64), 6.0)

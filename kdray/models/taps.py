@@ -58,17 +58,14 @@ class FeatureTaps:
         check_layers(net, self.names)
         self._store: dict[str, Tensor] = {}
         modules = dict(net.named_modules())
-        if self.names:
-            # An in-place op after a tapped layer (ReLU(inplace=True) after a BatchNorm) would overwrite
-            # the recorded tensor and break backward; tapped networks run out of place.
-            for m in modules.values():
-                if isinstance(getattr(m, "inplace", None), bool):
-                    m.inplace = False
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
-            self._store[name] = _first_tensor(output)
+            # Record a copy: the model may modify this output in place later in its forward (a ReLU(inplace)
+            # after a BatchNorm, torchvision's BasicBlock `out += identity`). Only tapped outputs are copied,
+            # so the rest of the network keeps its in-place ops; clone() is differentiable.
+            self._store[name] = _first_tensor(output).clone()
 
         return hook
 
