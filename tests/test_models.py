@@ -121,3 +121,16 @@ def test_weights_digest_changes_with_the_weights(name, shape):
     assert weights_digest([rec]) == d1
     rec["state_dict"]["net.fc.bias"] = rec["state_dict"]["net.fc.bias"] + 1e-3
     assert weights_digest([rec]) != d1
+
+
+def test_a_model_given_raw_uint8_images_predicts_as_on_the_scaled_images_it_was_trained_on():
+    from kdray.config import DatasetConfig
+    from kdray.data import load_dataset
+    from kdray.data.loaders import to_float
+
+    data = load_dataset(DatasetConfig(name="test_images"))
+    raw = data.val.x[:8]
+    assert raw.dtype == torch.uint8
+    model = build_model("resnet8", data.info.num_classes, data.info.preprocess()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(raw), model(to_float(raw.clone())))

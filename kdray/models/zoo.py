@@ -70,7 +70,9 @@ class Preprocess(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.reshape(x.shape[0], *self.shape)
-        if not torch.is_floating_point(x):
+        if x.dtype == torch.uint8:  # raw 8-bit images, as stored on disk: to [0, 1] as training sees them
+            x = x.float() / 255.0
+        elif not torch.is_floating_point(x):
             x = x.float()
         return (x - self.mean) / self.std
 
