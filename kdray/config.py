@@ -144,6 +144,8 @@ class TrainConfig(Strict):
     def _step(self) -> "TrainConfig":
         if self.scheduler == "step" and not self.step_epochs:
             raise ValueError("scheduler 'step' needs step_epochs, e.g. [150, 180, 210]")
+        if self.scheduler == "step" and any(m <= self.warmup_epochs for m in self.step_epochs):
+            raise ValueError(f"step_epochs {self.step_epochs} must come after the warm-up ({self.warmup_epochs} epochs)")
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
         return self

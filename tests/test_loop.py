@@ -9,7 +9,7 @@ import torch
 from kdray.config import RunConfig
 from kdray.data import load_dataset
 from kdray.models import model_from_record
-from kdray.train.loop import STUDENT_FILE, evaluate, lr_at, train_run
+from kdray.train.loop import STUDENT_FILE, evaluate, train_run
 from kdray.train.runner import final_student, fit
 from kdray.train.session import Session
 
@@ -81,14 +81,46 @@ def test_a_nan_loss_ends_the_run_with_the_reason():
     assert len(session.reports) == last["epoch"]  # it stopped at the first bad epoch
 
 
-def test_lr_schedule_is_a_function_of_the_epoch():
-    t = RunConfig.model_validate({"student": {"name": "test_mlp"}, "train": {"epochs": 10, "lr": 0.1,
-                                  "warmup_epochs": 2, "scheduler": "cosine"}}).train
-    assert lr_at(t, 1) == pytest.approx(0.05) and lr_at(t, 3) == pytest.approx(0.1)
-    assert lr_at(t, 10) < 0.01
-    s = RunConfig.model_validate({"student": {"name": "test_mlp"}, "train": {"epochs": 10, "lr": 0.1,
-                                  "scheduler": "step", "step_epochs": [5, 8]}}).train
-    assert [round(lr_at(s, e), 6) for e in (5, 6, 9)] == [0.1, 0.01, 0.001]
+def schedule(**train) -> list[float]:
+    """The learning rate of epochs 1..E as the loop runs them (read before each epoch, stepped after)."""
+    from kdray.train.loop import make_optimizer, make_scheduler
+
+    t = RunConfig.model_validate({"student": {"name": "test_mlp"}, "train": train}).train
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], t)
+    sched = make_scheduler(opt, t)
+    out = []
+    for _ in range(t.epochs):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_the_lr_schedule_is_warmup_then_cosine_or_steps(warmup):
+    lr, epochs = 0.1, 10
+    span = epochs - warmup
+    expected = [lr * e / warmup if e <= warmup else lr * 0.5 * (1 + math.cos(math.pi * (e - 1 - warmup) / span))
+                for e in range(1, epochs + 1)]
+    got = schedule(epochs=epochs, lr=lr, warmup_epochs=warmup, scheduler="cosine")
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    steps = schedule(epochs=epochs, lr=lr, warmup_epochs=warmup, scheduler="step", step_epochs=[5, 8], gamma=0.1)
+    expected = [lr * e / warmup if e <= warmup else lr * 0.1 ** sum(e > m for m in (5, 8)) for e in range(1, 11)]
+    assert steps == pytest.approx(expected, rel=1e-9)
+    assert schedule(epochs=4, lr=lr, scheduler="none") == pytest.approx([lr] * 4)
+
+
+def test_a_resumed_run_continues_the_schedule_where_it_stopped(tmp_path):
+    from kdray.train.session import Session
+
+    cfg = RunConfig.model_validate({"dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"},
+                                    "train": {"epochs": 6, "batch_size": 64, "warmup_epochs": 2,
+                                              "keep_checkpoints": 6}})
+    whole = Session(checkpoint_root=tmp_path / "a")
+    train_run({"run": cfg.model_dump(mode="json")}, whole)
+    resumed = Session(resume_from=tmp_path / "a" / "checkpoint_000003")
+    train_run({"run": cfg.model_dump(mode="json")}, resumed)
+    assert [r["lr"] for r in resumed.reports] == [r["lr"] for r in whole.reports[3:]]
 
 
 @pytest.mark.ray

@@ -51,17 +51,23 @@ class DistillStep(nn.Module):
         return self.objective(s_out, teacher_out, y), s_out.logits
 
 
-def lr_at(train: TrainConfig, epoch: int) -> float:
-    """Learning rate of (1-based) ``epoch``: a pure function, so a resumed run continues exactly."""
-    if train.warmup_epochs and epoch <= train.warmup_epochs:
-        return train.lr * epoch / train.warmup_epochs
+def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule, stepped once after each epoch, from torch's own schedulers:
+    a linear warm-up over ``warmup_epochs`` (epoch e of it at lr·e/W), then cosine to 0 over the remaining
+    epochs, steps of ``gamma`` after each of ``step_epochs``, or constant. Its state is checkpointed."""
+    from torch.optim import lr_scheduler as sched
+
+    w = train.warmup_epochs
     if train.scheduler == "cosine":
-        span = max(1, train.epochs - train.warmup_epochs)
-        progress = (epoch - 1 - train.warmup_epochs) / span
-        return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if train.scheduler == "step":
-        return train.lr * train.gamma ** sum(epoch > m for m in train.step_epochs)
-    return train.lr
+        main: sched.LRScheduler = sched.CosineAnnealingLR(optimizer, T_max=max(1, train.epochs - w))
+    elif train.scheduler == "step":  # epoch e runs at lr·gamma^(number of step epochs before e)
+        main = sched.MultiStepLR(optimizer, milestones=[m - w for m in train.step_epochs], gamma=train.gamma)
+    else:
+        main = sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if w == 0:
+        return main
+    warm = sched.LinearLR(optimizer, start_factor=1.0 / w, end_factor=1.0, total_iters=max(w - 1, 0))
+    return sched.SequentialLR(optimizer, [warm, main], milestones=[w])
 
 
 def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
@@ -232,6 +238,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         )
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train)
     amp = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
@@ -244,6 +251,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             objective.load_state_dict(state["objective"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
+            scheduler.load_state_dict(state["scheduler"])
             start_epoch = int(state["epoch"]) + 1
             where_resumed = int(state["epoch"])
             if progress:
@@ -258,9 +266,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     last: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         t0 = time.perf_counter()
-        lr = lr_at(cfg.train, epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        lr = optimizer.param_groups[0]["lr"]
         objective.set_epoch(epoch)
         train_batches.set_epoch(epoch)
         seed_everything(epoch_seed(cfg.seed, rank, epoch))
@@ -294,6 +300,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             else:
                 acc += step_vals
 
+        scheduler.step()  # the next epoch's learning rate (saved with the checkpoint below)
         # One sync per epoch: every term's sum, the accuracy and the count, over all ranks.
         packed = torch.cat([acc, torch.tensor([float(seen)], device=device)])
         packed = session.all_reduce_sum(packed.double())
@@ -341,7 +348,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         t_report = time.perf_counter()
         if save and rank == 0:
             with scratch_dir() as d:
-                _write_checkpoint(d, unwrap(step_module), optimizer, scaler, epoch, cfg, info, metrics)
+                _write_checkpoint(d, unwrap(step_module), optimizer, scaler, scheduler, epoch, cfg, info, metrics)
                 metrics["checkpoint_write_s"] = time.perf_counter() - t_report
                 session.report(metrics, d)
         else:
@@ -359,7 +366,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     return last
 
 
-def _write_checkpoint(d: str, step: DistillStep, optimizer, scaler, epoch: int, cfg: RunConfig, info, metrics) -> None:
+def _write_checkpoint(d: str, step: DistillStep, optimizer, scaler, scheduler, epoch: int, cfg: RunConfig, info,
+                      metrics) -> None:
     record = model_record(
         step.student, model_name=cfg.student.name, model_options=cfg.student.options,
         num_classes=info.num_classes, dataset=cfg.dataset.model_dump(mode="json"),
@@ -369,7 +377,7 @@ def _write_checkpoint(d: str, step: DistillStep, optimizer, scaler, epoch: int, 
     atomic_torch_save(record, Path(d) / STUDENT_FILE)
     atomic_torch_save(
         {"epoch": epoch, "objective": step.objective.state_dict(), "optimizer": optimizer.state_dict(),
-         "scaler": scaler.state_dict()},
+         "scaler": scaler.state_dict(), "scheduler": scheduler.state_dict()},
         Path(d) / STATE_FILE,
     )
 
