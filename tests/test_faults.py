@@ -150,6 +150,7 @@ def test_a_train_worker_killed_mid_epoch_resumes_from_its_checkpoint(ray_cluster
     from kdray.train.loop import STUDENT_FILE, train_run
     from kdray.train.runner import final_student, fit
     from kdray.train.session import Session
+    from fault_hooks import KillOnce
 
     cfg = RunConfig.model_validate({"dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"},
                                     "teacher": {"checkpoint": "t.pt"}, "knowledge": [{"type": "kd"}],
@@ -157,7 +158,7 @@ def test_a_train_worker_killed_mid_epoch_resumes_from_its_checkpoint(ray_cluster
                                     "resources": {"num_workers": 1, "max_failures": 2}})
     marker = tmp_path / "killed"
     result = fit(cfg, [blobs_teacher], storage_path=str(tmp_path), name="kill", progress=False,
-                 extra={"_fault_kill_at": f"3:5:{marker}"})  # SIGKILL in epoch 3, at step 5
+                 extra={"step_hook": KillOnce(3, 5, marker)})  # SIGKILL in epoch 3, at step 5
     assert marker.exists(), "the worker was not killed"
     # Resumed from the last checkpoint Train had registered (epoch 1 or 2: the epoch-2 report may still be in
     # flight when the kill comes milliseconds later), never from scratch.

@@ -57,19 +57,14 @@ class KdraySearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
-        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
-            self._completed_trials.add(trial_id)  # told before an interruption (see on_trial_result)
-            return
         value, state = None, TrialState.FAIL
         if not error and result and not result.get("failed") and self.metric in result:
             if not ran_all_epochs(result, self.max_epochs):
                 state = TrialState.PRUNED
             else:
                 value, state = float(result[self.metric]), TrialState.COMPLETE
-        try:
-            self._ot_study.tell(ot_trial, value, state=state)
-        except Exception:  # noqa: BLE001 - already told (e.g. after a restore)
-            pass
+        # skip_if_finished: a trial told before an interruption (see on_trial_result) keeps its first verdict
+        self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
 
 
@@ -147,6 +142,6 @@ def close_abandoned(storage_url: str, study_name: str) -> int:
     study = optuna.load_study(study_name=study_name, storage=storage_url)
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         n += 1
     return n

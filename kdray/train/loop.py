@@ -165,7 +165,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     """Train one student (or a teacher, when there is no knowledge) and report every epoch.
 
     ``config``: ``run`` (a RunConfig as a dict), ``teacher_records`` (model records or object refs),
-    ``teacher_cache`` (optional TeacherCache or ref), ``progress`` (print a line per epoch).
+    ``teacher_cache`` (optional TeacherCache or ref), ``progress`` (print a line per epoch), ``step_hook``
+    (optional callable(epoch, step) run before every step, e.g. a test's fault injection).
     Returns the last metrics. A NaN/inf loss ends the run with a final report whose ``failed`` field
     gives the reason; it is not raised, so Ray does not retry a deterministic failure.
     """
@@ -257,7 +258,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             if progress:
                 print(f"[kdray] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
-    fault = _fault_injection(config.get("_fault_kill_at"))
+    step_hook = config.get("step_hook")  # callable(epoch, step) before each step: tests inject faults here
     progress_every = max(1, cfg.train.epochs // 20)  # about 20 progress lines per run
     report_latency = 0.0
     where = node_info()
@@ -275,8 +276,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         acc: Tensor | None = None  # per-term sums (weighted by batch size), then correct predictions
         seen = 0
         for step, (idx, x, y) in enumerate(train_batches):
-            if fault and fault.should_fire(epoch, step):
-                fault.fire()
+            if step_hook is not None:
+                step_hook(epoch, step)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             t_out = teacher_out(idx, x) if objective.needs_teacher else None
@@ -380,32 +381,3 @@ def _write_checkpoint(d: str, step: DistillStep, optimizer, scaler, scheduler, e
          "scaler": scaler.state_dict(), "scheduler": scheduler.state_dict()},
         Path(d) / STATE_FILE,
     )
-
-
-class _Fault:
-    """Test hook: ``epoch:step:marker`` (loop config ``_fault_kill_at`` or ``$KDRAY_FAULT_KILL_AT``) SIGKILLs
-    this process once, mid-epoch.
-
-    Only the fault-tolerance tests set it; the marker file makes it fire on the first attempt only,
-    so the restarted worker can resume from its checkpoint and finish.
-    """
-
-    def __init__(self, epoch: int, step: int, marker: Path) -> None:
-        self.epoch, self.step, self.marker = epoch, step, marker
-
-    def should_fire(self, epoch: int, step: int) -> bool:
-        return epoch == self.epoch and step == self.step and not self.marker.exists()
-
-    def fire(self) -> None:
-        import signal
-
-        self.marker.write_text(str(os.getpid()))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fault_injection(spec: str | None = None) -> _Fault | None:
-    spec = spec or os.environ.get("KDRAY_FAULT_KILL_AT")
-    if not spec:
-        return None
-    epoch, step, marker = spec.split(":", 2)
-    return _Fault(int(epoch), int(step), Path(marker))
