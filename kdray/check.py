@@ -105,6 +105,12 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
                 if tuple(rec["preprocess"]["shape"]) != tuple(info.model_input):
                     raise ConfigError(f"the teacher takes inputs of shape {tuple(rec['preprocess']['shape'])} "
                                       f"but data set {cfg.dataset.name!r} gives {info.model_input}", file, where)
+                diff = cfg.dataset.split_differences(rec.get("dataset") or {})
+                if diff and not cfg.teacher.allow_split_mismatch:
+                    raise ConfigError(
+                        f"the teacher was trained on another train/validation split ({'; '.join(diff)}): it has "
+                        "seen this run's validation samples, which favours distillation in selection. Retrain it "
+                        "on this split, or set teacher.allow_split_mismatch: true to accept that", file, where)
                 members.append(model_from_record(rec))
             teacher = Teacher(members)
             report.teacher = "+".join(r["model"] for r in records)

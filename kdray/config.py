@@ -88,6 +88,9 @@ class Strict(BaseModel):
 
 
 # -- pieces --------------------------------------------------------------------------------------------
+SPLIT_FIELDS = ("name", "options", "val_fraction", "split_seed")  # what decides which samples are validation
+
+
 class DatasetConfig(Strict):
     name: Annotated[str, AfterValidator(DATASETS.check)] = Field(
         "mnist1d", description="a registered data set (kdray list)")
@@ -97,6 +100,12 @@ class DatasetConfig(Strict):
     download: bool = Field(False, description="allow torchvision to download a missing data set")
     augment: bool | None = Field(None, description="random augmentation of training images (default: the set's standard)")
     options: dict[str, Any] = Field(default_factory=dict, description="data-set specific options")
+
+    def split_differences(self, other: dict[str, Any]) -> list[str]:
+        """The fields of another run's data set config (a checkpoint's) that give it a different split."""
+        mine = self.model_dump(mode="json")
+        return [f"{k}: {other.get(k)!r} there, {mine[k]!r} here" for k in SPLIT_FIELDS
+                if other.get(k, DatasetConfig.model_fields[k].get_default(call_default_factory=True)) != mine[k]]
 
     @model_validator(mode="after")
     def _options(self) -> "DatasetConfig":
@@ -204,6 +213,9 @@ class TeacherConfig(Strict):
         None, description="a kdray model checkpoint, or a list of them (an ensemble whose logits are averaged)"
     )
     train: TeacherTrainSpec | None = Field(None, description="train this teacher first instead of loading one")
+    allow_split_mismatch: bool = Field(
+        False, description="use a teacher trained on another train/validation split (it has seen validation "
+        "samples, which biases selection towards distillation); tagged in MLflow")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":

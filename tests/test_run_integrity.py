@@ -192,3 +192,23 @@ def test_a_teacher_trained_on_other_data_is_not_reused(tmp_path):
     Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "train" / "a" / "0.png")
     teacher_records(cfg, str(tmp_path / "runs"), inline=True, progress=False, log=said.append)
     assert said[-1].startswith("training"), said
+
+
+def test_a_teacher_trained_on_another_split_is_refused_unless_allowed(tmp_path, blobs_teacher_file):
+    run = {"dataset": {"name": "test_blobs", "split_seed": 1}, "teacher": {"checkpoint": str(blobs_teacher_file)},
+           "student": {"name": "test_mlp"}, "knowledge": [{"type": "kd"}]}
+    r = kdray("check", str(write_yaml(tmp_path / "leak.yaml", run)), cwd=tmp_path)
+    assert r.returncode == 2 and "field 'teacher.checkpoint'" in r.stderr and "split_seed" in r.stderr, r.stderr
+    run["teacher"]["allow_split_mismatch"] = True
+    r = kdray("check", str(write_yaml(tmp_path / "allowed.yaml", run)), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+    from kdray.config import RunConfig
+    from kdray.models import load_record
+    from kdray.train.loop import train_run
+    from kdray.train.session import Session
+
+    cfg = RunConfig.model_validate({**run, "train": {"epochs": 1}})
+    s = Session()
+    train_run({"run": cfg.model_dump(mode="json"), "teacher_records": [load_record(blobs_teacher_file)]}, s)
+    assert s.reports[-1]["teacher_split_mismatch"] == "split_seed: 0 there, 1 here"

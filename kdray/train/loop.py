@@ -264,6 +264,9 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     where = node_info()
     if objective.needs_teacher:
         where["teacher_reason"] = teacher_out.reason
+        split = sorted({d for r in records for d in cfg.dataset.split_differences(r.get("dataset") or {})})
+        if split:  # only reachable with teacher.allow_split_mismatch (checked before the run)
+            where["teacher_split_mismatch"] = "; ".join(split)
     last: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         t0 = time.perf_counter()
