@@ -107,7 +107,7 @@ class TeacherOutputs:
     """What the training loop asks for teacher outputs: from the cache when valid, else live."""
 
     def __init__(self, teacher: Teacher | None, cache: TeacherCache | None, layers: list[str],
-                 device: torch.device, reason: str) -> None:
+                 device: torch.device, reason: str, copy_to_device: bool = True) -> None:
         self.teacher, self.layers, self.device, self.reason = teacher, list(layers), device, reason
         self.source = "cache" if cache is not None else "live"
         self._logits: Tensor | None = None
@@ -119,13 +119,15 @@ class TeacherOutputs:
                 warnings.simplefilter("ignore", UserWarning)
                 self._logits = torch.from_numpy(np.asarray(cache.logits))
                 self._feats = {k: torch.from_numpy(np.asarray(cache.features[k])) for k in self.layers}
-            if device.type == "cuda":
+            if device.type == "cuda" and copy_to_device:  # a whole GPU: one copy, then slices on the device
                 self._logits = self._logits.to(device)
                 self._feats = {k: v.to(device) for k, v in self._feats.items()}
+            # Trials sharing a GPU (gpus_per_worker < 1) each copy only their batch's rows (__call__).
 
     @classmethod
     def create(cls, teacher: Teacher | None, cache: TeacherCache | None, records: list[dict[str, Any]],
-               data: DataBundle, layers: list[str], device: torch.device) -> "TeacherOutputs":
+               data: DataBundle, layers: list[str], device: torch.device,
+               copy_to_device: bool = True) -> "TeacherOutputs":
         if cache is None:
             return cls(teacher, None, layers, device, "no cache was offered")
         if not data.deterministic:
@@ -137,7 +139,7 @@ class TeacherOutputs:
             return cls(teacher, None, layers, device, f"layers {missing} are not cached")
         if len(cache) != len(data.train):
             return cls(teacher, None, layers, device, "cache size does not match the training split")
-        return cls(teacher, cache, layers, device, f"shared cache ({cache.note})")
+        return cls(teacher, cache, layers, device, f"shared cache ({cache.note})", copy_to_device)
 
     def __call__(self, idx: Tensor, x: Tensor) -> TapOutputs:
         if self._logits is None:

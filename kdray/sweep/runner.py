@@ -113,8 +113,15 @@ def run_trial(params: dict[str, Any], *, space: SearchSpace, teacher_refs: list,
         raise result.error
 
 
+def cache_summary(cache: Any) -> dict[str, Any] | None:
+    if cache is None:
+        return None
+    return {"samples": len(cache), "features": len(cache.features), "nbytes": cache.nbytes, "note": cache.note}
+
+
 def _build_cache_task(records: list, dataset: dict[str, Any], layers: list[str], max_bytes: int, dtype: str,
-                      use_gpu: bool):
+                      use_gpu: bool, summarise: bool = False):
+    """The cache (and, with ``summarise``, its summary as a second return value: what the driver reads)."""
     import torch
 
     from kdray.config import DatasetConfig
@@ -125,7 +132,8 @@ def _build_cache_task(records: list, dataset: dict[str, Any], layers: list[str],
     records = [resolve_ref(r) for r in records]
     data = load_dataset(DatasetConfig.model_validate(dataset))
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    return build_cache(records, data, layers, max_bytes, dtype, device)
+    cache = build_cache(records, data, layers, max_bytes, dtype, device)
+    return (cache, cache_summary(cache)) if summarise else cache
 
 
 def teacher_layers_needed(space: SearchSpace, records: list[dict[str, Any]]) -> list[str]:
@@ -176,17 +184,20 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
             base.resources.use_gpu)
     if base.resources.use_gpu:  # the teacher pass belongs on a GPU node: a Ray task there
         task = ray.remote(_build_cache_task).options(num_cpus=base.resources.cpus_per_worker,
-                                                     num_gpus=min(1.0, base.resources.gpus_per_worker))
-        ref = task.remote(*args)
-        cache = ray.get(ref)
+                                                     num_gpus=min(1.0, base.resources.gpus_per_worker),
+                                                     num_returns=2)
+        ref, summary_ref = task.remote(*args, summarise=True)
+        summary = ray.get(summary_ref)  # a few numbers: the cache itself (up to max_bytes) stays in the store
     else:  # on CPU, here: no worker process to start for one pass over the data
         cache = _build_cache_task(*args)
+        summary = cache_summary(cache)
         ref = ray.put(cache) if cache is not None else None
-    if cache is None:
+    if summary is None:
         say("teacher-output cache: nothing fits the memory budget (cache.max_bytes); teachers run live")
         return None
-    say(f"teacher-output cache: {len(cache)} samples, logits + {len(cache.features)} feature maps "
-        f"({cache.nbytes / 2**20:.1f} MiB, {cache.note}) built in {time.time() - t0:.1f} s; shared by all trials")
+    say(f"teacher-output cache: {summary['samples']} samples, logits + {summary['features']} feature maps "
+        f"({summary['nbytes'] / 2**20:.1f} MiB, {summary['note']}) built in {time.time() - t0:.1f} s; shared by "
+        "all trials")
     return ref
 
 

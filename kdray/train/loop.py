@@ -218,7 +218,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     train_batches = Batches(data.train, cfg.train.batch_size, train=True, rank=rank, world=world, seed=cfg.seed,
                             device=device, augment=data.augment, num_workers=cfg.resources.loader_workers)
     teacher_out = TeacherOutputs.create(teacher, resolve_ref(config.get("teacher_cache")), records, data,
-                                        objective.teacher_layers, device)
+                                        objective.teacher_layers, device,
+                                        copy_to_device=cfg.resources.gpus_per_worker >= 1)
 
     # One dry forward pass on two samples: connector shapes (FitNets' regressor) come from real taps.
     if objective.needs_teacher:
