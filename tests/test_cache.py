@@ -10,7 +10,7 @@ from kdray.config import DatasetConfig
 from kdray.data import Batches, load_dataset
 from kdray.knowledge import DistillObjective, ModelLayout
 from kdray.models import FeatureTaps, Preprocess, Teacher, build_model
-from kdray.teacher_cache import TeacherOutputs, build_cache, plan_cache
+from kdray.teacher_cache import TeacherOutputs, build_cache
 
 LAYERS = ["block2", "block3", "flatten"]
 
@@ -75,14 +75,17 @@ def test_other_data_or_augmentation_or_missing_layers_run_the_teacher_live(setup
                                                  ["block1"], torch.device("cpu")).reason
 
 
-def test_the_cache_plan_respects_the_memory_budget():
-    shapes = {"a": (64, 8, 8), "b": (128,)}
-    n, c = 1000, 10
-    full = n * c * 4 + n * (64 * 64 + 128) * 4
-    assert plan_cache(n, shapes, c, full)[0:2] == ("float32", ["a", "b"])
-    assert plan_cache(n, shapes, c, full - 1)[0:2] == ("float16", ["a", "b"])
-    assert plan_cache(n, shapes, c, n * c * 4)[0:2] == ("float32", [])  # logits only
-    assert plan_cache(n, shapes, c, 10)[0] is None
+def test_the_cache_fits_its_memory_budget_exactly(mnist1d_teacher):
+    data = load_dataset(DatasetConfig(name="mnist1d"))
+    full = build_cache([mnist1d_teacher], data, LAYERS, max_bytes=2**40)
+    assert full.dtype == "float32" and set(full.features) == set(LAYERS)
+    exact = build_cache([mnist1d_teacher], data, LAYERS, max_bytes=full.nbytes)  # fits to the byte
+    assert exact.dtype == "float32" and exact.nbytes == full.nbytes
+    half = build_cache([mnist1d_teacher], data, LAYERS, max_bytes=full.nbytes - 1)
+    assert half.dtype == "float16" and half.nbytes <= full.nbytes - 1
+    logits_only = build_cache([mnist1d_teacher], data, LAYERS, max_bytes=full.logits.nbytes)
+    assert logits_only.features == {} and logits_only.nbytes == full.logits.nbytes
+    assert build_cache([mnist1d_teacher], data, LAYERS, max_bytes=full.logits.nbytes - 1) is None
 
 
 def test_fp16_features_stay_within_half_precision_of_live(mnist1d_teacher):

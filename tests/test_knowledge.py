@@ -121,8 +121,13 @@ def test_fitnet_is_mse_after_the_regressor_and_zero_for_an_exact_hint():
     f_s, f_t = torch.randn(4, 8, 5, 5), torch.randn(4, 8, 5, 5)
     fit = FitNet("t", "s")
     fit.bind({"t": f_t}, {"s": f_s})
-    want = ((fit.regressor(f_s) - f_t) ** 2).mean().item()
-    assert fit(f_s, f_t).item() == pytest.approx(want, rel=1e-6)
+    w, b = np.random.default_rng(0).normal(size=(8, 8)), np.random.default_rng(1).normal(size=8)
+    with torch.no_grad():  # a known 1x1 convolution: r(F_s)[c] = sum_k w[c, k] F_s[k] + b[c]
+        fit.regressor.proj.weight.copy_(torch.from_numpy(w).view(8, 8, 1, 1))
+        fit.regressor.proj.bias.copy_(torch.from_numpy(b))
+    r = np.einsum("ck,nkhw->nchw", w, f_s.double().numpy()) + b[None, :, None, None]
+    want = ((r - f_t.double().numpy()) ** 2).mean()
+    assert fit(f_s, f_t).item() == pytest.approx(want, rel=1e-5)
     with torch.no_grad():  # identity regressor: the hint equals the guided layer, loss 0
         fit.regressor.proj.weight.copy_(torch.eye(8).view(8, 8, 1, 1))
         fit.regressor.proj.bias.zero_()

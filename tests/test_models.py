@@ -110,7 +110,12 @@ def test_teacher_is_frozen_in_eval_and_ensembles_average_logits():
     with torch.no_grad():
         torch.testing.assert_close(out.logits, (a(x) + b(x)) / 2)
     assert out.features["block1"].shape == (5, 8)
-    assert not isinstance(t, nn.parallel.DistributedDataParallel)
+    bn = Teacher([build_model("resnet8", 3, Preprocess((3, 32, 32)))])
+    bn.train()  # a training loop calls train() on everything it holds
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    bn(torch.randn(4, 3, 32, 32) * 5 + 3)  # far from the initial running statistics
+    for k, v in bn.state_dict().items():  # BatchNorm statistics of a frozen teacher do not move
+        torch.testing.assert_close(v, before[k], msg=k)
 
 
 @pytest.mark.parametrize("name,shape", [("test_mlp", (1, 16)), ("resnet8", (3, 32, 32))])  # resnet8: BatchNorm

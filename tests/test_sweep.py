@@ -58,15 +58,21 @@ def test_the_champion_is_registered_and_reproduces_its_test_accuracy(sweep):
     tmp, result = sweep
     ch = result.champion
     assert ch is not None
-    best_val = max(o.val_accuracy for o in result.outcomes if o.status == "completed")
-    assert ch.val_accuracy == best_val
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(ch.alias_uri)
-    test = load_dataset(DatasetConfig(name="test_blobs")).test
-    with torch.no_grad():
-        acc = (model(test.x).argmax(1) == test.y).float().mean().item()  # raw inputs: preprocessing is inside
+    data = load_dataset(DatasetConfig(name="test_blobs"))
+    with torch.no_grad():  # raw inputs: preprocessing is inside
+        acc = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
+        val = (model(data.val.x).argmax(1) == data.val.y).float().mean().item()
     assert acc == pytest.approx(ch.test_accuracy, abs=0.005)
+    # The registered model is the one whose validation accuracy was recorded, and no finished trial's
+    # recorded validation accuracy (read back from MLflow, not from the sweep's memory) beats it.
+    assert val == pytest.approx(ch.val_accuracy, abs=1e-6)
+    c = MlflowClient(uri)
+    recorded = [r.data.metrics["val_accuracy"] for r in sweep_children(c, find_sweep(c, "tiny-e2e"), kind="trial")
+                if r.data.tags[TAG_STATUS] == "completed"]
+    assert len(recorded) == 3 and max(recorded) == pytest.approx(ch.val_accuracy)
     version = MlflowClient(uri).get_model_version_by_alias("kdray-tiny", "champion")
     assert version.tags["kdray.sweep"] == "tiny-e2e"
 
@@ -124,9 +130,15 @@ def test_final_retrains_champion_and_none_over_seeds_with_a_test(sweep):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     res = run_final(uri, "tiny-e2e", 3, str(tmp / "runs"), say=lambda m: None)
     assert res.seeds == [1, 2, 3] and len(res.champion) == 3 and len(res.none) == 3
-    assert all(0.0 < a <= 1.0 for a in res.champion + res.none)
-    assert 0.0 <= res.p_value <= 1.0 and res.ci[0] <= res.gain <= res.ci[1]
-    assert 0.5 < res.teacher_test_accuracy <= 1.0
+    n_test = len(load_dataset(DatasetConfig(name="test_blobs")).test)
+    for a in res.champion + res.none:  # accuracies on the whole test split: a count of correct samples / n
+        assert a * n_test == pytest.approx(round(a * n_test), abs=1e-6)
+    from scipy import stats
+
+    assert res.gain == pytest.approx(sum(res.champion) / 3 - sum(res.none) / 3)
+    assert res.p_value == pytest.approx(stats.ttest_ind(res.champion, res.none, equal_var=False).pvalue, nan_ok=True)
+    assert res.ci[0] <= res.gain <= res.ci[1]
+    assert res.teacher_test_accuracy > 1 / 3 + 0.2  # three classes: well above chance
     c = MlflowClient(uri)
     parent = find_sweep(c, "tiny-e2e")
     finals = sweep_children(c, parent, kind="final")
