@@ -233,17 +233,18 @@ def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, s
         else:
             status = "completed"
         ckpt = _checkpoint_of(r, storage)
-        number = _number_from_path(r.path)
+        number = tag_number(m.get("experiment_tag"))
         out.append(TrialOutcome(tid, run_ids.get(tid), params.get("knowledge", NONE), status, int(m.get("epoch", 0)),
                                 float(m.get("val_accuracy", float("nan"))), params, ckpt, number))
     return out
 
 
-def _number_from_path(path: str | None) -> int:
-    """Tune's trial folders are ``<trainable>_<id>_<n>_<params>``: n is the trial's position in the sweep."""
+def tag_number(experiment_tag: Any) -> int:
+    """The trial's position in the sweep (1-based) from Tune's experiment tag (``5_knowledge=kd,...``),
+    which Tune adds to every result; 0 if there is none."""
     try:
-        return int(Path(path).name.split("_")[3])
-    except (TypeError, IndexError, ValueError):
+        return int(str(experiment_tag).split("_", 1)[0])
+    except ValueError:
         return 0
 
 
@@ -494,7 +495,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                                             base.resources.gpus_per_worker)
             from kdray.data import load_dataset
 
-            raw = load_dataset(base.dataset).test
+            raw = load_dataset(base.dataset).train  # the test split is read only for the one evaluation
             example = raw.x[:5] if raw.in_memory else raw.dataset[0][0].unsqueeze(0)
             from kdray.data.loaders import to_float
 
