@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 from typing import Any
 
 import optuna
@@ -31,8 +32,11 @@ def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers
         return optuna.samplers.RandomSampler(seed=seed)
     # group=True: with conditional parameters (each knowledge type's own sub-space) multivariate TPE
     # models each group of co-occurring parameters jointly instead of falling back to independent TPE.
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup_trials,
-                                      warn_independent_sampling=False)
+    # multivariate and group are "experimental" in Optuna's terms, and kdray chose them knowingly: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          n_startup_trials=n_startup_trials)
 
 
 class KdraySearch(OptunaSearch):
