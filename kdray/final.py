@@ -61,16 +61,19 @@ def welch(a: list[float], b: list[float]) -> float:
 
 
 def bootstrap_ci(a: list[float], b: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of mean(a) - mean(b), resampling each group with replacement."""
-    rng = np.random.default_rng(seed)
-    a, b = np.asarray(a), np.asarray(b)
-    diffs = rng.choice(a, (n, len(a))).mean(1) - rng.choice(b, (n, len(b))).mean(1)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
-    return float(lo), float(hi)
+    """95 % percentile interval of mean(a) - mean(b), resampling each group with replacement (scipy's
+    bootstrap of two independent samples)."""
+    from scipy import stats
+
+    res = stats.bootstrap((np.asarray(a), np.asarray(b)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
+                          n_resamples=n, confidence_level=0.95, method="percentile", vectorized=True,
+                          rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _train_and_test(run: dict[str, Any], teacher_refs: list) -> dict[str, float]:
-    """One seed of one configuration: train (inline) and measure the final student on the test split."""
+def _train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "") -> dict[str, float]:
+    """One seed of one configuration, trained as the sweep trained its trials (inline in one process, or a
+    TorchTrainer over the same workers, so the global batch is the same), then measured on the test split."""
     import tempfile
     from pathlib import Path
 
@@ -84,15 +87,27 @@ def _train_and_test(run: dict[str, Any], teacher_refs: list) -> dict[str, float]
 
     quiet_ray_loggers()
     cfg = RunConfig.model_validate(run)
-    with tempfile.TemporaryDirectory() as d:
-        session = Session(checkpoint_root=d)
-        last = train_run({"run": run, "teacher_records": [resolve_ref(r) for r in teacher_refs]}, session)
-        if last.get("failed"):
+    records = [resolve_ref(r) for r in teacher_refs]
+    if cfg.resources.resolved_execution() == "train":
+        from kdray.storage import join
+        from kdray.train.runner import final_student, fit, new_run_name
+
+        result = fit(cfg, records, storage_path=join(storage, "final"), name=new_run_name(f"final-seed{cfg.seed}"),
+                     progress=False)
+        if result.failed:
             return {"val_accuracy": float("nan"), "test_accuracy": float("nan"), "failed": 1.0}
-        record = load_record(Path(session.last_checkpoint) / STUDENT_FILE)
+        last, record = result.metrics, final_student(result)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            session = Session(checkpoint_root=d)
+            last = train_run({"run": run, "teacher_records": records}, session)
+            if last.get("failed"):
+                return {"val_accuracy": float("nan"), "test_accuracy": float("nan"), "failed": 1.0}
+            record = load_record(Path(session.last_checkpoint) / STUDENT_FILE)
     device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
     test = evaluate(model_from_record(record).to(device), load_dataset(cfg.dataset).test, 512, device)
-    return {"val_accuracy": float(last["val_accuracy"]), "test_accuracy": float(test["accuracy"])}
+    return {"val_accuracy": float(last["val_accuracy"]), "test_accuracy": float(test["accuracy"]),
+            "workers": float(last.get("world_size", 1))}
 
 
 def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) -> FinalResult:
@@ -113,7 +128,8 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     champ_id = parent.data.tags.get("kdray.champion_run_id")
     if not champ_id:
         raise FinalError(f"sweep {name} has no champion yet (status {parent.data.tags.get(TAG_STATUS)})")
-    best_none = best_labels_only(sweep_children(c, parent, kind="trial"))
+    # The champion never serves as its own baseline (a labels-only champion against itself measures noise).
+    best_none = best_labels_only(sweep_children(c, parent, kind="trial"), exclude=champ_id)
     mlflow.set_tracking_uri(uri)
     try:
         configs = {"champion": mlflow.artifacts.load_dict(f"runs:/{champ_id}/resolved_config.json")}
@@ -122,7 +138,12 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     except Exception as e:  # noqa: BLE001
         raise FinalError(f"sweep {name}'s trials have no resolved_config.json artifact (made by an older kdray?): "
                          f"{e}") from None
-    if best_none is None:
+    champ_is_none = not configs["champion"].get("knowledge")
+    if best_none is None and champ_is_none:
+        baseline = ("the champion's own configuration (the champion is labels-only and the sweep has no other "
+                    "labels-only trial): the difference measures seed-to-seed noise, not distillation")
+        configs["none"] = dict(configs["champion"])
+    elif best_none is None:
         baseline = "the champion's configuration without its knowledge terms (the sweep has no labels-only trial)"
         configs["none"] = {**configs["champion"], "knowledge": [], "ce_weight": 1.0}
     else:
@@ -132,7 +153,7 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
             "" if st == "completed" else f" after {ep} epochs: no labels-only trial ran to the end") + ")"
     say(f"baseline: {baseline}")
     champ_cfg = RunConfig.model_validate(configs["champion"])
-    if champ_cfg.knowledge_label == "none":
+    if champ_is_none and best_none is not None:
         say("the champion is itself a labels-only trial: its 'gain' is measured against the best other none trial")
     records = teacher_records(champ_cfg, storage, log=say, inline=True)
     teacher_acc = test_accuracy(records[0], champ_cfg.dataset.model_dump(mode="json")) if len(records) == 1 else \
@@ -148,12 +169,18 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     say(f"retraining {champ_cfg.knowledge_label} (champion) and none (best labels-only) with seeds {seed_list}: "
         f"{len(jobs)} runs")
     if ray.is_initialized():
-        pending = [ray.remote(_train_and_test).options(num_cpus=rc.resources.cpus_per_worker,
-                                                       num_gpus=min(1.0, rc.resources.gpus_per_worker))
-                   .remote(run, refs) for _, _, run, rc in jobs]
+        from kdray.ray_setup import DRIVER_RESOURCE
+
+        def options(rc: RunConfig) -> dict[str, Any]:
+            if rc.resources.resolved_execution() == "train":  # drives a TorchTrainer: its workers hold the CPUs
+                return {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 1}}
+            return {"num_cpus": rc.resources.cpus_per_worker, "num_gpus": min(1.0, rc.resources.gpus_per_worker)}
+
+        pending = [ray.remote(_train_and_test).options(**options(rc)).remote(run, refs, storage)
+                   for _, _, run, rc in jobs]
         outputs = ray.get(pending)
     else:
-        outputs = [_train_and_test(run, refs) for _, _, run, _ in jobs]
+        outputs = [_train_and_test(run, refs, storage) for _, _, run, _ in jobs]
     rows = [{"config": w, "seed": s, **o} for (w, s, _, _), o in zip(jobs, outputs)]
     champ = [r["test_accuracy"] for r in rows if r["config"] == "champion" and math.isfinite(r["test_accuracy"])]
     none = [r["test_accuracy"] for r in rows if r["config"] == "none" and math.isfinite(r["test_accuracy"])]
@@ -165,14 +192,14 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     return res
 
 
-def best_labels_only(trials: list) -> Any | None:
+def best_labels_only(trials: list, exclude: str | None = None) -> Any | None:
     """The sweep's best labels-only (``none``) trial run: completed ones first, else the best stopped early.
 
     ASHA stops ``none`` trials as readily as any other weak configuration, so a sweep may end without a
     completed one; the trial that got furthest still holds a searched configuration, and ``final``
     retrains it for the full budget anyway. Failed trials never serve. None when there is no such trial.
     """
-    nones = [t for t in trials if t.data.tags.get("kdray.knowledge") == "none"
+    nones = [t for t in trials if t.data.tags.get("kdray.knowledge") == "none" and t.info.run_id != exclude
              and t.data.tags.get(TAG_STATUS) in ("completed", "stopped_early")]
     if not nones:
         return None

@@ -233,3 +233,23 @@ def test_trials_that_asha_stops_are_pruned_in_optuna_not_completed(ray_cluster, 
     states = {t.number + 1: t.state.name for t in study.trials}
     for o in result.outcomes:  # Optuna's trial numbers follow the sweep's, one trial at a time
         assert states[o.number] == ("PRUNED" if o.status == "stopped_early" else "COMPLETE"), (o, states)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_final_retrains_with_the_sweeps_workers_and_says_what_a_labels_only_champion_is_compared_with(
+        ray_cluster, tmp_path):
+    from kdray.final import run_final
+    from kdray.sweep.runner import run_sweep
+
+    base = yaml.safe_load(yaml.safe_dump(TINY_SPACE["base"]))
+    base["resources"].update(num_workers=2, execution="train")
+    base["train"]["epochs"] = 2
+    del base["teacher"]  # labels only: no teacher to train
+    space = space_file(tmp_path, name="fin", num_samples=1, base=base, scheduler={"type": "fifo"},
+                       space={"knowledge": {"none": {}}})
+    run_sweep(request(tmp_path, space, "f"))
+    said: list[str] = []
+    res = run_final(f"sqlite:///{tmp_path / 'mlflow.db'}", "f", 2, str(tmp_path / "runs"), say=said.append)
+    assert [r["workers"] for r in res.rows] == [2.0] * 4  # two DDP workers, as the trial had: same global batch
+    assert "seed-to-seed noise" in res.baseline, res.baseline  # not "the best labels-only trial": that is itself

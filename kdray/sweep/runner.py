@@ -300,6 +300,15 @@ def log_search_plots(c, parent_id: str, req: SweepRequest, board: pd.DataFrame, 
             c.log_artifact(parent_id, str(f), "plots")
 
 
+def _import_plot_libraries() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import optuna.visualization  # noqa: F401
+    import sklearn  # noqa: F401 - the champion's data loading imports it in this thread meanwhile
+
+
 def _history_png(board: pd.DataFrame, path: str) -> None:
     import matplotlib
 
@@ -470,6 +479,9 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     interrupted = len(outcomes) < num_samples or _was_interrupted(results)
     timings["leaderboard_s"] = time.time() - t0
     # The plots (Optuna's importance etc., ~2 s) are drawn while the champion is tested and registered.
+    # Their libraries are imported here first: two threads importing plotly and scikit-learn at once share
+    # narwhals, and Python's import locks then raise a deadlock error in one of them.
+    _import_plot_libraries()
     plots = threading.Thread(target=log_search_plots, args=(c, parent_id, req, board, say), daemon=True)
     plots.start()
 

@@ -330,6 +330,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         metrics = {
             "epoch": epoch,
             PLANNED_EPOCHS: cfg.train.epochs,
+            "world_size": world,
             "val_accuracy": val["accuracy"],
             "val_loss": val["loss"],
             "train_accuracy": packed[-2].item() / total,
