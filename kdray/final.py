@@ -123,7 +123,8 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     c = client(uri)
     parent = find_sweep(c, sweep)
     if parent is None:
-        raise FinalError(f"no sweep {'named ' + repr(sweep) + ' ' if sweep else ''}in {uri}")
+        raise FinalError(f"no sweep named {sweep!r} in {uri}" if sweep else
+                         f"no finished sweep in {uri} (name a running or interrupted one with --sweep)")
     name = parent.data.tags[TAG_SWEEP]
     champ_id = parent.data.tags.get("kdray.champion_run_id")
     if not champ_id:

@@ -67,7 +67,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         ch = result.champion
         print(f"\nchampion: {ch.knowledge} (trial {ch.trial_id}) val_accuracy {ch.val_accuracy:.4f}, "
               f"test_accuracy {ch.test_accuracy:.4f}")
-        print(f"registered as {ch.alias_uri} ({ch.model_uri})")
+        print(f"{ch.note}\n  {ch.model_uri}" + (f" = {ch.alias_uri}" if ch.alias_uri else ""))
         print(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
     return 0
 
@@ -86,13 +86,20 @@ def _format_board(df, limit: int = 20) -> str:
 
 
 # -- best ----------------------------------------------------------------------------------------------
+def no_sweep(uri: str, sweep: str | None) -> str:
+    if sweep:
+        return f"no sweep named {sweep!r} in the MLflow store {uri}"
+    return (f"no finished sweep in the MLflow store {uri} (a sweep still running or interrupted is read only with "
+            "--sweep NAME)")
+
+
 def champion_info(uri: str, sweep: str | None) -> dict[str, Any]:
     from kdray.cli import KdrayError
 
     c = client(uri)
     parent = find_sweep(c, sweep)
     if parent is None:
-        raise KdrayError(f"no sweep {'named ' + repr(sweep) + ' ' if sweep else ''}in the MLflow store {uri}")
+        raise KdrayError(no_sweep(uri, sweep))
     tags = parent.data.tags
     run_id = tags.get("kdray.champion_run_id")
     if not run_id:
@@ -155,7 +162,7 @@ def trial_table(uri: str, sweep: str | None):
     c = client(uri)
     parent = find_sweep(c, sweep)
     if parent is None:
-        raise KdrayError(f"no sweep {'named ' + repr(sweep) + ' ' if sweep else ''}in the MLflow store {uri}")
+        raise KdrayError(no_sweep(uri, sweep))
     rows = []
     for run in sweep_children(c, parent, kind="trial"):
         t = run.data.tags
@@ -259,7 +266,7 @@ def add_sweep_commands(sub, common: argparse.ArgumentParser) -> None:
     track.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
                        "sqlite:///mlflow.db in this folder)")
     which = argparse.ArgumentParser(add_help=False)
-    which.add_argument("--sweep", help="the sweep's name (default: the most recent sweep)")
+    which.add_argument("--sweep", help="the sweep's name (default: the most recent finished sweep)")
 
     s = sub.add_parser(
         "sweep", parents=[common, track], help="search knowledge types and hyperparameters with Ray Tune + Optuna",

@@ -458,6 +458,11 @@ def run_sweep(req: SweepRequest) -> SweepResult:
         )
     t0 = time.time()
     results = tuner.fit()
+    if not tracker.flush():  # the MLflow writer thread: every record of the trials in MLflow before it is read
+        raise SweepError(f"MLflow at {req.tracking_uri} stayed unreachable: {tracker.unwritten()} could not be "
+                         f"written. Tune's experiment state in {experiment_dir} holds every trial's result and "
+                         f"these records; once the store is back, `kdray sweep {req.space_path} --resume --name "
+                         f"{req.name}` writes them and completes the sweep")
     timings["trials_s"] = time.time() - t0
     if space.searcher.type != "grid" and not _was_interrupted(results):
         from kdray.sweep.searcher import close_abandoned

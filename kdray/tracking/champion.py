@@ -8,8 +8,10 @@ set's raw inputs: for MNIST-1D the float32 rows ``x`` of ``make_dataset(get_data
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from kdray.models import load_record, model_from_record, save_model
-from kdray.tracking.store import TAG_STATUS, client
+from kdray.tracking.store import TAG_STATUS, client, retrying
 
 CHAMPION_ALIAS = "champion"
 RECORD_NAME = "student.pt"
@@ -48,7 +50,10 @@ class Champion:
     registered_model: str
     version: str
     params: dict[str, Any] = field(default_factory=dict)
-    alias_uri: str = ""
+    alias_uri: str = ""  # models:/<name>@champion when the alias points at this version, else ""
+    alias_moved: bool = True  # False: registered, but the alias stays on a better version
+    alias_version: str = ""  # the version @champion points at after this registration
+    note: str = ""  # "registered as version N; @champion ..." in words
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,8 +101,15 @@ def remote_test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], gp
 
 
 def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: float, *, sweep: str,
-             model_name: str, parent_run_id: str, raw_example: torch.Tensor) -> Champion:
-    """Log the champion with ``mlflow.pytorch`` (signature + input example) and point the alias at it."""
+             model_name: str, parent_run_id: str, raw_example: torch.Tensor, metric: str = "val_accuracy",
+             mode: str = "max") -> Champion:
+    """Log the champion with ``mlflow.pytorch`` (signature + input example) as a new model version, and
+    point ``@champion`` at it only if it beats the version the alias points at now on ``metric``.
+
+    Several sweeps share one registered model (one per search space); a sweep that found a worse
+    student registers it, but the alias stays where it is. The version carries its metric as tags
+    (``kdray.metric``, ``kdray.<metric>``); versions are compared only on the same metric.
+    """
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
@@ -122,22 +134,100 @@ def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: 
             save_model(record, Path(d) / RECORD_NAME)
             mlflow.log_artifact(str(Path(d) / RECORD_NAME), "kdray")
     version = str(info.registered_model_version)
-    c.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
-    c.set_model_version_tag(model_name, version, "kdray.sweep", sweep)
-    c.set_model_version_tag(model_name, version, "val_accuracy", f"{outcome.val_accuracy:.6f}")
-    c.set_model_version_tag(model_name, version, "test_accuracy", f"{test_acc:.6f}")
-    c.set_model_version_tag(model_name, version, "knowledge", outcome.knowledge)
+    value = float(getattr(outcome, metric))
+    # The metric first: a concurrent registration compares against it (versions without it are not compared).
+    for k, v in {"kdray.sweep": sweep, "kdray.metric": metric, "kdray.mode": mode, f"kdray.{metric}": f"{value:.6f}",
+                 "val_accuracy": f"{outcome.val_accuracy:.6f}", "test_accuracy": f"{test_acc:.6f}",
+                 "knowledge": outcome.knowledge}.items():
+        retrying(c.set_model_version_tag, model_name, version, k, v, what="tagging the model version")
+    holder, why, before = settle_alias(c, model_name, version, metric, mode)
+    moved = holder == version
+    note = f"registered as version {version}; @{CHAMPION_ALIAS} " + (
+        f"moved to it ({why})" if moved else
+        f"stays on version {holder} ({why})" if holder == before else f"is on version {holder} ({why})")
     champion = Champion(sweep, outcome.run_id, outcome.trial_id, outcome.knowledge, outcome.val_accuracy,
                         test_acc, f"models:/{model_name}/{version}", model_name, version, outcome.params,
-                        f"models:/{model_name}@{CHAMPION_ALIAS}")
+                        f"models:/{model_name}@{CHAMPION_ALIAS}" if moved else "", moved, holder, note)
     for k, v in {"kdray.champion_run_id": champion.run_id, "kdray.champion_model_uri": champion.model_uri,
                  "kdray.champion_knowledge": champion.knowledge, "kdray.registered_model": model_name,
-                 "kdray.champion_version": version}.items():
-        c.set_tag(parent_run_id, k, v)
-    c.log_metric(parent_run_id, "champion_val_accuracy", champion.val_accuracy)
-    c.log_metric(parent_run_id, "champion_test_accuracy", champion.test_accuracy)
-    c.log_text(parent_run_id, json.dumps(champion.as_dict(), indent=2, default=str), "champion.json")
+                 "kdray.champion_version": version, "kdray.champion_alias": note}.items():
+        retrying(c.set_tag, parent_run_id, k, v, what="tagging the sweep run")
+    retrying(c.log_metric, parent_run_id, "champion_val_accuracy", champion.val_accuracy, what="logging a metric")
+    retrying(c.log_metric, parent_run_id, "champion_test_accuracy", champion.test_accuracy, what="logging a metric")
+    retrying(c.log_text, parent_run_id, json.dumps(champion.as_dict(), indent=2, default=str), "champion.json",
+             what="logging champion.json")
     return champion
+
+
+def _metric_of(version, metric: str) -> float | None:
+    """The version's value of ``metric`` (from its kdray tags), None if it was registered on another metric."""
+    tags = version.tags or {}
+    if tags.get("kdray.metric") != metric:
+        return None
+    try:
+        v = float(tags[f"kdray.{metric}"])
+    except (KeyError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def settle_alias(c, name: str, own: str, metric: str, mode: str = "max",
+                 rounds: int = 5) -> tuple[str, str, str | None]:
+    """Point ``@champion`` at the best of: the version it points at, ``own``, and every version registered
+    after the one it pointed at when this call began (sweeps registering at the same time). Return the
+    version it points at in the end, why (in words), and the version it pointed at before.
+
+    Ties keep the current holder. A holder registered on another metric (or by an older kdray, with no
+    metric tag) cannot be compared and is replaced. Each round re-reads after writing, so two sweeps
+    registering at once leave the alias on the better model whichever writes last. Versions older than
+    the holder at the start are not candidates: an alias moved back by hand stays until a better model
+    arrives.
+    """
+    sign = 1.0 if mode == "max" else -1.0
+    own, first, floor, first_val = str(own), None, None, None
+    best, own_val, comparable = own, None, {}
+    for _ in range(rounds):
+        aliases = retrying(c.get_registered_model, name, what="reading the registered model").aliases or {}
+        current = str(aliases[CHAMPION_ALIAS]) if CHAMPION_ALIAS in aliases else None
+        versions = {str(v.version): v for v in _all_versions(c, name)}
+        if floor is None:
+            first, floor = current, int(current) if current is not None else 0
+            first_val = _metric_of(versions[current], metric) if current in versions else None
+        cands = {v: mv for v, mv in versions.items() if int(v) > floor or v in (own, current)}
+        comparable = {v: x for v, x in ((v, _metric_of(mv, metric)) for v, mv in cands.items()) if x is not None}
+        own_val = comparable.get(own)
+        # the best value; ties: the current holder, then the earliest version
+        best = max(comparable, key=lambda v: (sign * comparable[v], v == current, -int(v))) if comparable else own
+        if best == current:
+            break
+        retrying(c.set_registered_model_alias, name, CHAMPION_ALIAS, best, what="moving the champion alias")
+        time.sleep(0.2)  # then read again: a sweep registering at the same moment may have moved it
+    # why, against the holder when this registration began
+    if first is None:
+        why = "the first champion"
+    elif first_val is None:
+        why = f"version {first} has no {metric} to compare"
+    elif own_val is None:
+        why = f"version {own} has no {metric} to compare"
+    elif best == own:
+        why = f"{metric} {own_val:.4f} {'>' if mode == 'max' else '<'} {first_val:.4f} of version {first}"
+    elif best == first:
+        rel = "=" if own_val == first_val else ">" if first_val > own_val else "<"
+        why = f"{metric} {first_val:.4f} {rel} {own_val:.4f}"
+    else:
+        why = f"version {best}, registered meanwhile, has {metric} {comparable.get(best, float('nan')):.4f}"
+    return best, why, first
+
+
+def _all_versions(c, name: str) -> list:
+    out, token = [], None
+    while True:
+        page = retrying(c.search_model_versions, f"name = '{name}'", max_results=1000, page_token=token,
+                        what="listing model versions")
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
 
 
 def _requirements() -> list[str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -131,16 +133,68 @@ def _param(v: Any) -> str:
 def client(uri: str):
     from mlflow import MlflowClient
 
+    if uri.startswith("sqlite:///") and uri not in _SCHEMA_READY:
+        _create_schema_once(uri)
     return MlflowClient(tracking_uri=uri)
 
 
+_SCHEMA_READY: set[str] = set()
+_SCHEMA_LOCK = threading.Lock()
+
+
+def _create_schema_once(uri: str) -> None:
+    """Create (or migrate) a SQLite store's schema one process at a time.
+
+    MLflow creates the schema of a new SQLite store on first use, with alembic migrations. Two sweeps
+    starting together on a fresh file ran them at the same time and left the database half-migrated for
+    good ("table _alembic_tmp_tags already exists" on every later call; measured with two concurrent
+    ``kdray sweep``). So the first use in each process holds an exclusive lock file (in the system's temp
+    folder, named after the database) while MLflow opens the tracking and registry stores (a client
+    opens its store when it is made).
+    """
+    import hashlib
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+        fcntl = None
+    db = _sqlite_file(uri)
+    with _SCHEMA_LOCK:
+        if uri in _SCHEMA_READY:
+            return
+        if not db.parent.is_dir():
+            return  # probe() explains; MLflow's own error follows
+        name = hashlib.sha1(str(db.resolve()).encode()).hexdigest()[:16]
+        with open(Path(tempfile.gettempdir()) / f"kdray-mlflow-schema-{name}.lock", "a") as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                c = MlflowClient(tracking_uri=uri)  # opens the store: creates the tables, default experiment
+                c.search_experiments(max_results=1)
+                c.search_registered_models(max_results=1)  # the registry's store checks them too
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        _SCHEMA_READY.add(uri)
+
+
 def find_sweep(c, sweep: str | None = None, experiment: str | None = None):
-    """The parent run of sweep ``sweep`` (or of the most recent sweep); ``None`` if there is none."""
+    """The parent run of sweep ``sweep``, or of the newest *finished* sweep; ``None`` if there is none.
+
+    Without a name only a sweep that ended with its champion chosen (tag ``kdray.status=completed``, run
+    status FINISHED) qualifies: ``best`` / ``final`` / ``compare`` must not pick a sweep that another
+    process is still running on the same store, nor one that was interrupted. By name, any sweep.
+    """
     exps = [c.get_experiment_by_name(experiment)] if experiment else c.search_experiments()
     ids = [e.experiment_id for e in exps if e is not None]
     if not ids:
         return None
-    flt = f"tags.`{TAG_KIND}` = 'sweep'" + (f" and tags.`{TAG_SWEEP}` = '{sweep}'" if sweep else "")
+    flt = f"tags.`{TAG_KIND}` = 'sweep'" + (
+        f" and tags.`{TAG_SWEEP}` = '{sweep}'" if sweep
+        else f" and tags.`{TAG_STATUS}` = 'completed' and attributes.status = 'FINISHED'")
     runs = c.search_runs(ids, filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -158,3 +212,57 @@ def sweep_children(c, parent, kind: str | None = None) -> list:
     if kind:
         runs = [r for r in runs if r.data.tags.get(TAG_KIND) == kind]
     return runs
+
+
+# -- transient failures of the store ---------------------------------------------------------------------
+# MLflow error codes that no retry can fix (the request itself is wrong); everything else a store can
+# answer (5xx, TEMPORARILY_UNAVAILABLE for SQLite's "database is locked", connection refused) may pass.
+_PERMANENT_CODES = frozenset({
+    "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE", "BAD_REQUEST",
+    "PERMISSION_DENIED", "UNAUTHENTICATED", "ENDPOINT_NOT_FOUND", "MALFORMED_REQUEST", "FEATURE_DISABLED",
+})
+_TRANSIENT_WORDS = ("database is locked", "timed out", "connection refused", "connection reset", "connection aborted",
+                    "max retries exceeded", "temporarily unavailable", "too many requests")
+
+
+def transient(e: BaseException) -> bool:
+    """True if ``e`` from an MLflow call may pass when the call is repeated later (store down or busy)."""
+    text = str(e).lower()
+    code = getattr(e, "error_code", None)
+    if code is not None:  # an MlflowException: 5xx, TEMPORARILY_UNAVAILABLE, connection failures pass later
+        return code not in _PERMANENT_CODES or "database is locked" in text
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)):
+        return True
+    mod = type(e).__module__
+    # requests / urllib3 network errors; sqlalchemy's OperationalError (locked, disk I/O)
+    return (mod.startswith(("requests", "urllib3", "http.client")) or type(e).__name__ == "OperationalError"
+            or any(w in text for w in _TRANSIENT_WORDS))
+
+
+def already_exists(e: BaseException) -> bool:
+    """An MLflow error saying the thing to create exists (two sweeps creating one experiment at once)."""
+    text = str(e).lower()
+    return getattr(e, "error_code", None) == "RESOURCE_ALREADY_EXISTS" or "already exists" in text or \
+        "unique constraint" in text
+
+
+def retrying(fn, *args, what: str = "an MLflow call", timeout_s: float = 120.0, say=None, **kwargs):
+    """``fn(*args, **kwargs)``, repeated with exponential backoff (0.5 s doubling to 15 s) while it fails
+    with a transient error, for at most ``timeout_s``; then (or at once for a permanent error) it raises."""
+    delay, deadline, told = 0.5, time.monotonic() + timeout_s, False
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - classified below
+            if not transient(e) or time.monotonic() + delay > deadline:
+                raise
+            if say is not None and not told:
+                say(f"{what} failed ({first_line(e)}); retrying for up to {timeout_s:.0f} s")
+                told = True
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."

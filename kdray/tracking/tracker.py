@@ -5,14 +5,28 @@ other nodes cannot reach a local file anyway; so trials only *report* to Tune an
 the driver, turns each report into MLflow records. It is idempotent across resumes: the parent run is
 found by the sweep's name, each child run by its Tune trial id, so a resumed sweep continues the same
 runs instead of creating new ones.
+
+The callbacks never call MLflow themselves: they put records on an ordered queue that one writer
+thread drains (``_Writer``), so a slow or absent store neither holds up Tune's loop nor fails a trial.
+Per-epoch metrics are coalesced per run into ``log_batch`` calls. A failing call is retried with
+exponential backoff (0.5 s doubling to 30 s) while the queue keeps growing in memory and training goes
+on; the first failure and the recovery are announced on one line each. A record leaves the queue only
+once MLflow has it, and the queue is part of the callback's state that Tune checkpoints with the
+experiment, so a sweep that ends (or is killed) while the store is down writes the rest on ``--resume``.
+Replaying is harmless: MLflow keeps one row per identical metric (same key, value, step, timestamp),
+and tags and params are rewritten with the same values.
 """
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import math
+import os
 import sys
 import threading
 import time
+import uuid
 from typing import Any
 
 from ray.tune import Callback
@@ -25,16 +39,34 @@ from kdray.tracking.store import (
     TAG_STATUS,
     TAG_SWEEP,
     TAG_TRIAL,
+    already_exists,
     artifact_location,
     client,
+    first_line,
     git_commit,
     run_params,
     sweep_children,
+    transient,
 )
 
 # Per-epoch metrics that are logged (strings such as teacher_source become tags).
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "lr", "epoch_time_s", "train_time_s",
            "samples_per_s", "report_latency_s", "checkpoint_write_s", "resumed_from_epoch")
+
+BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
+BATCH_METRICS, BATCH_TAGS, BATCH_ENTITIES = 1000, 100, 1000  # MLflow's log_batch limits
+ROUND_OPS = 5000  # records coalesced per round of the writer
+PERMANENT_TRIES = 3  # a record MLflow refuses outright (4xx) is tried this often, then dropped loudly
+OPEN_TIMEOUT_S = float(os.environ.get("KDRAY_MLFLOW_OPEN_TIMEOUT_S", "120"))
+# How long the sweep waits at its end for records still queued (the store may be down); then it stops
+# with a message, and --resume writes them from Tune's saved state.
+FLUSH_TIMEOUT_S = float(os.environ.get("KDRAY_MLFLOW_FLUSH_TIMEOUT_S", "300"))
+EXIT_FLUSH_S = float(os.environ.get("KDRAY_MLFLOW_EXIT_FLUSH_S", "30"))
+# MLflow's own HTTP client retries a failing call 7 times over ~4 minutes (a blocked callback took 62 s
+# here during an 8-s server outage). kdray retries on its own, so one attempt must fail fast; a user's own
+# setting of these variables wins.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def searched_params(config: dict[str, Any]) -> dict[str, Any]:
@@ -58,30 +90,43 @@ class SweepTracker(Callback):
         self.uri, self.experiment, self.sweep = uri, experiment, sweep
         self.space = space
         self.max_epochs, self.space_yaml, self.total, self.quiet = max_epochs, space_yaml, total, quiet
+        self.flush_timeout_s = FLUSH_TIMEOUT_S
         self._init_state()
 
     def _init_state(self) -> None:
         self._client = None
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
-        self._children: dict[str, str] = {}
-        self._last_step: dict[str, int] = {}  # run id -> last epoch logged (idempotent across resumes)
-        self._tagged: set[str] = set()
+        self._created_parent = False
         self._best: tuple[float, str] | None = None
         self._done = 0
         self._last_status = 0.0
-        self._lock = threading.Lock()
+        self._attach()
+
+    def _attach(self) -> None:
+        """The writer of this sweep in this process: shared by every copy of the tracker (Tune restores a
+        pickled copy on --resume), so ``flush`` on any copy waits for the records of all of them."""
+        self._w = _writer_for(self.uri, self.sweep, self.quiet)
+        if self.parent_id and self._w.parent_id is None:
+            self._w.attach_parent(self.experiment_id, self.parent_id)
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
         state = self.__dict__.copy()
-        for k in ("_client", "_lock", "_children", "_tagged", "_last_step"):
+        for k in ("_client", "_w", "_created_parent"):  # no thread, queue or client in a pickle
             state.pop(k, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._client, self._lock, self._children, self._tagged = None, threading.Lock(), {}, set()
-        self._last_step = {}
+        self._client, self._created_parent = None, False
+        self._attach()
+
+    # -- Tune's checkpoint of the callback: the records MLflow does not have yet ------------------------
+    def get_state(self) -> dict | None:
+        return {"kdray_pending": self._w.snapshot()}
+
+    def set_state(self, state: dict) -> None:
+        self._w.replay((state or {}).get("kdray_pending") or [])
 
     # -- set-up ----------------------------------------------------------------------------------------
     @property
@@ -91,26 +136,47 @@ class SweepTracker(Callback):
         return self._client
 
     def open(self, announce: bool = True) -> str:
-        """Create (or, on resume, reopen) the experiment and the sweep's parent run; return its id."""
+        """Create (or, on resume, reopen) the experiment and the sweep's parent run; return its id.
+
+        Synchronous, before any trial runs: retried while the store is busy ("database is locked") or
+        briefly unreachable, for up to ``KDRAY_MLFLOW_OPEN_TIMEOUT_S`` (120 s).
+        """
+        _quick_http_retries()
+        delay, deadline, told = BACKOFF_START_S, time.monotonic() + OPEN_TIMEOUT_S, False
+        while True:
+            try:
+                return self._open(announce)
+            except Exception as e:  # noqa: BLE001 - classified below
+                if not transient(e) or time.monotonic() + delay > deadline:
+                    raise
+                if not told:
+                    self._warn(f"MLflow at {self.uri} is busy or unreachable ({first_line(e)}); retrying for up "
+                               f"to {OPEN_TIMEOUT_S:.0f} s")
+                    told = True
+                self._client = None  # a fresh client (and, for SQLite, a fresh look at the schema)
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+
+    def _open(self, announce: bool) -> str:
         c = self.c
-        exp = c.get_experiment_by_name(self.experiment)
-        self.experiment_id = exp.experiment_id if exp else c.create_experiment(
-            self.experiment, artifact_location=artifact_location(self.uri),
-            tags={"kdray.search_space": self.space.name})
+        self.experiment_id = self._experiment_id(c)
         found = c.search_runs([self.experiment_id],
                               filter_string=f"tags.`{TAG_KIND}` = 'sweep' and tags.`{TAG_SWEEP}` = '{self.sweep}'",
                               max_results=1)
-        if found:
+        if found and not self._created_parent:
             self.parent_id = found[0].info.run_id
             c.update_run(self.parent_id, status="RUNNING")
+            self._w.attach_parent(self.experiment_id, self.parent_id)
             for child in sweep_children(c, found[0]):
                 tid = child.data.tags.get(TAG_TRIAL)
                 if tid:
-                    self._children[tid] = child.info.run_id
                     hist = c.get_metric_history(child.info.run_id, "val_accuracy")
-                    self._last_step[child.info.run_id] = max((m.step for m in hist), default=0)
+                    self._w.known_run(tid, child.info.run_id, max((m.step for m in hist), default=0))
             if announce:
-                self._say(f"resuming sweep {self.sweep}: {len(self._children)} trial runs already in MLflow")
+                self._say(f"resuming sweep {self.sweep}: {len(self._w.runs)} trial runs already in MLflow")
+            return self.parent_id
+        if found:  # this call created it before a retry: finish what that attempt began
+            self.parent_id = found[0].info.run_id
         else:
             base = self.space.base
             tags = {TAG_KIND: "sweep", TAG_SWEEP: self.sweep, "mlflow.runName": self.sweep,
@@ -120,118 +186,144 @@ class SweepTracker(Callback):
                     "teacher": _teacher_name(base), "mlflow.note.content": self.space.description}
             run = c.create_run(self.experiment_id, tags=tags, run_name=self.sweep)
             self.parent_id = run.info.run_id
-            fixed = {f"space.{k}": str(v) for k, v in {
-                "name": self.space.name, "num_samples": self.total, "seed": self.space.seed,
-                "metric": self.space.metric, "scheduler": self.space.scheduler.type,
-                "searcher": self.space.searcher.type, "choices": ",".join(self.space.choices)}.items()}
-            _log_params(c, self.parent_id, fixed)
-            c.log_text(self.parent_id, self.space_yaml, "search_space.yaml")
+            self._created_parent = True
+        fixed = {f"space.{k}": str(v) for k, v in {
+            "name": self.space.name, "num_samples": self.total, "seed": self.space.seed,
+            "metric": self.space.metric, "scheduler": self.space.scheduler.type,
+            "searcher": self.space.searcher.type, "choices": ",".join(self.space.choices)}.items()}
+        _log_params(c, self.parent_id, fixed)
+        c.log_text(self.parent_id, self.space_yaml, "search_space.yaml")
+        self._w.attach_parent(self.experiment_id, self.parent_id)
         return self.parent_id
 
+    def _experiment_id(self, c) -> str:
+        """The search space's experiment, created if missing. Two sweeps may create it at the same moment:
+        the one that loses the race gets "already exists" and reads the other's."""
+        exp = c.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return c.create_experiment(self.experiment, artifact_location=artifact_location(self.uri),
+                                       tags={"kdray.search_space": self.space.name})
+        except Exception as e:  # noqa: BLE001
+            if not already_exists(e):
+                raise
+            exp = c.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
     def setup(self, **info: Any) -> None:
-        if self.parent_id is None or self._client is None:
+        if self._w.parent_id is None:
             self.open(announce=self.parent_id is None)  # a restored copy reconnects quietly
+        else:
+            self.experiment_id, self.parent_id = self._w.experiment_id, self._w.parent_id
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Block until MLflow has every record queued so far; False if ``timeout_s`` passed first."""
+        return self._w.flush(self.flush_timeout_s if timeout_s is None else timeout_s)
+
+    def unwritten(self) -> str:
+        """What is still queued, in words (for the message of a sweep whose store stayed down)."""
+        return self._w.describe_pending()
 
     # -- trials ------------------------------------------------------------------------------------
-    def child(self, trial: Any) -> str:
+    def _child(self, trial: Any) -> str:
+        """Queue the creation of the trial's child run (once); return the trial id that names it."""
         tid = trial.trial_id
-        with self._lock:
-            if tid in self._children:
-                return self._children[tid]
-            resolved = self.space.resolved_dict(trial.config)
-            choice = trial.config.get("knowledge", "none")
-            n = trial_number(trial)
-            tags = {TAG_PARENT: self.parent_id, TAG_TRIAL: tid, TAG_SWEEP: self.sweep, TAG_KIND: "trial",
-                    TAG_KNOWLEDGE: choice, TAG_STATUS: "running", "mlflow.runName": f"trial-{n:03d}-{choice}",
-                    "kdray.trial_number": str(n),
-                    "kdray.version": __version__, "kdray.git_commit": git_commit(),
-                    "dataset": str(resolved.get("dataset", {}).get("name", "mnist1d")),
-                    "student": str(resolved.get("student", {}).get("name", "")),
-                    "teacher": _teacher_name(resolved)}
-            run = self.c.create_run(self.experiment_id, tags=tags, run_name=tags["mlflow.runName"])
-            rid = run.info.run_id
-            _log_params(self.c, rid, run_params(resolved))
-            self.c.log_dict(rid, resolved, "resolved_config.json")  # the whole config, to rerun it exactly
-            # What the searcher chose, under the names shared by every choice (kd.temperature, train.lr).
-            self.c.set_tag(rid, "kdray.searched", json.dumps(searched_params(trial.config), default=str))
-            self._children[tid] = rid
-            return rid
+        if tid in self._w.known:
+            return tid
+        resolved = self.space.resolved_dict(trial.config)
+        choice = trial.config.get("knowledge", "none")
+        n = trial_number(trial)
+        tags = {TAG_PARENT: self._w.parent_id or self.parent_id, TAG_TRIAL: tid, TAG_SWEEP: self.sweep,
+                TAG_KIND: "trial", TAG_KNOWLEDGE: choice, TAG_STATUS: "running",
+                "mlflow.runName": f"trial-{n:03d}-{choice}", "kdray.trial_number": str(n),
+                "kdray.version": __version__, "kdray.git_commit": git_commit(),
+                "dataset": str(resolved.get("dataset", {}).get("name", "mnist1d")),
+                "student": str(resolved.get("student", {}).get("name", "")),
+                "teacher": _teacher_name(resolved),
+                # What the searcher chose, under the names shared by every choice (kd.temperature, train.lr).
+                "kdray.searched": json.dumps(searched_params(trial.config), default=str)}
+        self._w.put({"kind": "create", "tid": tid, "experiment_id": self._w.experiment_id or self.experiment_id,
+                     "tags": tags, "params": run_params(resolved), "resolved": resolved})
+        return tid
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.child(trial)
+        self._child(trial)
         self._say(f"trial {trial_number(trial)}/{self.total} started: {_describe(trial.config)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from mlflow.entities import Metric
-
-        rid = self.child(trial)
+        tid = self._child(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        if step <= self._last_step.get(rid, 0):
-            return  # an epoch re-run after a restore from an earlier checkpoint: already in MLflow
-        self._last_step[rid] = step
+        if step <= self._w.last_step.get(tid, 0):
+            return  # an epoch re-run after a restore from an earlier checkpoint: already recorded
+        self._w.last_step[tid] = step
         ts = int(time.time() * 1000)
         keys = [k for k in result if k in METRICS or k.startswith("loss_")]
-        metrics = [Metric(k, float(result[k]), ts, step) for k in keys
+        metrics = [(k, float(result[k]), ts, step) for k in keys
                    if isinstance(result[k], (int, float)) and math.isfinite(float(result[k]))]
-        if metrics:
-            self.c.log_batch(rid, metrics=metrics)
-        if rid not in self._tagged:
+        tags = {}
+        if tid not in self._w.tagged:
             tags = {f"kdray.{k}": str(result[k]) for k in ("node_ip", "node_id", "teacher_source", "teacher_reason")
                     if k in result}
-            for k, v in tags.items():
-                self.c.set_tag(rid, k, v)
-            self._tagged.add(rid)
+            self._w.tagged.add(tid)
+        if metrics or tags:
+            self._w.put({"kind": "log", "tid": tid, "metrics": metrics, "tags": tags})
         val = result.get("val_accuracy")
         if isinstance(val, (int, float)) and (self._best is None or val > self._best[0]) and not result.get("failed"):
             self._best = (float(val), f"trial {trial_number(trial)} ({trial.config.get('knowledge')})")
         self._status(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rid = self.child(trial)
+        tid = self._child(trial)
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0))
         n = trial_number(trial)
         if last.get("failed"):
-            self.c.set_tag(rid, TAG_STATUS, "failed")
-            self.c.set_tag(rid, "kdray.failure", str(last["failed"])[:5000])
-            self.c.set_terminated(rid, "FAILED")
+            self._end(tid, "FAILED", {TAG_STATUS: "failed", "kdray.failure": str(last["failed"])[:5000]})
             self._say(f"trial {n} FAILED: {last['failed']}")
         else:
             early = epoch < self.max_epochs
-            self.c.set_tag(rid, TAG_STATUS, "stopped_early" if early else "completed")
-            self.c.set_tag(rid, "kdray.epochs", str(epoch))
-            self.c.set_terminated(rid, "FINISHED")
+            self._end(tid, "FINISHED", {TAG_STATUS: "stopped_early" if early else "completed",
+                                        "kdray.epochs": str(epoch)})
             val = last.get("val_accuracy", float("nan"))
             self._say(f"trial {n} {'stopped early by ASHA at epoch ' + str(epoch) if early else 'finished'}: "
                       f"val_accuracy {val:.4f} ({_describe(trial.config)})")
         self._done += 1
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rid = self.child(trial)
+        tid = self._child(trial)
         retries = trial.num_failures
-        self.c.set_tag(rid, "kdray.retries", str(retries))
-        self.c.set_tag(rid, TAG_STATUS, "retrying")
         err = _error_text(trial)
+        tags = {"kdray.retries": str(retries), TAG_STATUS: "retrying"}
         if err:
-            self.c.set_tag(rid, f"kdray.retry_{retries}_error", err[:5000])
+            tags[f"kdray.retry_{retries}_error"] = err[:5000]
+        self._w.put({"kind": "log", "tid": tid, "metrics": [], "tags": tags})
         self._say(f"trial {trial_number(trial)} failed ({err.splitlines()[-1] if err else 'error'}); "
                   f"retry {retries} from its last checkpoint")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rid = self.child(trial)
+        tid = self._child(trial)
         err = _error_text(trial)
-        self.c.set_tag(rid, TAG_STATUS, "error")
-        self.c.set_tag(rid, "kdray.failure", err[:5000] or "error")
+        tags = {TAG_STATUS: "error", "kdray.failure": err[:5000] or "error"}
         if trial.num_failures:
-            self.c.set_tag(rid, "kdray.retries", str(max(trial.num_failures - 1, 0)))
-        self.c.set_terminated(rid, "FAILED")
+            tags["kdray.retries"] = str(max(trial.num_failures - 1, 0))
+        self._end(tid, "FAILED", tags)
         self._say(f"trial {trial_number(trial)} ERROR: {(err.splitlines() or ['?'])[-1]}")
         self._done += 1
+
+    def _end(self, tid: str, status: str, tags: dict[str, str]) -> None:
+        self._w.put({"kind": "log", "tid": tid, "metrics": [], "tags": tags,
+                     "terminate": status, "end_time": int(time.time() * 1000)})
 
     # -- output ------------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
         if not self.quiet:
             print(f"[kdray] {msg}", file=sys.stdout, flush=True)
+
+    def _warn(self, msg: str) -> None:  # tracking trouble is shown even with --quiet (on stderr then)
+        print(f"[kdray] {msg}", file=sys.stderr if self.quiet else sys.stdout, flush=True)
 
     def _status(self, trials: list) -> None:
         now = time.time()
@@ -240,7 +332,308 @@ class SweepTracker(Callback):
         self._last_status = now
         running = sum(1 for t in trials if t.status == "RUNNING")
         best = f", best val_accuracy {self._best[0]:.4f} ({self._best[1]})" if self._best else ""
-        self._say(f"{self._done}/{self.total} trials done, {running} running{best}")
+        waiting = self._w.outage()
+        self._say(f"{self._done}/{self.total} trials done, {running} running{best}"
+                  + (f" (MLflow unreachable: {waiting} records buffered)" if waiting else ""))
+
+
+# -- the writer thread -------------------------------------------------------------------------------------
+_WRITERS: dict[tuple[str, str], "_Writer"] = {}
+_WRITERS_LOCK = threading.Lock()
+_OP_IDS = itertools.count()
+_OP_PREFIX = uuid.uuid4().hex[:8]
+
+
+def _writer_for(uri: str, sweep: str, quiet: bool) -> "_Writer":
+    with _WRITERS_LOCK:
+        w = _WRITERS.get((uri, sweep))
+        if w is None:
+            w = _WRITERS[(uri, sweep)] = _Writer(uri, quiet)
+            if len(_WRITERS) == 1:
+                atexit.register(_flush_at_exit)
+        return w
+
+
+def _flush_at_exit() -> None:
+    """Records still queued when the driver exits (an error escaped the sweep): a last chance to write
+    them, then a clear word about what was not written (Tune's saved state still holds it)."""
+    for w in list(_WRITERS.values()):
+        if w.pending and not w.gave_up and not w.flush(EXIT_FLUSH_S):  # (gave_up: the sweep has said so)
+            w.warn(f"exiting with {w.describe_pending()} not written to MLflow at {w.uri}; `kdray sweep ... "
+                   "--resume --name NAME` writes them from Tune's saved state once the store is back")
+
+
+def _quick_http_retries() -> None:
+    for k, v in HTTP_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+class _Writer:
+    """One thread that writes a sweep's queued records to MLflow, in order, retrying until they are in.
+
+    Records (plain dicts, so Tune can pickle the queue with its experiment state):
+    ``create`` a trial's child run (tags, params, resolved config); ``log`` metrics and tags, optionally
+    ending the run (``terminate``). Each names its trial by Tune's trial id; the run id is resolved when
+    the record is written, so a create record always goes before the records that use its run.
+    """
+
+    def __init__(self, uri: str, quiet: bool) -> None:
+        self.uri, self.quiet = uri, quiet
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.runs: dict[str, str] = {}  # trial id -> child run id (written)
+        self.known: set[str] = set()  # trial ids whose child run exists or is queued
+        self.tagged: set[str] = set()  # trial ids whose node/teacher tags are queued
+        self.last_step: dict[str, int] = {}  # trial id -> last epoch recorded (idempotent across resumes)
+        self.pending: dict[str, dict] = {}  # op id -> record, in order; removed once MLflow has it
+        self.cond = threading.Condition()
+        self.ready = threading.Event()  # set once the parent run is known: nothing is written before
+        self._tries: dict[str, int] = {}  # op id -> refusals (permanent errors) so far
+        self._attempted: set[str] = set()  # create records sent at least once (the answer may have been lost)
+        self._client = None
+        self._thread: threading.Thread | None = None
+        self._down_since: float | None = None
+        self._last_warned = 0.0
+        self._written_since_down = 0
+        self.dropped = 0
+        self.gave_up = False  # a flush timed out (the sweep said so): no second wait at exit
+
+    # -- producer side (Tune's loop thread) ------------------------------------------------------------
+    def attach_parent(self, experiment_id: str | None, parent_id: str | None) -> None:
+        self.experiment_id, self.parent_id = experiment_id, parent_id
+        if parent_id:
+            self.ready.set()
+            self._start()
+
+    def known_run(self, tid: str, rid: str, last_step: int) -> None:
+        self.runs[tid] = rid
+        self.known.add(tid)
+        self.last_step[tid] = max(self.last_step.get(tid, 0), last_step)
+
+    def put(self, op: dict) -> None:
+        op["id"] = f"{_OP_PREFIX}-{next(_OP_IDS)}"
+        if op["kind"] == "create":
+            self.known.add(op["tid"])
+        with self.cond:
+            self.pending[op["id"]] = op
+            self.cond.notify_all()
+        self._start()
+
+    def snapshot(self) -> list[dict]:
+        with self.cond:
+            return list(self.pending.values())
+
+    def replay(self, ops: list[dict]) -> None:
+        """Records a checkpoint of Tune held that MLflow may not have: queued ahead of anything new."""
+        with self.cond:
+            fresh = [op for op in ops if op.get("id") not in self.pending]
+            if not fresh:
+                return
+            rest = self.pending
+            self.pending = {op["id"]: dict(op, replayed=True) for op in fresh}
+            self.pending.update(rest)
+            self.cond.notify_all()
+        for op in fresh:
+            self.known.add(op["tid"])
+            steps = [m[3] for m in op.get("metrics", ()) if m[0] == "val_accuracy"]
+            if steps:
+                self.last_step[op["tid"]] = max(self.last_step.get(op["tid"], 0), *steps)
+            if op.get("tags", {}).keys() & {"kdray.node_ip", "kdray.teacher_source"}:
+                self.tagged.add(op["tid"])
+        self.warn(f"{len(fresh)} MLflow records saved with Tune's state of the earlier run are queued (again) "
+                  "for writing")
+        self._start()
+
+    def flush(self, timeout_s: float) -> bool:
+        end = time.monotonic() + timeout_s
+        with self.cond:
+            while self.pending:
+                left = end - time.monotonic()
+                if left <= 0:
+                    self.gave_up = True
+                    return False
+                self.cond.wait(min(left, 1.0))
+        self.gave_up = False
+        return True
+
+    def outage(self) -> int:
+        """Records waiting while the store is down (0 when it is up)."""
+        return len(self.pending) if self._down_since is not None else 0
+
+    def describe_pending(self) -> str:
+        ops = self.snapshot()
+        trials = {op["tid"] for op in ops}
+        metrics = sum(len(op.get("metrics", ())) for op in ops)
+        return f"{len(ops)} records ({metrics} metric values) of {len(trials)} trial(s)"
+
+    def warn(self, msg: str) -> None:
+        print(f"[kdray] {msg}", file=sys.stderr if self.quiet else sys.stdout, flush=True)
+
+    # -- the thread ---------------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self.ready.is_set() and (self._thread is None or not self._thread.is_alive()):
+            with _WRITERS_LOCK:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._loop, name="kdray-mlflow-writer", daemon=True)
+                    self._thread.start()
+
+    def _loop(self) -> None:
+        _quick_http_retries()
+        delay = BACKOFF_START_S
+        while True:
+            with self.cond:
+                while not self.pending:
+                    self.cond.wait()
+                ops = list(itertools.islice(self.pending.values(), ROUND_OPS))
+            failed = False
+            for group in _coalesce(ops):
+                try:
+                    self._write(group)
+                except Exception as e:  # noqa: BLE001 - every failure is retried or reported
+                    failed = True
+                    if self._failed(group, e):
+                        continue  # dropped: go on with the next record
+                    time.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                    break
+                self._done(group)
+            if not failed:
+                delay = BACKOFF_START_S
+                if self._down_since is not None:
+                    self.warn(f"MLflow back: wrote {self._written_since_down} buffered records "
+                              f"(unreachable for {time.time() - self._down_since:.0f} s)")
+                    self._down_since = None
+
+    def _done(self, group: dict) -> None:
+        with self.cond:
+            for op_id in group["ids"]:
+                self.pending.pop(op_id, None)
+                self._tries.pop(op_id, None)
+                self._attempted.discard(op_id)
+            self.cond.notify_all()
+        if self._down_since is not None:
+            self._written_since_down += len(group["ids"])
+
+    def _failed(self, group: dict, e: Exception) -> bool:
+        """Count a failed write; True if the record is dropped (MLflow refuses it, retrying cannot help)."""
+        self._client = None  # a fresh connection next time
+        if not transient(e):
+            key = group["ids"][0]
+            self._tries[key] = self._tries.get(key, 0) + 1
+            if self._tries[key] >= PERMANENT_TRIES:
+                self.dropped += len(group["ids"])
+                self.warn(f"MLflow refused a record of trial {group['tid']} {PERMANENT_TRIES} times "
+                          f"({first_line(e)}); it is dropped")
+                self._done(group)
+                return True
+            return False
+        now = time.time()
+        if self._down_since is None:
+            self._down_since, self._last_warned, self._written_since_down = now, now, 0
+            self.warn(f"MLflow at {self.uri} unreachable ({first_line(e)}); buffering {len(self.pending)} records, "
+                      "will retry")
+        elif now - self._last_warned > 60:
+            self._last_warned = now
+            self.warn(f"MLflow at {self.uri} still unreachable after {now - self._down_since:.0f} s; "
+                      f"buffering {len(self.pending)} records; training goes on")
+        return False
+
+    # -- MLflow calls ---------------------------------------------------------------------------------
+    @property
+    def c(self):
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
+
+    def _run_id(self, group: dict) -> str:
+        tid = group["tid"]
+        rid = self.runs.get(tid)
+        if rid is None:  # written by an earlier process (replayed records) or lost with a failed response
+            rid = self._lookup(tid)
+            if rid is None:
+                raise _Missing(f"no MLflow run for trial {tid} under sweep run {self.parent_id}")
+        return rid
+
+    def _lookup(self, tid: str) -> str | None:
+        found = self.c.search_runs([self.experiment_id], max_results=1, filter_string=(
+            f"tags.`{TAG_PARENT}` = '{self.parent_id}' and tags.`{TAG_TRIAL}` = '{tid}'"))
+        if found:
+            self.runs[tid] = found[0].info.run_id
+            return found[0].info.run_id
+        return None
+
+    def _write(self, group: dict) -> None:
+        if group["kind"] == "create":
+            self._create(group)
+        else:
+            self._log(group)
+
+    def _create(self, op: dict) -> None:
+        tid, c = op["tid"], self.c
+        rid = self.runs.get(tid)
+        if rid is None and (op.get("replayed") or op["id"] in self._attempted):
+            rid = self._lookup(tid)  # a create whose answer was lost must not make a second run
+        if rid is None:
+            self._attempted.add(op["id"])
+            tags = dict(op["tags"], **{TAG_PARENT: self.parent_id})
+            rid = c.create_run(op["experiment_id"] or self.experiment_id, tags=tags,
+                               run_name=tags["mlflow.runName"]).info.run_id
+            self.runs[tid] = rid
+        _log_params(c, rid, op["params"])
+        c.log_dict(rid, op["resolved"], "resolved_config.json")  # the whole config, to rerun it exactly
+
+    def _log(self, group: dict) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        rid, c = self._run_id(group), self.c
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in group["metrics"]]
+        tags = [RunTag(k, v) for k, v in group["tags"].items()]
+        for m, t in _batches(metrics, tags):  # a batch re-sent after a lost answer adds nothing (same rows)
+            c.log_batch(rid, metrics=m, tags=t)
+        if group.get("terminate"):
+            c.set_terminated(rid, group["terminate"], end_time=group.get("end_time"))
+
+
+class _Missing(RuntimeError):
+    """A record for a trial whose run is in no store: MLflow cannot take it (retried, then dropped)."""
+
+
+def _coalesce(ops: list[dict]) -> list[dict]:
+    """Merge consecutive-per-run ``log`` records into one group per run (one ``log_batch``), keeping each
+    run's own order: a run's group closes at its ``create`` record and at a record that ends the run."""
+    groups: list[dict] = []
+    open_for: dict[str, dict] = {}
+    for op in ops:
+        tid = op["tid"]
+        if op["kind"] != "log":
+            groups.append(dict(op, ids=[op["id"]]))
+            open_for.pop(tid, None)
+            continue
+        g = open_for.get(tid)
+        if g is None:
+            g = {"kind": "log", "tid": tid, "metrics": [], "tags": {}, "ids": []}
+            groups.append(g)
+            open_for[tid] = g
+        g["metrics"].extend(op["metrics"])
+        g["tags"].update(op["tags"])
+        g["ids"].append(op["id"])
+        if op.get("terminate"):
+            g["terminate"], g["end_time"] = op["terminate"], op.get("end_time")
+            open_for.pop(tid, None)
+    return groups
+
+
+def _batches(metrics: list, tags: list) -> list[tuple[list, list]]:
+    """``log_batch`` calls within MLflow's limits: 1000 metrics, 100 tags, 1000 entities per call."""
+    out = []
+    while tags:
+        t, tags = tags[:BATCH_TAGS], tags[BATCH_TAGS:]
+        room = BATCH_ENTITIES - len(t)
+        out.append((metrics[:room], t))
+        metrics = metrics[room:]
+    for i in range(0, len(metrics), BATCH_METRICS):
+        out.append((metrics[i:i + BATCH_METRICS], []))
+    return out
 
 
 def _teacher_name(cfg: dict[str, Any]) -> str:
