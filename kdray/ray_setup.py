@@ -69,7 +69,9 @@ def init_ray(
         else:
             # The dashboard stays on: Ray Train's placement-group cleaner needs its State API to free the
             # workers of an early-stopped trial (FIELD-NOTES).
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, resources={DRIVER_RESOURCE: driver_slots}, **kwargs)
+            # address="local": a new Ray of its own, never a cluster some `ray start` left on this machine
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                     resources={DRIVER_RESOURCE: driver_slots}, **kwargs)
     return cluster_resources()
 
 

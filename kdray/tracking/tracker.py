@@ -48,6 +48,7 @@ from kdray.tracking.store import (
     sweep_children,
     transient,
 )
+from kdray.train.loop import ran_all_epochs
 
 # Per-epoch metrics that are logged (strings such as teacher_source become tags).
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "lr", "epoch_time_s", "train_time_s",
@@ -265,7 +266,8 @@ class SweepTracker(Callback):
                    if isinstance(result[k], (int, float)) and math.isfinite(float(result[k]))]
         tags = {}
         if tid not in self._w.tagged:
-            tags = {f"kdray.{k}": str(result[k]) for k in ("node_ip", "node_id", "teacher_source", "teacher_reason")
+            tags = {f"kdray.{k}": str(result[k]) for k in ("node_ip", "node_id", "teacher_source", "teacher_reason",
+                                                            "teacher_split_mismatch")
                     if k in result}
             self._w.tagged.add(tid)
         if metrics or tags:
@@ -284,7 +286,7 @@ class SweepTracker(Callback):
             self._end(tid, "FAILED", {TAG_STATUS: "failed", "kdray.failure": str(last["failed"])[:5000]})
             self._say(f"trial {n} FAILED: {last['failed']}")
         else:
-            early = epoch < self.max_epochs
+            early = not ran_all_epochs(last, self.max_epochs)  # its own train.epochs: it may be searched
             self._end(tid, "FINISHED", {TAG_STATUS: "stopped_early" if early else "completed",
                                         "kdray.epochs": str(epoch)})
             val = last.get("val_accuracy", float("nan"))
