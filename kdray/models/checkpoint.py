@@ -40,7 +40,10 @@ def model_record(
     dataset: dict[str, Any],
     metrics: dict[str, float] | None = None,
     config: dict[str, Any] | None = None,
+    raw_input: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A self-contained, weights-only-loadable model record. ``raw_input`` ({shape, dtype}) is what the data
+    set stores per sample (uint8 NCHW images, float rows): what an exported model is traced for."""
     model = unwrap(model)
     pre = model.preprocess
     return {
@@ -52,6 +55,7 @@ def model_record(
         "dataset": dict(dataset),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "config": config or {},
+        "raw_input": dict(raw_input) if raw_input else {"shape": list(pre.shape), "dtype": "float32"},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 

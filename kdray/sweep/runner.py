@@ -514,10 +514,8 @@ def run_sweep(req: SweepRequest) -> SweepResult:
 
             raw = load_dataset(base.dataset).train  # the test split is read only for the one evaluation
             example = raw.x[:5] if raw.in_memory else raw.dataset[0][0].unsqueeze(0)
-            from kdray.data.loaders import to_float
-
             champion = register(req.tracking_uri, best, record, test_acc, sweep=req.name,
-                                 model_name=space.model_name, parent_run_id=parent_id, raw_example=to_float(example))
+                                 model_name=space.model_name, parent_run_id=parent_id, raw_example=example)
             timings["champion_s"] = time.time() - t0
         c.set_tag(parent_id, TAG_STATUS, "completed")
     plots.join()

@@ -117,7 +117,7 @@ def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: 
     c = client(uri)
     mlflow.set_tracking_uri(uri)
     model = model_from_record(record).eval()
-    example = raw_example[:5].float()
+    example = raw_example[:5]  # as stored: uint8 images stay uint8 (the model scales them itself)
     with torch.no_grad():
         out = model(example)
     signature = infer_signature(example.numpy(), out.numpy())
@@ -251,10 +251,22 @@ def export(run_id: str, out_dir: str | os.PathLike, tracking: str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"kdray/{RECORD_NAME}", dst_path=str(out))
-    record = load_record(local)
+    written = export_record(load_record(local), out, formats, f"MLflow run {run_id}")
+    written["kdray_record"] = str(Path(local))
+    return written
+
+
+def export_record(record: dict[str, Any], out_dir: str | os.PathLike,
+                  formats: tuple[str, ...] = ("state_dict", "torchscript"), source: str = "") -> dict[str, str]:
+    """Write ``record`` as a state dict, TorchScript and/or ONNX taking the data set's raw samples: the
+    shape and dtype one stored sample has (uint8 (C, H, W) images, float rows), any batch size."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model = model_from_record(record).eval()
-    written: dict[str, str] = {"kdray_record": str(Path(local))}
-    example = torch.zeros(2, int(torch.tensor(model.preprocess.shape).prod()))
+    raw = record.get("raw_input") or {"shape": list(model.preprocess.shape), "dtype": "float32"}
+    shape, dtype = tuple(raw["shape"]), getattr(torch, raw["dtype"])
+    example = torch.zeros((2, *shape), dtype=dtype)
+    written: dict[str, str] = {}
     if "state_dict" in formats:
         p = out / "student_state_dict.pt"
         torch.save(model.state_dict(), p)
@@ -273,13 +285,16 @@ def export(run_id: str, out_dir: str | os.PathLike, tracking: str,
         torch.onnx.export(model, (example,), str(p), input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
         written["onnx"] = str(p)
+    scale = " (0-255: the model divides by 255 and normalises inside)" if raw["dtype"] == "uint8" else ""
     (out / "README.txt").write_text(
-        f"kdray champion of MLflow run {run_id}: {record['model']} trained on {record['dataset'].get('name')}.\n"
-        f"Input: float32 raw samples, shape (batch, {example.shape[1]}) (reshaped to {model.preprocess.shape} "
-        "inside); output: logits.\n"
+        f"kdray champion{' of ' + source if source else ''}: {record['model']} trained on "
+        f"{record['dataset'].get('name')}.\n"
+        f"Input: {raw['dtype']} raw samples as the data set stores them, shape (batch, {', '.join(map(str, shape))})"
+        f"{scale}; any batch size. Output: float32 logits, shape (batch, {record['num_classes']}).\n"
         "student.pt: kdray.models.model_from_record(kdray.models.load_record(path)).\n"
         "student_state_dict.pt: load into kdray.models.build_model(<model>, <classes>, <Preprocess>).\n"
-        "student.torchscript.pt: torch.jit.load(path).  student.onnx: onnxruntime.InferenceSession(path).\n"
+        "student.torchscript.pt: torch.jit.load(path)(x).  student.onnx: onnxruntime.InferenceSession(path)"
+        ".run(None, {'x': x})[0].\n"
     )
     return written
 

@@ -192,6 +192,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     data = load_dataset(cfg.dataset)
     move_small_splits(data, device)
     info = data.info
+    raw_input = {"shape": list(info.input_shape),  # what one stored sample is: exports are traced for it
+                 "dtype": str(data.train.x.dtype).removeprefix("torch.") if data.train.in_memory else "float32"}
     student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options).to(device)
     if world > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
@@ -354,7 +356,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         t_report = time.perf_counter()
         if save and rank == 0:
             with scratch_dir() as d:
-                _write_checkpoint(d, unwrap(step_module), optimizer, scaler, scheduler, epoch, cfg, info, metrics)
+                _write_checkpoint(d, unwrap(step_module), optimizer, scaler, scheduler, epoch, cfg, info, metrics,
+                                  raw_input)
                 metrics["checkpoint_write_s"] = time.perf_counter() - t_report
                 session.report(metrics, d)
         else:
@@ -373,12 +376,12 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
 
 
 def _write_checkpoint(d: str, step: DistillStep, optimizer, scaler, scheduler, epoch: int, cfg: RunConfig, info,
-                      metrics) -> None:
+                      metrics, raw_input: dict[str, Any]) -> None:
     record = model_record(
         step.student, model_name=cfg.student.name, model_options=cfg.student.options,
         num_classes=info.num_classes, dataset=cfg.dataset.model_dump(mode="json"),
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        config=cfg.model_dump(mode="json"),
+        config=cfg.model_dump(mode="json"), raw_input=raw_input,
     )
     atomic_torch_save(record, Path(d) / STUDENT_FILE)
     atomic_torch_save(
