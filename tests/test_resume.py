@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, find_sweep, sweep_children
 from sweep_helpers import TINY_SPACE
 
-EPOCHS = 20
-SAMPLES = 5
+EPOCHS = 12
+SAMPLES = 4
 
 
 def sweep_cmd(tmp: Path, name: str, *extra: str) -> list[str]:

@@ -103,25 +103,28 @@ def test_a_sweep_started_with_num_samples_resumes_without_it(ray_cluster, tmp_pa
 DIVERGING = {"optimizer": "sgd", "lr": 1.0e30, "epochs": 3, "batch_size": 64, "scheduler": "none"}
 
 
+@pytest.mark.ray
 @pytest.mark.slow
-def test_a_diverging_teacher_and_distillation_fail_loudly_on_two_gloo_workers(tmp_path, blobs_teacher_file):
+def test_a_diverging_teacher_and_distillation_fail_loudly_on_two_gloo_workers(ray_cluster, tmp_path, capsys,
+                                                                               blobs_teacher_file):
+    from kdray.cli import main  # the command line itself, on this session's Ray (no --local)
+
     two = {"num_workers": 2, "cpus_per_worker": 1}
     teacher = write_yaml(tmp_path / "teacher.yaml", {
         "name": "nan-teacher", "dataset": {"name": "test_blobs"}, "model": {"name": "test_cnn1d"},
         "train": DIVERGING, "resources": two})
-    r = kdray("teacher", str(teacher), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "teacher training failed" in r.stderr and "non-finite" in r.stderr, r.stderr[-3000:]
-    assert "teacher saved" not in r.stdout and not list((tmp_path / "runs").glob("teachers/*.pt"))
+    assert main(["teacher", str(teacher), "--storage", str(tmp_path / "runs")]) == 1
+    out, err = capsys.readouterr()
+    assert "teacher training failed" in err and "non-finite" in err, err[-3000:]
+    assert "teacher saved" not in out and not list((tmp_path / "runs").glob("teachers/*.pt"))
 
     distill = write_yaml(tmp_path / "kd.yaml", {
         "name": "nan-kd", "dataset": {"name": "test_blobs"}, "teacher": {"checkpoint": str(blobs_teacher_file)},
         "student": {"name": "test_mlp"}, "knowledge": [{"type": "kd"}], "train": DIVERGING, "resources": two})
-    r = kdray("distill", str(distill), "--storage", str(tmp_path / "runs"), "--output", str(tmp_path / "out"),
-              cwd=tmp_path)
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "the run failed" in r.stderr and "non-finite" in r.stderr, r.stderr[-3000:]
-    assert "finished" not in r.stdout and not (tmp_path / "out" / "student.pt").exists()
+    assert main(["distill", str(distill), "--storage", str(tmp_path / "runs"), "--output", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert "the run failed" in err and "non-finite" in err, err[-3000:]
+    assert "finished" not in out and not (tmp_path / "out" / "student.pt").exists()
 
 
 @pytest.mark.ray
@@ -142,29 +145,32 @@ def test_a_diverging_trial_driving_a_torch_trainer_is_recorded_as_failed(ray_clu
 
 
 # -- a new run is new ------------------------------------------------------------------------------------
+@pytest.mark.ray
 @pytest.mark.slow
-def test_a_changed_teacher_config_trains_anew_and_resume_is_explicit(tmp_path):
+def test_a_changed_teacher_config_trains_anew_and_resume_is_explicit(ray_cluster, tmp_path, capsys):
+    from kdray.cli import main  # the command line itself, on this session's Ray (no --local)
+
     cfg = {"name": "t", "dataset": {"name": "test_blobs"}, "model": {"name": "test_mlp"},
            "train": {"epochs": 2, "batch_size": 64, "lr": 0.01}}
     path = write_yaml(tmp_path / "t.yaml", cfg)
-    args = ("teacher", str(path), "--storage", str(tmp_path / "runs"), "--output", str(tmp_path / "t.pt"))
-    first = kdray(*args, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+    args = ["teacher", str(path), "--storage", str(tmp_path / "runs"), "--output", str(tmp_path / "t.pt")]
+    assert main(args) == 0
     cfg["train"]["epochs"] = 3
     write_yaml(path, cfg)
-    second = kdray(*args, cwd=tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed" not in second.stdout and "epoch 1/3" in second.stdout, second.stdout
+    assert main(args) == 0
+    out = capsys.readouterr().out
     record = torch.load(tmp_path / "t.pt", weights_only=True)
-    assert record["metrics"]["epoch"] == 3 and record["config"]["train"]["epochs"] == 3
+    # A new run, trained from epoch 1 under the new config (Ray Train would have continued the old one).
+    assert record["metrics"]["epoch"] == 3 and "resumed_from_epoch" not in record["metrics"]
+    assert record["config"]["train"]["epochs"] == 3
 
     # --resume continues the run it names: from its last checkpoint (epoch 3), to the new end (epoch 4)
-    run_name = next(line.split()[2] for line in second.stdout.splitlines() if line.startswith("[kdray] run "))
+    run_name = [line.split()[2] for line in out.splitlines() if line.startswith("[kdray] run ")][-1]
     cfg["train"]["epochs"] = 4
     write_yaml(path, cfg)
-    third = kdray(*args, "--resume", "--run-name", run_name, cwd=tmp_path)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert "resumed from the checkpoint of epoch 3" in third.stdout, third.stdout
+    assert main(args + ["--resume", "--run-name", run_name]) == 0
+    record = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert record["metrics"]["epoch"] == 4 and record["metrics"]["resumed_from_epoch"] == 3
 
 
 def test_a_teacher_trained_on_other_data_is_not_reused(tmp_path):
