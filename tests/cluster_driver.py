@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from multinode_driver import free_port  # tests/ is this script's folder
+
 BUCKET = "kdray-test"
 JOIN_AFTER_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_s3(tmp: Path) -> tuple[subprocess.Popen, str]:
