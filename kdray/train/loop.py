@@ -178,16 +178,16 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     progress = bool(config.get("progress", False)) and rank == 0
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     seed_everything(cfg.seed)  # the same initial weights on every rank
+    # cudnn.benchmark picks the fastest kernels, which may differ between runs; deterministic trades speed
+    # for bit-identical reruns. Set (and reset) for every run: a trial process may be reused by the next.
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not cfg.train.deterministic
+    torch.backends.cudnn.deterministic = cfg.train.deterministic
     device = session.device(cfg.resources.use_gpu)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    # cudnn.benchmark picks the fastest kernels, which may differ between runs; deterministic trades speed
-    # for bit-identical reruns.
-    torch.backends.cudnn.benchmark = not cfg.train.deterministic
-    torch.backends.cudnn.deterministic = cfg.train.deterministic
-    if cfg.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
     data = load_dataset(cfg.dataset)
     move_small_splits(data, device)
