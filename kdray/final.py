@@ -55,8 +55,10 @@ def welch(a: list[float], b: list[float]) -> float:
     """Two-sided p-value of Welch's t-test (unequal variances); 1.0 when both samples are constant."""
     from scipy import stats
 
-    if np.std(a) == 0 and np.std(b) == 0:
-        return 0.0 if np.mean(a) != np.mean(b) else 1.0
+    # Constant samples are judged by their values (max == min), not by np.std == 0: the mean of [0.9] * 3 is
+    # 0.9000000000000001, so its std is a rounding error and scipy then returns 6e-31 or NaN.
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return 0.0 if a[0] != b[0] else 1.0
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 

@@ -259,3 +259,18 @@ def test_final_retrains_with_the_sweeps_workers_and_says_what_a_labels_only_cham
     res = run_final(f"sqlite:///{tmp_path / 'mlflow.db'}", "f", 2, str(tmp_path / "runs"), say=said.append)
     assert [r["workers"] for r in res.rows] == [2.0] * 4  # two DDP workers, as the trial had: same global batch
     assert "seed-to-seed noise" in res.baseline, res.baseline  # not "the best labels-only trial": that is itself
+
+
+def test_welch_and_the_bootstrap_interval_on_degenerate_and_ordinary_samples():
+    from scipy import stats
+
+    from kdray.final import bootstrap_ci, welch
+
+    a, b = [0.91, 0.93, 0.92, 0.95], [0.90, 0.90, 0.90, 0.90]  # one sample without variance
+    assert welch(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert welch([0.9] * 3, [0.8] * 3) == 0.0  # two different constants: no doubt left
+    assert welch([0.9] * 3, [0.9] * 3) == 1.0  # the same constant: no difference at all
+    lo, hi = bootstrap_ci([0.9] * 3, [0.8] * 3)
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)  # every resample has the same difference
+    lo, hi = bootstrap_ci(a, b)
+    assert lo < sum(a) / 4 - 0.9 < hi and lo > 0  # a's mean is above 0.90 in every resample
