@@ -76,8 +76,11 @@ def sweep_once(space_data: dict, shared_storage: str, name: str):
     # trained once (in this process, before Ray: not part of the measurement) and shared by later runs
     teacher_records(base, shared_storage, progress=False, inline=True,
                     log=lambda m: print(f"[bench] {m}", flush=True))
-    shared = trained_teacher_path(base, shared_storage)
-    local = trained_teacher_path(base, str(tmp / "runs"))  # the sweep finds the shared teacher here
+    from kdray.data import load_dataset
+
+    fingerprint = load_dataset(base.dataset).fingerprint
+    shared = Path(trained_teacher_path(base, shared_storage, fingerprint))
+    local = Path(trained_teacher_path(base, str(tmp / "runs"), fingerprint))  # the sweep finds it here
     local.parent.mkdir(parents=True, exist_ok=True)
     local.symlink_to(shared)
     req = SweepRequest(space=space, space_path=str(space_path), space_yaml=space_path.read_text(), name=name,

@@ -35,8 +35,10 @@ def test_every_knowledge_term_is_float32_under_autocast(kind, dtype):
     obj.bind(t.features, s.features)
     obj.set_epoch(100)  # past any warm-up
     ref = obj(s, t, y)
+    # As in training: the student's taps come out of autocast in low precision.
+    s_low = TapOutputs(s.logits.to(dtype), {k: v.to(dtype) for k, v in s.features.items()})
     with torch.autocast("cpu", dtype=dtype):
-        low = obj(s, t, y)
+        low = obj(s_low, t, y)
     for name, value in ref.items():
         assert low[name].dtype == torch.float32, name
         assert torch.isfinite(low[name]), (name, low[name])

@@ -100,7 +100,7 @@ class FitNet(Knowledge):
     def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
         if self.regressor is None:  # used directly on tensors: infer the connector now
             self.regressor = Regressor(tuple(f_s.shape[1:]), tuple(f_t.shape[1:])).to(f_s.device)
-        return F.mse_loss(as_float(self.regressor(f_s)), as_float(f_t))
+        return F.mse_loss(self.regressor(as_float(f_s)), as_float(f_t))  # fp32 connector on bf16 taps
 
     def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
         return self(student.features[self.student_layers[0]], teacher.features[self.teacher_layers[0]])

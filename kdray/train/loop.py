@@ -99,7 +99,7 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     Re-seeding at each epoch's start makes the RNG state a pure function of (seed, rank, epoch): a run
     resumed from the checkpoint of epoch k replays epoch k+1 exactly as the uninterrupted run did, with no
     RNG state to save, and ranks draw different dropout masks."""
-    return (seed * 1_000_003 + rank) * 10_007 + epoch
+    return ((seed * 1_000_003 + rank) * 10_007 + epoch) % 2**63  # torch takes seeds below 2**64
 
 
 def resolve_ref(obj: Any) -> Any:
@@ -255,7 +255,11 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             objective.load_state_dict(state["objective"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
-            scheduler.load_state_dict(state["scheduler"])
+            if "scheduler" in state:
+                scheduler.load_state_dict(state["scheduler"])
+            else:  # a checkpoint from before the schedule was saved: replay it to this epoch
+                for _ in range(int(state["epoch"])):
+                    scheduler.step()
             start_epoch = int(state["epoch"]) + 1
             where_resumed = int(state["epoch"])
             if progress:
