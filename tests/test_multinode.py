@@ -18,7 +18,7 @@ from kdray.tracking.store import find_sweep, sweep_children
 from sweep_helpers import TINY_SPACE
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS, SAMPLES = 25, 4
+EPOCHS, SAMPLES = 40, 4
 
 
 def test_cluster_yaml_passes_rays_own_validation():
@@ -96,6 +96,9 @@ def multinode(tmp_path_factory):
     space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
     space.update(num_samples=SAMPLES, searcher={"type": "tpe", "n_startup_trials": 4})
     space["base"]["train"]["epochs"] = EPOCHS
+    # Small batches: a trial must still be training when the kill comes (MLflow, which the driver polls
+    # to choose its moment, is written asynchronously and lags a fast trial by its last few epochs).
+    space["base"]["train"]["batch_size"] = 4
     path = tmp / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("multinode_driver.py")), str(tmp / "summary.json"),
