@@ -96,6 +96,11 @@ class ElasticLimiter(ConcurrencyLimiter):
     def max_concurrent(self, value: int) -> None:
         self._ceiling = value
 
+    def set_state(self, state: dict) -> None:
+        """A restored limiter re-reads the cluster: its saved timestamp is another process's clock."""
+        super().set_state(state)
+        self._fit, self._checked = 1, float("-inf")
+
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
     out: dict[str, int] = {}
