@@ -217,6 +217,7 @@ def _checkpoint_of(r, storage: str) -> Any:
 
 def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, str],
               storage: str = "") -> list[TrialOutcome]:
+    from kdray.tracking.tracker import tag_number
     from kdray.train.loop import ran_all_epochs
 
     out = []
@@ -237,15 +238,6 @@ def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, s
         out.append(TrialOutcome(tid, run_ids.get(tid), params.get("knowledge", NONE), status, int(m.get("epoch", 0)),
                                 float(m.get("val_accuracy", float("nan"))), params, ckpt, number))
     return out
-
-
-def tag_number(experiment_tag: Any) -> int:
-    """The trial's position in the sweep (1-based) from Tune's experiment tag (``5_knowledge=kd,...``),
-    which Tune adds to every result; 0 if there is none."""
-    try:
-        return int(str(experiment_tag).split("_", 1)[0])
-    except ValueError:
-        return 0
 
 
 def leaderboard(outcomes: list[TrialOutcome]) -> pd.DataFrame:

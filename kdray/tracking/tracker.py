@@ -75,12 +75,17 @@ def searched_params(config: dict[str, Any]) -> dict[str, Any]:
     return {k.split(":", 1)[-1]: v for k, v in config.items()}
 
 
-def trial_number(trial: Any) -> int:
-    """The trial's position in the sweep (1-based), from Tune's experiment tag (``5_knowledge=kd,...``)."""
+def tag_number(experiment_tag: Any) -> int:
+    """The trial's position in the sweep (1-based) from Tune's experiment tag (``5_knowledge=kd,...``),
+    which Tune keeps on the trial and adds to every result; 0 if there is none."""
     try:
-        return int(str(trial.experiment_tag).split("_", 1)[0])
-    except (AttributeError, ValueError):
+        return int(str(experiment_tag).split("_", 1)[0])
+    except ValueError:
         return 0
+
+
+def trial_number(trial: Any) -> int:
+    return tag_number(getattr(trial, "experiment_tag", None))
 
 
 class SweepTracker(Callback):
