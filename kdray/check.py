@@ -139,7 +139,7 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
             raise ConfigError(f"student {e}", file, _layer_field(i, spec, e.missing, "student")) from None
         modules[i] = k
 
-    x = torch.zeros(2, *info.input_shape)
+    x = info.example_input(2)
     student.eval()
     with torch.no_grad():
         s_taps = FeatureTaps(student.net, [n for k in modules.values() for n in k.student_layers])

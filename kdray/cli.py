@@ -78,17 +78,20 @@ def cmd_layers(args: argparse.Namespace) -> int:
     model_cfg = validate(ModelConfig, {"name": args.model}, "command line")
     if args.dataset:
         info = describe_dataset(validate(DatasetConfig, {"name": args.dataset}, "command line"))
-        num_classes, pre = info.num_classes, info.preprocess()
+        num_classes, pre, x = info.num_classes, info.preprocess(), info.example_input(2)
     else:
         from kdray import MODELS
         from kdray.models import Preprocess
 
-        num_classes, pre = 10, Preprocess(MODELS.get(args.model).example_input)
+        spec = MODELS.get(args.model)
+        tokens = spec.example_dtype == "int64"
+        num_classes, pre = 10, Preprocess(spec.example_input, passthrough=tokens)
+        x = torch.ones(2, *spec.example_input, dtype=torch.int64) if tokens else torch.zeros(2, *spec.example_input)
     model = build_model(model_cfg.name, num_classes, pre).eval()
     names = layer_names(model.net)
     taps = FeatureTaps(model.net, names)
     with torch.no_grad():
-        out = taps.run(model, torch.zeros(2, *pre.shape))
+        out = taps.run(model, x)
     net = model.net
     print(f"{args.model}: default hint layers {getattr(net, 'kd_feature_layers', [])}, "
           f"embedding {getattr(net, 'kd_embedding_layer', '')!r}; input {pre.shape}")
@@ -271,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"kdray {_version()}")
+    p.add_argument("--plugin", action="append", dest="plugin_top", metavar="MODULE", default=[],
+                   help=PLUGIN_HELP)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("list", help="list the registered knowledge types, models and data sets")
@@ -322,7 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
     from kdray.sweep.cli import add_sweep_commands
 
     add_sweep_commands(sub, common)
+    for command in sub.choices.values():  # `kdray sweep --plugin M` as well as `kdray --plugin M sweep`
+        command.add_argument("--plugin", action="append", dest="plugin", metavar="MODULE", default=[],
+                             help=PLUGIN_HELP)
     return p
+
+
+PLUGIN_HELP = ("import this Python module first (repeatable): it registers your own models, data sets or "
+               "knowledge types; it is imported in every Ray worker too")
+
+
+def import_cli_plugins(args: argparse.Namespace) -> None:
+    """``--plugin`` modules and installed ``kdray.plugins`` entry points, before any config is read."""
+    from kdray import plugins
+    from kdray.config import ConfigError
+
+    names = list(getattr(args, "plugin_top", []) or []) + list(getattr(args, "plugin", []) or [])
+    try:
+        plugins.load_entry_points()
+        plugins.import_plugins(names, where="--plugin", search=[Path.cwd()])
+    except plugins.PluginError as e:
+        raise ConfigError(e.reason, field=e.field) from None
 
 
 def _version() -> str:
@@ -343,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar for every small artifact it reads (configs, records): noise in a terminal
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
+        import_cli_plugins(args)
         return int(args.fn(args) or 0)
     except ConfigError as e:
         _print_err(str(e))

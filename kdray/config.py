@@ -87,6 +87,35 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+_reading: list[Path] = []  # the config file being validated: its folder is searched for plugin modules
+
+
+def import_config_plugins(data: Any) -> Any:
+    """Import a config's ``plugins`` (and installed entry points) before any field names a registry entry:
+    a ``model_validator(mode="before")`` of every top-level config, so a Ray worker that validates a trial's
+    config imports them too. Errors name the field (``plugins.1``)."""
+    from kdray import plugins
+
+    try:
+        plugins.load_entry_points()
+        if isinstance(data, dict) and data.get("plugins") is not None:
+            mods = data["plugins"]
+            if isinstance(mods, str):
+                mods = [mods]
+            if not isinstance(mods, list):
+                raise plugins.PluginError("plugins", f"expected a list of Python module names, got {mods!r}")
+            search = [p.parent for p in _reading[-1:]] + [Path.cwd()]
+            plugins.import_plugins(mods, where="plugins", search=search)
+            data = {**data, "plugins": mods}
+    except plugins.PluginError as e:
+        raise ConfigError([(e.field, e.reason)]) from None
+    return data
+
+
+PLUGINS_FIELD = Field(default_factory=list, description="Python modules to import first: they register your own "
+                      "models, data sets and knowledge types (also --plugin and the kdray.plugins entry points)")
+
+
 # -- pieces --------------------------------------------------------------------------------------------
 SPLIT_FIELDS = ("name", "options", "val_fraction", "split_seed")  # what decides which samples are validation
 
@@ -100,6 +129,27 @@ class DatasetConfig(Strict):
     download: bool = Field(False, description="allow torchvision to download a missing data set")
     augment: bool | None = Field(None, description="random augmentation of training images (default: the set's standard)")
     options: dict[str, Any] = Field(default_factory=dict, description="data-set specific options")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_options(cls, data: Any) -> Any:
+        """A data set's own options may sit beside ``name`` (``{name: table, path: x.parquet, label: y}``)."""
+        if not isinstance(data, dict) or not isinstance(data.get("name", "mnist1d"), str):
+            return data
+        name = data.get("name", "mnist1d")
+        if name not in DATASETS:
+            return data
+        keys = DATASETS.get(name).option_keys
+        flat = {k: v for k, v in data.items() if k not in cls.model_fields and k in keys}
+        if not flat:
+            return data
+        options = data.get("options") or {}
+        if not isinstance(options, dict):
+            return data
+        twice = sorted(set(flat) & set(options))
+        if twice:
+            raise ValueError(f"option(s) {twice} given both beside `name` and under `options`")
+        return {**{k: v for k, v in data.items() if k not in flat}, "options": {**options, **flat}}
 
     def split_differences(self, other: dict[str, Any]) -> list[str]:
         """The fields of another run's data set config (a checkpoint's) that give it a different split."""
@@ -120,8 +170,12 @@ class DatasetConfig(Strict):
 
 
 class ModelConfig(Strict):
-    name: Annotated[str, AfterValidator(MODELS.check)] = Field(description="a registered model (kdray list)")
+    name: Annotated[str, AfterValidator(MODELS.check)] = Field(
+        description="a registered model (kdray list), timm/<timm name> or hf/<hub id or local path>")
     options: dict[str, Any] = Field(default_factory=dict, description="constructor options, e.g. hidden: [64]")
+    init_from_teacher: Literal["every_other_layer"] | None = Field(
+        None, description="a student: start from the teacher's own weights, keeping every other transformer "
+        "layer (DistilBERT's initialisation); the teacher must be a Hugging Face model")
 
 
 class TrainConfig(Strict):
@@ -280,6 +334,7 @@ def validate_knowledge(entries: list[Any]) -> list[dict[str, Any]]:
 class RunConfig(Strict):
     """One teacher -> student run (``kdray distill``), or a labels-only run when there is no knowledge."""
 
+    plugins: list[str] = PLUGINS_FIELD
     name: str = "run"
     seed: int = 0
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -291,6 +346,8 @@ class RunConfig(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     output_dir: str | None = Field(None, description="where the run writes its checkpoints and the final model")
+
+    _plugins = model_validator(mode="before")(import_config_plugins)
 
     @field_validator("knowledge", mode="before")
     @classmethod
@@ -323,6 +380,7 @@ class RunConfig(Strict):
 class TeacherRunConfig(Strict):
     """``kdray teacher``: train a model on labels alone and save it as a teacher checkpoint."""
 
+    plugins: list[str] = PLUGINS_FIELD
     name: str = "teacher"
     seed: int = 0
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -331,9 +389,11 @@ class TeacherRunConfig(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: str | None = Field(None, description="checkpoint path (default kdray_runs/teachers/<name>.pt)")
 
+    _plugins = model_validator(mode="before")(import_config_plugins)
+
     def as_run(self) -> RunConfig:
         return RunConfig(
-            name=self.name, seed=self.seed, dataset=self.dataset, student=self.model, train=self.train,
+            plugins=self.plugins, name=self.name, seed=self.seed, dataset=self.dataset, student=self.model, train=self.train,
             resources=self.resources,
         )
 
@@ -396,12 +456,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def validate(cls: type[BaseModel], data: dict[str, Any], file: str | Path | None = None) -> Any:
+    if file is not None and Path(str(file)).is_file():
+        _reading.append(Path(str(file)).resolve())
     try:
         return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(pydantic_errors(e, cls), file=file) from None
     except ConfigError as e:
         raise (e.with_file(file) if file else e) from None
+    finally:
+        if file is not None and Path(str(file)).is_file():
+            _reading.pop()
 
 
 def load_config(path: str | Path, cls: type[BaseModel] = RunConfig) -> Any:

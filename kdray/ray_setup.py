@@ -58,8 +58,14 @@ def init_ray(
     env = job_env()
     os.environ.update(env)  # inherited by a local cluster's raylet and so by every worker and actor
     if not ray.is_initialized():
+        from kdray import plugins
+
+        # Plugins imported here (config, --plugin, entry points) are imported by every worker process as it
+        # starts, and shipped to every node unless installed there (kdray.plugins).
+        runtime_env = plugins.runtime_env()
+        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
         kwargs: dict[str, Any] = dict(
-            runtime_env={"env_vars": env},
+            runtime_env=runtime_env,
             log_to_driver=log_to_driver,
             logging_level=logging.WARNING,
             configure_logging=True,

@@ -15,7 +15,7 @@ from kdray.data.base import (
     load_dataset,
     register_dataset,
 )
-from kdray.data import offline, vision  # noqa: F401  (registers the data sets)
+from kdray.data import custom, offline, vision  # noqa: F401  (registers the data sets)
 from kdray.data.loaders import Batches, ShardSampler, crop_flip
 
 __all__ = [

@@ -39,11 +39,24 @@ class DatasetInfo:
     model_input: tuple[int, ...]  # what the network sees after Preprocess (e.g. (1, 40))
     mean: tuple[float, ...] | float = 0.0
     std: tuple[float, ...] | float = 1.0
+    input_dtype: str = "float32"  # "uint8" images, "int64" token ids (text: passed to the model unchanged)
+    pad_token_id: int | None = None  # text: the tokenizer's padding id (the model masks these positions)
+
+    @property
+    def tokens(self) -> bool:
+        return self.input_dtype == "int64"
 
     def preprocess(self) -> Preprocess:
         m = list(self.mean) if isinstance(self.mean, tuple) else self.mean
         s = list(self.std) if isinstance(self.std, tuple) else self.std
-        return Preprocess(self.model_input, m, s)
+        return Preprocess(self.model_input, m, s, passthrough=self.tokens)
+
+    def example_input(self, n: int = 2) -> Tensor:
+        """``n`` inputs of the stored shape and dtype, for dry runs (token ids: 1, never the padding id)."""
+        if self.tokens:
+            fill = 1 if self.pad_token_id != 1 else 2
+            return torch.full((n, *self.input_shape), fill, dtype=torch.int64)
+        return torch.zeros(n, *self.input_shape, dtype=getattr(torch, self.input_dtype))
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Importing this package registers every architecture.
 """
 from kdray.models.zoo import MODELS, Classifier, ModelSpec, Preprocess, build_model, register_model, set_layout
-from kdray.models import cifar, small, torchvision_zoo  # noqa: F401  (registers the architectures)
+from kdray.models import cifar, hf, small, timm_zoo, torchvision_zoo  # noqa: F401  (registers the architectures)
 from kdray.models.taps import FeatureTaps, LayerNotFound, check_layers, layer_names
 from kdray.models.checkpoint import (
     Teacher,

@@ -46,12 +46,15 @@ def model_record(
     set stores per sample (uint8 NCHW images, float rows): what an exported model is traced for."""
     model = unwrap(model)
     pre = model.preprocess
+    options = dict(model_options or {})
+    options.update(getattr(model.net, "kd_record_options", None) or {})
     return {
         "format": FORMAT,
         "model": model_name,
-        "model_options": dict(model_options or {}),
+        "model_options": options,
         "num_classes": int(num_classes),
-        "preprocess": {"shape": list(pre.shape), "mean": pre.mean.flatten().tolist(), "std": pre.std.flatten().tolist()},
+        "preprocess": {"shape": list(pre.shape), "mean": pre.mean.flatten().tolist(), "std": pre.std.flatten().tolist(),
+                       "passthrough": bool(getattr(pre, "passthrough", False))},
         "dataset": dict(dataset),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "config": config or {},
@@ -112,7 +115,8 @@ def load_record(source: str | os.PathLike | dict[str, Any] | bytes) -> dict[str,
 def model_from_record(record: dict[str, Any]) -> Classifier:
     pre = record["preprocess"]
     mean, std = pre["mean"], pre["std"]
-    preprocess = Preprocess(tuple(pre["shape"]), mean if len(mean) > 1 else mean[0], std if len(std) > 1 else std[0])
+    preprocess = Preprocess(tuple(pre["shape"]), mean if len(mean) > 1 else mean[0], std if len(std) > 1 else std[0],
+                            passthrough=bool(pre.get("passthrough", False)))
     model = build_model(record["model"], record["num_classes"], preprocess, record.get("model_options"))
     model.load_state_dict(record["state_dict"])
     return model

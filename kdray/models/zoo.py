@@ -17,7 +17,9 @@ class ModelSpec:
     ``example_input`` is an input shape (without batch) the model accepts; tests use it to run every
     registered model. The built module carries ``kd_feature_layers`` (stage outputs, the default hint
     layers) and ``kd_embedding_layer`` (the penultimate representation, the default for relational
-    knowledge) as attributes.
+    knowledge) as attributes. A module may also carry ``kd_record_options``: options that replace the
+    configured ones in its saved record, so that it is rebuilt without what built it (a Hugging Face
+    model's config instead of its hub id, no download of pretrained weights that the record holds).
     """
 
     name: str
@@ -26,6 +28,7 @@ class ModelSpec:
     example_input: tuple[int, ...]
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+    example_dtype: str = "float32"  # "int64" for models that take token ids
 
     def build(self, num_classes: int, input_shape: tuple[int, ...], **options: Any) -> nn.Module:
         net = self.factory(num_classes=num_classes, input_shape=tuple(input_shape), **{**self.defaults, **options})
@@ -61,14 +64,19 @@ class Preprocess(nn.Module):
     model takes the data set's raw rows or images and nobody has to re-implement the normalisation.
     """
 
-    def __init__(self, shape: tuple[int, ...], mean: list[float] | float = 0.0, std: list[float] | float = 1.0):
+    def __init__(self, shape: tuple[int, ...], mean: list[float] | float = 0.0, std: list[float] | float = 1.0,
+                 passthrough: bool = False):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
+        # Token ids (text) and a foreign model's own inputs (an MLflow teacher) go to the network unchanged.
+        self.passthrough = bool(passthrough)
         stat_shape = (1, -1) + (1,) * (len(self.shape) - 1) if isinstance(mean, (list, tuple)) else (1,)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(stat_shape))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(stat_shape))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.passthrough:
+            return x
         x = x.reshape(x.shape[0], *self.shape)
         if x.dtype == torch.uint8:  # raw 8-bit images, as stored on disk: to [0, 1] as training sees them
             x = x.float() / 255.0
@@ -77,7 +85,7 @@ class Preprocess(nn.Module):
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}"
+        return f"shape={self.shape}" + (", passthrough" if self.passthrough else "")
 
 
 class Classifier(nn.Module):

@@ -31,7 +31,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from kdray.config import ConfigError, RunConfig, Strict, dotted_set, pydantic_errors, read_yaml
+from kdray.config import (
+    PLUGINS_FIELD,
+    ConfigError,
+    RunConfig,
+    Strict,
+    dotted_set,
+    import_config_plugins,
+    pydantic_errors,
+    read_yaml,
+)
 from kdray.knowledge import KNOWLEDGE
 
 NONE = "none"
@@ -134,6 +143,7 @@ class SearcherConfig(Strict):
 class SearchSpace(Strict):
     """A sweep definition: what is fixed, what is searched, how, and where the champion goes."""
 
+    plugins: list[str] = PLUGINS_FIELD
     name: str = Field(description="the MLflow experiment of this space (one experiment per search space)")
     description: str = ""
     metric: Literal["val_accuracy"] = "val_accuracy"
@@ -146,6 +156,8 @@ class SearchSpace(Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     searcher: SearcherConfig = Field(default_factory=SearcherConfig)
     space: dict[str, Any] = Field(default_factory=dict)
+
+    _plugins = model_validator(mode="before")(import_config_plugins)
 
     # parsed forms, set by the validator (private: not settable from YAML)
     _params: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -281,6 +293,8 @@ class SearchSpace(Strict):
             raise ValueError(f"knowledge choice {choice!r} is not in this search space")
         data = copy.deepcopy(self.base)
         data.setdefault("name", self.name)
+        if self.plugins:  # every trial's config names them: a worker that validates it imports them first
+            data["plugins"] = list(dict.fromkeys(self.plugins + list(data.get("plugins") or [])))
         types = [] if choice == NONE else choice.split("+")
         kparams: dict[str, dict[str, Any]] = {t: {} for t in types}
         values = {k: v for k, v in params.items() if k != "knowledge"}
