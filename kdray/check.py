@@ -16,7 +16,16 @@ import torch
 from kdray.config import ConfigError, RunConfig
 from kdray.data import DatasetUnavailable, describe_dataset
 from kdray.knowledge import KNOWLEDGE, ModelLayout
-from kdray.models import FeatureTaps, LayerNotFound, Teacher, build_model, load_record, model_from_record
+from kdray.models import (
+    Classifier,
+    FeatureTaps,
+    LayerNotFound,
+    Teacher,
+    build_model,
+    load_record,
+    model_from_record,
+    model_record,
+)
 from kdray.models.taps import check_layers
 
 
@@ -57,10 +66,36 @@ def _layer_field(i: int, spec: dict[str, Any], missing: list[str], side: str) ->
     return f"knowledge.{i}"
 
 
-def load_teacher_records(cfg: RunConfig, file: str | Path | None = None) -> list[dict[str, Any]]:
+def load_teacher_records(cfg: RunConfig, file: str | Path | None = None,
+                         tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """The records of a ready-made teacher (checkpoints, a model by name, an MLflow model); config errors name
+    ``teacher.checkpoint``, ``teacher.name`` or ``teacher.mlflow``."""
+    t = cfg.teacher
+    if t is None or t.train is not None:
+        return []
+    if t.name is not None or t.mlflow is not None:
+        try:
+            info = describe_dataset(cfg.dataset)
+        except (DatasetUnavailable, ValueError) as e:
+            raise ConfigError(str(e), file, "dataset") from None
+    if t.name is not None:
+        try:
+            model = build_model(t.name, info.num_classes, info.preprocess(), t.options)
+        except (TypeError, ValueError, RuntimeError, OSError) as e:
+            raise ConfigError(f"cannot build teacher {t.name!r}: {e}", file, "teacher.name") from None
+        return [model_record(model, model_name=t.name, model_options=t.options, num_classes=info.num_classes,
+                             dataset={}, config={"teacher": t.name})]
+    if t.mlflow is not None:
+        from kdray.tracking.store import tracking_uri as default_uri
+        from kdray.tracking.teacher import MlflowTeacherError, load_mlflow_teacher
+
+        try:
+            return [load_mlflow_teacher(t.mlflow, info, default_uri(t.tracking_uri or tracking_uri))]
+        except MlflowTeacherError as e:
+            raise ConfigError(str(e), file, "teacher.mlflow") from None
     recs = []
-    for i, p in enumerate(cfg.teacher.checkpoints):
-        where = "teacher.checkpoint" if isinstance(cfg.teacher.checkpoint, str) else f"teacher.checkpoint.{i}"
+    for i, p in enumerate(t.checkpoints):
+        where = "teacher.checkpoint" if isinstance(t.checkpoint, str) else f"teacher.checkpoint.{i}"
         try:
             recs.append(load_record(p))
         except FileNotFoundError:
@@ -68,6 +103,18 @@ def load_teacher_records(cfg: RunConfig, file: str | Path | None = None) -> list
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input at fault
             raise ConfigError(f"cannot read teacher checkpoint {p}: {e}", file, where) from None
     return recs
+
+
+def student_from_teacher(cfg: RunConfig, teacher: Teacher | None, info, file: str | Path | None = None) -> Classifier:
+    """``student.init_from_teacher``: the student built from the teacher's own weights (DistilBERT)."""
+    from kdray.models.hf import init_from_teacher
+
+    if teacher is None:
+        raise ConfigError("needs a teacher", file, "student.init_from_teacher")
+    try:
+        return Classifier(info.preprocess(), init_from_teacher(teacher.members[0], cfg.student.init_from_teacher))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e), file, "student.init_from_teacher") from None
 
 
 def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
@@ -94,18 +141,20 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
                     student_params=sum(p.numel() for p in student.parameters()))
     teacher = None
     if cfg.teacher is not None:
-        if cfg.teacher.checkpoint is not None:
+        if cfg.teacher.ready_made:
             records = teacher_records if teacher_records is not None else load_teacher_records(cfg, file)
             members = []
             for i, rec in enumerate(records):
-                where = "teacher.checkpoint" if len(records) == 1 else f"teacher.checkpoint.{i}"
+                where = ("teacher.name" if cfg.teacher.name else "teacher.mlflow" if cfg.teacher.mlflow else
+                         "teacher.checkpoint" if len(records) == 1 else f"teacher.checkpoint.{i}")
                 if rec["num_classes"] != info.num_classes:
                     raise ConfigError(f"the teacher predicts {rec['num_classes']} classes but data set "
                                       f"{cfg.dataset.name!r} has {info.num_classes}", file, where)
-                if tuple(rec["preprocess"]["shape"]) != tuple(info.model_input):
+                if not rec["preprocess"].get("passthrough") and tuple(rec["preprocess"]["shape"]) != tuple(info.model_input):
                     raise ConfigError(f"the teacher takes inputs of shape {tuple(rec['preprocess']['shape'])} "
                                       f"but data set {cfg.dataset.name!r} gives {info.model_input}", file, where)
-                diff = cfg.dataset.split_differences(rec.get("dataset") or {})
+                # A kdray checkpoint knows its split; a model by name or from MLflow was trained elsewhere.
+                diff = cfg.dataset.split_differences(rec.get("dataset") or {}) if cfg.teacher.checkpoint else []
                 if diff and not cfg.teacher.allow_split_mismatch:
                     raise ConfigError(
                         f"the teacher was trained on another train/validation split ({'; '.join(diff)}): it has "
@@ -119,6 +168,9 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
             teacher = Teacher([build(t.name, t.options, "teacher.train.model")])
             report.teacher = t.name
         report.teacher_params = sum(p.numel() for p in teacher.members[0].parameters())
+    if cfg.student.init_from_teacher:
+        student = student_from_teacher(cfg, teacher, info, file)
+        report.student_params = sum(p.numel() for p in student.parameters())
 
     t_layout = ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), "")
     s_layout = ModelLayout.of(student)

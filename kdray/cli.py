@@ -218,7 +218,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update=overrides)
     if not args.address:
         check_resources(cfg, file=args.config)
-    records = load_teacher_records(cfg, args.config) if cfg.teacher and cfg.teacher.checkpoint else None
+    records = load_teacher_records(cfg, args.config) if cfg.teacher and cfg.teacher.ready_made else None
     dry_run(cfg, file=args.config, teacher_records=records)
 
     from kdray.storage import is_remote, join

@@ -263,20 +263,40 @@ class TeacherTrainSpec(Strict):
 
 
 class TeacherConfig(Strict):
+    """Where the teacher comes from: exactly one of a kdray checkpoint, a config to train first, a model by name
+    (``hf/...``, ``timm/...`` with its pretrained weights) or a model in the MLflow registry."""
+
     checkpoint: str | list[str] | None = Field(
         None, description="a kdray model checkpoint, or a list of them (an ensemble whose logits are averaged)"
     )
     train: TeacherTrainSpec | None = Field(None, description="train this teacher first instead of loading one")
+    name: Annotated[str, AfterValidator(MODELS.check)] | None = Field(
+        None, description="a ready-made model by name with its own weights: hf/<hub id or local path> (a fine-tuned "
+        "classifier), timm/<name> with options {pretrained: true}, or a plugin's model")
+    options: dict[str, Any] = Field(default_factory=dict, description="with `name`: the model's options")
+    mlflow: str | None = Field(
+        None, description="a model logged with mlflow.pytorch: models:/<name>@<alias>, models:/<name>/<version> or "
+        "runs:/<run id>/<path>; it takes the data set's raw inputs and returns logits")
+    tracking_uri: str | None = Field(
+        None, description="with `mlflow`: the tracking server (default $MLFLOW_TRACKING_URI, else the command's "
+        "--tracking-uri, else sqlite:///mlflow.db)")
     allow_split_mismatch: bool = Field(
         False, description="use a teacher trained on another train/validation split (it has seen validation "
         "samples, which biases selection towards distillation); tagged in MLflow")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
-        if (self.checkpoint is None) == (self.train is None):
-            raise ValueError("give exactly one of `checkpoint` (path or list of paths) or `train`")
+        given = [k for k in ("checkpoint", "train", "name", "mlflow") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `checkpoint` (path or list of paths), `train`, `name` (a model "
+                             "with its weights, e.g. hf/...) or `mlflow` (models:/name@alias)"
+                             + (f"; got {', '.join(given)}" if given else ""))
         if isinstance(self.checkpoint, list) and not self.checkpoint:
             raise ValueError("`checkpoint` is an empty list")
+        if self.options and self.name is None:
+            raise ValueError("`options` go with `name`")
+        if self.mlflow is not None and not self.mlflow.startswith(("models:/", "runs:/")):
+            raise ValueError(f"`mlflow` must be a models:/ or runs:/ URI, got {self.mlflow!r}")
         return self
 
     @property
@@ -284,6 +304,18 @@ class TeacherConfig(Strict):
         if self.checkpoint is None:
             return []
         return [self.checkpoint] if isinstance(self.checkpoint, str) else list(self.checkpoint)
+
+    @property
+    def ready_made(self) -> bool:
+        """A teacher that is loaded (checkpoint, name, MLflow), not trained by kdray first."""
+        return self.train is None
+
+    @property
+    def model_name(self) -> str:
+        """What the teacher is, for messages and the teacher tap names (hf/..., the MLflow URI...)."""
+        if self.train is not None:
+            return self.train.model.name
+        return self.name or self.mlflow or "+".join(self.checkpoints)
 
 
 class CacheConfig(Strict):
@@ -362,6 +394,8 @@ class RunConfig(Strict):
     def _coherent(self) -> "RunConfig":
         if self.knowledge and self.teacher is None:
             raise ConfigError([("teacher", "knowledge types are configured but no teacher is given")])
+        if self.student.init_from_teacher and self.teacher is None:
+            raise ConfigError([("student.init_from_teacher", "needs a teacher to copy the weights from")])
         if self.train.sync_batchnorm and not self.resources.use_gpu:
             raise ConfigError([("train.sync_batchnorm", "PyTorch's SyncBatchNorm runs on GPUs only; on CPU workers "
                                 "kdray broadcasts rank 0's BatchNorm statistics before each validation instead")])

@@ -158,7 +158,7 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     champ_cfg = RunConfig.model_validate(configs["champion"])
     if champ_is_none and best_none is not None:
         say("the champion is itself a labels-only trial: its 'gain' is measured against the best other none trial")
-    records = teacher_records(champ_cfg, storage, log=say, inline=True)
+    records = teacher_records(champ_cfg, storage, log=say, inline=True, tracking_uri=uri)
     teacher_acc = test_accuracy(records[0], champ_cfg.dataset.model_dump(mode="json")) if len(records) == 1 else \
         float("nan")
     seed_list = list(range(1, seeds + 1))  # fresh seeds: the sweep's trials all used the space's seed

@@ -114,6 +114,8 @@ def load_record(source: str | os.PathLike | dict[str, Any] | bytes) -> dict[str,
 
 def model_from_record(record: dict[str, Any]) -> Classifier:
     pre = record["preprocess"]
+    if record.get("module") is not None:  # a foreign model (an MLflow teacher): its own class, raw inputs
+        return Classifier(Preprocess(tuple(pre["shape"]), passthrough=True), record["module"])
     mean, std = pre["mean"], pre["std"]
     preprocess = Preprocess(tuple(pre["shape"]), mean if len(mean) > 1 else mean[0], std if len(std) > 1 else std[0],
                             passthrough=bool(pre.get("passthrough", False)))

@@ -37,9 +37,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     path = args.space or default_space()
     capacity = None if args.address else None  # local machine; a joined cluster is checked once connected
-    space = check_space(path, capacity if not args.address else {"CPU": math.inf, "GPU": math.inf})
-    storage = _storage(args.storage)  # a URI stays a URI
     uri = tracking_uri(args.tracking_uri)
+    space = check_space(path, capacity if not args.address else {"CPU": math.inf, "GPU": math.inf}, tracking_uri=uri)
+    storage = _storage(args.storage)  # a URI stays a URI
     try:
         probe(uri)
     except TrackingUnavailable as e:

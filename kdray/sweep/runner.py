@@ -391,7 +391,8 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     if req.resume and is_remote(req.storage) and not (state_dir / "optuna.db").exists() and storage.exists(remote_study):
         (state_dir / "optuna.db").write_bytes(storage.read_bytes(remote_study))  # resumed on another machine
     # Teachers live in the run storage: every node reads them, and a later sweep reuses them.
-    records = teacher_records(base, req.storage, log=say, progress=not req.quiet, inline=execution == "inline")
+    records = teacher_records(base, req.storage, log=say, progress=not req.quiet, inline=execution == "inline",
+                              tracking_uri=req.tracking_uri)
     timings["teacher_s"] = time.time() - t0
     refs = [ray.put(r) for r in records]
     t0 = time.time()

@@ -394,7 +394,8 @@ def load_space(path: str | Path) -> SearchSpace:
     return space
 
 
-def check_space(path: str | Path, capacity: dict[str, float] | None = None) -> SearchSpace:
+def check_space(path: str | Path, capacity: dict[str, float] | None = None,
+                tracking_uri: str | None = None) -> SearchSpace:
     """``kdray check``: validate the space, then dry-run the shapes of every representative trial."""
     from kdray.check import check_resources, dry_run, load_teacher_records
 
@@ -409,9 +410,9 @@ def check_space(path: str | Path, capacity: dict[str, float] | None = None) -> S
             check_resources(cfg, capacity, where="base.resources")
         except ConfigError as e:
             raise ConfigError(e.errors, path) from None
-        if records is None and cfg.teacher and cfg.teacher.checkpoint:
+        if records is None and cfg.teacher and cfg.teacher.ready_made:
             try:
-                records = load_teacher_records(cfg)
+                records = load_teacher_records(cfg, tracking_uri=tracking_uri)
             except ConfigError as e:
                 raise ConfigError([(f"base.{f}", m) for f, m in e.errors], path) from None
         try:

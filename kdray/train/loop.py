@@ -194,16 +194,23 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     info = data.info
     raw_input = {"shape": list(info.input_shape),  # what one stored sample is: exports are traced for it
                  "dtype": str(data.train.x.dtype).removeprefix("torch.") if data.train.in_memory else "float32"}
-    student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options).to(device)
-    if world > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-
     teacher = None
     records = [resolve_ref(r) for r in config.get("teacher_records") or []]
-    if cfg.knowledge:
+    if cfg.knowledge or cfg.student.init_from_teacher:
         if not records:
             raise ValueError("this run has knowledge terms but was given no teacher")
         teacher = Teacher.from_records(records).to(device)
+    if cfg.student.init_from_teacher:  # the same on every rank: copied from the same teacher weights
+        from kdray.models.hf import init_from_teacher
+
+        student = Classifier(info.preprocess(), init_from_teacher(teacher.members[0], cfg.student.init_from_teacher))
+        student = student.to(device)
+        if not cfg.knowledge:  # the teacher only gave the initial weights
+            teacher = None
+    else:
+        student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options).to(device)
+    if world > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     objective = DistillObjective.from_specs(
         cfg.knowledge, ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), ""),
         ModelLayout.of(student), cfg.ce_weight, cfg.train.label_smoothing,

@@ -211,13 +211,16 @@ def train_teacher(tcfg: TeacherRunConfig, *, storage_path: str, output: str | Pa
 
 
 def teacher_records(cfg: RunConfig, storage_path: str, *, local: bool = False, progress: bool = True,
-                    inline: bool = False,
+                    inline: bool = False, tracking_uri: str | None = None,
                     log=lambda m: print(f"[kdray] {m}", flush=True)) -> list[dict[str, Any]]:
-    """The teacher of ``cfg``: loaded from its checkpoint(s), or trained once and reused afterwards."""
+    """The teacher of ``cfg``: loaded (checkpoints, a model by name, the MLflow registry), or trained once and
+    reused afterwards."""
     if cfg.teacher is None:
         return []
-    if cfg.teacher.checkpoint is not None:
-        return [load_record(p) for p in cfg.teacher.checkpoints]
+    if cfg.teacher.ready_made:
+        from kdray.check import load_teacher_records
+
+        return load_teacher_records(cfg, tracking_uri=tracking_uri)
     from kdray.data import load_dataset
 
     path = trained_teacher_path(cfg, storage_path, load_dataset(cfg.dataset).fingerprint)

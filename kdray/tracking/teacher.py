@@ -1,0 +1,104 @@
+"""A teacher from the MLflow registry: a user's production model teaches without an export step.
+
+``teacher: {mlflow: "models:/fraud-net@production"}`` loads a model logged with ``mlflow.pytorch``. Such a
+model is a pickled ``nn.Module`` of the user's own class (unlike kdray's weights-only records), so it is
+loaded once in the driver, where the class must be importable (an installed package or a kdray plugin),
+and handed to the workers through Ray's object store. It receives the data set's raw samples unchanged,
+as it did in production, and must return logits.
+
+Its signature, when it was logged with one, is checked against the data set before anything trains:
+input shape and dtype against the stored samples, output width against the class count. Without a
+signature a dry forward pass on two samples checks the output instead.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdray.data.base import DatasetInfo
+from kdray.models.checkpoint import FORMAT
+
+MODULE_KEY = "module"  # a record key that holds a live nn.Module instead of a state dict to rebuild
+
+
+class MlflowTeacherError(ValueError):
+    """The registered model cannot teach on this data set (missing, not PyTorch, wrong signature)."""
+
+
+def _signature_problems(sig: Any, info: DatasetInfo) -> list[str]:
+    problems: list[str] = []
+    try:
+        inputs = sig.inputs.inputs if sig is not None and sig.inputs is not None else []
+        outputs = sig.outputs.inputs if sig is not None and sig.outputs is not None else []
+    except AttributeError:
+        return problems
+    if len(inputs) == 1 and hasattr(inputs[0], "shape"):
+        spec = inputs[0]
+        shape = tuple(spec.shape)[1:]
+        if shape and tuple(int(s) for s in shape) != tuple(info.input_shape) and -1 not in shape:
+            problems.append(f"its signature takes inputs of shape {shape} but the data set's samples are "
+                            f"{tuple(info.input_shape)}")
+        dtype = str(getattr(spec, "type", "")).replace("dtype(", "").replace(")", "").strip("'")
+        want = np.dtype(info.input_dtype)
+        if dtype and np.dtype(dtype).kind != want.kind:
+            problems.append(f"its signature takes {dtype} inputs but the data set's samples are {want}")
+    if len(outputs) == 1 and hasattr(outputs[0], "shape"):
+        shape = tuple(outputs[0].shape)
+        if len(shape) == 2 and shape[-1] not in (-1, info.num_classes):
+            problems.append(f"its signature returns {shape[-1]} outputs per sample but the data set has "
+                            f"{info.num_classes} classes")
+    return problems
+
+
+def load_mlflow_teacher(uri: str, info: DatasetInfo, tracking_uri: str) -> dict[str, Any]:
+    """A teacher record holding the loaded module (``record["module"]``), checked against ``info``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        model_info = mlflow.models.get_model_info(uri)
+    except (MlflowException, OSError) as e:
+        raise MlflowTeacherError(f"cannot find {uri} in the MLflow registry at {tracking_uri}: "
+                                 f"{str(e).splitlines()[0]}") from None
+    if "pytorch" not in (model_info.flavors or {}):
+        raise MlflowTeacherError(f"{uri} was not logged with mlflow.pytorch (its flavors: "
+                                 f"{', '.join(sorted(model_info.flavors or {}))})")
+    problems = _signature_problems(model_info.signature, info)
+    if problems:
+        raise MlflowTeacherError(f"{uri} does not fit this data set: " + "; ".join(problems))
+    try:
+        module = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise MlflowTeacherError(f"cannot load {uri}: {e}. The model's class must be importable here and on every "
+                                 "worker: install its package, or name its module in `plugins:`") from None
+    if not isinstance(module, nn.Module):
+        raise MlflowTeacherError(f"{uri} loads as {type(module).__name__}, not a torch.nn.Module")
+    module = module.float().eval()
+    x = info.example_input(2)
+    try:
+        with torch.no_grad():
+            out = module(x)
+    except Exception as e:  # noqa: BLE001 - the user's model failing on the data is the user's input at fault
+        raise MlflowTeacherError(f"{uri} fails on two samples of the data set (shape {tuple(x.shape)}, "
+                                 f"{x.dtype}): {type(e).__name__}: {e}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise MlflowTeacherError(f"{uri} returns {got} for 2 samples; a teacher must return logits "
+                                 f"(2, {info.num_classes})")
+    return {
+        "format": FORMAT,
+        "model": uri,
+        "model_options": {},
+        "num_classes": int(info.num_classes),
+        "preprocess": {"shape": list(info.input_shape), "mean": [0.0], "std": [1.0], "passthrough": True},
+        "dataset": {},
+        "metrics": {},
+        "config": {"mlflow": uri, "run_id": model_info.run_id},
+        "state_dict": {k: v.detach() for k, v in module.state_dict().items()},  # the teacher-cache key hashes it
+        MODULE_KEY: module,
+    }
