@@ -45,26 +45,40 @@ def _print_err(msg: str) -> None:
 
 # -- list / layers ---------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
-    from kdray import DATASETS, KNOWLEDGE, MODELS
+    from kdray import DATASETS, KNOWLEDGE, MODELS, plugins
 
     if args.json:
         print(json.dumps({
-            "knowledge": {n: {"family": c.family, "summary": c.summary,
+            "knowledge": {n: {"family": c.family, "summary": c.summary, "from": KNOWLEDGE.origin(n),
                               "params": list(c.Params.model_fields)} for n, c in KNOWLEDGE.items()},
-            "models": {n: {"family": s.family, "description": s.description} for n, s in MODELS.items()},
-            "datasets": {n: {"offline": s.offline, "description": s.description} for n, s in DATASETS.items()},
+            "models": {n: {"family": s.family, "description": s.description, "from": MODELS.origin(n)}
+                       for n, s in MODELS.items()},
+            "model_sources": {f"{p}/": d for p, d in MODELS.sources()},
+            "datasets": {n: {"offline": s.offline, "description": s.description, "from": DATASETS.origin(n)}
+                         for n, s in DATASETS.items()},
+            "plugins": plugins.imported(),
         }, indent=2))
         return 0
+
+    def origin(registry, n: str) -> str:
+        o = registry.origin(n)
+        return "" if o == "kdray" else f"  [{o}]"
+
     print("knowledge types (use in `knowledge:` or as sweep choices; `none` = labels only):")
     for n, c in KNOWLEDGE.items():
         params = ", ".join(p for p in c.Params.model_fields if p != "weight")
-        print(f"  {n:<8} {c.family:<10} {c.summary}  [weight{', ' + params if params else ''}]")
-    print("\nmodels:")
+        print(f"  {n:<8} {c.family:<10} {c.summary}  [weight{', ' + params if params else ''}]{origin(KNOWLEDGE, n)}")
+    print("\nmodels (built into kdray unless marked [plugin MODULE]):")
     for n, s in MODELS.items():
-        print(f"  {n:<20} {s.family:<12} {s.description}")
+        print(f"  {n:<20} {s.family:<12} {s.description}{origin(MODELS, n)}")
+    print("\nmodels from other libraries, by prefix:")
+    for p, d in MODELS.sources():
+        print(f"  {p + '/<name>':<20} {d}")
     print("\ndata sets:")
     for n, s in DATASETS.items():
-        print(f"  {n:<14} {'offline' if s.offline else 'download':<9} {s.description}")
+        print(f"  {n:<14} {'offline' if s.offline else 'download':<9} {s.description}{origin(DATASETS, n)}")
+    if plugins.imported():
+        print(f"\nplugins imported: {', '.join(plugins.imported())}")
     return 0
 
 

@@ -169,6 +169,17 @@ class DatasetConfig(Strict):
         return self
 
 
+def default_tokenizer(dataset: DatasetConfig, models: list[Any]) -> None:
+    """A text data set of your own is tokenised with the teacher's tokenizer (else the student's) when the run
+    names a Hugging Face model and the data set names no tokenizer."""
+    opts = dataset.options
+    if dataset.name != "hf" or opts.get("tokenizer") or opts.get("image_column"):
+        return
+    source = next((m for m in models if isinstance(m, str) and m.startswith("hf/")), None)
+    if source:
+        opts["tokenizer"] = source[len("hf/"):]
+
+
 class ModelConfig(Strict):
     name: Annotated[str, AfterValidator(MODELS.check)] = Field(
         description="a registered model (kdray list), timm/<timm name> or hf/<hub id or local path>")
@@ -394,6 +405,8 @@ class RunConfig(Strict):
     def _coherent(self) -> "RunConfig":
         if self.knowledge and self.teacher is None:
             raise ConfigError([("teacher", "knowledge types are configured but no teacher is given")])
+        default_tokenizer(self.dataset, [self.teacher and (self.teacher.name or (
+            self.teacher.train and self.teacher.train.model.name)), self.student.name])
         if self.student.init_from_teacher and self.teacher is None:
             raise ConfigError([("student.init_from_teacher", "needs a teacher to copy the weights from")])
         if self.train.sync_batchnorm and not self.resources.use_gpu:
@@ -424,6 +437,11 @@ class TeacherRunConfig(Strict):
     output: str | None = Field(None, description="checkpoint path (default kdray_runs/teachers/<name>.pt)")
 
     _plugins = model_validator(mode="before")(import_config_plugins)
+
+    @model_validator(mode="after")
+    def _tokenizer(self) -> "TeacherRunConfig":
+        default_tokenizer(self.dataset, [self.model.name])
+        return self
 
     def as_run(self) -> RunConfig:
         return RunConfig(

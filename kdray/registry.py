@@ -83,6 +83,8 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         # the defining code: a model's factory, a data set's loader, a knowledge type's class
         code = getattr(entry, "factory", None) or getattr(entry, "load", None) or entry
+        while hasattr(code, "func"):  # functools.partial
+            code = code.func
         module = getattr(code, "__module__", "") or ""
         if module and not module.startswith("kdray."):
             self._origins[name] = f"plugin {module}"
