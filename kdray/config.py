@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdray.data import DATASETS
 from kdray.knowledge import KNOWLEDGE
@@ -112,6 +112,32 @@ def import_config_plugins(data: Any) -> Any:
     return data
 
 
+def local_path(value: Any) -> Any:
+    """A relative path that exists next to the config being read (else in the working directory) made
+    absolute: Ray workers run in other folders. Anything else (a hub id, a URI) is returned unchanged."""
+    if isinstance(value, list):
+        return [local_path(v) for v in value]
+    if isinstance(value, dict):
+        return {k: local_path(v) for k, v in value.items()}
+    if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+        return value
+    for folder in [p.parent for p in _reading[-1:]] + [Path.cwd()]:
+        candidate = folder / value
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value
+
+
+def absolute_hf_name(name: Any) -> Any:
+    """``hf/./my-bert`` -> ``hf//abs/path/my-bert``: workers build the model from the same folder."""
+    if isinstance(name, str) and name.startswith("hf/"):
+        return "hf/" + local_path(name[len("hf/"):])
+    return name
+
+
+PATH_OPTIONS = ("path", "test_path", "root", "tokenizer", "data_files")  # data-set options that name files
+
+
 PLUGINS_FIELD = Field(default_factory=list, description="Python modules to import first: they register your own "
                       "models, data sets and knowledge types (also --plugin and the kdray.plugins entry points)")
 
@@ -160,6 +186,9 @@ class DatasetConfig(Strict):
     @model_validator(mode="after")
     def _options(self) -> "DatasetConfig":
         keys = DATASETS.get(self.name).option_keys
+        for key in PATH_OPTIONS:
+            if key in self.options:
+                self.options[key] = local_path(self.options[key])
         unknown = sorted(set(self.options) - set(keys))
         if unknown:
             raise ValueError(
@@ -177,11 +206,11 @@ def default_tokenizer(dataset: DatasetConfig, models: list[Any]) -> None:
         return
     source = next((m for m in models if isinstance(m, str) and m.startswith("hf/")), None)
     if source:
-        opts["tokenizer"] = source[len("hf/"):]
+        opts["tokenizer"] = local_path(source[len("hf/"):])
 
 
 class ModelConfig(Strict):
-    name: Annotated[str, AfterValidator(MODELS.check)] = Field(
+    name: Annotated[str, BeforeValidator(absolute_hf_name), AfterValidator(MODELS.check)] = Field(
         description="a registered model (kdray list), timm/<timm name> or hf/<hub id or local path>")
     options: dict[str, Any] = Field(default_factory=dict, description="constructor options, e.g. hidden: [64]")
     init_from_teacher: Literal["every_other_layer"] | None = Field(
@@ -281,7 +310,7 @@ class TeacherConfig(Strict):
         None, description="a kdray model checkpoint, or a list of them (an ensemble whose logits are averaged)"
     )
     train: TeacherTrainSpec | None = Field(None, description="train this teacher first instead of loading one")
-    name: Annotated[str, AfterValidator(MODELS.check)] | None = Field(
+    name: Annotated[str, BeforeValidator(absolute_hf_name), AfterValidator(MODELS.check)] | None = Field(
         None, description="a ready-made model by name with its own weights: hf/<hub id or local path> (a fine-tuned "
         "classifier), timm/<name> with options {pretrained: true}, or a plugin's model")
     options: dict[str, Any] = Field(default_factory=dict, description="with `name`: the model's options")
