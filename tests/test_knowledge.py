@@ -209,9 +209,11 @@ def test_sp_matches_formula_zero_for_identical_and_ignores_scale():
 # -- every registered type through the objective ---------------------------------------------------------
 @pytest.fixture
 def outputs():
-    t = TapOutputs(torch.randn(6, 5), {"t1": torch.randn(6, 8, 10), "t2": torch.randn(6, 8, 5), "te": torch.randn(6, 40)})
+    t = TapOutputs(torch.randn(6, 5), {"t1": torch.randn(6, 8, 10), "t2": torch.randn(6, 8, 5), "te": torch.randn(6, 40),
+                                          "ta": torch.randn(6, 2, 4, 4).softmax(-1), "tv": torch.randn(6, 4, 8)})
     s_feats = {"s1": torch.randn(6, 16, requires_grad=True), "s2": torch.randn(6, 16, requires_grad=True),
-               "se": torch.randn(6, 16, requires_grad=True)}
+               "se": torch.randn(6, 16, requires_grad=True),
+               "sa": torch.rand(6, 2, 4, 4).div(4).requires_grad_(), "sv": torch.randn(6, 4, 8, requires_grad=True)}
     s = TapOutputs(torch.randn(6, 5, requires_grad=True), s_feats)
     return s, t
 
@@ -219,7 +221,7 @@ def outputs():
 @pytest.mark.parametrize("name", KNOWLEDGE.names())
 def test_every_registered_type_gives_a_finite_scalar_with_gradients(name, outputs):
     s, t = outputs
-    layouts = ModelLayout(("t1", "t2"), "te"), ModelLayout(("s1", "s2"), "se")
+    layouts = ModelLayout(("t1", "t2"), "te", ("ta",), ("tv",)), ModelLayout(("s1", "s2"), "se", ("sa",), ("sv",))
     obj = DistillObjective.from_specs([{"type": name, "weight": 2.0}], *layouts)
     obj.bind(t.features, s.features)
     y = torch.tensor([0, 1, 2, 3, 4, 0])

@@ -22,13 +22,19 @@ def outputs(seed: int) -> tuple[TapOutputs, TapOutputs, torch.Tensor]:
     t_logits = 3 * torch.randn(B, CLASSES, generator=g)
     s_logits = t_logits + torch.randn(B, CLASSES, generator=g)
     y = torch.randint(0, CLASSES, (B,), generator=g)
-    return TapOutputs(s_logits, {"f": s_feat}), TapOutputs(t_logits, {"f": t_feat}), y
+    # Transformer taps: attention probabilities (B, heads, T, T) and value projections (B, T, H).
+    t_att = (2 * torch.randn(B, 4, 32, 32, generator=g)).softmax(-1)
+    s_att = (t_att.log() + torch.randn(B, 4, 32, 32, generator=g)).softmax(-1)
+    t_val = 3 * torch.randn(B, 32, 64, generator=g)
+    s_val = t_val + torch.randn(B, 32, 64, generator=g)
+    return (TapOutputs(s_logits, {"f": s_feat, "a": s_att, "v": s_val}),
+            TapOutputs(t_logits, {"f": t_feat, "a": t_att, "v": t_val}), y)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", sorted(KNOWLEDGE.names()))
 def test_every_knowledge_term_is_float32_under_autocast(kind, dtype):
-    layout = ModelLayout(("f",), "f")
+    layout = ModelLayout(("f",), "f", ("a",), ("v",))
     torch.manual_seed(0)
     obj = DistillObjective.from_specs([{"type": kind}], layout, layout)
     s, t, y = outputs(1)

@@ -29,15 +29,26 @@ class TapOutputs(NamedTuple):
 
 
 class ModelLayout(NamedTuple):
-    """The layers of a model that knowledge types use by default."""
+    """The layers of a model that knowledge types use by default.
+
+    Transformers also declare their attention-probability taps (``kd_attention_layers``, (B, heads, T, T))
+    and value-projection taps (``kd_value_layers``, (B, T, H)), one per layer, for TinyBERT and MiniLM.
+    """
 
     feature_layers: tuple[str, ...]
     embedding_layer: str
+    attention_layers: tuple[str, ...] = ()
+    value_layers: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelLayout":
         net = getattr(model, "net", model)
-        return cls(tuple(getattr(net, "kd_feature_layers", ())), getattr(net, "kd_embedding_layer", ""))
+        return cls(
+            tuple(getattr(net, "kd_feature_layers", ())),
+            getattr(net, "kd_embedding_layer", ""),
+            tuple(getattr(net, "kd_attention_layers", ())),
+            tuple(getattr(net, "kd_value_layers", ())),
+        )
 
 
 class KnowledgeParams(BaseModel):

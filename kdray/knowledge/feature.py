@@ -201,3 +201,111 @@ class AT(Knowledge):
             [student.features[n] for n in self.student_layers],
             [teacher.features[n] for n in self.teacher_layers],
         )
+
+
+# -- transformers: attention maps ----------------------------------------------------------------------
+def token_mask(a: Tensor) -> Tensor:
+    """(B, T) bool: the real (unpadded) tokens of an attention-probability map (B, heads, T, T).
+
+    A padded key gets probability exactly 0 from every head and query (the mask adds the dtype's
+    minimum before the softmax), a real key a positive one, so the teacher's own map says which tokens
+    are padding; no attention mask has to travel with the taps. Inputs without padding (images) are all real.
+    """
+    return a.detach().flatten(1, 2).amax(1) > 0
+
+
+def uniform_layer_map(num_student: int, num_teacher: int) -> list[int]:
+    """TinyBERT's uniform mapping n = g(m) = m·N/M (1-based, floored), so the last student layer learns
+    from the last teacher layer; returns the 0-based teacher index of each student layer."""
+    return [max(1, m * num_teacher // num_student) - 1 for m in range(1, num_student + 1)]
+
+
+@register_knowledge("attn", "feature", "TinyBERT attention distillation: MSE between attention maps of mapped layers")
+class AttentionDistill(Knowledge):
+    r"""TinyBERT's attention-based distillation.
+
+    Jiao, Yin, Shang, Jiang, Chen, Li, Wang & Liu, "TinyBERT: Distilling BERT for Natural Language
+    Understanding", Findings of EMNLP 2020, arXiv:1909.10351.
+
+    Student layer :math:`m` (of :math:`M`) learns from teacher layer :math:`n = g(m) = m \cdot N / M`
+    (floored; the last student layer learns from the last teacher layer). For each pair, with
+    :math:`A_i \in \mathbb{R}^{T \times T}` the attention map of head :math:`i` of :math:`h`:
+
+    .. math::
+        L_{attn} = \sum_{(m, n)} \frac{1}{h} \sum_{i=1}^{h} \mathrm{MSE}\big(A^S_{m,i}, A^T_{n,i}\big)
+
+    where MSE averages over batch and map entries. Differences to the paper, and why:
+
+    * :math:`A` are attention *probabilities* (after the softmax), not TinyBERT's pre-softmax scores:
+      Hugging Face models return probabilities, and scores carry an arbitrary per-row offset (and the
+      -10000 padding mask) that the softmax removes. The probabilities are taken before attention
+      dropout (see ``kdray.models.hf``).
+    * Padding: padded key columns are 0 in both maps; padded query rows (which still attend to the
+      real tokens) are left out of the mean, so the loss averages over each sample's real
+      :math:`T_b \times T_b` block (the tokens are read off the teacher's map: a padded key has
+      probability 0 everywhere). Without padding this is exactly the plain MSE of the paper.
+    * Different head counts (the paper's students keep 12 heads): the head-averaged maps are compared.
+
+    Sequence lengths must match (same tokens for both models).
+    """
+
+    class Params(KnowledgeParams):
+        teacher_layers: list[str] | None = Field(
+            None, description="teacher attention taps (default: g(m) = m·N/M of the model's attention layers)")
+        student_layers: list[str] | None = Field(
+            None, description="student attention taps, paired in order (default: all of them)")
+
+        @model_validator(mode="after")
+        def _same_length(self) -> "AttentionDistill.Params":
+            t, s = self.teacher_layers, self.student_layers
+            if t is not None and s is not None and len(t) != len(s):
+                raise ValueError(f"teacher_layers ({len(t)}) and student_layers ({len(s)}) must pair up one to one")
+            if (t is not None and not t) or (s is not None and not s):
+                raise ValueError("teacher_layers / student_layers must not be empty")
+            return self
+
+    def __init__(self, teacher_layers: list[str], student_layers: list[str]) -> None:
+        super().__init__()
+        if len(teacher_layers) != len(student_layers) or not teacher_layers:
+            raise ValueError("attention distillation needs the same non-zero number of teacher and student layers")
+        self.teacher_layers, self.student_layers = list(teacher_layers), list(student_layers)
+
+    @classmethod
+    def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
+        t, s = kwargs.get("teacher_layers"), kwargs.get("student_layers")
+
+        def layers(layout: ModelLayout, who: str) -> tuple[str, ...]:
+            if not layout.attention_layers:
+                raise ValueError(f"the {who} declares no attention layers (Hugging Face transformers do); "
+                                 f"name {who}_layers explicitly")
+            return layout.attention_layers
+
+        if s is None:
+            s = list(layers(student, "student")) if t is None else [
+                layers(student, "student")[i] for i in uniform_layer_map(len(t), len(layers(student, "student")))]
+        if t is None:
+            t_all = layers(teacher, "teacher")
+            t = [t_all[i] for i in uniform_layer_map(len(s), len(t_all))]
+        return cls(t, s)
+
+    def forward(self, a_s: list[Tensor] | Tensor, a_t: list[Tensor] | Tensor) -> Tensor:
+        if isinstance(a_s, Tensor):
+            a_s, a_t = [a_s], [a_t]
+        total = a_s[0].new_zeros((), dtype=torch.float32)
+        for s, t in zip(a_s, a_t):
+            s, t = as_float(s), as_float(t)
+            if s.dim() != 4 or t.dim() != 4 or s.shape[-2:] != t.shape[-2:] or s.shape[0] != t.shape[0]:
+                raise ValueError(f"attention maps must be (B, heads, T, T) of one length, got {tuple(s.shape)} "
+                                 f"and {tuple(t.shape)}")
+            real = token_mask(t)
+            if s.shape[1] != t.shape[1]:
+                s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+            block = (real.unsqueeze(2) & real.unsqueeze(1)).unsqueeze(1).to(s.dtype)  # (B, 1, T, T)
+            total = total + ((s - t).pow(2) * block).sum() / (block.sum() * s.shape[1]).clamp_min(1)
+        return total
+
+    def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
+        return self(
+            [student.features[n] for n in self.student_layers],
+            [teacher.features[n] for n in self.teacher_layers],
+        )

@@ -1,6 +1,7 @@
 """Relational knowledge: the student matches relations *between samples* in the teacher's representation."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from kdray.knowledge.base import (
     last,
     register_knowledge,
 )
+from kdray.knowledge.feature import token_mask
 
 
 def embedding(f: Tensor) -> Tensor:
@@ -183,3 +185,110 @@ class SP(Knowledge):
             [student.features[n] for n in self.student_layers],
             [teacher.features[n] for n in self.teacher_layers],
         )
+
+
+# -- transformers: self-attention relations ------------------------------------------------------------
+def _row_kl(p: Tensor, log_p: Tensor, log_q: Tensor, real: Tensor) -> Tensor:
+    """Σ over query rows of real tokens of KL(p_row || q_row), divided by heads · Σ_b |x_b|."""
+    kl = torch.where(p > 0, p * (log_p - log_q), p.new_zeros(())).sum(-1)  # (B, h, T); 0·log 0 = 0
+    rows = real.unsqueeze(1).to(kl.dtype)  # (B, 1, T)
+    return (kl * rows).sum() / (rows.sum() * kl.shape[1]).clamp_min(1)
+
+
+def value_relation(v: Tensor, heads: int, real: Tensor) -> Tensor:
+    r"""MiniLM's value relation :math:`\log \mathrm{softmax}(V_a V_a^\top / \sqrt{d_k})` per head, (B, heads, T, T).
+
+    ``v`` is (B, T, H), split into ``heads`` heads of :math:`d_k = H / heads`; padded keys (``real`` False)
+    are masked out of the softmax as in self-attention."""
+    b, t, h = v.shape
+    if h % heads:
+        raise ValueError(f"a value tap of width {h} cannot be split into {heads} relation heads")
+    v = as_float(v).view(b, t, heads, h // heads).transpose(1, 2)  # (B, heads, T, d_k)
+    scores = v @ v.transpose(-1, -2) / math.sqrt(h // heads)
+    scores = scores.masked_fill(~real[:, None, None, :], torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+@register_knowledge("minilm", "relational",
+                    "MiniLM deep self-attention distillation: KL of last-layer attention and value relations")
+class MiniLM(Knowledge):
+    r"""MiniLM's deep self-attention distillation (last Transformer layer).
+
+    Wang, Wei, Dong, Bao, Yang & Zhou, "MiniLM: Deep Self-Attention Distillation for Task-Agnostic
+    Compression of Pre-Trained Transformers", NeurIPS 2020, arXiv:2002.10957.
+
+    With :math:`A_{a,t}` the attention distribution of head :math:`a` (of :math:`A_h`) at token :math:`t`
+    and the value relation :math:`VR_a = \mathrm{softmax}(V_a V_a^\top / \sqrt{d_k})`:
+
+    .. math::
+        L_{AT} = \frac{1}{A_h |x|} \sum_{a=1}^{A_h} \sum_{t=1}^{|x|}
+                 \mathrm{KL}\big(A^T_{a,t} \,\|\, A^S_{a,t}\big), \qquad
+        L_{VR} = \frac{1}{A_h |x|} \sum_{a=1}^{A_h} \sum_{t=1}^{|x|}
+                 \mathrm{KL}\big(VR^T_{a,t} \,\|\, VR^S_{a,t}\big)
+
+        L_{minilm} = L_{AT} + L_{VR}
+
+    averaged over the batch (:math:`|x|` the real tokens of each sequence: padded query rows are
+    left out, padded keys have probability 0 in both models and are masked out of the value
+    relation's softmax; the tokens are read off the teacher's attention map). Values are split into
+    ``relation_heads`` heads (default: the teacher's attention head count), each model with its own
+    :math:`d_k = H / heads`, so teacher and student hidden sizes may differ (MiniLMv2's relation
+    heads). :math:`L_{AT}` needs equal head counts; otherwise the head-averaged attention
+    distributions are compared. Attention maps are probabilities taken before attention dropout;
+    student probabilities that underflow to 0 are clamped to the smallest float32 before the log.
+    """
+
+    class Params(KnowledgeParams):
+        teacher_attention_layer: str | None = Field(None, description="teacher attention tap (default: last)")
+        student_attention_layer: str | None = Field(None, description="student attention tap (default: last)")
+        teacher_value_layer: str | None = Field(None, description="teacher value tap (default: last)")
+        student_value_layer: str | None = Field(None, description="student value tap (default: last)")
+        relation_heads: int | None = Field(
+            None, ge=1, description="heads the values are split into (default: the teacher's attention heads)")
+
+    def __init__(self, teacher_attention_layer: str, student_attention_layer: str, teacher_value_layer: str,
+                 student_value_layer: str, relation_heads: int | None = None) -> None:
+        super().__init__()
+        self.teacher_layers = [teacher_attention_layer, teacher_value_layer]
+        self.student_layers = [student_attention_layer, student_value_layer]
+        self.relation_heads = relation_heads
+
+    @classmethod
+    def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
+        def pick(given: str | None, layers: tuple[str, ...], field: str) -> str:
+            if given:
+                return given
+            if not layers:
+                raise ValueError(f"the {field.split('_')[0]} declares no {field.split('_')[1]} layers "
+                                 f"(Hugging Face transformers do); name {field} explicitly")
+            return layers[-1]
+
+        return cls(
+            pick(kwargs.get("teacher_attention_layer"), teacher.attention_layers, "teacher_attention_layer"),
+            pick(kwargs.get("student_attention_layer"), student.attention_layers, "student_attention_layer"),
+            pick(kwargs.get("teacher_value_layer"), teacher.value_layers, "teacher_value_layer"),
+            pick(kwargs.get("student_value_layer"), student.value_layers, "student_value_layer"),
+            kwargs.get("relation_heads"),
+        )
+
+    def forward(self, a_s: Tensor, a_t: Tensor, v_s: Tensor, v_t: Tensor) -> Tensor:
+        a_s, a_t = as_float(a_s), as_float(a_t)
+        if a_s.dim() != 4 or a_s.shape[-2:] != a_t.shape[-2:] or a_s.shape[0] != a_t.shape[0]:
+            raise ValueError(f"attention maps must be (B, heads, T, T) of one length, got {tuple(a_s.shape)} "
+                             f"and {tuple(a_t.shape)}")
+        if v_s.dim() != 3 or v_s.shape[:2] != a_s.shape[:1] + a_s.shape[-1:] or v_t.shape[:2] != v_s.shape[:2]:
+            raise ValueError(f"value taps must be (B, T, H) with the maps' B and T, got {tuple(v_s.shape)} "
+                             f"and {tuple(v_t.shape)}")
+        real = token_mask(a_t)
+        heads = self.relation_heads or a_t.shape[1]
+        if a_s.shape[1] != a_t.shape[1]:
+            a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
+        tiny = torch.finfo(torch.float32).tiny
+        l_at = _row_kl(a_t, a_t.clamp_min(tiny).log(), a_s.clamp_min(tiny).log(), real)
+        log_r_t, log_r_s = value_relation(v_t, heads, real), value_relation(v_s, heads, real)
+        l_vr = _row_kl(log_r_t.exp(), log_r_t, log_r_s, real)
+        return l_at + l_vr
+
+    def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
+        (s_a, s_v), (t_a, t_v) = self.student_layers, self.teacher_layers
+        return self(student.features[s_a], teacher.features[t_a], student.features[s_v], teacher.features[t_v])

@@ -114,12 +114,23 @@ def load_record(source: str | os.PathLike | dict[str, Any] | bytes) -> dict[str,
 
 def model_from_record(record: dict[str, Any]) -> Classifier:
     pre = record["preprocess"]
-    if record.get("module") is not None:  # a foreign model (an MLflow teacher): its own class, raw inputs
-        return Classifier(Preprocess(tuple(pre["shape"]), passthrough=True), record["module"])
+    if record.get("module") is not None or record.get("pt2") is not None:  # an MLflow teacher: raw inputs
+        from kdray.tracking.teacher import foreign_module
+
+        return Classifier(Preprocess(tuple(pre["shape"]), passthrough=True), foreign_module(record))
     mean, std = pre["mean"], pre["std"]
     preprocess = Preprocess(tuple(pre["shape"]), mean if len(mean) > 1 else mean[0], std if len(std) > 1 else std[0],
                             passthrough=bool(pre.get("passthrough", False)))
-    model = build_model(record["model"], record["num_classes"], preprocess, record.get("model_options"))
+    options = record.get("model_options") or {}
+    if str(record["model"]).startswith("hf/") and "hf_config" in options:
+        # a Hugging Face model rebuilds from its record alone: no folder, no hub (the name is only a label)
+        from kdray.models.hf import build
+
+        net = build(None, record["num_classes"], tuple(pre["shape"]), **options)
+        net.kd_model_name = record["model"]
+        model = Classifier(preprocess, net)
+    else:
+        model = build_model(record["model"], record["num_classes"], preprocess, options)
     model.load_state_dict(record["state_dict"])
     return model
 
