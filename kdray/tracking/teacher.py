@@ -2,9 +2,12 @@
 
 ``teacher: {mlflow: "models:/fraud-net@production"}`` loads a model logged with ``mlflow.pytorch``. Such a
 model is a pickled ``nn.Module`` of the user's own class (unlike kdray's weights-only records), so it is
-loaded once in the driver, where the class must be importable (an installed package or a kdray plugin),
-and handed to the workers through Ray's object store. It receives the data set's raw samples unchanged,
-as it did in production, and must return logits.
+handed to the workers through Ray's object store: MLflow 3's default "pt2" format (``torch.export``) as
+the program's bytes, loaded in each worker (no pickled code runs, and no class needs importing); the older
+"pickle" format (which MLflow refuses to load unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``) as the
+unpickled module, whose class must be importable in every worker (an installed package or a kdray plugin).
+It receives the data set's raw samples unchanged, as it did in production, and must return logits. An
+exported program has no named submodules to tap, so it teaches through its logits (kd, dkd).
 
 Its signature, when it was logged with one, is checked against the data set before anything trains:
 input shape and dtype against the stored samples, output width against the class count. Without a
@@ -12,6 +15,7 @@ signature a dry forward pass on two samples checks the output instead.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +26,7 @@ from kdray.data.base import DatasetInfo
 from kdray.models.checkpoint import FORMAT
 
 MODULE_KEY = "module"  # a record key that holds a live nn.Module instead of a state dict to rebuild
+PT2_KEY = "pt2"  # a record key that holds a torch.export program (bytes), loaded in each process
 
 
 class MlflowTeacherError(ValueError):
@@ -53,13 +58,52 @@ def _signature_problems(sig: Any, info: DatasetInfo) -> list[str]:
     return problems
 
 
+class ExportedModel(nn.Module):
+    """A ``torch.export`` program as a module (MLflow's default "pt2" format). Its train/eval behaviour was
+    fixed when it was exported, and the unlifted graph refuses ``train()``/``eval()``: a teacher is frozen
+    anyway, so the mode stops here instead of recursing into it."""
+
+    def __init__(self, program: bytes) -> None:
+        super().__init__()
+        import io
+
+        self.graph = torch.export.load(io.BytesIO(program)).module()
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+
+def _fetch(uri: str) -> tuple[bytes | None, nn.Module | None]:
+    """The model as a pt2 program (bytes, rebuilt in every worker) or, for MLflow's "pickle" format, as the
+    unpickled module (MLflow refuses that unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    programs = sorted(local.rglob("*.pt2"))
+    if programs:
+        return programs[0].read_bytes(), None
+    try:
+        module = mlflow.pytorch.load_model(str(local), map_location="cpu")
+    except MlflowException as e:
+        raise MlflowTeacherError(f"cannot load {uri}: {e.message}") from None
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise MlflowTeacherError(f"cannot load {uri}: {e}. The model's class must be importable here and on every "
+                                 "worker: install its package, or name its module in `plugins:`") from None
+    return None, module
+
+
 def load_mlflow_teacher(uri: str, info: DatasetInfo, tracking_uri: str) -> dict[str, Any]:
-    """A teacher record holding the loaded module (``record["module"]``), checked against ``info``."""
+    """A teacher record for a registered model, checked against ``info``: ``record["pt2"]`` holds an exported
+    program, ``record["module"]`` an unpickled module (see ``kdray.models.checkpoint.model_from_record``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     try:
         model_info = mlflow.models.get_model_info(uri)
     except (MlflowException, OSError) as e:
@@ -71,26 +115,10 @@ def load_mlflow_teacher(uri: str, info: DatasetInfo, tracking_uri: str) -> dict[
     problems = _signature_problems(model_info.signature, info)
     if problems:
         raise MlflowTeacherError(f"{uri} does not fit this data set: " + "; ".join(problems))
-    try:
-        module = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except (ModuleNotFoundError, AttributeError) as e:
-        raise MlflowTeacherError(f"cannot load {uri}: {e}. The model's class must be importable here and on every "
-                                 "worker: install its package, or name its module in `plugins:`") from None
-    if not isinstance(module, nn.Module):
+    program, module = _fetch(uri)
+    if module is not None and not isinstance(module, nn.Module):
         raise MlflowTeacherError(f"{uri} loads as {type(module).__name__}, not a torch.nn.Module")
-    module = module.float().eval()
-    x = info.example_input(2)
-    try:
-        with torch.no_grad():
-            out = module(x)
-    except Exception as e:  # noqa: BLE001 - the user's model failing on the data is the user's input at fault
-        raise MlflowTeacherError(f"{uri} fails on two samples of the data set (shape {tuple(x.shape)}, "
-                                 f"{x.dtype}): {type(e).__name__}: {e}") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise MlflowTeacherError(f"{uri} returns {got} for 2 samples; a teacher must return logits "
-                                 f"(2, {info.num_classes})")
-    return {
+    record: dict[str, Any] = {
         "format": FORMAT,
         "model": uri,
         "model_options": {},
@@ -99,6 +127,27 @@ def load_mlflow_teacher(uri: str, info: DatasetInfo, tracking_uri: str) -> dict[
         "dataset": {},
         "metrics": {},
         "config": {"mlflow": uri, "run_id": model_info.run_id},
-        "state_dict": {k: v.detach() for k, v in module.state_dict().items()},  # the teacher-cache key hashes it
-        MODULE_KEY: module,
+        PT2_KEY: program,
+        MODULE_KEY: module.float().eval() if module is not None else None,
     }
+    net = foreign_module(record)
+    record["state_dict"] = {k: v.detach() for k, v in net.state_dict().items()}  # the teacher-cache key hashes it
+    x = info.example_input(2)
+    try:
+        with torch.no_grad():
+            out = net(x)
+    except Exception as e:  # noqa: BLE001 - the user's model failing on the data is the user's input at fault
+        raise MlflowTeacherError(f"{uri} fails on two samples of the data set (shape {tuple(x.shape)}, "
+                                 f"{x.dtype}): {type(e).__name__}: {e}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, info.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise MlflowTeacherError(f"{uri} returns {got} for 2 samples; a teacher must return logits "
+                                 f"(2, {info.num_classes})")
+    return record
+
+
+def foreign_module(record: dict[str, Any]) -> nn.Module:
+    """The network of a record that holds a foreign model (an exported program or an unpickled module)."""
+    if record.get(PT2_KEY) is not None:
+        return ExportedModel(record[PT2_KEY])
+    return record[MODULE_KEY]
