@@ -209,7 +209,9 @@ def test_sp_matches_formula_zero_for_identical_and_ignores_scale():
 # -- every registered type through the objective ---------------------------------------------------------
 @pytest.fixture
 def outputs():
-    t = TapOutputs(torch.randn(6, 5), {"t1": torch.randn(6, 8, 10), "t2": torch.randn(6, 8, 5), "te": torch.randn(6, 40),
+    # t1/t2 have 16 channels, the width of the student's vector taps (16 channels at one position): fsp
+    # compares FSP matrices, which exist only for equal channel counts (it refuses others in bind).
+    t = TapOutputs(torch.randn(6, 5), {"t1": torch.randn(6, 16, 10), "t2": torch.randn(6, 16, 5), "te": torch.randn(6, 40),
                                           "ta": torch.randn(6, 2, 4, 4).softmax(-1), "tv": torch.randn(6, 4, 8)})
     s_feats = {"s1": torch.randn(6, 16, requires_grad=True), "s2": torch.randn(6, 16, requires_grad=True),
                "se": torch.randn(6, 16, requires_grad=True),

@@ -292,3 +292,223 @@ class MiniLM(Knowledge):
     def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
         (s_a, s_v), (t_a, t_v) = self.student_layers, self.teacher_layers
         return self(student.features[s_a], teacher.features[t_a], student.features[s_v], teacher.features[t_v])
+
+
+# -- probabilistic and kernel relations between embeddings ---------------------------------------------
+def pkt_conditional(e: Tensor, eps: float = 1e-7) -> Tensor:
+    r"""PKT's conditional probabilities :math:`p_{j|i} = K(e_i, e_j) / \sum_k K(e_i, e_k)`, (B, B).
+
+    :math:`K` is the cosine similarity shifted to [0, 1], :math:`(\cos + 1) / 2`; rows are divided by
+    :math:`\|e_i\| + \epsilon` as in RepDistiller's ``PKT.cosine_similarity_loss`` (a zero row stays 0)."""
+    e = e / (torch.linalg.vector_norm(e, dim=1, keepdim=True) + eps)
+    k = (e @ e.t() + 1.0) / 2.0
+    return k / k.sum(1, keepdim=True)
+
+
+@register_knowledge("pkt", "relational",
+                    "Probabilistic KT: KL between the batch's cosine-kernel conditional probabilities")
+class PKT(Knowledge):
+    r"""Probabilistic knowledge transfer.
+
+    Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer", ECCV 2018,
+    arXiv:1803.10837. Reference code: RepDistiller ``distiller_zoo/PKT.py`` (from the authors'
+    ``passalis/probabilistic_kt``).
+
+    With the cosine kernel shifted to [0, 1], :math:`K(a, b) = \frac{1}{2}\big(\frac{a^\top b}{\|a\|\|b\|} + 1\big)`,
+    and the conditional probabilities of the batch's embeddings
+
+    .. math::
+        p_{j|i} = \frac{K(s_i, s_j)}{\sum_k K(s_i, s_k)}, \qquad
+        q_{j|i} = \frac{K(t_i, t_j)}{\sum_k K(t_i, t_k)}
+
+        L_{pkt} = \frac{1}{B^2} \sum_{i=1}^{B} \sum_{j=1}^{B}
+                  q_{j|i} \log \frac{q_{j|i} + \epsilon}{p_{j|i} + \epsilon}, \qquad \epsilon = 10^{-7}
+
+    i.e. KL(teacher ‖ student) of each row, summed over the rows and divided by :math:`B^2` (the
+    reference code's ``torch.mean`` over the B x B entries; the paper writes the plain sum, B² times
+    larger). As in the reference code the sums include :math:`k = i` / :math:`j = i`. Only B x B
+    kernels are compared, so teacher and student embeddings may have any widths: PKT needs no
+    connector. The loss is invariant to scaling each embedding by a positive factor and to rotating
+    either embedding space. Spatial taps are average-pooled to vectors. RepDistiller's weight is
+    30000 (``scripts/run_cifar_distill.sh``), a sign of how small the term is: for related embeddings
+    the two kernels are nearly uniform and the KL is second order in their difference, so the B x B
+    part is computed in float64 (float32 is off by percents there) and returned as float32.
+    """
+
+    class Params(KnowledgeParams):
+        teacher_layer: str | None = Field(None, description="teacher embedding layer (default: the model's)")
+        student_layer: str | None = Field(None, description="student embedding layer (default: the model's)")
+
+    eps = 1e-7
+
+    def __init__(self, teacher_layer: str, student_layer: str) -> None:
+        super().__init__()
+        self.teacher_layers, self.student_layers = [teacher_layer], [student_layer]
+
+    @classmethod
+    def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
+        return cls(
+            kwargs.get("teacher_layer") or teacher.embedding_layer or last(teacher.feature_layers, "teacher_layer"),
+            kwargs.get("student_layer") or student.embedding_layer or last(student.feature_layers, "student_layer"),
+        )
+
+    def forward(self, e_s: Tensor, e_t: Tensor) -> Tensor:
+        # float64 inside (B x B only, returned as float32): the kernels of related embeddings are nearly
+        # uniform, p and q ~ 1/B agree to ~1e-4, and float32's rounding of log(q/p) near 0 is a
+        # first-order error of a second-order quantity (±2 % on pooled ResNet-like features).
+        e_s, e_t = embedding(e_s).double(), embedding(e_t).double()
+        p, q = pkt_conditional(e_s, self.eps), pkt_conditional(e_t, self.eps)
+        return (q * torch.log((q + self.eps) / (p + self.eps))).mean().float()
+
+    def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
+        return self(student.features[self.student_layers[0]], teacher.features[self.teacher_layers[0]])
+
+
+def taylor_rbf_correlation(e: Tensor, gamma: float, order: int) -> Tensor:
+    r"""CC's correlation matrix: the Gaussian RBF of the L2-normalised rows by its P-order Taylor expansion.
+
+    For unit vectors :math:`\exp(-\gamma\|a - b\|^2) = e^{-2\gamma} e^{2\gamma a^\top b}
+    \approx \sum_{p=0}^{P} e^{-2\gamma} \frac{(2\gamma)^p}{p!} (a^\top b)^p`."""
+    e = F.normalize(e, p=2, dim=1)
+    sim = e @ e.t()
+    corr = torch.zeros_like(sim)
+    for p in range(order + 1):
+        corr = corr + math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * sim.pow(p)
+    return corr
+
+
+@register_knowledge("cc", "relational",
+                    "Correlation congruence: MSE of the batch's Taylor-RBF correlation matrices")
+class CC(Knowledge):
+    r"""Correlation congruence (the correlation term of CCKD).
+
+    Peng, Jin, Liu, Li, Wu, Liu, Zhou & Zhang, "Correlation Congruence for Knowledge Distillation",
+    ICCV 2019, arXiv:1904.01802. Reference code: ``kd_losses/cc.py`` of AberHu/Knowledge-Distillation-Zoo
+    (the paper's Taylor kernel; RepDistiller's ``distiller_zoo/CC.py`` is a different, pairwise-delta
+    formula from the authors and is not followed here).
+
+    With :math:`F_s, F_t \in \mathbb{R}^{B \times d}` the L2-normalised embeddings of a batch (the
+    student's after a learned linear connector :math:`W`, below) and the correlation matrix
+    :math:`\psi(F)_{ij} = k(F_i, F_j)` of the Gaussian RBF kernel approximated by its P-order Taylor
+    expansion:
+
+    .. math::
+        k(F_i, F_j) = \exp\big(-\gamma \|F_i - F_j\|^2\big)
+                    \approx \sum_{p=0}^{P} e^{-2\gamma} \frac{(2\gamma)^p}{p!} \big(F_i F_j^\top\big)^p
+
+        L_{cc} = \frac{1}{B^2} \big\| \psi(F_t) - \psi(F_s) \big\|_F^2
+
+    Defaults :math:`\gamma = 0.4`, :math:`P = 2` (the paper's P; both from the reference's
+    ``train_kd.py`` flags). The student embedding first goes through a learned linear map to the
+    teacher's width, created from the shapes of the dry forward pass (``bind``); ``connector: false``
+    compares the raw embeddings (the kernel only needs B x B matrices, so widths may still differ).
+    Spatial taps are average-pooled to vectors.
+    """
+
+    class Params(KnowledgeParams):
+        teacher_layer: str | None = Field(None, description="teacher embedding layer (default: the model's)")
+        student_layer: str | None = Field(None, description="student embedding layer (default: the model's)")
+        gamma: float = Field(0.4, gt=0, description="γ of the Gaussian RBF kernel exp(-γ‖a-b‖²)")
+        order: int = Field(2, ge=0, le=20, description="P, the order of the kernel's Taylor expansion")
+        connector: bool = Field(True, description="learned linear map of the student embedding to the teacher's width")
+
+    def __init__(self, teacher_layer: str, student_layer: str, gamma: float = 0.4, order: int = 2,
+                 connector: bool = True) -> None:
+        super().__init__()
+        self.teacher_layers, self.student_layers = [teacher_layer], [student_layer]
+        self.gamma, self.order, self.use_connector = float(gamma), int(order), bool(connector)
+        self.connector: torch.nn.Linear | None = None
+
+    @classmethod
+    def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
+        return cls(
+            kwargs.get("teacher_layer") or teacher.embedding_layer or last(teacher.feature_layers, "teacher_layer"),
+            kwargs.get("student_layer") or student.embedding_layer or last(student.feature_layers, "student_layer"),
+            kwargs.get("gamma", 0.4),
+            kwargs.get("order", 2),
+            kwargs.get("connector", True),
+        )
+
+    def _make_connector(self, e_s: Tensor, e_t: Tensor) -> None:
+        self.connector = torch.nn.Linear(e_s.shape[1], e_t.shape[1]).to(e_s.device)
+
+    def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
+        if self.use_connector:
+            self._make_connector(embedding(student_features[self.student_layers[0]]),
+                                 embedding(teacher_features[self.teacher_layers[0]]))
+
+    def forward(self, e_s: Tensor, e_t: Tensor) -> Tensor:
+        e_s, e_t = embedding(e_s), embedding(e_t)
+        if self.use_connector:
+            if self.connector is None:  # used directly on tensors: infer the connector now
+                self._make_connector(e_s, e_t)
+            e_s = self.connector(e_s)
+        c_s = taylor_rbf_correlation(e_s, self.gamma, self.order)
+        c_t = taylor_rbf_correlation(e_t, self.gamma, self.order)
+        return F.mse_loss(c_s, c_t)
+
+    def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
+        return self(student.features[self.student_layers[0]], teacher.features[self.teacher_layers[0]])
+
+
+# -- CRD building blocks (not registered: the training loop does not pass dataset indices yet) ----------
+class ContrastMemory(torch.nn.Module):
+    r"""CRD's memory bank: an (N, feat_dim) bank of unit embeddings per model, updated with momentum.
+
+    Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020, arXiv:1910.10699.
+    Reference: RepDistiller ``crd/memory.py`` (``ContrastMemory``). For each anchor :math:`v` of one model
+    and the K+1 bank rows :math:`m_k` of the *other* model at indices ``idx`` (column 0 = the sample's
+    own index, the positive):
+
+    .. math::
+        h_k = \exp(m_k^\top v / \tau) / Z, \qquad Z = N \cdot \overline{\exp(m^\top v / \tau)}
+        \text{ (fixed from the first batch)}
+
+    and after scoring, the rows of the batch's own indices are updated:
+    :math:`m_y \leftarrow \mathrm{normalize}(\mu\, m_y + (1 - \mu)\, v)`. Defaults: :math:`\tau = 0.07`,
+    :math:`\mu = 0.5` (RepDistiller ``train_student.py`` lines 84-85; K = 16384 there, line 83). Banks
+    start uniform in :math:`\pm 1/\sqrt{d/3}`. Under DDP every rank must call :meth:`update` with the
+    embeddings and indices gathered from all ranks so the banks stay identical.
+    """
+
+    def __init__(self, feat_dim: int, n_data: int, nce_t: float = 0.07, nce_m: float = 0.5) -> None:
+        super().__init__()
+        self.n_data, self.nce_t, self.nce_m = int(n_data), float(nce_t), float(nce_m)
+        stdv = 1.0 / math.sqrt(feat_dim / 3)
+        self.register_buffer("memory_s", torch.rand(n_data, feat_dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("memory_t", torch.rand(n_data, feat_dim).mul_(2 * stdv).add_(-stdv))
+        self.register_buffer("z", torch.full((2,), -1.0))  # Z_s, Z_t; < 0 until the first batch sets them
+
+    def scores(self, v_s: Tensor, v_t: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, K+1) scores of student anchors against teacher bank rows and of teacher anchors against student rows."""
+        b, k1 = idx.shape
+        m_t = self.memory_t.index_select(0, idx.view(-1)).view(b, k1, -1)
+        m_s = self.memory_s.index_select(0, idx.view(-1)).view(b, k1, -1)
+        out_s = torch.exp(torch.bmm(m_t, v_s.unsqueeze(2)).squeeze(2) / self.nce_t)  # anchor: student
+        out_t = torch.exp(torch.bmm(m_s, v_t.unsqueeze(2)).squeeze(2) / self.nce_t)  # anchor: teacher
+        if self.z[0] < 0:
+            with torch.no_grad():
+                self.z.copy_(torch.stack([out_s.mean(), out_t.mean()]) * self.n_data)
+        return out_s / self.z[0], out_t / self.z[1]
+
+    @torch.no_grad()
+    def update(self, v_s: Tensor, v_t: Tensor, y: Tensor) -> None:
+        for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
+            pos = bank.index_select(0, y) * self.nce_m + v.detach().to(bank.dtype) * (1 - self.nce_m)
+            bank.index_copy_(0, y, pos / pos.norm(dim=1, keepdim=True))
+
+
+def nce_loss(x: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
+    r"""CRD's NCE loss (paper Eq. 18; RepDistiller ``crd/criterion.py`` ``ContrastLoss``).
+
+    With :math:`x` the (B, K+1) scores, column 0 the positive, noise :math:`P_n = 1/N`:
+
+    .. math::
+        L = -\frac{1}{B} \sum_{i} \Big[\log \frac{x_{i0}}{x_{i0} + K P_n + \epsilon}
+            + \sum_{k=1}^{K} \log \frac{K P_n}{x_{ik} + K P_n + \epsilon}\Big]
+    """
+    m = x.shape[1] - 1
+    noise = m / float(n_data)
+    log_d1 = torch.log(x[:, 0] / (x[:, 0] + noise + eps))
+    log_d0 = torch.log(noise / (x[:, 1:] + noise + eps))
+    return -(log_d1.sum() + log_d0.sum()) / x.shape[0]
