@@ -191,6 +191,14 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
             raise ConfigError(f"student {e}", file, _layer_field(i, spec, e.missing, "student")) from None
         modules[i] = k
 
+    if teacher is not None:  # before the dry forward pass, which a type may watch (OFD: the teacher's BatchNorms)
+        for i, k in modules.items():
+            try:
+                k.bind_models(teacher.members[0].net, student.net)
+            except Exception as e:  # noqa: BLE001 - a layer the loss cannot use is a config problem
+                raise ConfigError(f"{spec_name(cfg, i)} cannot use these models: {e}", file,
+                                  f"knowledge.{i}") from None
+
     x = info.example_input(2)
     student.eval()
     with torch.no_grad():

@@ -49,8 +49,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     if args.json:
         print(json.dumps({
-            "knowledge": {n: {"family": c.family, "summary": c.summary, "from": KNOWLEDGE.origin(n),
-                              "params": list(c.Params.model_fields)} for n, c in KNOWLEDGE.items()},
+            "knowledge": {n: {"family": c.family, "summary": c.summary, "paper": c.paper(),
+                              "from": KNOWLEDGE.origin(n), "params": list(c.Params.model_fields)}
+                          for n, c in KNOWLEDGE.items()},
             "models": {n: {"family": s.family, "description": s.description, "from": MODELS.origin(n)}
                        for n, s in MODELS.items()},
             "model_sources": {f"{p}/": d for p, d in MODELS.sources()},
@@ -65,9 +66,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         return "" if o == "kdray" else f"  [{o}]"
 
     print("knowledge types (use in `knowledge:` or as sweep choices; `none` = labels only):")
+    papers = {n: c.paper() or "-" for n, c in KNOWLEDGE.items()}
+    width = max(map(len, papers.values()), default=0)
     for n, c in KNOWLEDGE.items():
         params = ", ".join(p for p in c.Params.model_fields if p != "weight")
-        print(f"  {n:<8} {c.family:<10} {c.summary}  [weight{', ' + params if params else ''}]{origin(KNOWLEDGE, n)}")
+        print(f"  {n:<8} {c.family:<10} {papers[n]:<{width}}  {c.summary}  "
+              f"[weight{', ' + params if params else ''}]{origin(KNOWLEDGE, n)}")
     print("\nmodels (built into kdray unless marked [plugin MODULE]):")
     for n, s in MODELS.items():
         print(f"  {n:<20} {s.family:<12} {s.description}{origin(MODELS, n)}")

@@ -242,3 +242,299 @@ def test_each_type_through_the_objective_on_cnn_stages(name):
     # connectors live in the objective, so the training loop's optimiser and DDP see them
     n_params = sum(p.numel() for p in obj.parameters())
     assert (n_params > 0) == (name in ("ab", "vid"))
+
+
+# -- ofd -----------------------------------------------------------------------------------------------
+from scipy import stats  # noqa: E402
+
+from kdray.knowledge.feature import (  # noqa: E402
+    OFD, OFDConnector, ReviewKD, as_map2d, batch_margin, bn_margin, hcl, ofd_partial_l2,
+)
+
+
+def test_ofd_margin_is_the_mean_of_the_negative_part_of_the_bn_output():
+    gamma = np.array([1.0, 2.0, 0.5, -1.5, 1.0, 3.0])  # |gamma| is the std: a negative weight counts as its size
+    beta = np.array([0.0, 1.0, -0.3, 0.5, 2.5, -2.0])
+    got = bn_margin(torch.tensor(gamma), torch.tensor(beta)).double().numpy()
+    rng = np.random.default_rng(1)
+    for c, (g, b) in enumerate(zip(gamma, beta)):
+        x = rng.normal(b, abs(g), size=4_000_000)
+        neg = x[x < 0]
+        se = neg.std() / math.sqrt(len(neg))
+        assert abs(got[c] - neg.mean()) < 5 * se + 1e-4, (c, got[c], neg.mean())  # Monte-Carlo E[x | x < 0]
+        want = stats.truncnorm(-np.inf, (0 - b) / abs(g), loc=b, scale=abs(g)).mean()
+        assert got[c] == pytest.approx(want, rel=1e-6, abs=1e-7)  # scipy's truncated normal mean
+
+
+def test_ofd_margin_where_there_are_almost_no_negatives_or_no_spread():
+    # Phi(-beta/gamma) <= 0.001: the reference's -3 gamma; gamma = 0: the constant beta, or 0 when beta >= 0
+    got = bn_margin(torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([3.5, 8.0, -0.7, 0.4]))
+    torch.testing.assert_close(got, torch.tensor([-3.0, -6.0, -0.7, 0.0]))
+    assert stats.norm.cdf(-3.5) < 1e-3 < stats.norm.cdf(-3.0)
+    # just above the threshold the closed form still applies
+    assert bn_margin(torch.tensor([1.0]), torch.tensor([3.0])).item() == pytest.approx(
+        stats.truncnorm(-np.inf, -3.0, loc=3.0, scale=1.0).mean(), rel=1e-6)
+
+
+def test_ofd_batch_margin_reads_each_channels_mean_and_std():
+    scale, shift = torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1), torch.tensor([0.0, 1.0, -1.0]).view(1, 3, 1, 1)
+    f = torch.randn(4, 3, 5, 5) * scale + shift
+    v = f.double().transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(batch_margin(f), bn_margin(v.std(1, unbiased=False), v.mean(1)))
+
+
+def test_ofd_partial_l2_skip_rules_one_element_at_a_time():
+    margin = torch.tensor([-1.0])
+    #          t > 0 always counts    margin < t <= 0        t < margin: clamped    t = 0
+    t = torch.tensor([2.0, 2.0, -0.5, -0.5, -3.0, -3.0, 0.0, 0.0]).view(1, 1, 8)
+    s = torch.tensor([3.0, 1.0, 0.0, -2.0, -0.5, -2.0, 0.0, 0.1]).view(1, 1, 8)
+    each = [1.0, 1.0, 0.25,  # s > t counts; t > 0 counts above and below
+            0.0,   # s <= t <= 0: skipped
+            0.25,  # against the clamped teacher max(-3, -1) = -1: (-0.5 + 1)^2
+            0.0,   # s <= max(t, m) <= 0: skipped (unclamped, s > t would have counted 1.0)
+            0.0,   # s = t = 0: skipped
+            0.01]  # s > t = 0
+    for i, want in enumerate(each):
+        assert ofd_partial_l2(s[..., i:i + 1], t[..., i:i + 1], margin).item() == pytest.approx(want), i
+    assert ofd_partial_l2(s, t, margin).item() == pytest.approx(sum(each))
+    # the margin is per channel: under a margin of -5 the teacher's -3 stays, so element 4 counts
+    # (-0.5 + 3)^2 = 6.25 and element 5 (-2 > -3) counts (-2 + 3)^2 = 1
+    lower = [1.0, 1.0, 0.25, 0.0, 6.25, 1.0, 0.0, 0.01]
+    assert ofd_partial_l2(s, t, torch.tensor([-5.0])).item() == pytest.approx(sum(lower))
+    two = ofd_partial_l2(torch.cat([s, s], 1), torch.cat([t, t], 1), torch.tensor([-1.0, -5.0]))
+    assert two.item() == pytest.approx(sum(each) + sum(lower))
+
+
+def tiny_teacher() -> nn.Module:
+    """conv -> bn -> relu stages; "b" is a residual-style block whose shortcut BN is registered last but runs first."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 1, bias=False)
+            self.bn = nn.BatchNorm2d(6)
+            self.shortcut = nn.Sequential(nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6))
+
+        def forward(self, x):  # as kdray's BasicBlock: the shortcut first
+            residual = self.shortcut(x)
+            return torch.relu(self.bn(self.conv(x)) + residual)
+
+    net = nn.Sequential()
+    net.add_module("a", nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    net.add_module("relu", nn.ReLU())
+    net.add_module("b", Block())
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-1.0, 1.0)
+    return net.eval()
+
+
+def taps_of(net: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    from kdray.models import FeatureTaps
+
+    taps = FeatureTaps(net, names)
+    with torch.no_grad():
+        out = taps.run(net, x).features
+    taps.remove()
+    return out
+
+
+def test_ofd_reads_the_margin_from_the_last_batchnorm_executed_in_each_hint_layer():
+    net = tiny_teacher()
+    ofd = OFD(["a", "b", "b.bn"], ["x", "y", "z"])
+    ofd.bind_models(net, nn.Identity())
+    x = torch.randn(2, 3, 4, 4)
+    t = taps_of(net, ["a", "b", "b.bn"], x)  # the dry forward pass the hooks watch
+    s = {"x": torch.randn(2, 5, 4, 4), "y": torch.randn(2, 5, 4, 4), "z": torch.randn(2, 5, 4, 4)}
+    ofd.bind(t, s)
+    # "a": its only BN; "b": its bn runs after the shortcut's, though registered before it; "b.bn": itself
+    assert ofd.margin_layers == ["a.1", "b.bn", "b.bn"]
+    assert not ofd._bn_hooks  # the watch ends with bind
+    for m, bn in zip(ofd.margins(), [net.a[1], net.b.bn, net.b.bn]):
+        torch.testing.assert_close(m, bn_margin(bn.weight, bn.bias))
+    # bound margins are buffers of the objective (they follow .to(device)), not saved in its state
+    assert "margin0" in dict(ofd.named_buffers()) and "margin0" not in ofd.state_dict()
+
+
+def test_ofd_refuses_a_hint_layer_without_batchnorm_naming_it():
+    net = tiny_teacher()
+    with pytest.raises(ValueError, match=r"teacher layer 'relu' \(ReLU\) has no BatchNorm"):
+        OFD(["a", "relu"], ["x", "y"]).bind_models(net, nn.Identity())
+
+
+def ofd_np(s_list, t_list, margins) -> float:
+    total, n = 0.0, len(s_list)
+    for i, (s, t, m) in enumerate(zip(s_list, t_list, margins)):
+        t = np.maximum(t, m.reshape(1, -1, 1, 1))
+        keep = (s > t) | (t > 0)
+        total += np.sum((s - t) ** 2 * keep) / 2 ** (n - 1 - i)
+    return total / s_list[0].shape[0] / 1000
+
+
+def test_ofd_matches_the_reference_formula_with_bn_margins_and_layer_weights():
+    net = tiny_teacher()
+    ofd = OFD(["a", "b"], ["x", "y"])
+    ofd.bind_models(net, nn.Identity())
+    t = taps_of(net, ["a", "b"], torch.randn(3, 3, 4, 4))
+    t["a"] = t["a"] * 2 - 1  # spread over both sides of the margin
+    s = {"x": torch.randn(3, 4, 4, 4), "y": torch.randn(3, 6, 4, 4)}
+    ofd.bind(t, s)
+    ofd.connectors = nn.ModuleList([nn.Identity(), nn.Identity()])  # the formula alone
+    margins = [m.double().numpy() for m in ofd.margins()]
+    want = ofd_np([s["x"].double().numpy(), s["y"].double().numpy()],
+                  [t["a"].double().numpy(), t["b"].double().numpy()], margins)
+    assert ofd([s["x"], s["y"]], [t["a"], t["b"]]).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ofd_connectors_are_conv_bn_from_bind_pool_the_teacher_and_train():
+    ofd = OFD(["t1", "t2"], ["s1", "s2"])
+    t = {"t1": torch.randn(4, 8, 4, 4), "t2": torch.randn(4, 12)}
+    s = {"s1": torch.randn(4, 3, 8, 8, requires_grad=True), "s2": torch.randn(4, 5, requires_grad=True)}
+    ofd.bind(t, s)
+    c0, c1 = ofd.connectors
+    assert c0.proj.weight.shape == (8, 3, 1, 1) and c0.proj.bias is None and c0.bn.num_features == 8
+    assert c1.proj.weight.shape == (12, 5) and c1.proj.bias is None
+    wide = OFDConnector((32, 4, 4), (64, 4, 4))  # He normal over fan-out: N(0, 2 / (1 * 1 * 64))
+    assert wide.proj.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.1)
+    assert (wide.bn.weight == 1).all() and (wide.bn.bias == 0).all()
+    loss = ofd([s["s1"], s["s2"]], [t["t1"], t["t2"]])  # the teacher 4x4 map against the student's 8x8
+    # without bound BatchNorms the margin comes from the teacher batch
+    r0 = c0(s["s1"]).detach()
+    r1 = c1(s["s2"]).detach()
+    t0 = torch.nn.functional.adaptive_avg_pool2d(t["t1"], (8, 8))
+    want = (ofd_partial_l2(r0, t0, batch_margin(t["t1"])) / 2  # layer weights 2^(i-n), then / B / 1000
+            + ofd_partial_l2(r1, t["t2"], batch_margin(t["t2"]))) / 4 / 1000
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    loss.backward()
+    for c in ofd.connectors:
+        assert c.proj.weight.grad.abs().sum() > 0 and c.bn.weight.grad.abs().sum() > 0
+    assert s["s1"].grad.abs().sum() > 0
+
+
+# -- reviewkd ------------------------------------------------------------------------------------------
+def hcl_np(fs: np.ndarray, ft: np.ndarray, levels=(4, 2, 1)) -> float:
+    """The reference's hcl in float64: MSE at full size plus pooled levels (block means) weighing 1/2, 1/4, ..."""
+    h = fs.shape[2]
+    loss, cnt, tot = np.mean((fs - ft) ** 2), 1.0, 1.0
+    for lvl in levels:
+        if lvl >= h:
+            continue
+        cnt /= 2
+        loss += np.mean((block_mean(fs, h // lvl) - block_mean(ft, h // lvl)) ** 2) * cnt
+        tot += cnt
+    return loss / tot
+
+
+@pytest.mark.parametrize("size", [8, 4, 2, 1])
+def test_hcl_matches_a_float64_reimplementation(size):
+    fs, ft = RNG.normal(size=(3, 5, size, size)), RNG.normal(size=(3, 5, size, size)) + 0.3
+    got = hcl(torch.from_numpy(fs), torch.from_numpy(ft)).item()
+    assert got == pytest.approx(hcl_np(fs, ft), rel=1e-12)
+    if size == 1:  # no level below 1x1: the plain MSE
+        assert got == pytest.approx(np.mean((fs - ft) ** 2), rel=1e-12)
+    if size == 8:  # (MSE + MSE_4/2 + MSE_2/4 + MSE_1/8) / (1 + 1/2 + 1/4 + 1/8)
+        parts = [np.mean((block_mean(fs, k) - block_mean(ft, k)) ** 2) for k in (1, 2, 4, 8)]
+        assert got == pytest.approx((parts[0] + parts[1] / 2 + parts[2] / 4 + parts[3] / 8) / 1.875, rel=1e-12)
+
+
+def test_reviewkd_abfs_from_bind_have_the_stage_shapes():
+    rk = ReviewKD(["t1", "t2", "t3", "tp"], ["s1", "s2", "s3", "sp"])
+    t = {"t1": torch.randn(2, 16, 16, 16), "t2": torch.randn(2, 24, 8, 8), "t3": torch.randn(2, 40, 4, 4),
+         "tp": torch.randn(2, 40)}
+    s = {"s1": torch.randn(2, 8, 8, 8), "s2": torch.randn(2, 12, 8, 8), "s3": torch.randn(2, 20, 2, 2),
+         "sp": torch.randn(2, 20)}
+    rk.bind(t, s)
+    mid = 20  # min(512, channels of the deepest student stage)
+    for abf, c_s, c_t in zip(rk.abfs, (8, 12, 20, 20), (16, 24, 40, 40)):
+        assert abf.conv1[0].weight.shape == (mid, c_s, 1, 1) and abf.conv1[1].num_features == mid
+        assert abf.conv2[0].weight.shape == (c_t, mid, 3, 3) and abf.conv2[1].num_features == c_t
+    assert [a.att_conv is not None for a in rk.abfs] == [True, True, True, False]  # the deepest fuses nothing
+    assert rk.abfs[0].att_conv[0].weight.shape == (2, 2 * mid, 1, 1)
+    maps_s = [as_map2d(s[n]) for n in ("s1", "s2", "s3", "sp")]
+    maps_t = [as_map2d(t[n]) for n in ("t1", "t2", "t3", "tp")]
+    outs = rk.review(maps_s, maps_t)
+    assert [tuple(o.shape) for o in outs] == [tuple(m.shape) for m in maps_t]  # the teacher's channels and sizes
+    wide = ReviewKD(["t1"], ["s1"], mid_channels=7)
+    wide.bind(t, s)
+    assert wide.abfs[0].conv1[0].weight.shape == (7, 8, 1, 1) and wide.abfs[0].att_conv is None
+
+
+def test_reviewkd_fuses_deep_to_shallow_and_sums_hcl_with_the_warmup():
+    torch.manual_seed(0)
+    rk = ReviewKD(["t1", "t2"], ["s1", "s2"], warmup_epochs=20)
+    t = [torch.randn(4, 6, 8, 8), torch.randn(4, 10, 4, 4)]
+    s = [torch.randn(4, 3, 8, 8, requires_grad=True), torch.randn(4, 5, 2, 2, requires_grad=True)]
+    rk.bind({"t1": t[0], "t2": t[1]}, {"s1": s[0], "s2": s[1]})
+    # by hand: the deep ABF alone, then the shallow one fusing its residual
+    deep, shallow = rk.abfs[1], rk.abfs[0]
+    o2, r2 = deep(s[1], None, (4, 4))
+    x = shallow.conv1(s[0])
+    r = torch.nn.functional.interpolate(r2, size=(8, 8), mode="nearest")
+    z = shallow.att_conv(torch.cat([x, r], 1))
+    o1 = shallow.conv2(x * z[:, :1] + r * z[:, 1:])
+    want = sum(hcl_np(o.detach().double().numpy(), f.double().numpy()) for o, f in ((o1, t[0]), (o2, t[1])))
+    rk.set_epoch(20)
+    full = rk(s, t)
+    assert full.item() == pytest.approx(want, rel=1e-5)
+    rk.set_epoch(5)
+    assert rk(s, t).item() == pytest.approx(0.25 * want, rel=1e-5)  # min(1, epoch / warmup)
+    rk.set_epoch(0)
+    assert rk(s, t).item() == 0.0
+    full.backward()
+    for abf in rk.abfs:  # every connector learns, the attention of the fusing one included
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in abf.parameters())
+    assert s[0].grad.abs().sum() > 0 and s[1].grad.abs().sum() > 0
+
+
+def test_reviewkd_and_ofd_defaults_follow_the_references():
+    layouts = ModelLayout(("l1", "l2", "l3"), "emb"), ModelLayout(("s1", "s2", "s3"), "pool")
+    rk = KNOWLEDGE.get("reviewkd").from_params({}, *layouts)
+    assert (rk.teacher_layers, rk.student_layers) == (["l1", "l2", "l3", "emb"], ["s1", "s2", "s3", "pool"])
+    assert (rk.mid_channels, rk.warmup_epochs, rk.pool_levels) == (None, 20, (4, 2, 1))
+    assert KNOWLEDGE.get("reviewkd").Params().weight == 1.0
+    ofd = KNOWLEDGE.get("ofd").from_params({}, *layouts)
+    assert (ofd.teacher_layers, ofd.student_layers) == (["l1", "l2", "l3"], ["s1", "s2", "s3"])
+    with pytest.raises(ValueError, match="pool_levels must be positive"):
+        ReviewKD.Params(pool_levels=[4, 0])
+
+
+# -- both on kdray's CIFAR ResNets -------------------------------------------------------------------------
+def cifar_cfg(knowledge: dict):
+    from kdray.config import RunConfig
+
+    return RunConfig.model_validate({
+        "dataset": {"name": "test_images"}, "teacher": {"train": {"model": {"name": "resnet32x4"}}},
+        "student": {"name": "resnet8x4"}, "knowledge": [knowledge]})
+
+
+@pytest.mark.parametrize("knowledge", [
+    {"type": "ofd"},
+    {"type": "ofd", "teacher_layers": ["layer2.4.bn2", "layer3.4.bn2"], "student_layers": ["layer2", "layer3"]},
+    {"type": "reviewkd"}, {"type": "reviewkd", "mid_channels": 64, "weight": 5.0},
+], ids=["ofd", "ofd-bn2", "reviewkd", "reviewkd-mid64"])
+def test_dry_run_on_resnet32x4_to_resnet8x4(knowledge):
+    from kdray.check import dry_run
+
+    report = dry_run(cifar_cfg(knowledge))
+    if knowledge["type"] == "reviewkd":
+        assert report.teacher_shapes["flatten"] == (256,) and report.student_shapes["layer1"] == (64, 32, 32)
+    else:
+        assert set(report.teacher_shapes) == set(knowledge.get("teacher_layers", ["layer1", "layer2", "layer3"]))
+
+
+def test_ofd_on_resnet8x4_finds_bn2_and_a_config_error_names_a_layer_without_batchnorm():
+    from kdray.check import dry_run
+    from kdray.config import ConfigError
+    from kdray.data import describe_dataset
+    from kdray.models import build_model
+
+    info = describe_dataset(cifar_cfg({"type": "ofd"}).dataset)
+    net = build_model("resnet8x4", info.num_classes, info.preprocess()).net  # one block a stage, with a shortcut BN
+    ofd = OFD(["layer1", "layer2", "layer3"], ["layer1", "layer2", "layer3"])
+    ofd.bind_models(net, net)
+    feats = taps_of(net, ofd.teacher_layers, torch.randn(2, 3, 32, 32))
+    ofd.bind(feats, feats)
+    assert ofd.margin_layers == ["layer1.0.bn2", "layer2.0.bn2", "layer3.0.bn2"]  # not the shortcut's BN
+    with pytest.raises(ConfigError, match=r"knowledge\.0.*teacher layer 'fc' \(Linear\) has no BatchNorm"):
+        dry_run(cifar_cfg({"type": "ofd", "teacher_layers": ["fc"], "student_layers": ["layer3"]}))

@@ -12,6 +12,8 @@ model's own ``kd_feature_layers`` / ``kd_embedding_layer`` give the defaults.
 """
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -73,6 +75,15 @@ class Knowledge(nn.Module):
         self.student_layers: list[str] = []
         self.epoch = 0
 
+    @classmethod
+    def paper(cls) -> str:
+        """The short citation of the paper this type implements ("Hinton et al. 2015"), or "".
+
+        Read from the class's own docstring (not an inherited one): the paragraph after its first line
+        starts with the reference, ``Authors, "Title", Venue Year, arXiv:...``. See :func:`short_citation`.
+        """
+        return short_citation(cls.__dict__.get("__doc__"))
+
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_params(
@@ -87,6 +98,12 @@ class Knowledge(nn.Module):
     def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> "Knowledge":
         return cls(**kwargs)
 
+    def bind_models(self, teacher_net: nn.Module, student_net: nn.Module) -> None:
+        """See the two networks themselves (teacher ``members[0].net``, student ``net``) before the dry forward
+        pass; ``bind`` follows that pass. For losses that read a model's modules, not only its taps (OFD reads
+        the teacher's BatchNorm before each hint layer). Default: nothing. Raise ``ValueError`` for a layer
+        that cannot serve (``kdray check`` reports it as a config error)."""
+
     def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
         """Create connectors (regressors...) from the shapes of one dry forward pass. Default: none."""
 
@@ -97,6 +114,52 @@ class Knowledge(nn.Module):
     # -- use ---------------------------------------------------------------------------------------
     def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
         raise NotImplementedError
+
+
+_YEAR = re.compile(r"(?<![\w:./-])(?:19|20)\d\d(?!\w|\.\d)")  # not inside arXiv:2002.10957
+_QUOTE = re.compile(r"[\"\u201c\u201d]|``|''")
+_INITIAL = re.compile(r"^(?:[A-Z]\.-?)+$")  # G. / G.E. / J.-P.
+# Without a quoted title: "Smith & Jones (2020)", "Smith et al. 2020", "Smith, Jones, 2020. Title."
+_UNQUOTED = re.compile(r"^(?P<authors>[^\W\d][^\d\"()]{0,200}?)[\s,.]*\(?(?P<year>(?:19|20)\d\d)(?!\w|\.\d)")
+_ARXIV = re.compile(r"arXiv:\s*([0-9]{2})[01][0-9]\.[0-9]{4,5}")
+_PARTICLES = {"van", "von", "der", "den", "de", "del", "della", "di", "da", "du", "dos", "le", "la", "ter", "bin", "al"}
+_SURNAME = re.compile(r"^[^\W\d_][\w'\u2019-]*$")
+
+
+def short_citation(doc: str | None) -> str:
+    """``Hinton, Vinyals & Dean, "Distilling ...", NIPS Deep Learning Workshop 2015, arXiv:1503.02531.``
+    -> ``Hinton et al. 2015``: the first author's surname, "et al." when there are more authors, and the
+    year that follows the title. "" when the paragraph after the docstring's first line is no reference."""
+    if not doc:
+        return ""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", inspect.cleandoc(doc)) if p.strip()]
+    if len(paragraphs) < 2:
+        return ""
+    para = paragraphs[1]  # the reference comes right after the summary line
+    quote = _QUOTE.search(para)
+    if quote:
+        authors, rest = para[:quote.start()], para[quote.end():]
+        close = _QUOTE.search(rest)  # the year comes after the title, not inside it
+        year = _YEAR.search(rest[close.end():]) if close else None
+        year = year.group(0) if year else ""
+    else:
+        m = _UNQUOTED.match(para)
+        authors, year = (m.group("authors"), m.group("year")) if m else ("", "")
+    if not year:  # only an arXiv identifier: its YYMM gives the year
+        arxiv = _ARXIV.search(para)
+        year = f"20{arxiv.group(1)}" if arxiv else ""
+    authors = authors.strip().rstrip(",;:.").strip()
+    names = [a.strip() for a in re.split(r",|;|&|\band\b|\bet al\b\.?", authors) if a.strip()]
+    if not year or not names:
+        return ""
+    words = [w for w in names[0].split() if not _INITIAL.match(w)]
+    # Names are capitalised words, bar particles (van der Maaten), which stay with the surname.
+    if not words or len(words) > 4 or not all(_SURNAME.match(w) and (w[0].isupper() or w in _PARTICLES)
+                                              for w in words) or not words[-1][0].isupper():
+        return ""
+    surname = " ".join(words[next((i for i, w in enumerate(words) if w in _PARTICLES), len(words) - 1):])
+    many = len(names) > 1 or re.search(r"\bet al\b", authors) is not None
+    return f"{surname}{' et al.' if many else ''} {year}"
 
 
 def middle(layers: tuple[str, ...], what: str) -> str:
@@ -138,4 +201,5 @@ __all__ = [
     "ModelLayout",
     "TapOutputs",
     "register_knowledge",
+    "short_citation",
 ]

@@ -701,3 +701,380 @@ class VID(_LayerPairs):
         for s, t, c in zip(f_s, f_t, self.connectors):
             total = total + c(s, t)
         return total
+
+
+# -- OFD and ReviewKD (issue 12) -----------------------------------------------------------------------
+def bn_margin(gamma: Tensor, beta: Tensor) -> Tensor:
+    r"""OFD's margin per channel: :math:`m = E[x \mid x < 0]` for :math:`x \sim \mathcal{N}(\beta, \gamma^2)`,
+    the distribution a BatchNorm with weight :math:`\gamma` and bias :math:`\beta` gives its outputs.
+
+    .. math::
+        m = \beta - |\gamma| \, \frac{\phi(\beta / |\gamma|)}{\Phi(-\beta / |\gamma|)}
+
+    (the mean of a normal truncated above at 0), or :math:`-3|\gamma|` where
+    :math:`\Phi(-\beta/|\gamma|) \le 0.001` (almost no negative responses): the reference's
+    ``get_margin_from_BN`` (overhaul-distillation ``CIFAR-100/distiller.py``), vectorised and computed in
+    float64. A channel with :math:`\gamma = 0` is the constant :math:`\beta`: its margin is
+    :math:`\min(\beta, 0)` (the reference divides by zero there).
+    """
+    s, m = gamma.detach().double().abs(), beta.detach().double()
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    z = m / safe
+    cdf = torch.special.ndtr(-z)
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    margin = torch.where(cdf > 1e-3, m - safe * pdf / cdf.clamp_min(1e-300), -3 * s)
+    return torch.where(s > 0, margin, m.clamp(max=0)).float()
+
+
+def batch_margin(f_t: Tensor) -> Tensor:
+    """OFD's margin from one batch of teacher features (B, C, *spatial) or (B, C): ``bn_margin`` of each
+    channel's mean and standard deviation over batch and positions, a stand-in for the BatchNorm's β and γ."""
+    f = f_t.detach().transpose(0, 1).reshape(f_t.shape[1], -1).double()
+    return bn_margin(f.std(1, unbiased=False), f.mean(1))
+
+
+def ofd_partial_l2(f_s: Tensor, f_t: Tensor, margin: Tensor) -> Tensor:
+    r"""OFD's partial L2 :math:`\sum_i [\,s_i > t_i \ \lor\ t_i > 0\,] (s_i - t_i)^2` with the teacher
+    clamped below at the margin, :math:`t = \max(F_t, m)`: positions where student :math:`\le` teacher
+    :math:`\le 0` are skipped (both "off"; the student is already at or below the teacher's negative
+    response). ``margin`` is per channel (dim 1) and broadcast; returns the sum (reference
+    ``distillation_loss``)."""
+    m = margin.to(f_t).view(1, -1, *([1] * (f_t.dim() - 2)))
+    t = torch.maximum(f_t, m)
+    keep = (f_s > t) | (t > 0)
+    return ((f_s - t).pow(2) * keep).sum()
+
+
+class OFDConnector(nn.Module):
+    """OFD's connector: a bias-free 1x1 convolution (a bias-free linear map for vectors) from the student's
+    channels to the teacher's, then BatchNorm, weights He-normal over fan-out, BN weight 1 and bias 0
+    (reference ``build_feature_connector``). Taps of different rank: flatten, bias-free linear map,
+    reshape to the teacher's shape, BatchNorm. Spatial size stays the student's (the teacher is pooled to it)."""
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        s, t = self.student_shape, self.teacher_shape
+        if len(s) == len(t) and len(s) <= 4:
+            self.kind = "conv1x1" if len(s) > 1 else "linear"
+            self.proj: nn.Module = _one_by_one(len(s))(s[0], t[0])
+        else:
+            self.kind = "flatten-linear"
+            self.proj = nn.Linear(math.prod(s), math.prod(t), bias=False)
+        nn.init.kaiming_normal_(self.proj.weight, mode="fan_out", nonlinearity="relu")  # N(0, 2 / (k²·C_out))
+        self.bn = _batch_norm(t[0], len(t))
+
+    def forward(self, f_s: Tensor) -> Tensor:
+        if self.kind == "flatten-linear":
+            return self.bn(self.proj(f_s.flatten(1)).view(f_s.shape[0], *self.teacher_shape))
+        return self.bn(self.proj(f_s))
+
+
+@register_knowledge("ofd", "feature",
+                    "Overhaul of feature distillation: partial L2 to pre-ReLU teacher features clamped at a BN margin")
+class OFD(_LayerPairs):
+    r"""A comprehensive overhaul of feature distillation (OFD).
+
+    Heo, Kim, Yun, Park, Kwak & Choi, "A Comprehensive Overhaul of Feature Distillation", ICCV 2019,
+    arXiv:1904.01866; matched against overhaul-distillation ``CIFAR-100/distiller.py`` (``distillation_loss``,
+    ``build_feature_connector``, ``get_margin_from_BN``) and ``train_with_distillation.py`` (line 91:
+    ``loss_distill.sum() / batch_size / 1000``), commit 76344a8, and mdistiller ``mdistiller/distillers/OFD.py``
+    (commit a08d46f).
+
+    For layer pair :math:`i` of :math:`n`, with :math:`r_i` the connector (1x1 conv + BN) on the student
+    feature, :math:`F_t` the teacher's *pre-ReLU* feature and the per-channel margin
+    :math:`m_c = E[x \mid x < 0]`, :math:`x \sim \mathcal{N}(\beta_c, \gamma_c^2)` read off the teacher's
+    BatchNorm before the ReLU (``bn_margin``):
+
+    .. math::
+        L_{ofd} = \frac{1}{1000\,B} \sum_{i=1}^{n} 2^{\,i-n} \sum_{\text{elements}}
+                  \big[ s > t \ \lor\ t > 0 \big] (s - t)^2,
+        \qquad s = r_i(F_s), \quad t = \max(F_t, m)
+
+    i.e. the teacher is clamped below at the margin and the partial L2 skips positions where student
+    :math:`\le` teacher :math:`\le 0` (``ofd_partial_l2``); the per-layer weights :math:`2^{i-n}` (the last
+    pair weighs 1) and the scale 1/(1000 B) are the reference's (mdistiller: ``FEAT_WEIGHT`` 0.001 and a
+    mean over the batch), so the default weight is 1. When spatial sizes differ the teacher is average-pooled
+    to the student's (mdistiller). Default layers: the models' stage outputs, paired as ``at`` pairs them
+    (the reference: all three CIFAR stages, mdistiller ``preact_feats[1:]``).
+
+    The margin's BatchNorm: ``bind_models`` (called before the dry forward pass) watches the teacher's
+    BatchNorm modules in each hint layer's subtree and ``bind`` takes the *last one executed* (the layer
+    itself when it is a BatchNorm). For kdray's CIFAR ResNets that is ``layerN.<last block>.bn2``, the BN the
+    reference's ``get_bn_before_relu`` returns. A hint layer with no BatchNorm in it is refused with an error
+    naming it. Used directly on tensors (no ``bind_models``), the margin is estimated from the teacher batch:
+    ``bn_margin`` of each channel's mean and standard deviation (``batch_margin``).
+
+    Pre-ReLU taps: kdray taps module outputs. A kdray CIFAR ResNet block computes ``relu(bn2(..) + shortcut)``
+    inside its ``forward``, so its pre-ReLU output (the reference's feature) is no module's output: the default
+    teacher taps ``layer1``..``layer3`` are *after* the ReLU. The loss is then exactly OFD's with a margin of
+    0: the clamp :math:`\max(F_t, m)` changes nothing (:math:`F_t \ge 0 > m`), targets are matched where the
+    teacher fires and, where it does not, the student is pushed to :math:`\le 0` instead of to
+    :math:`\le \max(F_t^{pre}, m)`. Pre-ReLU taps that exist: in a ResNet, ``layerN.K.bn2`` (the residual
+    branch before the shortcut is added; margin from that BN itself); in kdray's pre-activation WRNs, the
+    stage outputs ``block1``..``block3`` are pre-ReLU sums, and the reference's exact features are the BN
+    outputs ``block2.0.bn1``, ``block3.0.bn1``, ``bn1`` (its ``get_bn_before_relu``; name these, since the
+    BN found inside ``blockN`` would be the wrong one). The student taps need no ReLU-care: the connector
+    (conv + BN) gives a signed response.
+    """
+
+    def __init__(self, teacher_layers: list[str], student_layers: list[str]) -> None:
+        super().__init__(teacher_layers, student_layers)
+        self.connectors: nn.ModuleList | None = None
+        self.margin_layers: list[str] = []  # the teacher BatchNorm each margin was read from
+        self._bn_candidates: list[list[tuple[str, nn.Module]]] = []  # plain lists: not submodules
+        self._bn_executed: list[tuple[str, nn.Module] | None] = []
+        self._bn_hooks: list[Any] = []
+
+    # -- the teacher's BatchNorms ------------------------------------------------------------------------
+    def bind_models(self, teacher_net: nn.Module, student_net: nn.Module) -> None:
+        self._release_hooks()
+        modules = dict(teacher_net.named_modules())
+        self._bn_candidates, self._bn_executed = [], [None] * len(self.teacher_layers)
+        for i, name in enumerate(self.teacher_layers):
+            layer = modules.get(name)
+            if layer is None:
+                raise ValueError(f"teacher layer {name!r} does not exist")
+            bns = [(f"{name}.{sub}" if sub else name, m) for sub, m in layer.named_modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if not bns:
+                raise ValueError(
+                    f"ofd reads its margin from the teacher's BatchNorm before the ReLU, but teacher layer {name!r} "
+                    f"({type(layer).__name__}) has no BatchNorm in it; name teacher_layers that are or contain the "
+                    "BatchNorm before a ReLU (e.g. a block's bn2)")
+            self._bn_candidates.append(bns)
+            for full, m in bns:
+                self._bn_hooks.append(m.register_forward_hook(self._recorder(i, full)))
+
+    def _recorder(self, i: int, full: str):
+        def hook(module, _inputs, _output):
+            self._bn_executed[i] = (full, module)
+        return hook
+
+    def _release_hooks(self) -> None:
+        for h in self._bn_hooks:
+            h.remove()
+        self._bn_hooks = []
+
+    def _resolve_margins(self) -> None:
+        """The margins from the last BatchNorm executed in each hint layer (during the dry forward pass; the last
+        one registered if none ran), then the watch ends."""
+        self._release_hooks()
+        if not self._bn_candidates:
+            return
+        names = []
+        for i, cands in enumerate(self._bn_candidates):
+            full, bn = self._bn_executed[i] or cands[-1]
+            gamma = bn.weight if bn.weight is not None else torch.ones(bn.num_features)
+            beta = bn.bias if bn.bias is not None else torch.zeros(bn.num_features)
+            self.register_buffer(f"margin{i}", bn_margin(gamma, beta).to(gamma.device), persistent=False)
+            names.append(full)
+        self.margin_layers = names
+        self._bn_candidates, self._bn_executed = [], []
+
+    def margins(self) -> list[Tensor] | None:
+        if self._bn_candidates:
+            self._resolve_margins()
+        if not self.margin_layers:
+            return None
+        return [getattr(self, f"margin{i}") for i in range(len(self.teacher_layers))]
+
+    # -- connectors and the loss -------------------------------------------------------------------------
+    def _connect(self, f_s: list[Tensor], f_t: list[Tensor]) -> None:
+        self.connectors = nn.ModuleList(
+            OFDConnector(tuple(s.shape[1:]), tuple(t.shape[1:])) for s, t in zip(f_s, f_t)).to(f_s[0].device)
+
+    def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
+        self._connect([student_features[n] for n in self.student_layers],
+                      [teacher_features[n] for n in self.teacher_layers])
+        self._resolve_margins()
+
+    def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        f_s, f_t = _pairs(f_s, f_t)
+        if self.connectors is None:  # used directly on tensors: infer the connectors now
+            self._connect(f_s, f_t)
+        if len(f_s) != len(self.connectors):
+            raise ValueError(f"ofd was built for {len(self.connectors)} layers, got {len(f_s)}")
+        bound = self.margins()
+        n = len(f_s)
+        total = f_s[0].new_zeros(())
+        for i, (s, t, r) in enumerate(zip(f_s, f_t, self.connectors)):
+            t = t.detach()
+            margin = bound[i] if bound is not None else batch_margin(t)
+            s = r(s)
+            if s.dim() == t.dim() and s.dim() > 2 and s.shape[2:] != t.shape[2:]:
+                t = resize_to(t, tuple(s.shape[2:]))
+            total = total + ofd_partial_l2(s, t, margin) / 2 ** (n - 1 - i)
+        return total / f_s[0].shape[0] / 1000
+
+
+class ABF(nn.Module):
+    """ReviewKD's attention-based fusion for one stage (reference ``ABF``): a 1x1 conv + BN to ``mid``
+    channels; where a deeper stage's residual is fused, it is resized (nearest) to this stage's size, and a
+    1x1 conv + sigmoid on the concatenation gives two maps that weigh the stage and the residual; the fused
+    map is resized (nearest) to the teacher's size, and a 3x3 conv + BN maps it to the teacher's channels.
+    Returns (output, fused map: the residual for the next, shallower stage). Maps are (B, C, H, W)."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
+        self.conv2 = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(out_channels))
+        self.att_conv = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None,
+                out_size: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+        x = self.conv1(x)
+        if self.att_conv is not None:
+            if residual is None:
+                raise ValueError("this ABF fuses a deeper stage's residual; none was given")
+            residual = F.interpolate(residual, size=tuple(x.shape[2:]), mode="nearest")
+            z = self.att_conv(torch.cat([x, residual], dim=1))
+            x = x * z[:, 0:1] + residual * z[:, 1:2]
+        if out_size is not None and tuple(x.shape[2:]) != tuple(out_size):
+            x = F.interpolate(x, size=tuple(out_size), mode="nearest")
+        return self.conv2(x), x
+
+
+def as_map2d(f: Tensor) -> Tensor:
+    """A tap as a (B, C, H, W) map: a vector (B, C) is (B, C, 1, 1) (ReviewKD's pooled feature), a sequence
+    (B, C, L) is (B, C, L, 1)."""
+    if f.dim() == 2:
+        return f[:, :, None, None]
+    if f.dim() == 3:
+        return f.unsqueeze(-1)
+    if f.dim() == 4:
+        return f
+    raise ValueError(f"reviewkd fuses vectors and maps of up to 2 spatial dims, got a {tuple(f.shape)} tap")
+
+
+def hcl(f_s: Tensor, f_t: Tensor, levels: tuple[int, ...] | list[int] = (4, 2, 1)) -> Tensor:
+    r"""ReviewKD's hierarchical context loss for one stage, (B, C, H, W) maps of one shape:
+
+    .. math::
+        \mathrm{HCL} = \frac{\mathrm{MSE}(F_s, F_t) + \sum_{k} 2^{-k}\,\mathrm{MSE}(P_{l_k} F_s, P_{l_k} F_t)}
+                            {1 + \sum_k 2^{-k}}
+
+    :math:`P_l` adaptive average pooling to :math:`l \times l`, over the levels :math:`l_k` (4, 2, 1) smaller
+    than the map (reference ``hcl``: a level :math:`l \ge h` is skipped; here :math:`l \ge \max(h, w)`, and a
+    non-square map is pooled to :math:`\min(l, h) \times \min(l, w)`), :math:`k` counting the levels used.
+    """
+    loss = F.mse_loss(f_s, f_t)
+    h, w = f_s.shape[2:]
+    cnt = tot = 1.0
+    for lvl in levels:
+        if lvl >= max(h, w):
+            continue
+        size = (min(lvl, h), min(lvl, w))
+        cnt /= 2.0
+        loss = loss + F.mse_loss(F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size)) * cnt
+        tot += cnt
+    return loss / tot
+
+
+def _with_embedding(layout: ModelLayout) -> ModelLayout:
+    """The stage outputs and then the pooled embedding (ReviewKD's last "stage"), when the model declares one."""
+    layers, emb = tuple(layout.feature_layers), layout.embedding_layer
+    if emb and emb not in layers:
+        layers = (*layers, emb)
+    return layout._replace(feature_layers=layers)
+
+
+@register_knowledge("reviewkd", "feature",
+                    "Knowledge review: student stages fused deep to shallow (ABF), hierarchical context loss to the teacher")
+class ReviewKD(_LayerPairs):
+    r"""Knowledge review.
+
+    Chen, Liu, Zhao & Jia, "Distilling Knowledge via Knowledge Review", CVPR 2021, arXiv:2104.09044; matched
+    against ReviewKD ``CIFAR-100/model/reviewkd.py`` (``ABF``, ``ReviewKD``, ``build_review_kd``, ``hcl``) and
+    ``CIFAR-100/train.py`` (lines 48-50, 222-225), commit cede6ea, and mdistiller
+    ``mdistiller/distillers/ReviewKD.py`` and ``mdistiller/engine/cfg.py`` (lines 150-159), commit a08d46f.
+
+    The student's stage features :math:`F_s^1 \dots F_s^n` (shallow to deep) are reviewed from deep to
+    shallow: :math:`(O^n, R^n) = \mathrm{ABF}_n(F_s^n)` and
+    :math:`(O^i, R^i) = \mathrm{ABF}_i(F_s^i, R^{i+1})` for :math:`i < n`, each ABF fusing its stage with the
+    residual :math:`R^{i+1}` of the deeper ones by attention (``ABF``) and producing :math:`O^i` with the
+    teacher's channels and size. Each output is compared with the teacher's feature of the same stage:
+
+    .. math::
+        L_{review} = \min\!\big(1, \tfrac{\mathrm{epoch}}{\mathrm{warmup}}\big)
+                     \sum_{i=1}^{n} \mathrm{HCL}(O^i, F_t^i)
+
+    with ``hcl``'s MSE at full size plus adaptive-average-pooled 4x4, 2x2, 1x1 levels weighted 1/2, 1/4,
+    1/8, normalised by the weights' sum. The ABFs are connectors created in ``bind`` from the taps' shapes:
+    stage :math:`i` maps the student's channels through ``mid_channels`` to the teacher's, default
+    :math:`\min(512, C_s^n)`, the deepest student stage's channels (reference: ``mid_channel = min(512,
+    in_channels[-1])``; 256 for resnet8x4). Vectors are (B, C, 1, 1) maps, sequences (B, C, L, 1).
+
+    Default layers: the models' stage outputs followed by the pooled embedding (the reference's four CIFAR
+    "stages" ``layer1``..``layer3`` and the pooled feature: ``layer1, layer2, layer3, flatten`` for kdray's
+    ResNets), the last common number paired as ``at`` pairs them. The reference compares with the teacher's
+    pre-ReLU stage outputs (``preact=True``) and the student's post-ReLU ones; kdray taps module outputs, so
+    both are post-ReLU for kdray's ResNets (no module outputs a block's pre-ReLU sum); the ABF's final BN
+    gives signed outputs either way. Warm-up: the loss ramps up linearly over ``warmup_epochs`` = 20
+    (epochs 1-based as mdistiller's trainer; the reference's epoch counts from 0, so its first epoch has
+    weight 0; before ``set_epoch`` is called the ramp is 0). Weight: 1 (mdistiller ``cfg.py``, the reference's
+    ``--kd-loss-weight`` default); both use 5 for resnet32x4 -> resnet8x4 (mdistiller
+    ``configs/cifar100/reviewkd.yaml``, ReviewKD ``script/reviewKD.sh``).
+    """
+
+    class Params(LayerPairsParams):
+        mid_channels: int | None = Field(
+            None, ge=1, description="ABF width (default: min(512, channels of the deepest student stage))")
+        warmup_epochs: int = Field(20, ge=0, description="epochs over which the loss ramps up linearly (0: none)")
+        pool_levels: list[int] = Field([4, 2, 1],
+                                       description="HCL pooling levels l (l x l), each weighing half the last")
+
+        @model_validator(mode="after")
+        def _levels(self) -> "ReviewKD.Params":
+            if any(lvl < 1 for lvl in self.pool_levels):
+                raise ValueError(f"pool_levels must be positive, got {self.pool_levels}")
+            return self
+
+    def __init__(self, teacher_layers: list[str], student_layers: list[str], mid_channels: int | None = None,
+                 warmup_epochs: int = 20, pool_levels: list[int] | tuple[int, ...] = (4, 2, 1)) -> None:
+        super().__init__(teacher_layers, student_layers)
+        self.mid_channels = None if mid_channels is None else int(mid_channels)
+        self.warmup_epochs = int(warmup_epochs)
+        self.pool_levels = tuple(int(lvl) for lvl in pool_levels)
+        self.abfs: nn.ModuleList | None = None
+
+    @classmethod
+    def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
+        t, s = paired_layers(kwargs, _with_embedding(teacher), _with_embedding(student))
+        rest = {k: v for k, v in kwargs.items() if k not in ("teacher_layers", "student_layers")}
+        return cls(t, s, **rest)
+
+    def _connect(self, f_s: list[Tensor], f_t: list[Tensor]) -> None:
+        mid = self.mid_channels or min(512, f_s[-1].shape[1])
+        n = len(f_s)
+        self.abfs = nn.ModuleList(
+            ABF(s.shape[1], mid, t.shape[1], fuse=i < n - 1) for i, (s, t) in enumerate(zip(f_s, f_t))
+        ).to(f_s[0].device)
+
+    def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
+        self._connect([as_map2d(student_features[n]) for n in self.student_layers],
+                      [as_map2d(teacher_features[n]) for n in self.teacher_layers])
+
+    def review(self, f_s: list[Tensor], f_t: list[Tensor]) -> list[Tensor]:
+        """The ABF outputs O^1..O^n (shallow to deep) for student maps and the teacher maps' sizes."""
+        outs: list[Tensor] = [f_s[0]] * len(f_s)
+        residual = None
+        for i in range(len(f_s) - 1, -1, -1):
+            outs[i], residual = self.abfs[i](f_s[i], residual, tuple(f_t[i].shape[2:]))
+        return outs
+
+    def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        f_s, f_t = _pairs(f_s, f_t)
+        f_s, f_t = [as_map2d(f) for f in f_s], [as_map2d(f).detach() for f in f_t]
+        if self.abfs is None:  # used directly on tensors: infer the connectors now
+            self._connect(f_s, f_t)
+        if len(f_s) != len(self.abfs):
+            raise ValueError(f"reviewkd was built for {len(self.abfs)} layers, got {len(f_s)}")
+        total = f_s[0].new_zeros(())
+        for o, t in zip(self.review(f_s, f_t), f_t):
+            total = total + hcl(o, t, self.pool_levels)
+        ramp = min(1.0, self.epoch / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
+        return ramp * total

@@ -68,6 +68,11 @@ class DistillObjective(nn.Module):
     def needs_teacher(self) -> bool:
         return len(self.knowledge) > 0
 
+    def bind_models(self, teacher_net: nn.Module, student_net: nn.Module) -> None:
+        """Before the dry forward pass: show each knowledge type the two networks (``Knowledge.bind_models``)."""
+        for k in self.knowledge.values():
+            k.bind_models(teacher_net, student_net)
+
     def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
         for k in self.knowledge.values():
             k.bind(teacher_features, student_features)

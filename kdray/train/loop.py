@@ -238,6 +238,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         x0 = to_float(x0.to(device))
         student.eval()
         with torch.no_grad():
+            objective.bind_models(teacher.members[0].net, student.net)  # before the pass: OFD watches it
             objective.bind(teacher(x0).features, s_taps.run(student, x0).features)
         student.train()
     objective.to(device)
