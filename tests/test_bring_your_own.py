@@ -111,7 +111,7 @@ def project(tmp_path_factory):
         sig = infer_signature(x[:5].numpy(), net(x[:5]).detach().numpy())
         # MLflow 3's default format (torch.export): the teacher's workers never unpickle the user's code
         info = mlflow.pytorch.log_model(net, name="model", signature=sig, input_example=x[:5].numpy(),
-                                        registered_model_name="churn-model")
+                                        pip_requirements=["torch"], registered_model_name="churn-model")
     mlflow.MlflowClient(uri).set_registered_model_alias("churn-model", "production", info.registered_model_version)
 
     base = {
@@ -124,7 +124,8 @@ def project(tmp_path_factory):
     }
     (proj / "distill.yaml").write_text(yaml.safe_dump({**base, "name": "byo", "knowledge": [{"type": "kd"}]}))
     (proj / "space.yaml").write_text(yaml.safe_dump({
-        "plugins": ["user_models"], "name": "byo-space", "num_samples": 3, "seed": 0, "base": base,
+        "plugins": ["user_models"], "name": "byo-space", "num_samples": 3, "seed": 0,
+        "base": {**base, "train": {**base["train"], "epochs": 2}},
         "scheduler": {"type": "fifo"}, "searcher": {"type": "tpe", "n_startup_trials": 3},
         "space": {"knowledge": {"none": {}, "kd": {"kd.temperature": {"type": "float", "low": 1.0, "high": 8.0}}}},
     }))

@@ -27,12 +27,14 @@ def _register(uri: str, name: str, net: nn.Module, width: int = 16, **log_kw) ->
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("production-models")  # not an experiment id left active by another test's store
     net.eval()
     x = torch.randn(5, width)
     with torch.no_grad():
         sig = infer_signature(x.numpy(), net(x).numpy())
     with mlflow.start_run():
-        info = mlflow.pytorch.log_model(net, name="model", signature=sig, registered_model_name=name, **log_kw)
+        info = mlflow.pytorch.log_model(net, name="model", signature=sig, registered_model_name=name,
+                                        pip_requirements=["torch"], **log_kw)  # no (slow) inference of them
     mlflow.MlflowClient(uri).set_registered_model_alias(name, "prod", info.registered_model_version)
     return f"models:/{name}@prod"
 
