@@ -125,7 +125,9 @@ def project(tmp_path_factory):
     (proj / "distill.yaml").write_text(yaml.safe_dump({**base, "name": "byo", "knowledge": [{"type": "kd"}]}))
     (proj / "space.yaml").write_text(yaml.safe_dump({
         "plugins": ["user_models"], "name": "byo-space", "num_samples": 3, "seed": 0,
-        "base": {**base, "train": {**base["train"], "epochs": 2}},
+        # trials on one worker each, inside the trial (a Ray actor that also only gets the plugin from the runtime
+        # environment): a 2-worker group per trial costs ~15 s of start-up here; the distillation above uses 2
+        "base": {**base, "train": {**base["train"], "epochs": 2}, "resources": {"num_workers": 1, "cpus_per_worker": 1}},
         "scheduler": {"type": "fifo"}, "searcher": {"type": "tpe", "n_startup_trials": 3},
         "space": {"knowledge": {"none": {}, "kd": {"kd.temperature": {"type": "float", "low": 1.0, "high": 8.0}}}},
     }))
