@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from torchvision.models import get_model
 
 from kdray.models.zoo import register_model, set_layout
 
@@ -37,6 +36,8 @@ def _factory(arch: str):
                 f"pretrained weights for {arch} are not supported here (they need a download and 1000 classes); "
                 "train the teacher with `kdray teacher` or load a kdray checkpoint"
             )
+        from torchvision.models import get_model  # here: importing torchvision.models costs ~1 s (torch._dynamo)
+
         net = get_model(arch, weights=None, num_classes=num_classes, **{k: v for k, v in options.items() if k != "weights"})
         stages, emb = LAYOUTS[arch]
         return set_layout(net, stages, emb)
