@@ -199,7 +199,9 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
                 raise ConfigError(f"{spec_name(cfg, i)} cannot use these models: {e}", file,
                                   f"knowledge.{i}") from None
 
-    x = info.example_input(2)
+    from kdray.data.loaders import to_float
+
+    x = to_float(info.example_input(2))  # as training batches hold them: 8-bit images as floats in [0, 1]
     student.eval()
     with torch.no_grad():
         s_taps = FeatureTaps(student.net, [n for k in modules.values() for n in k.student_layers])

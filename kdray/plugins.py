@@ -88,7 +88,6 @@ def load_entry_points() -> list[str]:
     global _entry_points_loaded
     if _entry_points_loaded:
         return []
-    _entry_points_loaded = True
     from importlib.metadata import entry_points
 
     names = []
@@ -104,6 +103,7 @@ def load_entry_points() -> list[str]:
                               f"cannot import {ep.value!r}: {type(e).__name__}: {e}") from e
         _imported.append(module)
         names.append(module)
+    _entry_points_loaded = True  # only once all loaded: a failing one is retried (and reported) next time
     return names
 
 

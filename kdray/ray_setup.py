@@ -57,13 +57,20 @@ def init_ray(
 
     env = job_env()
     os.environ.update(env)  # inherited by a local cluster's raylet and so by every worker and actor
+    from kdray import plugins
+
+    if ray.is_initialized() and plugins.local_sources() and plugins.ENV not in os.environ:
+        logging.getLogger("kdray").warning(
+            "Ray was started before kdray imported the plugins %s: workers on other nodes will not find them. "
+            "Pass kdray.plugins.runtime_env() to your ray.init(runtime_env=...)", plugins.imported())
     if not ray.is_initialized():
-        from kdray import plugins
 
         # Plugins imported here (config, --plugin, entry points) are imported by every worker process as it
         # starts, and shipped to every node unless installed there (kdray.plugins).
         runtime_env = plugins.runtime_env()
         runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+        if plugins.imported():
+            os.environ[plugins.ENV] = ",".join(plugins.imported())
         kwargs: dict[str, Any] = dict(
             runtime_env=runtime_env,
             log_to_driver=log_to_driver,

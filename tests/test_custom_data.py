@@ -336,3 +336,29 @@ def test_dry_run_of_an_mlp_on_a_table(tmp_path):
     run["dataset"]["label"] = "kind"
     with pytest.raises(ConfigError, match=r"dataset.options.*label column 'kind' not in animals.parquet"):
         dry_run(RunConfig.model_validate(run))
+
+
+def test_data_paths_in_a_search_space_are_taken_relative_to_the_space_file(tmp_path, monkeypatch):
+    """Trials validate their config in Tune's trial folders (and on other machines): a relative path in `base`
+    must reach them as the file next to the space, not as a path relative to wherever the trial runs."""
+    import yaml
+
+    from kdray.sweep.space import load_space
+
+    proj = tmp_path / "project"
+    proj.mkdir()
+    make_table(120, seed=0).to_parquet(proj / "animals.parquet")
+    (proj / "space.yaml").write_text(yaml.safe_dump({
+        "name": "rel", "num_samples": 1,
+        "base": {"dataset": {"name": "table", "path": "animals.parquet", "label": "species"},
+                 "student": {"name": "mlp"}, "train": {"epochs": 1}},
+        "space": {"knowledge": {"none": {}}}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    space = load_space(proj / "space.yaml")
+    cfg = space.resolve({"knowledge": "none"})
+    assert cfg.dataset.options["path"] == str((proj / "animals.parquet").resolve())
+    monkeypatch.chdir(tmp_path)  # as a worker in another folder validates the trial's dumped config
+    again = RunConfig.model_validate(cfg.model_dump(mode="json"))
+    assert len(load_dataset(again.dataset).train) > 0

@@ -229,6 +229,26 @@ def _final_runs(uri: str, parent) -> list[dict[str, Any]]:
 
 
 # -- final -------------------------------------------------------------------------------------------------
+def _import_champion_plugins(uri: str, run_id: str) -> None:
+    """The plugins the sweep's runs named, imported here so that ``init_ray`` ships them to every worker."""
+    import mlflow
+
+    from kdray import plugins
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        names = mlflow.artifacts.load_dict(f"runs:/{run_id}/resolved_config.json").get("plugins") or []
+    except Exception:  # noqa: BLE001 - an older run without the artifact: run_final reports it
+        return
+    try:
+        plugins.import_plugins(names, search=[Path.cwd()])
+    except plugins.PluginError as e:
+        from kdray.config import ConfigError
+
+        raise ConfigError(f"the champion's run names plugin modules that cannot be imported here: {e.reason}",
+                          field="plugins") from None
+
+
 def cmd_final(args: argparse.Namespace) -> int:
     from kdray.cli import KdrayError, _storage
     from kdray.final import FinalError, format_table, run_final
@@ -240,9 +260,10 @@ def cmd_final(args: argparse.Namespace) -> int:
         probe(uri)
     except TrackingUnavailable as e:
         raise KdrayError(str(e)) from None
-    champion_info(uri, args.sweep)  # fails clearly before Ray starts if there is nothing to evaluate
+    info = champion_info(uri, args.sweep)  # fails clearly before Ray starts if there is nothing to evaluate
     if args.seeds < 2:
         raise KdrayError("--seeds must be at least 2")
+    _import_champion_plugins(uri, info["run_id"])  # before Ray starts: its workers must import them too
     init_ray(args.address)
     try:
         # with --json, stdout carries only the JSON: progress goes to stderr

@@ -159,6 +159,27 @@ class SearchSpace(Strict):
 
     _plugins = model_validator(mode="before")(import_config_plugins)
 
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> "SearchSpace":
+        """Files named in ``base`` (data, tokenizers, ``hf/./folder`` models) made absolute against this file while
+        it is being read: trials validate their config in other folders, on other machines."""
+        from kdray.config import PATH_OPTIONS, absolute_hf_name, local_path
+
+        dataset = self.base.get("dataset")
+        if isinstance(dataset, dict):
+            for holder in (dataset, dataset.get("options")):
+                if isinstance(holder, dict):
+                    for key in PATH_OPTIONS:
+                        if key in holder:
+                            holder[key] = local_path(holder[key])
+        for path in (("student",), ("teacher",), ("teacher", "train", "model")):
+            node: Any = self.base
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and "name" in node:
+                node["name"] = absolute_hf_name(node["name"])
+        return self
+
     # parsed forms, set by the validator (private: not settable from YAML)
     _params: dict[str, Any] = PrivateAttr(default_factory=dict)
     _choices: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)

@@ -6,7 +6,8 @@ handed to the workers through Ray's object store: MLflow 3's default "pt2" forma
 the program's bytes, loaded in each worker (no pickled code runs, and no class needs importing); the older
 "pickle" format (which MLflow refuses to load unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``) as the
 unpickled module, whose class must be importable in every worker (an installed package or a kdray plugin).
-It receives the data set's raw samples unchanged, as it did in production, and must return logits. An
+It receives the data set's samples as training batches hold them (rows and token ids unchanged, 8-bit
+images as floats in [0, 1]) and must return logits. An
 exported program has no named submodules to tap, so it teaches through its logits (kd, dkd).
 
 Its signature, when it was logged with one, is checked against the data set before anything trains:
@@ -47,7 +48,7 @@ def _signature_problems(sig: Any, info: DatasetInfo) -> list[str]:
             problems.append(f"its signature takes inputs of shape {shape} but the data set's samples are "
                             f"{tuple(info.input_shape)}")
         dtype = str(getattr(spec, "type", "")).replace("dtype(", "").replace(")", "").strip("'")
-        want = np.dtype(info.input_dtype)
+        want = np.dtype("float32" if info.input_dtype == "uint8" else info.input_dtype)  # 8-bit images as [0, 1]
         if dtype and np.dtype(dtype).kind != want.kind:
             problems.append(f"its signature takes {dtype} inputs but the data set's samples are {want}")
     if len(outputs) == 1 and hasattr(outputs[0], "shape"):
@@ -132,7 +133,9 @@ def load_mlflow_teacher(uri: str, info: DatasetInfo, tracking_uri: str) -> dict[
     }
     net = foreign_module(record)
     record["state_dict"] = {k: v.detach() for k, v in net.state_dict().items()}  # the teacher-cache key hashes it
-    x = info.example_input(2)
+    from kdray.data.loaders import to_float
+
+    x = to_float(info.example_input(2))  # what training feeds it: 8-bit images arrive as floats in [0, 1]
     try:
         with torch.no_grad():
             out = net(x)
