@@ -17,7 +17,7 @@ import re
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from kdray.registry import Registry
@@ -178,6 +178,44 @@ def last(layers: tuple[str, ...], what: str) -> str:
 def as_float(t: Tensor) -> Tensor:
     """Losses are computed in float32 even under autocast: softmax at T=1/20 in bf16 is too coarse."""
     return t.float() if t.dtype != torch.float32 else t
+
+
+class LayerPairsParams(KnowledgeParams):
+    """Teacher and student layers paired in order; by default the models' last common number of stages."""
+
+    teacher_layers: list[str] | None = Field(None, description="teacher layers (default: all stages)")
+    student_layers: list[str] | None = Field(None, description="student layers, paired in order")
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "LayerPairsParams":
+        t, s = self.teacher_layers, self.student_layers
+        if t is not None and s is not None and len(t) != len(s):
+            raise ValueError(f"teacher_layers ({len(t)}) and student_layers ({len(s)}) must pair up one to one")
+        if (t is not None and not t) or (s is not None and not s):
+            raise ValueError("teacher_layers / student_layers must not be empty")
+        return self
+
+
+def paired_layers(kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> tuple[list[str], list[str]]:
+    """``at``'s defaults: the last ``n`` stage outputs of each model, ``n`` the smaller stage count; a list
+    given for one side only is paired with that many last stages of the other."""
+    t, s = kwargs.get("teacher_layers"), kwargs.get("student_layers")
+    if t is None and s is None:
+        if not teacher.feature_layers or not student.feature_layers:
+            raise ValueError("a model declares no feature layers; name teacher_layers/student_layers")
+        n = min(len(teacher.feature_layers), len(student.feature_layers))
+        return list(teacher.feature_layers[-n:]), list(student.feature_layers[-n:])
+    if t is None:
+        if not teacher.feature_layers:
+            raise ValueError("the teacher declares no feature layers; name teacher_layers")
+        t = list(teacher.feature_layers[-len(s):])
+    elif s is None:
+        if not student.feature_layers:
+            raise ValueError("the student declares no feature layers; name student_layers")
+        s = list(student.feature_layers[-len(t):])
+    if len(t) != len(s):
+        raise ValueError(f"teacher_layers ({len(t)}) and student_layers ({len(s)}) must pair up one to one")
+    return list(t), list(s)
 
 
 KNOWLEDGE: Registry[type[Knowledge]] = Registry("knowledge type")

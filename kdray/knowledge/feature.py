@@ -12,10 +12,12 @@ from torch import Tensor, nn
 from kdray.knowledge.base import (
     Knowledge,
     KnowledgeParams,
+    LayerPairsParams,
     ModelLayout,
     TapOutputs,
     as_float,
     middle,
+    paired_layers,
     register_knowledge,
 )
 
@@ -151,21 +153,8 @@ class AT(Knowledge):
     smaller size first. RepDistiller's default weight is 1000.
     """
 
-    class Params(KnowledgeParams):
-        teacher_layers: list[str] | None = Field(None, description="teacher layers (default: all stages)")
-        student_layers: list[str] | None = Field(None, description="student layers, paired in order")
+    class Params(LayerPairsParams):
         p: float = Field(2.0, gt=0, description="exponent of the attention map")
-
-        @model_validator(mode="after")
-        def _same_length(self) -> "AT.Params":
-            t, s = self.teacher_layers, self.student_layers
-            if t is not None and s is not None and len(t) != len(s):
-                raise ValueError(
-                    f"teacher_layers ({len(t)}) and student_layers ({len(s)}) must pair up one to one"
-                )
-            if (t is not None and not t) or (s is not None and not s):
-                raise ValueError("teacher_layers / student_layers must not be empty")
-            return self
 
     def __init__(self, teacher_layers: list[str], student_layers: list[str], p: float = 2.0) -> None:
         super().__init__()
@@ -175,16 +164,7 @@ class AT(Knowledge):
 
     @classmethod
     def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
-        t, s = kwargs.get("teacher_layers"), kwargs.get("student_layers")
-        if t is None and s is None:
-            if not teacher.feature_layers or not student.feature_layers:
-                raise ValueError("a model declares no feature layers; name teacher_layers/student_layers")
-            n = min(len(teacher.feature_layers), len(student.feature_layers))
-            t, s = list(teacher.feature_layers[-n:]), list(student.feature_layers[-n:])
-        elif t is None:
-            t = list(teacher.feature_layers[-len(s):])
-        elif s is None:
-            s = list(student.feature_layers[-len(t):])
+        t, s = paired_layers(kwargs, teacher, student)
         return cls(t, s, kwargs.get("p", 2.0))
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
@@ -249,20 +229,11 @@ class AttentionDistill(Knowledge):
     Sequence lengths must match (same tokens for both models).
     """
 
-    class Params(KnowledgeParams):
+    class Params(LayerPairsParams):
         teacher_layers: list[str] | None = Field(
             None, description="teacher attention taps (default: g(m) = m·N/M of the model's attention layers)")
         student_layers: list[str] | None = Field(
             None, description="student attention taps, paired in order (default: all of them)")
-
-        @model_validator(mode="after")
-        def _same_length(self) -> "AttentionDistill.Params":
-            t, s = self.teacher_layers, self.student_layers
-            if t is not None and s is not None and len(t) != len(s):
-                raise ValueError(f"teacher_layers ({len(t)}) and student_layers ({len(s)}) must pair up one to one")
-            if (t is not None and not t) or (s is not None and not s):
-                raise ValueError("teacher_layers / student_layers must not be empty")
-            return self
 
     def __init__(self, teacher_layers: list[str], student_layers: list[str]) -> None:
         super().__init__()
@@ -312,42 +283,6 @@ class AttentionDistill(Knowledge):
 
 
 # -- more hints over layer pairs: NST, FSP, AB, VID (issue 12) ------------------------------------------
-class LayerPairsParams(KnowledgeParams):
-    """Teacher and student layers paired in order; by default the models' last common number of stages."""
-
-    teacher_layers: list[str] | None = Field(None, description="teacher layers (default: all stages)")
-    student_layers: list[str] | None = Field(None, description="student layers, paired in order")
-
-    @model_validator(mode="after")
-    def _same_length(self) -> "LayerPairsParams":
-        t, s = self.teacher_layers, self.student_layers
-        if t is not None and s is not None and len(t) != len(s):
-            raise ValueError(f"teacher_layers ({len(t)}) and student_layers ({len(s)}) must pair up one to one")
-        if (t is not None and not t) or (s is not None and not s):
-            raise ValueError("teacher_layers / student_layers must not be empty")
-        return self
-
-
-def paired_layers(kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> tuple[list[str], list[str]]:
-    """``at``'s defaults: the last ``n`` stage outputs of each model, ``n`` the smaller stage count; a list
-    given for one side only is paired with that many last stages of the other."""
-    t, s = kwargs.get("teacher_layers"), kwargs.get("student_layers")
-    if t is None and s is None:
-        if not teacher.feature_layers or not student.feature_layers:
-            raise ValueError("a model declares no feature layers; name teacher_layers/student_layers")
-        n = min(len(teacher.feature_layers), len(student.feature_layers))
-        return list(teacher.feature_layers[-n:]), list(student.feature_layers[-n:])
-    if t is None:
-        if not teacher.feature_layers:
-            raise ValueError("the teacher declares no feature layers; name teacher_layers")
-        t = list(teacher.feature_layers[-len(s):])
-    elif s is None:
-        if not student.feature_layers:
-            raise ValueError("the student declares no feature layers; name student_layers")
-        s = list(student.feature_layers[-len(t):])
-    if len(t) != len(s):
-        raise ValueError(f"teacher_layers ({len(t)}) and student_layers ({len(s)}) must pair up one to one")
-    return list(t), list(s)
 
 
 def common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from torch import Tensor
 from kdray.knowledge.base import (
     Knowledge,
     KnowledgeParams,
+    LayerPairsParams,
     ModelLayout,
     TapOutputs,
     as_float,
@@ -140,18 +141,9 @@ class SP(Knowledge):
     have any shapes. RepDistiller's default weight is 3000.
     """
 
-    class Params(KnowledgeParams):
+    class Params(LayerPairsParams):
         teacher_layers: list[str] | None = Field(None, description="teacher layers (default: last stage)")
         student_layers: list[str] | None = Field(None, description="student layers, paired in order")
-
-        @model_validator(mode="after")
-        def _same_length(self) -> "SP.Params":
-            t, s = self.teacher_layers, self.student_layers
-            if t is not None and s is not None and len(t) != len(s):
-                raise ValueError(f"teacher_layers ({len(t)}) and student_layers ({len(s)}) must pair up")
-            if (t is not None and not t) or (s is not None and not s):
-                raise ValueError("teacher_layers / student_layers must not be empty")
-            return self
 
     def __init__(self, teacher_layers: list[str], student_layers: list[str]) -> None:
         super().__init__()
