@@ -210,6 +210,17 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"model {cfg.student.name!r} fails on inputs of shape {tuple(info.model_input)}: {e}",
                               file, "student.name") from None
+        # MLKD's strong augmentation runs both models on a RandAugment copy of each batch: images only.
+        strong = next((i for i, k in modules.items() if k.wants_strong_view), None)
+        x_strong = None
+        if strong is not None:
+            from kdray.data.loaders import strong_view
+
+            try:
+                x_strong = strong_view(x)
+            except ValueError as e:
+                raise ConfigError(f"{spec_name(cfg, strong)}: strong_augment {e}", file, f"knowledge.{strong}") from None
+            s_out = s_out._replace(strong=s_taps.run(student, x_strong))
         s_taps.remove()
         if s_out.logits.shape != (2, info.num_classes):
             raise ConfigError(f"student outputs {tuple(s_out.logits.shape[1:])}, expected ({info.num_classes},)",
@@ -219,6 +230,8 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
             teacher.tap([n for k in modules.values() for n in k.teacher_layers])
             try:
                 t_out = teacher(x)
+                if x_strong is not None:
+                    t_out = t_out._replace(strong=teacher(x_strong))
             except Exception as e:  # noqa: BLE001
                 raise ConfigError(f"the teacher fails on inputs of shape {tuple(info.model_input)}: {e}", file,
                                   "teacher") from None
@@ -226,8 +239,12 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
             y = torch.zeros(2, dtype=torch.long)
             for i, k in modules.items():
                 try:
+                    # Without loading the data set its training split's size is unknown: the dry batch stands in
+                    # (a two-row memory bank for CRD, K capped at 1) and no labels (CRD: uniform negatives).
+                    k.bind_data(2)
                     k.bind(t_out.features, s_out.features)
-                    value = k.compute(s_out, t_out, y)
+                    value = (k.compute(s_out, t_out, y, index=torch.arange(2)) if k.uses_index
+                             else k.compute(s_out, t_out, y))
                 except Exception as e:  # noqa: BLE001 - a shape mismatch in a loss is a config problem
                     raise ConfigError(f"{spec_name(cfg, i)} cannot combine these layers: {e}", file,
                                       f"knowledge.{i}") from None

@@ -225,9 +225,10 @@ def test_every_registered_type_gives_a_finite_scalar_with_gradients(name, output
     s, t = outputs
     layouts = ModelLayout(("t1", "t2"), "te", ("ta",), ("tv",)), ModelLayout(("s1", "s2"), "se", ("sa",), ("sv",))
     obj = DistillObjective.from_specs([{"type": name, "weight": 2.0}], *layouts)
+    obj.bind_data(6)  # per-sample state (CRD's memory bank): the batch is the whole training split
     obj.bind(t.features, s.features)
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    terms = obj(s, t, y)
+    terms = obj(s, t, y, index=torch.arange(6))
     assert set(terms) == {"ce", name, "loss"}
     assert terms[name].dim() == 0 and math.isfinite(terms[name].item())
     assert terms["loss"].item() == pytest.approx(terms["ce"].item() + 2.0 * terms[name].item(), rel=1e-5)

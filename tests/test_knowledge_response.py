@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from kdray.knowledge import KNOWLEDGE, DistillObjective, ModelLayout, TapOutputs
-from kdray.knowledge.response import CTKD, DIST, DKD, KD
+from kdray.knowledge.response import CTKD, DIST, DKD, KD, MLKD
 
 torch.manual_seed(0)
 
@@ -286,3 +286,176 @@ def test_params_reject_unknown_fields():
         DIST.Params(tau=4)
     with pytest.raises(ValidationError):
         CTKD.Params(temperature=4)
+
+
+# -- MLKD ------------------------------------------------------------------------------------------------------
+REF_TEMPS = (4.0, 3.0, 5.0, 2.0, 6.0)  # KD_ours.py: cfg.KD.TEMPERATURE (4), then the hard-coded 3, 5, 2, 6
+
+
+def mlkd_np(s, t, temps=REF_TEMPS, s2=None, t2=None, weak_in_strong=(2.0, 6.0)):
+    """Jin et al. 2023, written from the reference KD_ours.forward_train (float64 numpy), term by term: each
+    loss is reduced to a scalar first, then ``(loss * mask).mean()`` as the reference does."""
+    b, c = s.shape
+    p_t1 = softmax_np(t)
+    conf = p_t1.max(1)
+    mask = (conf <= np.percentile(conf, 50)).astype(float)
+    class_conf = p_t1.sum(0)
+    class_mask = (class_conf <= np.percentile(class_conf, 50)).astype(float)
+
+    def kd(a, z, temp):
+        return temp * temp * kl_np(softmax_np(z, temp), softmax_np(a, temp))
+
+    def bc(a, z, temp):
+        ps, pt = softmax_np(a, temp), softmax_np(z, temp)
+        return np.sum((pt @ pt.T - ps @ ps.T) ** 2) / b
+
+    def cc(a, z, temp):
+        ps, pt = softmax_np(a, temp), softmax_np(z, temp)
+        return np.sum((pt.T @ pt - ps.T @ ps) ** 2) / c
+
+    kd_weak = sum((kd(s, t, temp) * mask).mean() for temp in temps)
+    cc_weak = sum((cc(s, t, temp) * class_mask).mean() for temp in temps)
+    bc_weak = sum((bc(s, t, temp) * mask).mean() for temp in temps)
+    loss = kd_weak + cc_weak + bc_weak
+    if s2 is not None:  # loss_kd_strong: unmasked, and on the weak view at T = 2 and 6 (lines 154-161)
+        loss += sum(kd(s, t, temp) if temp in weak_in_strong else kd(s2, t2, temp) for temp in temps)
+    return loss
+
+
+def test_mlkd_is_registered_with_the_reference_defaults():
+    assert KNOWLEDGE.get("mlkd") is MLKD and MLKD.family == "response" and not MLKD.uses_target
+    assert MLKD.paper() == "Jin et al. 2023"
+    p = MLKD.Params()
+    assert sorted(p.temperatures) == sorted(REF_TEMPS)
+    assert (p.strong_augment, p.weak_in_strong_sum, p.weight) == (False, [2.0, 6.0], 1.0)
+    assert MLKD().wants_strong_view is False and MLKD(strong_augment=True).wants_strong_view is True
+    assert KD().wants_strong_view is False  # the base class's default
+
+
+@pytest.mark.parametrize("b,c", [(8, 6), (7, 10), (16, 5)])  # even and odd batches: the median mask keeps B/2 or (B+1)/2
+def test_mlkd_weak_view_matches_numpy(b, c):
+    z_s, z_t = logits(b=b, c=c, seed=b)
+    want = mlkd_np(*np64(z_s, z_t))
+    assert MLKD()(z_s, z_t).item() == pytest.approx(want, rel=1e-5)
+    want = mlkd_np(*np64(z_s, z_t), temps=(1.0, 2.5))
+    assert MLKD(temperatures=[1.0, 2.5])(z_s, z_t).item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("b,c", [(8, 6), (9, 4)])
+def test_mlkd_with_a_strong_view_matches_numpy(b, c):
+    z_s, z_t = logits(b=b, c=c, seed=b)
+    z_s2, z_t2 = logits(b=b, c=c, seed=100 + b)
+    s, t, s2, t2 = np64(z_s, z_t, z_s2, z_t2)
+    m = MLKD(strong_augment=True)
+    got = m(z_s, z_t, z_s2, z_t2).item()
+    assert got == pytest.approx(mlkd_np(s, t, s2=s2, t2=t2), rel=1e-5)
+    # the strong view matters, and the weak-only loss is a different number
+    assert m(z_s, z_t).item() == pytest.approx(mlkd_np(s, t), rel=1e-5)
+    assert abs(got - m(z_s, z_t).item()) > 1e-3
+    # comparing the strong view at every temperature, as the reference apparently meant
+    got = MLKD(strong_augment=True, weak_in_strong_sum=[])(z_s, z_t, z_s2, z_t2).item()
+    assert got == pytest.approx(mlkd_np(s, t, s2=s2, t2=t2, weak_in_strong=()), rel=1e-5)
+    with pytest.raises(ValueError, match="both"):
+        m(z_s, z_t, z_s2, None)
+
+
+def test_mlkd_closed_forms():
+    z_s, z_t = logits(b=8, c=6)
+    m = MLKD(strong_augment=True)
+    # softmax ignores a per-sample shift: a shifted copy of the teacher matches it at every level
+    shifted = z_t + 5 * torch.randn(8, 1)
+    assert m(shifted, z_t).item() == pytest.approx(0.0, abs=1e-5)
+    assert m(shifted, z_t, z_t.clone(), z_t).item() == pytest.approx(0.0, abs=1e-5)
+    assert m(2 * z_t, z_t).item() > 1e-2  # a scaled copy does not
+    # two samples, two classes, uniform student, one temperature: every term by hand. The teacher's
+    # confidences sigmoid(a), sigmoid(b) and class sums differ when a != b: the "<= median" masks keep
+    # one of two (1/2); when a == b they tie at the median and keep both (1).
+    def by_hand(a, bb):
+        u, v = 1 / (1 + math.exp(-a)), 1 / (1 + math.exp(-bb))
+        q = np.array([[u, 1 - u], [1 - v, v]])
+        ins = np.mean(np.log(2) + np.sum(q * np.log(q), 1))          # KL(q || uniform), T = 1
+        batch = np.sum((q @ q.T - 0.5) ** 2) / 2                     # student's B x B Gram: all 1/2
+        klass = np.sum((q.T @ q - 0.5) ** 2) / 2                     # student's C x C Gram: all 2 * 1/4
+        frac = 1.0 if a == bb else 0.5
+        return frac * (ins + batch) + frac * klass
+    one = MLKD(temperatures=[1.0])
+    for a, bb in ((2.0, 0.5), (1.5, 1.5)):
+        z_t2 = torch.tensor([[a, 0.0], [0.0, bb]])
+        assert one(torch.zeros(2, 2), z_t2).item() == pytest.approx(by_hand(a, bb), rel=1e-5)
+
+
+def test_mlkd_gradient_flows_only_into_the_student_and_matches_numpy():
+    z_s, z_t = logits(b=6, c=5)
+    z_s2, z_t2 = logits(b=6, c=5, seed=3)
+    s, t, s2, t2 = np64(z_s, z_t, z_s2, z_t2)
+    zs, zt = z_s.clone().requires_grad_(), z_t.clone().requires_grad_()
+    zs2, zt2 = z_s2.clone().requires_grad_(), z_t2.clone().requires_grad_()
+    MLKD(strong_augment=True)(zs, zt, zs2, zt2).backward()
+    assert zt.grad is None and zt2.grad is None  # the teacher (and its confidence masks) get no gradient
+    # central differences of the float64 reference, w.r.t. each student view
+    h = 1e-5
+    for grad, view in ((zs.grad, 0), (zs2.grad, 1)):
+        num = np.zeros_like(s)
+        for idx in np.ndindex(*s.shape):
+            values = []
+            for step in (h, -h):
+                x = (s, s2)[view].copy()
+                x[idx] += step
+                values.append(mlkd_np(x, t, s2=s2, t2=t2) if view == 0 else mlkd_np(s, t, s2=x, t2=t2))
+            num[idx] = (values[0] - values[1]) / (2 * h)
+        assert np.abs(num).max() > 1e-3
+        np.testing.assert_allclose(grad.numpy(), num, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_mlkd_is_float32_under_bf16_autocast(strong):
+    g = torch.Generator().manual_seed(0)
+    z_t = 3 * torch.randn(64, 10, generator=g)
+    # A student close to its teacher: the Gram differences are then below bf16's resolution of the Gram
+    # entries, and a loss whose matmuls ran under autocast would be ~7 % off.
+    z_s = (z_t + 0.03 * torch.randn(64, 10, generator=g)).bfloat16()  # as a student's logits come out of autocast
+    z_t2 = 3 * torch.randn(64, 10, generator=g)
+    z_s2 = (z_t2 + 0.03 * torch.randn(64, 10, generator=g)).bfloat16()
+    extra = (z_s2, z_t2) if strong else ()
+    m = MLKD(strong_augment=strong)
+    ref = m(z_s.float(), z_t, *(e.float() for e in extra))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = m(z_s, z_t, *extra)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    # same inputs, so only the compute precision could differ
+    assert low.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_mlkd_compute_reads_the_strong_view_only_when_asked():
+    z_s, z_t = logits(b=8, c=6)
+    z_s2, z_t2 = logits(b=8, c=6, seed=5)
+    y = torch.zeros(8, dtype=torch.long)
+    plain_s, plain_t = TapOutputs(z_s, {}), TapOutputs(z_t, {})
+    with_s = TapOutputs(z_s, {}, TapOutputs(z_s2, {}))
+    with_t = TapOutputs(z_t, {}, TapOutputs(z_t2, {}))
+    weak_only = MLKD()(z_s, z_t).item()
+    assert MLKD().compute(with_s, with_t, y).item() == pytest.approx(weak_only, rel=1e-6)  # view ignored
+    m = MLKD(strong_augment=True)
+    assert m.compute(with_s, with_t, y).item() == pytest.approx(m(z_s, z_t, z_s2, z_t2).item(), rel=1e-6)
+    for s, t in ((plain_s, plain_t), (with_s, plain_t), (plain_s, with_t)):
+        with pytest.raises(ValueError, match="no strong view"):
+            m.compute(s, t, y)
+    # through the objective, as the loop will call it
+    layout = ModelLayout((), "")
+    obj = DistillObjective.from_specs([{"type": "mlkd", "strong_augment": True, "weight": 0.9}], layout, layout,
+                                      ce_weight=0.1)
+    assert obj.knowledge["mlkd"].wants_strong_view
+    terms = obj(with_s, with_t, y)
+    assert terms["mlkd"].item() == pytest.approx(m(z_s, z_t, z_s2, z_t2).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="no strong view"):
+        obj(plain_s, plain_t, y)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperatures": []}, {"temperatures": [2.0, 0.0]}, {"weak_in_strong_sum": [-2.0]}])
+def test_mlkd_invalid_parameters_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        MLKD(**kwargs)
+    with pytest.raises(ValidationError):
+        MLKD.Params(**kwargs)
+    with pytest.raises(ValidationError):
+        MLKD.Params(temperature=4)

@@ -6,6 +6,8 @@ hurts: distances and Gram matrices of 16k-dimensional rows.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -38,13 +40,19 @@ def test_every_knowledge_term_is_float32_under_autocast(kind, dtype):
     torch.manual_seed(0)
     obj = DistillObjective.from_specs([{"type": kind}], layout, layout)
     s, t, y = outputs(1)
+    obj.bind_data(B)  # per-sample state (CRD's memory bank): the batch is the whole training split
     obj.bind(t.features, s.features)
     obj.set_epoch(100)  # past any warm-up
-    ref = obj(s, t, y)
+    idx = torch.arange(B)
+    # CRD's bank moves with each call and its negatives are random: both calls start from one state and draws.
+    twin = copy.deepcopy(obj) if obj.uses_index else obj
+    torch.manual_seed(2)
+    ref = obj(s, t, y, index=idx)
     # As in training: the student's taps come out of autocast in low precision.
     s_low = TapOutputs(s.logits.to(dtype), {k: v.to(dtype) for k, v in s.features.items()})
+    torch.manual_seed(2)
     with torch.autocast("cpu", dtype=dtype):
-        low = obj(s_low, t, y)
+        low = twin(s_low, t, y, index=idx)
     for name, value in ref.items():
         assert low[name].dtype == torch.float32, name
         assert torch.isfinite(low[name]), (name, low[name])

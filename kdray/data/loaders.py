@@ -73,6 +73,22 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def strong_view(x: Tensor, num_ops: int = 2, magnitude: int = 10) -> Tensor:
+    """A strongly augmented copy of a (B, C, H, W) batch of [0, 1] images: torchvision's RandAugment
+    (``num_ops`` random operations at ``magnitude``, FixMatch's strong augmentation, which MLKD trains with)
+    applied to each image on its own, drawn from torch's global generator (the loop seeds it per rank and
+    epoch, so a resumed run draws the same views)."""
+    from torchvision.transforms import v2
+
+    if x.dim() != 4:
+        raise ValueError(f"a strong view needs image batches (B, C, H, W); got shape {tuple(x.shape)}")
+    aug = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+    images = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
+    if images.shape[1] not in (1, 3):  # RandAugment's colour operations take grey or RGB images
+        raise ValueError(f"a strong view needs 1 or 3 channels, got {images.shape[1]}")
+    return torch.stack([aug(img) for img in images]).to(x.dtype).div_(255.0)
+
+
 def to_float(x: Tensor) -> Tensor:
     """uint8 images to [0, 1] floats; float inputs unchanged."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x

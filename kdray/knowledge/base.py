@@ -6,6 +6,8 @@ A knowledge type is a ``torch.nn.Module`` with two faces:
   the paper's formula, testable on hand-made tensors.
 * ``compute(student, teacher, target)`` picks the tensors it needs out of the tapped outputs of a
   run's student and teacher and calls ``forward``. The training loop only ever calls ``compute``.
+  Types with ``uses_index`` (CRD's memory bank) also get ``index=``: each sample's position in the
+  training split, and are told the split's size (and labels) by ``bind_data`` before ``bind``.
 
 Layers are named by module path (``layer2``, ``features.3``); when a config does not name them, the
 model's own ``kd_feature_layers`` / ``kd_embedding_layer`` give the defaults.
@@ -28,6 +30,7 @@ class TapOutputs(NamedTuple):
 
     logits: Tensor
     features: dict[str, Tensor]
+    strong: "TapOutputs | None" = None  # the same model on a strongly augmented view (MLKD); None unless asked for
 
 
 class ModelLayout(NamedTuple):
@@ -68,6 +71,9 @@ class Knowledge(nn.Module):
     summary: ClassVar[str] = ""
     Params: ClassVar[type[KnowledgeParams]] = KnowledgeParams
     uses_target: ClassVar[bool] = False
+    # True: ``compute`` takes ``index=`` (the batch's positions in the training split, the same meaning on
+    # every rank) and ``bind_data`` must be called with the training split's size before ``bind``.
+    uses_index: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -104,6 +110,11 @@ class Knowledge(nn.Module):
         the teacher's BatchNorm before each hint layer). Default: nothing. Raise ``ValueError`` for a layer
         that cannot serve (``kdray check`` reports it as a config error)."""
 
+    def bind_data(self, num_train: int, labels: Tensor | None = None) -> None:
+        """Be told the training split before ``bind``: its size (``len(data.train)``, the range of the sample
+        indices ``compute`` gets) and, when known, its labels (``(num_train,)``, by sample index; ``None`` in a
+        dry run). For losses that keep per-sample state (CRD's memory bank). Default: nothing."""
+
     def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
         """Create connectors (regressors...) from the shapes of one dry forward pass. Default: none."""
 
@@ -111,8 +122,15 @@ class Knowledge(nn.Module):
         """Tell the loss which epoch (1-based) is running; DKD's warm-up uses it."""
         self.epoch = epoch
 
+    @property
+    def wants_strong_view(self) -> bool:
+        """Whether the loop should also run student and teacher on a strongly augmented view of each batch
+        and hand their outputs over as ``TapOutputs.strong`` (MLKD with ``strong_augment``). Default: no."""
+        return False
+
     # -- use ---------------------------------------------------------------------------------------
     def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
+        """The loss of one batch. Types with ``uses_index`` take a fourth argument, ``index: Tensor`` (B,)."""
         raise NotImplementedError
 
 

@@ -65,6 +65,11 @@ class DistillObjective(nn.Module):
         return _unique(n for k in self.knowledge.values() for n in k.student_layers)
 
     @property
+    def wants_strong_view(self) -> bool:
+        """Does a term align the models on a strongly augmented second view of each batch (MLKD)?"""
+        return any(k.wants_strong_view for k in self.knowledge.values())
+
+    @property
     def needs_teacher(self) -> bool:
         return len(self.knowledge) > 0
 
@@ -72,6 +77,16 @@ class DistillObjective(nn.Module):
         """Before the dry forward pass: show each knowledge type the two networks (``Knowledge.bind_models``)."""
         for k in self.knowledge.values():
             k.bind_models(teacher_net, student_net)
+
+    @property
+    def uses_index(self) -> bool:
+        """Does a term need the batch's sample indices (``forward(..., index=)``)?"""
+        return any(k.uses_index for k in self.knowledge.values())
+
+    def bind_data(self, num_train: int, labels: Tensor | None = None) -> None:
+        """Before ``bind``: tell each knowledge type the training split's size and labels (``Knowledge.bind_data``)."""
+        for k in self.knowledge.values():
+            k.bind_data(int(num_train), labels)
 
     def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
         for k in self.knowledge.values():
@@ -82,20 +97,34 @@ class DistillObjective(nn.Module):
             k.set_epoch(epoch)
 
     # -- the loss ----------------------------------------------------------------------------------
-    def forward(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor) -> dict[str, Tensor]:
+    def forward(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
+                index: Tensor | None = None) -> dict[str, Tensor]:
         """Every term in float32, outside autocast: casting the inputs is not enough, since autocast casts
-        the matmuls inside a loss back to bf16/fp16 (RKD 61 % off in bf16, SP NaN in fp16)."""
-        with torch.autocast(student.logits.device.type, enabled=False):
-            return self._terms(student, teacher, target)
+        the matmuls inside a loss back to bf16/fp16 (RKD 61 % off in bf16, SP NaN in fp16).
 
-    def _terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor) -> dict[str, Tensor]:
+        ``index``: the batch's positions in the training split (the loop's ``idx``), passed on to the types
+        with ``uses_index`` only."""
+        with torch.autocast(student.logits.device.type, enabled=False):
+            return self._terms(student, teacher, target, index)
+
+    def _terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
+               index: Tensor | None = None) -> dict[str, Tensor]:
         terms = {"ce": F.cross_entropy(as_float(student.logits), target, label_smoothing=self.label_smoothing)}
+        if student.strong is not None:  # the labels hold for the strong view too (MLKD trains on both)
+            terms["ce"] = terms["ce"] + F.cross_entropy(as_float(student.strong.logits), target,
+                                                        label_smoothing=self.label_smoothing)
         total = self.ce_weight * terms["ce"]
         if self.knowledge:
             if teacher is None:
                 raise ValueError("knowledge terms need teacher outputs")
             for name, k in self.knowledge.items():
-                terms[name] = k.compute(student, teacher, target)
+                if k.uses_index:
+                    if index is None:
+                        raise ValueError(f"knowledge type {name!r} needs the batch's sample indices: call the "
+                                         "objective with index= (the positions of the samples in the training split)")
+                    terms[name] = k.compute(student, teacher, target, index=index)
+                else:
+                    terms[name] = k.compute(student, teacher, target)
                 total = total + self.weights[name] * terms[name]
         terms["loss"] = total
         return terms
