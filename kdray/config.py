@@ -403,6 +403,31 @@ def validate_knowledge(entries: list[Any]) -> list[dict[str, Any]]:
 
 
 # -- a run ---------------------------------------------------------------------------------------------
+class SchemeConfig(Strict):
+    """Who teaches whom. ``distill`` (default): the teacher teaches one student. ``born_again``: the run is
+    repeated ``generations`` times with the same student architecture and knowledge terms, generation k+1
+    taught by generation k's final student (Furlanello et al., ICML 2018); the teacher teaches generation 1.
+    ``dml``: deep mutual learning (Zhang et al., CVPR 2018): ``student`` and every model in ``peers`` train
+    together from scratch, each on labels plus the KL to the others' predictions; no pretrained teacher."""
+
+    type: Literal["distill", "born_again", "dml"] = Field("distill", description="distill | born_again | dml")
+    generations: int = Field(1, ge=1, description="born_again: how many generations to train (1 = plain distill)")
+    peers: list[ModelConfig] = Field(default_factory=list,
+                                     description="dml: the models that learn together with `student`")
+    mutual_weight: float = Field(1.0, ge=0, description="dml: weight of the KL to the other peers (1 in the paper)")
+    temperature: float = Field(1.0, gt=0, description="dml: softmax temperature of the mutual KL (1 in the paper)")
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> "SchemeConfig":
+        if self.type != "born_again" and self.generations != 1:
+            raise ConfigError([("scheme.generations", f"is for type born_again, not {self.type}")])
+        if self.type == "dml" and not self.peers:
+            raise ConfigError([("scheme.peers", "dml needs at least one peer besides `student`")])
+        if self.type != "dml" and self.peers:
+            raise ConfigError([("scheme.peers", f"is for type dml, not {self.type}")])
+        return self
+
+
 class RunConfig(Strict):
     """One teacher -> student run (``kdray distill``), or a labels-only run when there is no knowledge."""
 
@@ -417,6 +442,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheme: SchemeConfig = Field(default_factory=SchemeConfig, description="who teaches whom: distill, born_again, dml")
     output_dir: str | None = Field(None, description="where the run writes its checkpoints and the final model")
 
     _plugins = model_validator(mode="before")(import_config_plugins)
@@ -445,12 +471,25 @@ class RunConfig(Strict):
             raise ConfigError([("ce_weight", "is 0 and there is no knowledge term: nothing to optimise")])
         if all(k["weight"] == 0 for k in self.knowledge) and self.knowledge and self.ce_weight == 0:
             raise ConfigError([("knowledge", "every weight is 0: nothing to optimise")])
+        if self.scheme.type == "dml":
+            for field, bad in (("teacher", self.teacher is not None), ("knowledge", bool(self.knowledge)),
+                               ("student.init_from_teacher", bool(self.student.init_from_teacher))):
+                if bad:
+                    raise ConfigError([(field, "scheme dml trains its peers from scratch, teaching each other: "
+                                               "it takes no teacher and no knowledge terms")])
+        if self.scheme.type == "born_again" and not self.knowledge:
+            raise ConfigError([("knowledge", "scheme born_again passes knowledge from generation to generation: "
+                                             "name the knowledge terms (e.g. kd)")])
         return self
 
     @property
     def knowledge_label(self) -> str:
-        """``none``, ``kd``, ``kd+at``: the knowledge types of this run, as the sweep names them."""
-        return "+".join(k["type"] for k in self.knowledge) or "none"
+        """``none``, ``kd``, ``kd+at``: the knowledge types of this run, as the sweep names them; a scheme comes
+        first (``dml``, ``born_again+kd``)."""
+        label = "+".join(k["type"] for k in self.knowledge) or "none"
+        if self.scheme.type == "dml":
+            return "dml"
+        return f"born_again+{label}" if self.scheme.type == "born_again" else label
 
 
 class TeacherRunConfig(Strict):

@@ -120,7 +120,9 @@ REFERENCE = {
     "fitnet": {"fitnet.weight": 100}, "at": {"at.weight": 1000}, "nst": {"nst.weight": 50},
     "fsp": {"fsp.weight": 50}, "ab": {"ab.weight": 1}, "vid": {"vid.weight": 1}, "ofd": {"ofd.weight": 1},
     "reviewkd": {"reviewkd.weight": 5}, "sp": {"sp.weight": 3000}, "rkd": {"rkd.weight": 1},
-    "pkt": {"pkt.weight": 30000}, "cc": {"cc.weight": 100},
+    "pkt": {"pkt.weight": 30000}, "cc": {"cc.weight": 100}, "crd": {"crd.weight": 0.8},
+    "mlkd": {"mlkd.weight": 0.9, "ce_weight": 0.1},
+    "born_again+kd": {"kd.weight": 0.9, "ce_weight": 0.1},
 }
 PER_PAIR = {  # resnet56 -> resnet20: mdistiller configs/cifar100/dkd/res56_res20.yaml, ReviewKD --kd-loss-weight 0.6
     "cifar10_resnet56_resnet20.yaml": {"dkd": {"dkd.alpha": 1, "dkd.beta": 2}, "reviewkd": {"reviewkd.weight": 0.6}},
@@ -134,6 +136,9 @@ def test_cifar_spaces_offer_every_cnn_type_around_its_reference_weight(file):
     space = load_space(SPACES / file)
     missing = set(CNN_TYPES) - set(space.choices)
     assert not missing, f"{file} does not offer {sorted(missing)}"
+    assert {"dml", "born_again+kd"} <= set(space.choices)  # the schemes, besides the losses
+    for choice in ("dml", "born_again+kd"):  # each resolves to a valid run of its scheme
+        assert space.resolve({"knowledge": choice}).scheme.type == choice.split("+")[0]
     assert not NEEDS_ATTENTION & set(space.choices)
     for choice, weights in {**REFERENCE, **PER_PAIR.get(file, {})}.items():
         for key, default in weights.items():

@@ -154,3 +154,37 @@ def test_an_in_process_run_keeps_only_its_newest_checkpoints(tmp_path):
     train_run({"run": cfg.model_dump(mode="json")}, session)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000004", "checkpoint_000005"]
     assert session.last_checkpoint == tmp_path / "checkpoint_000005"
+
+
+def test_mlkd_strong_augment_trains_on_a_second_randaugment_view_of_every_batch(tmp_path):
+    """MLKD's strong view: student and teacher run on RandAugment copies too, and the labels' CE covers both views."""
+    from conftest import train_record
+    from kdray.data.loaders import strong_view
+
+    teacher = train_record({"dataset": {"name": "test_images"}, "student": {"name": "small_cnn",
+                            "options": {"widths": [8, 16]}}, "train": {"epochs": 1, "batch_size": 64}}, tmp_path / "t")
+
+    def first_epoch(strong: bool) -> dict:
+        cfg = RunConfig.model_validate({
+            "dataset": {"name": "test_images"}, "teacher": {"checkpoint": "unused.pt"},
+            "student": {"name": "small_cnn", "options": {"widths": [8, 16], "dropout": 0.2}},
+            "knowledge": [{"type": "mlkd", "strong_augment": strong}], "ce_weight": 0.1,
+            "train": {"epochs": 1, "batch_size": 64, "lr": 1e-5}})  # lr ~0: the epoch's CE is the initial one
+        session = Session()
+        train_run({"run": cfg.model_dump(mode="json"), "teacher_records": [teacher]}, session)
+        return session.reports[-1]
+
+    weak, both = first_epoch(False), first_epoch(True)
+    assert weak["loss_ce"] == pytest.approx(math.log(3), rel=0.1)  # an untrained 3-class model
+    assert both["loss_ce"] == pytest.approx(2 * weak["loss_ce"], rel=0.1)  # CE on the weak and the strong view
+    assert math.isfinite(both["loss_mlkd"])
+
+    torch.manual_seed(3)
+    x = torch.rand(8, 3, 32, 32)
+    a, b = strong_view(x), strong_view(x)
+    torch.manual_seed(3)
+    torch.rand(8, 3, 32, 32)
+    assert torch.equal(strong_view(x), a) and not torch.equal(a, b)  # seeded by torch's generator, per draw
+    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1 and (a - x).abs().mean() > 0.01
+    with pytest.raises(ValueError, match="image batches"):
+        strong_view(torch.rand(8, 1, 40))

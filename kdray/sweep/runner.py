@@ -341,7 +341,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     t_start = time.time()
     probe(req.tracking_uri)  # before Ray starts: an unreachable server stops us here
     base = space.resolve({"knowledge": NONE})
-    max_epochs = base.train.epochs
+    max_epochs = space.max_epochs  # born-again trials report their generations as one run
     num_samples = req.num_samples or space.num_samples
     experiment_dir = storage.join(req.storage, req.name)
     sweep_file = storage.join(experiment_dir, SWEEP_FILE)

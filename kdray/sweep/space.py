@@ -44,6 +44,9 @@ from kdray.config import (
 from kdray.knowledge import KNOWLEDGE
 
 NONE = "none"
+# Schemes that may stand in a knowledge choice's name: `dml` (peers teach each other, no teacher; its peers in
+# `scheme.peers`), `born_again+kd` (generations of kd, `scheme.generations` of them).
+SCHEMES = ("dml", "born_again")
 
 
 class Distribution(BaseModel):
@@ -228,12 +231,19 @@ class SearchSpace(Strict):
             where = f"space.knowledge.{choice}"
             types = str(choice).split("+")
             if choice != NONE:
-                bad = [t for t in types if t not in KNOWLEDGE]
+                bad = [t for t in types if t not in KNOWLEDGE and t not in SCHEMES]
                 if bad:
-                    errors.append((where, KNOWLEDGE.unknown_message(bad[0])))
+                    errors.append((where, KNOWLEDGE.unknown_message(bad[0]) + f" (or a scheme: {', '.join(SCHEMES)})"))
                     continue
                 if len(set(types)) != len(types):
                     errors.append((where, "a knowledge type appears twice in this combination"))
+                    continue
+                if "dml" in types and types != ["dml"]:
+                    errors.append((where, "dml trains peers without a teacher: it takes no knowledge types"))
+                    continue
+                if types == ["born_again"]:
+                    errors.append((where, "born_again passes knowledge between generations: combine it with "
+                                          "knowledge types, e.g. born_again+kd"))
                     continue
             sub = sub or {}
             if not isinstance(sub, dict):
@@ -272,13 +282,22 @@ class SearchSpace(Strict):
             if key.split(".", 1)[0] == "resources":
                 errors.append((field, "resources are fixed for a whole sweep (Tune reserves them and sizes its "
                                       "concurrency from them); set them in base.resources"))
-            elif key == "train.epochs" and isinstance(value, Distribution) and self.scheduler.type == "asha":
-                errors.append((field, "ASHA compares trials at the same epochs over one max_t, so train.epochs "
+            elif (key in ("train.epochs", "scheme.generations") and isinstance(value, Distribution)
+                  and self.scheduler.type == "asha"):
+                errors.append((field, f"ASHA compares trials at the same epochs over one max_t, so {key} "
                                       "cannot be searched with scheduler asha; use scheduler: {type: fifo} or fix "
-                                      "train.epochs in base"))
+                                      f"{key} in base"))
         return errors
 
     # -- trials ------------------------------------------------------------------------------------
+    @property
+    def max_epochs(self) -> int:
+        """The longest trial's epochs (ASHA's max_t): born-again trials report their generations as one run."""
+        epochs = self._resolve({"knowledge": NONE}).train.epochs
+        generations = [(self.base.get("scheme") or {}).get("generations", 1), self.params.get("scheme.generations", 1)]
+        generations += [d for sub in self.choices.values() for k, d in sub.items() if k == "scheme.generations"]
+        return epochs * max(int(g) for g in generations if not isinstance(g, Distribution))
+
     @property
     def model_name(self) -> str:
         return self.register_as or f"kdray-{self.name}"
@@ -317,6 +336,12 @@ class SearchSpace(Strict):
         if self.plugins:  # every trial's config names them: a worker that validates it imports them first
             data["plugins"] = list(dict.fromkeys(self.plugins + list(data.get("plugins") or [])))
         types = [] if choice == NONE else choice.split("+")
+        if "dml" in types:  # peers teach each other: no teacher
+            data.pop("teacher", None)
+            data["scheme"] = {**(data.get("scheme") or {}), "type": "dml"}
+        elif "born_again" in types:
+            data["scheme"] = {**(data.get("scheme") or {}), "type": "born_again"}
+        types = [t for t in types if t not in SCHEMES]
         kparams: dict[str, dict[str, Any]] = {t: {} for t in types}
         values = {k: v for k, v in params.items() if k != "knowledge"}
         for key, dist in self.params.items():  # fixed run-level values are not in Optuna's params

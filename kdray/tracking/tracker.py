@@ -52,7 +52,9 @@ from kdray.train.loop import ran_all_epochs
 
 # Per-epoch metrics that are logged (strings such as teacher_source become tags).
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "lr", "epoch_time_s", "train_time_s",
-           "samples_per_s", "report_latency_s", "checkpoint_write_s", "resumed_from_epoch")
+           "samples_per_s", "report_latency_s", "checkpoint_write_s", "resumed_from_epoch", "generation", "best_peer")
+# Families of metrics: every loss term, each dml peer's accuracy, each born-again generation's last accuracy.
+METRIC_PREFIXES = ("loss_", "val_accuracy_peer", "val_accuracy_gen")
 
 BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
 BATCH_METRICS, BATCH_TAGS, BATCH_ENTITIES = 1000, 100, 1000  # MLflow's log_batch limits
@@ -255,6 +257,24 @@ class SweepTracker(Callback):
                      "tags": tags, "params": run_params(resolved), "resolved": resolved})
         return tid
 
+    def _generation(self, trial: Any, tid: str, result: dict, step: int, metrics: list, ts: int) -> None:
+        """A born-again trial: each generation is a run nested in the trial's run, with its own epochs."""
+        g = int(result["generation"])
+        gtid = f"{tid}/gen{g}"
+        if gtid not in self._w.known:
+            choice = trial.config.get("knowledge", "none")
+            tags = {TAG_TRIAL: gtid, TAG_SWEEP: self.sweep, TAG_KIND: "generation", TAG_KNOWLEDGE: choice,
+                    "mlflow.runName": f"trial-{trial_number(trial):03d}-{choice}-gen{g}", "kdray.generation": str(g)}
+            self._w.put({"kind": "create", "tid": gtid, "parent_tid": tid, "lookup_first": True,
+                         "experiment_id": self._w.experiment_id or self.experiment_id, "tags": tags, "params": {},
+                         "resolved": self.space.resolved_dict(trial.config)})
+        local = int(result.get("generation_epoch", step))
+        self._w.put({"kind": "log", "tid": gtid, "metrics": [(k, v, t, local) for k, v, t, _ in metrics], "tags": {}})
+        per_generation = int(result.get("epochs_planned", step)) // max(1, int(result.get("generations", 1)))
+        if local >= per_generation or result.get("failed"):
+            self._end(gtid, "FAILED" if result.get("failed") else "FINISHED",
+                      {TAG_STATUS: "failed" if result.get("failed") else "completed"})
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._child(trial)
         self._say(f"trial {trial_number(trial)}/{self.total} started: {_describe(trial.config)}")
@@ -266,7 +286,7 @@ class SweepTracker(Callback):
             return  # an epoch re-run after a restore from an earlier checkpoint: already recorded
         self._w.last_step[tid] = step
         ts = int(time.time() * 1000)
-        keys = [k for k in result if k in METRICS or k.startswith("loss_")]
+        keys = [k for k in result if k in METRICS or k.startswith(METRIC_PREFIXES)]
         metrics = [(k, float(result[k]), ts, step) for k in keys
                    if isinstance(result[k], (int, float)) and math.isfinite(float(result[k]))]
         tags = {}
@@ -277,6 +297,8 @@ class SweepTracker(Callback):
             self._w.tagged.add(tid)
         if metrics or tags:
             self._w.put({"kind": "log", "tid": tid, "metrics": metrics, "tags": tags})
+        if result.get("generation"):
+            self._generation(trial, tid, result, step, metrics, ts)
         val = result.get("val_accuracy")
         if isinstance(val, (int, float)) and (self._best is None or val > self._best[0]) and not result.get("failed"):
             self._best = (float(val), f"trial {trial_number(trial)} ({trial.config.get('knowledge')})")
@@ -294,6 +316,9 @@ class SweepTracker(Callback):
             early = not ran_all_epochs(last, self.max_epochs)  # its own train.epochs: it may be searched
             self._end(tid, "FINISHED", {TAG_STATUS: "stopped_early" if early else "completed",
                                         "kdray.epochs": str(epoch)})
+            g = last.get("generation")
+            if early and g and f"{tid}/gen{g}" in self._w.known:  # ASHA stopped it inside a generation
+                self._end(f"{tid}/gen{g}", "FINISHED", {TAG_STATUS: "stopped_early"})
             val = last.get("val_accuracy", float("nan"))
             self._say(f"trial {n} {'stopped early by ASHA at epoch ' + str(epoch) if early else 'finished'}: "
                       f"val_accuracy {val:.4f} ({_describe(trial.config)})")
@@ -561,9 +586,12 @@ class _Writer:
                 raise _Missing(f"no MLflow run for trial {tid} under sweep run {self.parent_id}")
         return rid
 
-    def _lookup(self, tid: str) -> str | None:
+    def _lookup(self, tid: str, parent: str | None = None) -> str | None:
+        """The run of ``tid`` under ``parent`` (the sweep's run; a trial's run for a generation's)."""
+        if parent is None and "/" in tid:  # a generation: nested in its trial's run
+            parent = self._run_id({"tid": tid.split("/", 1)[0]})
         found = self.c.search_runs([self.experiment_id], max_results=1, filter_string=(
-            f"tags.`{TAG_PARENT}` = '{self.parent_id}' and tags.`{TAG_TRIAL}` = '{tid}'"))
+            f"tags.`{TAG_PARENT}` = '{parent or self.parent_id}' and tags.`{TAG_TRIAL}` = '{tid}'"))
         if found:
             self.runs[tid] = found[0].info.run_id
             return found[0].info.run_id
@@ -578,11 +606,12 @@ class _Writer:
     def _create(self, op: dict) -> None:
         tid, c = op["tid"], self.c
         rid = self.runs.get(tid)
-        if rid is None and (op.get("replayed") or op["id"] in self._attempted):
-            rid = self._lookup(tid)  # a create whose answer was lost must not make a second run
+        parent = self._run_id({"tid": op["parent_tid"]}) if op.get("parent_tid") else self.parent_id
+        if rid is None and (op.get("replayed") or op.get("lookup_first") or op["id"] in self._attempted):
+            rid = self._lookup(tid, parent)  # a create whose answer was lost must not make a second run
         if rid is None:
             self._attempted.add(op["id"])
-            tags = dict(op["tags"], **{TAG_PARENT: self.parent_id})
+            tags = dict(op["tags"], **{TAG_PARENT: parent})
             rid = c.create_run(op["experiment_id"] or self.experiment_id, tags=tags,
                                run_name=tags["mlflow.runName"]).info.run_id
             self.runs[tid] = rid

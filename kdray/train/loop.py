@@ -22,9 +22,11 @@ from torch import Tensor, nn
 
 from kdray.config import RunConfig, TrainConfig
 from kdray.data import Batches, DataBundle, Split, load_dataset
+from kdray.data.loaders import strong_view
 from kdray.knowledge import DistillObjective, ModelLayout, TapOutputs, nonfinite_terms
 from kdray.models import Classifier, FeatureTaps, Teacher, build_model, model_record, unwrap
 from kdray.models.checkpoint import atomic_torch_save
+from kdray.train.mutual import MutualStep
 from kdray.train.session import Session, scratch_dir
 
 STUDENT_FILE = "student.pt"  # a self-contained model record (kdray.models.checkpoint)
@@ -46,9 +48,14 @@ class DistillStep(nn.Module):
         self.objective = objective
         self.taps = taps
 
-    def forward(self, x: Tensor, y: Tensor, teacher_out: TapOutputs | None) -> tuple[dict[str, Tensor], Tensor]:
+    def forward(self, x: Tensor, y: Tensor, teacher_out: TapOutputs | None, idx: Tensor | None = None,
+                x_strong: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """``idx``: the batch's positions in the training split, for the terms that need them (CRD);
+        ``x_strong``: a strongly augmented view of the batch, for the terms that align it too (MLKD)."""
         s_out = self.taps.run(self.student, x)
-        return self.objective(s_out, teacher_out, y), s_out.logits
+        if x_strong is not None:
+            s_out = s_out._replace(strong=self.taps.run(self.student, x_strong))
+        return self.objective(s_out, teacher_out, y, index=idx), s_out.logits
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -173,6 +180,10 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     from kdray.teacher_cache import TeacherOutputs  # local: the cache module imports this one
 
     cfg = RunConfig.model_validate(config["run"])
+    if cfg.scheme.type == "born_again" and cfg.scheme.generations > 1 and "_generation" not in config:
+        from kdray.train.generations import run_generations  # which calls this function once per generation
+
+        return run_generations(config, session)
     session.keep_checkpoints = cfg.train.keep_checkpoints
     rank, world = session.rank, session.world_size
     progress = bool(config.get("progress", False)) and rank == 0
@@ -209,8 +220,13 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             teacher = None
     else:
         student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options).to(device)
+    # Deep mutual learning: the student and its peers, built one after the other from the run's seed.
+    peer_cfgs = [cfg.student, *cfg.scheme.peers] if cfg.scheme.type == "dml" else [cfg.student]
+    peers = [student] + [build_model(p.name, info.num_classes, info.preprocess(), p.options).to(device)
+                         for p in peer_cfgs[1:]]
     if world > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        peers = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in peers]
+        student = peers[0]
     objective = DistillObjective.from_specs(
         cfg.knowledge, ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), ""),
         ModelLayout.of(student), cfg.ce_weight, cfg.train.label_smoothing,
@@ -222,7 +238,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     channels_last = bool(cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda")
     channels_last = channels_last and len(info.model_input) == 3
     if channels_last:
-        student = student.to(memory_format=torch.channels_last)
+        peers = [m.to(memory_format=torch.channels_last) for m in peers]
+        student = peers[0]
 
     train_batches = Batches(data.train, cfg.train.batch_size, train=True, rank=rank, world=world, seed=cfg.seed,
                             device=device, augment=data.augment, num_workers=cfg.resources.loader_workers)
@@ -230,6 +247,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
                                         objective.teacher_layers, device,
                                         copy_to_device=cfg.resources.gpus_per_worker >= 1)
 
+    # Per-sample state (CRD's memory bank) is sized by the training split, indexed by the batches' idx.
+    objective.bind_data(len(data.train), data.train.y)
     # One dry forward pass on two samples: connector shapes (FitNets' regressor) come from real taps.
     if objective.needs_teacher:
         x0 = data.train.x[:2] if data.train.in_memory else torch.stack([data.train.dataset[i][0] for i in range(2)])
@@ -243,7 +262,9 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         student.train()
     objective.to(device)
 
-    step_module: nn.Module = DistillStep(student, objective, s_taps)
+    step_module: nn.Module = DistillStep(student, objective, s_taps) if len(peers) == 1 else MutualStep(
+        peers, mutual_weight=cfg.scheme.mutual_weight, temperature=cfg.scheme.temperature,
+        ce_weight=cfg.ce_weight, label_smoothing=cfg.train.label_smoothing)
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -258,8 +279,12 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     with session.restored_checkpoint() as ckpt_dir:
         if ckpt_dir:
             state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=True)
-            record = torch.load(Path(ckpt_dir) / STUDENT_FILE, map_location=device, weights_only=True)
-            student.load_state_dict(record["state_dict"])
+            if len(peers) > 1:  # student.pt holds the best peer; every peer's weights are in the state
+                for m, sd in zip(peers, state["peers"]):
+                    m.load_state_dict(sd)
+            else:
+                record = torch.load(Path(ckpt_dir) / STUDENT_FILE, map_location=device, weights_only=True)
+                student.load_state_dict(record["state_dict"])
             objective.load_state_dict(state["objective"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -273,6 +298,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             if progress:
                 print(f"[kdray] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
+    strong = objective.wants_strong_view  # MLKD's strong augmentation: a second view of every batch
     step_hook = config.get("step_hook")  # callable(epoch, step) before each step: tests inject faults here
     progress_every = max(1, cfg.train.epochs // 20)  # about 20 progress lines per run
     report_latency = 0.0
@@ -299,8 +325,13 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             t_out = teacher_out(idx, x) if objective.needs_teacher else None
+            x_strong = None
+            if strong:  # the teacher's outputs on this view are never cached: they are drawn per step
+                x_strong = strong_view(x)
+                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                    t_out = t_out._replace(strong=teacher(x_strong))
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                terms, logits = step_module(x, y, t_out)
+                terms, logits = step_module(x, y, t_out, idx, x_strong)
             loss = terms["loss"]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -337,9 +368,13 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             session.report_failure(last)
             return last
 
-        session.broadcast_buffers(unwrap(step_module).student)  # validate exactly what rank 0 checkpoints
-        val = evaluate(unwrap(step_module).student, data.val, max(cfg.train.batch_size, 256), device, session,
-                       channels_last, amp)
+        peer_vals = []
+        for m in peers:
+            session.broadcast_buffers(m)  # validate exactly what rank 0 checkpoints
+            peer_vals.append(evaluate(m, data.val, max(cfg.train.batch_size, 256), device, session, channels_last,
+                                      amp))
+        best = max(range(len(peers)), key=lambda k: peer_vals[k]["accuracy"])  # the peer a checkpoint keeps
+        val = peer_vals[best]
         epoch_time = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
@@ -350,6 +385,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             "train_accuracy": packed[-2].item() / total,
             "train_loss": means.pop("loss"),
             **{f"loss_{k}": v for k, v in means.items()},
+            **({"best_peer": best, **{f"val_accuracy_peer{k}": v["accuracy"] for k, v in enumerate(peer_vals)}}
+               if len(peers) > 1 else {}),
             "lr": lr,
             "epoch_time_s": epoch_time,
             "train_time_s": train_time,
@@ -369,7 +406,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         if save and rank == 0:
             with scratch_dir() as d:
                 _write_checkpoint(d, unwrap(step_module), optimizer, scaler, scheduler, epoch, cfg, info, metrics,
-                                  raw_input)
+                                  raw_input, peers, peer_cfgs, best)
                 metrics["checkpoint_write_s"] = time.perf_counter() - t_report
                 session.report(metrics, d)
         else:
@@ -387,10 +424,12 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     return last
 
 
-def _write_checkpoint(d: str, step: DistillStep, optimizer, scaler, scheduler, epoch: int, cfg: RunConfig, info,
-                      metrics, raw_input: dict[str, Any]) -> None:
+def _write_checkpoint(d: str, step: nn.Module, optimizer, scaler, scheduler, epoch: int, cfg: RunConfig, info,
+                      metrics, raw_input: dict[str, Any], peers: list[nn.Module], peer_cfgs: list, best: int) -> None:
+    """``student.pt``: the model a run delivers (with ``dml``, the peer best on validation now); the state:
+    what resuming needs, every peer's weights included."""
     record = model_record(
-        step.student, model_name=cfg.student.name, model_options=cfg.student.options,
+        peers[best], model_name=peer_cfgs[best].name, model_options=peer_cfgs[best].options,
         num_classes=info.num_classes, dataset=cfg.dataset.model_dump(mode="json"),
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         config=cfg.model_dump(mode="json"), raw_input=raw_input,
@@ -398,6 +437,7 @@ def _write_checkpoint(d: str, step: DistillStep, optimizer, scaler, scheduler, e
     atomic_torch_save(record, Path(d) / STUDENT_FILE)
     atomic_torch_save(
         {"epoch": epoch, "objective": step.objective.state_dict(), "optimizer": optimizer.state_dict(),
-         "scaler": scaler.state_dict(), "scheduler": scheduler.state_dict()},
+         "scaler": scaler.state_dict(), "scheduler": scheduler.state_dict(),
+         **({"peers": [unwrap(m).state_dict() for m in peers]} if len(peers) > 1 else {})},
         Path(d) / STATE_FILE,
     )
