@@ -1,5 +1,5 @@
-"""An interrupted sweep (SIGINT, and SIGKILL of the driver) finished with --resume: every trial exactly
-once in MLflow, none lost, each with one value per epoch."""
+"""An interrupted sweep (SIGINT, then SIGKILL of the resumed driver) finished with --resume: every trial
+exactly once in MLflow, none lost, each with one value per epoch."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, find_sweep, sweep_childr
 from sweep_helpers import TINY_SPACE
 
 EPOCHS = 12
-SAMPLES = 4
+SAMPLES = 5
 
 
 def sweep_cmd(tmp: Path, name: str, *extra: str) -> list[str]:
@@ -25,14 +25,9 @@ def sweep_cmd(tmp: Path, name: str, *extra: str) -> list[str]:
             "--storage", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *extra]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
-def test_an_interrupted_sweep_resumes_with_every_trial_exactly_once(tmp_path, sig):
-    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
-    space["num_samples"] = SAMPLES
-    space["base"]["train"]["epochs"] = EPOCHS
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(sweep_cmd(tmp_path, "r"), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def run_until(tmp: Path, env: dict, finished_wanted: int, sig: int, *extra: str) -> tuple[int, int, list[str]]:
+    """Run the sweep CLI and send ``sig`` once ``finished_wanted`` trials have finished in this process."""
+    proc = subprocess.Popen(sweep_cmd(tmp, "r", *extra), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     finished, log = 0, []
     deadline = time.time() + 240
@@ -40,22 +35,33 @@ def test_an_interrupted_sweep_resumes_with_every_trial_exactly_once(tmp_path, si
         log.append(line)
         if "finished: val_accuracy" in line:
             finished += 1
-            if finished == 2:
+            if finished == finished_wanted:
                 proc.send_signal(sig)
         if time.time() > deadline:
             proc.kill()
             break
-    rc = proc.wait(timeout=120)
-    assert finished >= 2, "".join(log[-30:])
-    if sig == signal.SIGINT:
-        assert rc == 130 and any("--resume --name r" in line for line in log), "".join(log[-20:])
-    else:
-        assert rc == -signal.SIGKILL
+    return proc.wait(timeout=120), finished, log
 
+
+def test_a_sweep_interrupted_then_killed_resumes_with_every_trial_exactly_once(tmp_path):
+    """SIGINT after two trials, --resume, SIGKILL of that driver after one more trial, --resume again."""
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space["num_samples"] = SAMPLES
+    space["base"]["train"]["epochs"] = EPOCHS
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)
+
+    rc, finished, log = run_until(tmp_path, env, 2, signal.SIGINT)
+    assert finished >= 2, "".join(log[-30:])
+    assert rc == 130 and any("--resume --name r" in line for line in log), "".join(log[-20:])
     before = {r.data.tags[TAG_TRIAL] for r in sweep_children(c, find_sweep(c, "r"))}
-    assert 2 <= len(before) < SAMPLES + 1
+    assert 2 <= len(before) < SAMPLES
+
+    rc, finished, log = run_until(tmp_path, env, 1, signal.SIGKILL, "--resume")
+    assert finished >= 1 and rc == -signal.SIGKILL, "".join(log[-30:])
+    assert any("resuming sweep r" in line for line in log), "".join(log[-30:])
 
     r = subprocess.run(sweep_cmd(tmp_path, "r", "--resume"), cwd=tmp_path, capture_output=True, text=True, env=env,
                        timeout=300)
