@@ -15,6 +15,7 @@ import torch
 
 from kdray.config import ConfigError, RunConfig
 from kdray.data import DatasetUnavailable, describe_dataset
+from kdray.data.loaders import to_float
 from kdray.knowledge import KNOWLEDGE, ModelLayout
 from kdray.models import (
     Classifier,
@@ -41,10 +42,15 @@ class DryRun:
     teacher_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     student_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     connectors: dict[str, str] = field(default_factory=dict)
+    peers: list[tuple[str, int]] = field(default_factory=list)  # dml: (model, parameters) of each peer
 
     def lines(self) -> list[str]:
-        out = [f"knowledge {self.knowledge}: teacher {self.teacher or '-'} ({self.teacher_params:,} params) -> "
-               f"student {self.student} ({self.student_params:,} params)"]
+        if self.peers:  # dml: no teacher, the peers learn together
+            out = [f"knowledge {self.knowledge}: student {self.student} ({self.student_params:,} params) and peers "
+                   + ", ".join(f"{n} ({p:,} params)" for n, p in self.peers)]
+        else:
+            out = [f"knowledge {self.knowledge}: teacher {self.teacher or '-'} ({self.teacher_params:,} params) -> "
+                   f"student {self.student} ({self.student_params:,} params)"]
         for k, s in self.teacher_shapes.items():
             out.append(f"  teacher tap {k}: {s}")
         for k, s in self.student_shapes.items():
@@ -139,6 +145,18 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
     student = build(cfg.student.name, cfg.student.options, "student")
     report = DryRun(cfg.knowledge_label, None, cfg.student.name,
                     student_params=sum(p.numel() for p in student.parameters()))
+    for j, peer in enumerate(cfg.scheme.peers):  # dml: every peer must build and run on this data
+        net = build(peer.name, peer.options, f"scheme.peers.{j}")
+        try:
+            with torch.no_grad():
+                out = net.eval()(to_float(info.example_input(2)))
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"model {peer.name!r} fails on inputs of shape {tuple(info.model_input)}: {e}", file,
+                              f"scheme.peers.{j}.name") from None
+        if out.shape != (2, info.num_classes):
+            raise ConfigError(f"peer outputs {tuple(out.shape[1:])}, expected ({info.num_classes},)", file,
+                              f"scheme.peers.{j}.name")
+        report.peers.append((peer.name, sum(p.numel() for p in net.parameters())))
     teacher = None
     if cfg.teacher is not None:
         if cfg.teacher.ready_made:
@@ -198,8 +216,6 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
             except Exception as e:  # noqa: BLE001 - a layer the loss cannot use is a config problem
                 raise ConfigError(f"{spec_name(cfg, i)} cannot use these models: {e}", file,
                                   f"knowledge.{i}") from None
-
-    from kdray.data.loaders import to_float
 
     x = to_float(info.example_input(2))  # as training batches hold them: 8-bit images as floats in [0, 1]
     student.eval()

@@ -162,3 +162,16 @@ def test_a_born_again_run_resumes_in_the_right_generation_with_the_right_teacher
     assert [m["epoch"] for m in resumed.reports] == list(range(stop_at + 1, 5))
     for k in ("val_accuracy", "loss_kd", "val_accuracy_gen1"):
         assert last[k] == pytest.approx(straight.reports[-1][k], rel=1e-6), k
+
+
+def test_kdray_check_runs_every_dml_peer_on_the_data_and_names_the_one_that_fails():
+    from kdray.check import dry_run
+
+    ok = {"dataset": {"name": "test_images"}, "student": {"name": "small_cnn"},
+          "scheme": {"type": "dml", "peers": [{"name": "mlp"}, {"name": "resnet8"}]}}
+    report = dry_run(RunConfig.model_validate(ok))
+    assert [n for n, _ in report.peers] == ["mlp", "resnet8"] and all(p > 0 for _, p in report.peers)
+    bad = {**ok, "scheme": {"type": "dml", "peers": [{"name": "mlp"}, {"name": "test_cnn1d"}]}}  # 1-D on images
+    with pytest.raises(ConfigError) as e:
+        dry_run(RunConfig.model_validate(bad), file="run.yaml")
+    assert e.value.fields == ["scheme.peers.1.name"]
