@@ -477,6 +477,9 @@ class RunConfig(Strict):
                 if bad:
                     raise ConfigError([(field, "scheme dml trains its peers from scratch, teaching each other: "
                                                "it takes no teacher and no knowledge terms")])
+        if self.scheme.type == "born_again" and self.student.init_from_teacher:
+            raise ConfigError([("student.init_from_teacher", "scheme born_again teaches generation k+1 with "
+                                "generation k; copying every other layer from it would halve the student each time")])
         if self.scheme.type == "born_again" and not self.knowledge:
             raise ConfigError([("knowledge", "scheme born_again passes knowledge from generation to generation: "
                                              "name the knowledge terms (e.g. kd)")])

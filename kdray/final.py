@@ -141,14 +141,16 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     except Exception as e:  # noqa: BLE001
         raise FinalError(f"sweep {name}'s trials have no resolved_config.json artifact (made by an older kdray?): "
                          f"{e}") from None
-    champ_is_none = not configs["champion"].get("knowledge")
+    # Labels only: no knowledge term and nobody teaching (dml peers teach each other without knowledge terms).
+    champ_is_none = (not configs["champion"].get("knowledge")
+                     and (configs["champion"].get("scheme") or {}).get("type", "distill") == "distill")
     if best_none is None and champ_is_none:
         baseline = ("the champion's own configuration (the champion is labels-only and the sweep has no other "
                     "labels-only trial): the difference measures seed-to-seed noise, not distillation")
         configs["none"] = dict(configs["champion"])
     elif best_none is None:
         baseline = "the champion's configuration without its knowledge terms (the sweep has no labels-only trial)"
-        configs["none"] = {**configs["champion"], "knowledge": [], "ce_weight": 1.0}
+        configs["none"] = {**configs["champion"], "knowledge": [], "ce_weight": 1.0, "scheme": {"type": "distill"}}
     else:
         st = best_none.data.tags.get(TAG_STATUS, "").replace("_", " ")
         ep = best_none.data.tags.get("kdray.epochs", "?")

@@ -60,6 +60,8 @@ def test_mutual_kl_moves_each_peer_only_by_its_own_term():
      "teacher"),
     ({"type": "distill", "generations": 3}, {}, "scheme.generations"),
     ({"type": "born_again", "generations": 2}, {"teacher": {"checkpoint": "t.pt"}}, "knowledge"),
+    ({"type": "born_again", "generations": 2}, {"teacher": {"checkpoint": "t.pt"}, "knowledge": [{"type": "kd"}],
+     "student": {"name": "mlp", "init_from_teacher": "every_other_layer"}}, "student.init_from_teacher"),
 ])
 def test_a_scheme_with_the_wrong_fields_is_refused_naming_the_field(scheme, extra, field):
     with pytest.raises(ConfigError) as e:
@@ -135,9 +137,10 @@ def test_each_generation_is_taught_by_the_final_student_of_the_one_before(tmp_pa
     assert [m["epoch"] for m in r] == [1, 2, 3, 4, 5, 6] and {m["epochs_planned"] for m in r} == {6}
     assert [m["generation"] for m in r] == [1, 1, 2, 2, 3, 3]
     assert last["val_accuracy_gen1"] == r[1]["val_accuracy"] and last["val_accuracy_gen2"] == r[3]["val_accuracy"]
-    # Generation 2 is exactly a plain distillation whose teacher is generation 1's last student.
+    # Generation 2 is exactly a plain distillation (with its own seed) whose teacher is generation 1's last student.
     gen1 = torch.load(tmp_path / "ban" / "checkpoint_000002" / STUDENT_FILE, weights_only=True)
-    plain_cfg = RunConfig.model_validate({**born_again(), "scheme": {"type": "distill"}}).model_dump(mode="json")
+    plain_cfg = RunConfig.model_validate({**born_again(), "scheme": {"type": "distill"},
+                                          "seed": 1_000_003}).model_dump(mode="json")  # generation 2's own seed
     plain = Session(checkpoint_root=tmp_path / "plain")
     train_run({"run": plain_cfg, "teacher_records": [gen1]}, plain)
     for a, b in zip(plain.reports, r[2:4]):
@@ -175,3 +178,29 @@ def test_kdray_check_runs_every_dml_peer_on_the_data_and_names_the_one_that_fail
     with pytest.raises(ConfigError) as e:
         dry_run(RunConfig.model_validate(bad), file="run.yaml")
     assert e.value.fields == ["scheme.peers.1.name"]
+
+
+def test_sweep_choices_may_name_a_scheme_with_run_level_keys(tmp_path):
+    from kdray.config import load_config
+    from kdray.sweep.space import SearchSpace
+
+    path = tmp_path / "s.yaml"
+    path.write_text("""
+name: s
+base: {dataset: {name: test_blobs}, teacher: {checkpoint: t.pt}, student: {name: test_mlp}, train: {epochs: 3}}
+space:
+  knowledge:
+    dml: {scheme.peers: [{name: mlp}], ce_weight: {type: float, low: 0.5, high: 1.0}}
+    born_again+kd: {scheme.generations: 2, temperature: 2}
+    born_again: {}
+""")
+    with pytest.raises(ConfigError) as e:  # born_again alone has nothing to pass on
+        load_config(path, SearchSpace)
+    assert e.value.fields == ["space.knowledge.born_again"]
+    path.write_text(path.read_text().replace("    born_again: {}\n", ""))
+    space = load_config(path, SearchSpace)
+    dml = space.resolve({"knowledge": "dml", "dml:ce_weight": 0.7})
+    assert (dml.scheme.type, dml.teacher, dml.ce_weight, [p.name for p in dml.scheme.peers]) == ("dml", None, 0.7, ["mlp"])
+    ban = space.resolve({"knowledge": "born_again+kd"})
+    assert (ban.scheme.generations, ban.knowledge[0]["temperature"], ban.knowledge_label) == (2, 2, "born_again+kd")
+    assert space.max_epochs == 6  # ASHA's max_t: two generations of three epochs

@@ -253,8 +253,10 @@ class SearchSpace(Strict):
             for key, raw in sub.items():
                 key = str(key)
                 head = key.split(".", 1)[0]
-                if choice != NONE and "." not in key and len(types) == 1 and key in KNOWLEDGE.get(types[0]).Params.model_fields:
-                    key = f"{types[0]}.{key}"  # shorthand inside a single-type choice: `temperature`
+                ktypes = [t for t in types if t not in SCHEMES]  # born_again+kd: one knowledge type
+                if (choice != NONE and "." not in key and len(ktypes) == 1
+                        and key in KNOWLEDGE.get(ktypes[0]).Params.model_fields):
+                    key = f"{ktypes[0]}.{key}"  # shorthand inside a single-type choice: `temperature`
                 elif choice != NONE and head in KNOWLEDGE and head not in types:
                     errors.append((f"{where}.{key}", f"{head!r} is not part of the choice {choice!r}"))
                     continue
@@ -417,7 +419,7 @@ class SearchSpace(Strict):
         choice = point.get("knowledge", NONE)
         parts = run_field.split(".")
         if parts[0] == "knowledge" and len(parts) >= 2 and parts[1].isdigit():
-            types = [] if choice == NONE else choice.split("+")
+            types = [] if choice == NONE else [t for t in choice.split("+") if t not in SCHEMES]
             idx = int(parts[1])
             if idx < len(types):
                 key = f"{types[idx]}.{parts[2]}" if len(parts) > 2 else types[idx]

@@ -109,6 +109,7 @@ class SweepTracker(Callback):
         self._best: tuple[float, str] | None = None
         self._done = 0
         self._last_status = 0.0
+        self._ended_generations: set[str] = set()  # born-again generation runs already ended
         self._attach()
 
     def _attach(self) -> None:
@@ -272,8 +273,14 @@ class SweepTracker(Callback):
         self._w.put({"kind": "log", "tid": gtid, "metrics": [(k, v, t, local) for k, v, t, _ in metrics], "tags": {}})
         per_generation = int(result.get("epochs_planned", step)) // max(1, int(result.get("generations", 1)))
         if local >= per_generation or result.get("failed"):
-            self._end(gtid, "FAILED" if result.get("failed") else "FINISHED",
-                      {TAG_STATUS: "failed" if result.get("failed") else "completed"})
+            self._end_generation(gtid, "FAILED" if result.get("failed") else "FINISHED",
+                                 "failed" if result.get("failed") else "completed")
+
+    def _end_generation(self, gtid: str, status: str, tag: str) -> None:
+        """End a generation's nested run once (a trial stopped or failed inside it ends it too)."""
+        if gtid in self._w.known and gtid not in self._ended_generations:
+            self._ended_generations.add(gtid)
+            self._end(gtid, status, {TAG_STATUS: tag})
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._child(trial)
@@ -316,9 +323,8 @@ class SweepTracker(Callback):
             early = not ran_all_epochs(last, self.max_epochs)  # its own train.epochs: it may be searched
             self._end(tid, "FINISHED", {TAG_STATUS: "stopped_early" if early else "completed",
                                         "kdray.epochs": str(epoch)})
-            g = last.get("generation")
-            if early and g and f"{tid}/gen{g}" in self._w.known:  # ASHA stopped it inside a generation
-                self._end(f"{tid}/gen{g}", "FINISHED", {TAG_STATUS: "stopped_early"})
+            if last.get("generation"):  # ASHA stopped it inside a generation
+                self._end_generation(f"{tid}/gen{last['generation']}", "FINISHED", "stopped_early")
             val = last.get("val_accuracy", float("nan"))
             self._say(f"trial {n} {'stopped early by ASHA at epoch ' + str(epoch) if early else 'finished'}: "
                       f"val_accuracy {val:.4f} ({_describe(trial.config)})")
@@ -342,6 +348,9 @@ class SweepTracker(Callback):
         if trial.num_failures:
             tags["kdray.retries"] = str(max(trial.num_failures - 1, 0))
         self._end(tid, "FAILED", tags)
+        g = (trial.last_result or {}).get("generation")
+        if g:  # the generation it was in ends with it
+            self._end_generation(f"{tid}/gen{g}", "FAILED", "error")
         self._say(f"trial {trial_number(trial)} ERROR: {(err.splitlines() or ['?'])[-1]}")
         self._done += 1
 

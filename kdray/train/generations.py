@@ -27,6 +27,7 @@ from kdray.train.session import Session
 
 GEN_FILE = "generation.json"  # {"generation": g} in every checkpoint of a born-again run
 TEACHER_FILE = "teacher.pt"  # the record that teaches that generation (generation >= 2)
+GENERATION_SEED_STEP = 1_000_003
 
 
 class GenerationSession(Session):
@@ -127,6 +128,12 @@ def _share_from_rank0(session: Session, record: dict[str, Any] | None) -> dict[s
     return record
 
 
+def generation_run(run: dict[str, Any], generation: int) -> dict[str, Any]:
+    """Generation ``generation``'s run config: the run's, with its own seed (``seed + 1_000_003·(g-1)``, far
+    from the seeds a user runs side by side)."""
+    return {**run, "seed": int(run.get("seed", 0)) + GENERATION_SEED_STEP * (generation - 1)}
+
+
 def run_generations(config: dict[str, Any], session: Session) -> dict[str, Any]:
     """Train ``scheme.generations`` generations one after the other; return the last one's metrics."""
     from kdray.config import RunConfig
@@ -149,7 +156,8 @@ def run_generations(config: dict[str, Any], session: Session) -> dict[str, Any]:
         last: dict[str, Any] = {}
         for g in range(start, n + 1):
             sub = GenerationSession(session, g, n, epochs, teacher, restore, finished)
-            run = dict(config, _generation=g)
+            # Each generation is a new network (its own initial weights and data order), as in the paper.
+            run = dict(config, _generation=g, run=generation_run(config["run"], g))
             if g > 1:
                 run.update(teacher_records=[teacher], teacher_cache=None)
             if session.rank == 0 and config.get("progress"):
