@@ -31,6 +31,12 @@ def standardize_logits(z: Tensor) -> Tensor:
     return (z - z.mean(dim=1, keepdim=True)) / (STANDARDIZE_EPS + z.std(dim=1, keepdim=True))
 
 
+def float_logits(z_s: Tensor, z_t: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
+    """Both logit tensors in float32, z-scored first (:func:`standardize_logits`) when the type standardises."""
+    z_s, z_t = as_float(z_s), as_float(z_t)
+    return (standardize_logits(z_s), standardize_logits(z_t)) if standardize else (z_s, z_t)
+
+
 _STANDARDIZE_DOC = (
     "z-score each sample's logits over the classes before the temperature (Sun et al., CVPR 2024); "
     "their runs pair it with temperature 2 and a loss weight of 9"
@@ -72,9 +78,7 @@ class KD(Knowledge):
 
     def forward(self, z_s: Tensor, z_t: Tensor) -> Tensor:
         t = self.temperature
-        z_s, z_t = as_float(z_s), as_float(z_t)
-        if self.standardize:
-            z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
+        z_s, z_t = float_logits(z_s, z_t, self.standardize)
         log_p_s = F.log_softmax(z_s / t, dim=1)
         log_p_t = F.log_softmax(z_t / t, dim=1)
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
@@ -132,9 +136,7 @@ class DKD(Knowledge):
 
     def forward(self, z_s: Tensor, z_t: Tensor, target: Tensor) -> Tensor:
         t = self.temperature
-        z_s, z_t = as_float(z_s), as_float(z_t)
-        if self.standardize:
-            z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
+        z_s, z_t = float_logits(z_s, z_t, self.standardize)
         z_s, z_t = z_s / t, z_t / t
         gt = F.one_hot(target, z_s.shape[1]).bool()
         p_s, p_t = z_s.softmax(1), z_t.softmax(1)
@@ -214,9 +216,7 @@ class DIST(Knowledge):
 
     def forward(self, z_s: Tensor, z_t: Tensor) -> Tensor:
         t = self.temperature
-        z_s, z_t = as_float(z_s), as_float(z_t)
-        if self.standardize:
-            z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
+        z_s, z_t = float_logits(z_s, z_t, self.standardize)
         p_s, p_t = (z_s / t).softmax(dim=1), (z_t / t).softmax(dim=1)
         inter = 1 - _pearson_rows(p_s, p_t).mean()
         intra = 1 - _pearson_rows(p_s.t(), p_t.t()).mean()
