@@ -35,7 +35,7 @@ class GenerationSession(Session):
 
     def __init__(self, inner: Session, generation: int, generations: int, epochs: int,
                  teacher: dict[str, Any] | None, restore: str | None, finished: dict[str, float]) -> None:
-        super().__init__()
+        # No Session.__init__: every attribute the loop reads is the inner session's (delegated below).
         self.inner, self.generation, self.generations, self.epochs = inner, generation, generations, epochs
         self.teacher, self.restore, self.finished = teacher, restore, finished
         self.final_record: dict[str, Any] | None = None
@@ -65,12 +65,11 @@ class GenerationSession(Session):
 
     @property
     def keep_checkpoints(self) -> int | None:
-        return self.inner.keep_checkpoints if hasattr(self, "inner") else None
+        return self.inner.keep_checkpoints
 
     @keep_checkpoints.setter
     def keep_checkpoints(self, value: int | None) -> None:
-        if hasattr(self, "inner"):
-            self.inner.keep_checkpoints = value
+        self.inner.keep_checkpoints = value
 
     # -- reporting ------------------------------------------------------------------------------------
     def _shift(self, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -103,14 +102,6 @@ class GenerationSession(Session):
 
     def report_failure(self, metrics: dict[str, Any]) -> None:
         self.inner.report_failure(self._shift(metrics))
-
-    @property
-    def last_checkpoint(self):  # noqa: D401 - the inner session's (in-process runs read it)
-        return self.inner.last_checkpoint if hasattr(self, "inner") else None
-
-    @last_checkpoint.setter
-    def last_checkpoint(self, value) -> None:  # Session.__init__ sets it; the inner session owns it
-        pass
 
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[str | None]:
