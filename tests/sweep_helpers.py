@@ -1,9 +1,12 @@
-"""A tiny search space for sweep tests: test_blobs, a 1-D CNN teacher trained once, an MLP student."""
+"""A tiny search space for sweep tests (test_blobs, a 1-D CNN teacher trained once, an MLP student), and a
+session that interrupts a run after a given epoch, for resume tests."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
+
+from kdray.train.session import Session
 
 TINY_SPACE = {
     "name": "tiny",
@@ -45,3 +48,20 @@ def request(tmp: Path, space_path: Path, name: str, **kw):
     return SweepRequest(space=load_space(space_path), space_path=str(space_path), space_yaml=space_path.read_text(),
                         name=name, storage=str(tmp / "runs"), tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
                         quiet=True, **kw)
+
+
+class Interrupt(Exception):
+    """Raised by :class:`StopAfter`: the run stops as if its process had been interrupted."""
+
+
+class StopAfter(Session):
+    """An in-process session whose run is interrupted right after the report of epoch ``epochs``."""
+
+    def __init__(self, epochs: int, **kw):
+        super().__init__(**kw)
+        self.stop_after = epochs
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if metrics["epoch"] == self.stop_after:
+            raise Interrupt()

@@ -499,15 +499,7 @@ def test_a_crd_run_resumes_with_its_memory_bank_exactly(tmp_path, blobs_teacher)
     from kdray.config import RunConfig
     from kdray.train.loop import STATE_FILE, STUDENT_FILE, train_run
     from kdray.train.session import Session
-
-    class Stop(Exception):
-        pass
-
-    class StopAfter(Session):
-        def report(self, metrics, checkpoint_dir):
-            super().report(metrics, checkpoint_dir)
-            if metrics["epoch"] == 2:
-                raise Stop()
+    from sweep_helpers import Interrupt, StopAfter
 
     cfg = RunConfig.model_validate({
         "dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"}, "teacher": {"checkpoint": "unused.pt"},
@@ -517,8 +509,8 @@ def test_a_crd_run_resumes_with_its_memory_bank_exactly(tmp_path, blobs_teacher)
     straight = Session(checkpoint_root=tmp_path / "a")
     train_run(loop, straight)
     assert all(math.isfinite(r["loss_crd"]) and r["loss_crd"] > 0 for r in straight.reports)
-    first = StopAfter(checkpoint_root=tmp_path / "b")
-    with pytest.raises(Stop):
+    first = StopAfter(2, checkpoint_root=tmp_path / "b")
+    with pytest.raises(Interrupt):
         train_run(loop, first)
     resumed = Session(checkpoint_root=tmp_path / "c", resume_from=first.last_checkpoint)
     train_run(loop, resumed)

@@ -12,6 +12,7 @@ from kdray.models import model_from_record
 from kdray.train.loop import STUDENT_FILE, evaluate, train_run
 from kdray.train.runner import final_student, fit
 from kdray.train.session import Session
+from sweep_helpers import Interrupt, StopAfter
 
 
 def blobs_cfg(**kw) -> RunConfig:
@@ -36,20 +37,6 @@ def test_train_local_mode_learns_and_reports_every_term(tmp_path, blobs_teacher)
     val = evaluate(student, load_dataset(cfg.dataset).val, 256, torch.device("cpu"))
     assert val["accuracy"] == pytest.approx(m["val_accuracy"])
 
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(Session):
-    def __init__(self, epochs: int, **kw):
-        super().__init__(**kw)
-        self.stop_after = epochs
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.stop_after:
-            raise Interrupt()
 
 
 def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, blobs_teacher):

@@ -10,21 +10,8 @@ from kdray.models import model_from_record
 from kdray.train.loop import STUDENT_FILE, evaluate, train_run
 from kdray.train.mutual import mutual_kl
 from kdray.train.session import Session
+from sweep_helpers import Interrupt, StopAfter
 
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfter(Session):
-    def __init__(self, epochs: int, **kw):
-        super().__init__(**kw)
-        self.stop_after = epochs
-
-    def report(self, metrics, checkpoint_dir):
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.stop_after:
-            raise Interrupt()
 
 
 # -- the mutual loss ---------------------------------------------------------------------------------------
