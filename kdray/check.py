@@ -230,10 +230,10 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
         strong = next((i for i, k in modules.items() if k.wants_strong_view), None)
         x_strong = None
         if strong is not None:
-            from kdray.data.loaders import strong_view
+            from kdray.data.views import ViewKey, strong_view
 
             try:
-                x_strong = strong_view(x)
+                x_strong = strong_view(x, torch.arange(len(x)), ViewKey(cfg.seed, 1))
             except ValueError as e:
                 raise ConfigError(f"{spec_name(cfg, strong)}: strong_augment {e}", file, f"knowledge.{strong}") from None
             s_out = s_out._replace(strong=s_taps.run(student, x_strong))

@@ -359,11 +359,25 @@ class TeacherConfig(Strict):
 
 
 class CacheConfig(Strict):
+    """Teacher outputs shared by a sweep's trials: one pass over fixed inputs, or per (epoch, sample) when the
+    inputs are augmented (kdray.view_cache)."""
+
     teacher_outputs: Literal["auto", "off"] = Field(
-        "auto", description="auto: share precomputed teacher outputs when training inputs are deterministic"
+        "auto", description="auto: share teacher outputs across a sweep's trials (per epoch when inputs are augmented)"
     )
-    max_bytes: int = Field(2 * 1024**3, ge=0, description="memory budget of the cached outputs")
-    dtype: Literal["auto", "float32", "float16"] = Field("auto", description="auto: float32 if it fits, else float16")
+    max_bytes: int = Field(2 * 1024**3, ge=0, description="memory budget of the cached outputs (beyond it, augmented "
+                                                          "epochs spill to the sweep's storage)")
+    dtype: Literal["auto", "float32", "float16"] = Field(
+        "auto", description="auto: float32 if it fits, else float16 (augmented data: float16)")
+    top_k: int | None = Field(None, ge=1, description="augmented data: log-probabilities of the k likeliest classes "
+                                                     "are stored, plus the remaining mass (default: every class up "
+                                                     "to 128 classes, exact; else 64)")
+    prefetch_epochs: int = Field(1, ge=0, description="augmented data: epochs the producer computes beyond the "
+                                                      "furthest trial's")
+    producer: bool = Field(True, description="augmented data: a Ray actor computes epochs ahead of the trials "
+                                             "(off: trials compute and share what they need)")
+    producer_gpus: float | None = Field(None, ge=0, description="GPUs of the producer (default: 1 when trials use "
+                                                                "GPUs and the cluster has two or more, else 0)")
 
 
 def validate_knowledge(entries: list[Any]) -> list[dict[str, Any]]:

@@ -73,3 +73,17 @@ def read_text(path: str) -> str:
 
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder (or a URI's prefix) and everything under it; nothing if it is not there."""
+    if not is_remote(path):
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, p = _fs(path)
+    try:
+        fs.delete_dir(p)
+    except (FileNotFoundError, OSError):
+        pass

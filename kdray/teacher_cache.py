@@ -8,8 +8,9 @@ shuffling or sharding reads the right rows.
 
 The cache is keyed by (teacher weights, data fingerprint, split) and every trial recomputes the key
 from its own teacher and data before use: a stale cache (other weights, other data or transforms) is
-never used. With random augmentation, or when a trial taps a layer that was not cached, the trial
-runs the teacher live and says so in its ``teacher_source`` metric.
+never used. With random augmentation the outputs differ every epoch: :mod:`kdray.view_cache` shares them
+per (epoch, sample) instead. When a trial taps a layer that was not cached, the trial runs the teacher
+live and says why in its ``teacher_reason`` (its ``teacher_source`` metric says ``live``).
 """
 from __future__ import annotations
 
@@ -127,9 +128,23 @@ class TeacherOutputs:
     @classmethod
     def create(cls, teacher: Teacher | None, cache: TeacherCache | None, records: list[dict[str, Any]],
                data: DataBundle, layers: list[str], device: torch.device,
-               copy_to_device: bool = True) -> "TeacherOutputs":
+               copy_to_device: bool = True, seed: int = 0) -> "TeacherOutputs":
+        """The cache when it applies to this trial's teacher, data, seed and layers; else the live teacher
+        and the reason."""
         if cache is None:
             return cls(teacher, None, layers, device, "no cache was offered")
+        from kdray.view_cache import ViewCacheHandle, ViewCacheOutputs, view_cache_key
+
+        if isinstance(cache, ViewCacheHandle):
+            if teacher is None:  # nothing to distil (none, dml): nothing to read
+                return cls(teacher, None, layers, device, "this run has no teacher")
+            if cache.key != view_cache_key(records, data, seed):
+                return cls(teacher, None, layers, device,
+                           "the sweep's cache is for another teacher, data or seed (views differ)")
+            missing = [k for k in layers if k not in cache.codec.layers]
+            if missing:
+                return cls(teacher, None, layers, device, f"layers {missing} are not cached ({cache.note})")
+            return ViewCacheOutputs(cache, teacher, device)  # type: ignore[return-value]
         if not data.deterministic:
             return cls(teacher, None, layers, device, "random augmentation: outputs differ every epoch")
         if cache.key != cache_key(records, data):
@@ -140,6 +155,15 @@ class TeacherOutputs:
         if len(cache) != len(data.train):
             return cls(teacher, None, layers, device, "cache size does not match the training split")
         return cls(teacher, cache, layers, device, f"shared cache ({cache.note})", copy_to_device)
+
+    def set_epoch(self, epoch: int) -> None:
+        """One cache for every epoch (the inputs do not change)."""
+
+    def flush(self) -> None:
+        """Nothing to publish."""
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {}
 
     def __call__(self, idx: Tensor, x: Tensor) -> TapOutputs:
         if self._logits is None:

@@ -1,6 +1,7 @@
-"""One sweep over every knowledge type kdray registers for CNNs, plus the schemes dml and born_again, on real
-digits with a BatchNorm+dropout student: every trial runs end to end (1-epoch trials) and MLflow shows each
-method's own loss term, born-again's nested generation runs and dml's peers."""
+"""One sweep over every knowledge type kdray registers for CNNs, plus the schemes dml and born_again, on CIFAR-shaped
+images augmented with crops and flips, with a BatchNorm+dropout student: every trial runs end to end (1-epoch
+trials) and MLflow shows each method's own loss term, born-again's nested generation runs and dml's peers. The
+teacher's outputs on the augmented views come from the sweep's per-(epoch, sample) cache, feature maps included."""
 from __future__ import annotations
 
 import pytest
@@ -20,14 +21,14 @@ TYPES = sorted(n for n, _ in KNOWLEDGE.items() if KNOWLEDGE.origin(n) == "kdray"
 
 def test_a_sweep_over_every_method_and_scheme_runs_end_to_end(ray_cluster, tmp_path):
     choices = {t: {} for t in TYPES}
-    choices["dml"] = {"scheme.peers": [{"name": "digits_mlp"}]}
+    choices["dml"] = {"scheme.peers": [{"name": "small_cnn", "options": {"widths": [8, 16]}}]}
     choices["born_again+kd"] = {"scheme.generations": 2}
     space = {
         "name": "every-method", "seed": 0, "num_samples": len(choices) + 1,
         "base": {
-            "dataset": {"name": "digits", "val_fraction": 0.15},
-            "teacher": {"train": {"model": {"name": "digits_cnn"}, "train": {"epochs": 3, "batch_size": 64,
-                                                                              "lr": 0.003}}},
+            "dataset": {"name": "test_images"},
+            "teacher": {"train": {"model": {"name": "small_cnn", "options": {"widths": [32, 64]}},
+                                  "train": {"epochs": 3, "batch_size": 64, "lr": 0.003}}},
             # Same widths as the teacher (32/64): FSP matches Gram matrices of equal channel counts.
             "student": {"name": "small_cnn", "options": {"widths": [32, 64], "dropout": 0.1}},
             "train": {"epochs": 1, "batch_size": 64, "lr": 0.003},
@@ -55,3 +56,12 @@ def test_a_sweep_over_every_method_and_scheme_runs_end_to_end(ray_cluster, tmp_p
     nested = c.search_runs([ban.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{ban.info.run_id}'")
     assert sorted(r.data.tags["kdray.generation"] for r in nested) == ["1", "2"]
     assert all(r.info.status == "FINISHED" and "loss_kd" in r.data.metrics for r in nested)
+    # Every distilling trial read the sweep's teacher outputs for the augmented views, feature maps included.
+    sources = {k: r.data.tags.get("kdray.teacher_source") for k, r in runs.items() if k not in ("none", "dml")}
+    assert {k: v for k, v in sources.items() if v != "view_cache"} == {}, sources
+    assert max(r.data.metrics["teacher_cached_fraction"] for k, r in runs.items() if k in sources) == 1.0
+    parent = c.get_run(result.parent_run_id).data
+    n = 480  # training samples of test_images
+    computed = parent.metrics["teacher_cache.rows_by_producer"] + parent.metrics["teacher_cache.rows_by_trials"]
+    assert n <= computed <= 3 * n  # epoch 1's views once (twice or thrice where trials raced the producer)
+    assert parent.metrics["teacher_cache.rows_read"] >= (len(TYPES) - 3) * n

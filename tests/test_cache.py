@@ -68,7 +68,7 @@ def test_other_data_or_augmentation_or_missing_layers_run_the_teacher_live(setup
     assert TeacherOutputs.create(live(mnist1d_teacher), cache, [mnist1d_teacher], other, LAYERS,
                                  torch.device("cpu")).reason.startswith("stale")
     augmented = copy.copy(data)
-    augmented.augment = lambda x, g: x
+    augmented.augment = lambda x, idx, key: x
     assert "augmentation" in TeacherOutputs.create(live(mnist1d_teacher), cache, [mnist1d_teacher], augmented,
                                                    LAYERS, torch.device("cpu")).reason
     assert "not cached" in TeacherOutputs.create(live(mnist1d_teacher), cache, [mnist1d_teacher], data,

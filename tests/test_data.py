@@ -160,12 +160,13 @@ def test_batches_yield_sample_indices_not_batch_positions():
 
 
 def test_crop_flip_keeps_shape_and_content():
+    from kdray.data import ViewKey
+
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
-    g = torch.Generator().manual_seed(0)
-    out = crop_flip(x, g, pad=0, flip=True)
+    out = crop_flip(x, torch.arange(2), ViewKey(0, 1), pad=0, flip=True)
     for i in range(2):
         assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
-    out = crop_flip(x, torch.Generator().manual_seed(1), pad=2, flip=False)
+    out = crop_flip(x, torch.arange(2), ViewKey(1, 1), pad=2, flip=False)
     assert out.shape == x.shape
 
 

@@ -16,7 +16,8 @@ from kdray.data.base import (
     register_dataset,
 )
 from kdray.data import custom, offline, vision  # noqa: F401  (registers the data sets)
-from kdray.data.loaders import Batches, ShardSampler, crop_flip
+from kdray.data.loaders import Batches, ShardSampler
+from kdray.data.views import ViewKey, crop_flip
 
 __all__ = [
     "DATASETS",
@@ -27,6 +28,7 @@ __all__ = [
     "DatasetUnavailable",
     "ShardSampler",
     "Split",
+    "ViewKey",
     "carve_validation",
     "crop_flip",
     "data_dir",

@@ -24,6 +24,10 @@ from kdray.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdray.config import DatasetConfig
+    from kdray.data.views import ViewKey
+
+# A batch-level training augmentation: (x, sample indices, the epoch's view key) -> x, every draw keyed per sample.
+Augment = Callable[[Tensor, Tensor, "ViewKey"], Tensor]
 
 
 class DatasetUnavailable(RuntimeError):
@@ -82,7 +86,7 @@ class DataBundle:
     train: Split
     val: Split
     test: Split
-    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None  # batch-level, train only
+    augment: Augment | None = None  # batch-level, train only: (x, idx, ViewKey) -> x
     file_augment: bool = False  # file-backed sets that augment inside their Dataset
     fingerprint: str = ""
     details: dict[str, Any] = field(default_factory=dict)
@@ -153,7 +157,7 @@ def in_memory_bundle(
     x_test: Tensor,
     y_test: Tensor,
     cfg: "DatasetConfig",
-    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    augment: Augment | None = None,
 ) -> DataBundle:
     """Carve validation from train and fingerprint the data (the teacher-cache key uses it)."""
     tr, va = carve_validation(y_train.numpy(), cfg.val_fraction, cfg.split_seed)

@@ -418,7 +418,7 @@ def load_hf(cfg: "DatasetConfig") -> DataBundle:
     """Text: int64 ids (N, max_length) padded with the tokenizer's pad id; images: uint8 (N, C, H, W)."""
     from functools import partial
 
-    from kdray.data.loaders import crop_flip
+    from kdray.data.views import crop_flip
 
     arrays = _hf_arrays(cfg)
     info = _hf_info(cfg, arrays)

@@ -9,29 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 from kdray.data.base import Split
-
-
-def crop_flip(x: Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> Tensor:
-    """Random crop with zero padding and random horizontal flip, for a whole (B, C, H, W) batch."""
-    b, _, h, w = x.shape
-    dev = x.device
-    if pad:
-        xp = F.pad(x, (pad, pad, pad, pad))
-        i = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
-        j = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
-        rows = (i[:, None] + torch.arange(h, device=dev)[None]).view(b, 1, h, 1)
-        cols = (j[:, None] + torch.arange(w, device=dev)[None]).view(b, 1, 1, w)
-        chans = torch.arange(x.shape[1], device=dev).view(1, -1, 1, 1)
-        x = xp[torch.arange(b, device=dev).view(b, 1, 1, 1), chans, rows, cols]
-    if flip:
-        mask = torch.rand(b, generator=generator, device=dev) < 0.5
-        x = torch.where(mask.view(b, 1, 1, 1), x.flip(3), x)
-    return x
+from kdray.data.views import FILE, ViewKey
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
@@ -73,22 +55,6 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def strong_view(x: Tensor, num_ops: int = 2, magnitude: int = 10) -> Tensor:
-    """A strongly augmented copy of a (B, C, H, W) batch of [0, 1] images: torchvision's RandAugment
-    (``num_ops`` random operations at ``magnitude``, FixMatch's strong augmentation, which MLKD trains with)
-    applied to each image on its own, drawn from torch's global generator (the loop seeds it per rank and
-    epoch, so a resumed run draws the same views)."""
-    from torchvision.transforms import v2
-
-    if x.dim() != 4:
-        raise ValueError(f"a strong view needs image batches (B, C, H, W); got shape {tuple(x.shape)}")
-    aug = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
-    images = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8)
-    if images.shape[1] not in (1, 3):  # RandAugment's colour operations take grey or RGB images
-        raise ValueError(f"a strong view needs 1 or 3 channels, got {images.shape[1]}")
-    return torch.stack([aug(img) for img in images]).to(x.dtype).div_(255.0)
-
-
 def to_float(x: Tensor) -> Tensor:
     """uint8 images to [0, 1] floats; float inputs unchanged."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x
@@ -98,11 +64,14 @@ class _MergedBatches(torch.utils.data.Sampler[list[int]]):
     """Batches of ``sampler``'s indices cut by ``batch_bounds`` (the in-memory path's batches), for a
     ``DataLoader``'s ``batch_sampler``: its own batching would leave a trailing batch of one sample."""
 
-    def __init__(self, sampler: torch.utils.data.Sampler[int], batch_size: int) -> None:
-        self.sampler, self.batch_size = sampler, batch_size
+    def __init__(self, sampler: torch.utils.data.Sampler[int], batch_size: int, seed: int | None = None) -> None:
+        self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
+        self.epoch = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         order = list(self.sampler)
+        if self.seed is not None:  # training: every item carries its view key (seed, epoch, i)
+            order = [(self.seed, self.epoch, i) for i in order]
         return iter([order[s:e] for s, e in batch_bounds(len(order), self.batch_size)])
 
     def __len__(self) -> int:
@@ -110,14 +79,24 @@ class _MergedBatches(torch.utils.data.Sampler[list[int]]):
 
 
 class _WithIndex(torch.utils.data.Dataset):
+    """``(i, x, y)``; an item ``(seed, epoch, i)`` draws the dataset's random transforms from a generator seeded
+    by that key, so a file-backed set's training view of sample i in epoch e is the same in every trial."""
+
     def __init__(self, ds: torch.utils.data.Dataset) -> None:
         self.ds = ds
 
     def __len__(self) -> int:
         return len(self.ds)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int):
-        x, y = self.ds[i]
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            seed, epoch, i = item
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(ViewKey(seed, epoch).sample_seed(i, FILE))
+                x, y = self.ds[i]
+        else:
+            i = item
+            x, y = self.ds[i]
         return i, x, y
 
 
@@ -148,22 +127,23 @@ class Batches:
         self.loader = None
         if not split.in_memory:
             pin = self.device.type == "cuda"
+            self.batch_sampler = _MergedBatches(self.sampler, self.batch_size, seed if train else None)
             self.loader = torch.utils.data.DataLoader(
-                _WithIndex(split.dataset), batch_sampler=_MergedBatches(self.sampler, self.batch_size),
+                _WithIndex(split.dataset), batch_sampler=self.batch_sampler,
                 num_workers=num_workers, pin_memory=pin, persistent_workers=num_workers > 0,
             )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
+        if self.loader is not None:
+            self.batch_sampler.epoch = epoch
 
     def __len__(self) -> int:
         return len(batch_bounds(len(self.sampler), self.batch_size))  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        gen = None
-        if self.augment is not None:
-            gen = torch.Generator(device=self.device).manual_seed((self.seed * 7919 + self.epoch) * 131 + self.rank)
+        key = ViewKey(self.seed, self.epoch)
         if self.loader is not None:
             for idx, x, y in self.loader:
                 yield (idx.to(self.device, non_blocking=True), x.to(self.device, non_blocking=True),
@@ -174,7 +154,12 @@ class Batches:
         order = torch.as_tensor(list(self.sampler), dtype=torch.int64, device=xs.device)
         for s, e in batch_bounds(len(order), self.batch_size):
             idx = order[s:e]
-            x = to_float(xs[idx].to(self.device, non_blocking=True))
-            if gen is not None:
-                x = self.augment(x, gen)
-            yield idx, x, ys[idx].to(self.device, non_blocking=True)
+            yield idx, train_views(self.split, idx, key, self.augment, self.device), ys[idx].to(self.device,
+                                                                                               non_blocking=True)
+
+
+def train_views(split: Split, idx: Tensor, key: ViewKey, augment, device: torch.device) -> Tensor:
+    """The inputs of samples ``idx`` of an in-memory split as training sees them in ``key``'s epoch (augmented
+    when ``augment`` is given), as floats on ``device``: what the loop and the teacher-output producer share."""
+    x = to_float(split.x[idx.to(split.x.device)].to(device, non_blocking=True))
+    return augment(x, idx.to(device), key) if augment is not None else x

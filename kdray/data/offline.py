@@ -129,7 +129,7 @@ def load_test_images(cfg: "DatasetConfig") -> DataBundle:
     paths real image sets take run in tests: each class is a noisy colour gradient in its own direction."""
     from functools import partial
 
-    from kdray.data.loaders import crop_flip
+    from kdray.data.views import crop_flip
 
     rng = np.random.default_rng(0)
     n = 600

@@ -27,7 +27,7 @@ from kdray.data.base import (
     in_memory_bundle,
     register_dataset,
 )
-from kdray.data.loaders import crop_flip
+from kdray.data.views import crop_flip
 
 if TYPE_CHECKING:  # pragma: no cover
     from kdray.config import DatasetConfig

@@ -159,27 +159,39 @@ def teacher_layers_needed(space: SearchSpace, records: list[dict[str, Any]]) -> 
     return layers
 
 
-def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list, say) -> Any:
-    """Build the shared teacher-output cache when it is valid, or say why the teacher runs live."""
+def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list, say,
+                  spill_dir: str | None = None) -> tuple[Any, Any]:
+    """Share teacher outputs across the trials, or say why the teacher runs live.
+
+    Returns (what trials get, the per-epoch cache to stop at the end or None): a one-pass cache when training
+    inputs are fixed; teacher outputs per (epoch, sample) (:mod:`kdray.view_cache`) when they are augmented.
+    """
     import ray
 
     if base.teacher is None or base.cache.teacher_outputs == "off":
         say("teacher-output cache: off" + (" (cache.teacher_outputs: off)" if base.teacher else ""))
-        return None
-    from kdray.data import DATASETS
-
-    spec = DATASETS.get(base.dataset.name)
+        return None, None
     if base.dataset.name == "imagefolder":
-        say("teacher-output cache: not used for imagefolder (images are read and augmented from disk)")
-        return None
+        say("teacher-output cache: not used for imagefolder (images are read and augmented from disk); "
+            "teachers run live")
+        return None, None
     from kdray.data import load_dataset
 
     data = load_dataset(base.dataset)
-    if not data.deterministic:
-        say(f"teacher-output cache: not used ({spec.name} has random augmentation; teachers run live)")
-        return None
     layers = teacher_layers_needed(space, records)
     t0 = time.time()
+    if not data.deterministic:
+        from kdray.view_cache import start_view_cache
+
+        if not data.train.in_memory:
+            say(f"teacher-output cache: not used ({base.dataset.name} augments inside a file-backed data set); "
+                "teachers run live")
+            return None, None
+        view_cache = start_view_cache(records, refs, data, base.dataset.model_dump(mode="json"), base.seed, layers,
+                                      base.cache, space.max_epochs, spill_dir, base.resources.use_gpu)
+        say(f"teacher-output cache: augmented inputs, outputs shared per (epoch, sample): "
+            f"{view_cache.handle.note}; memory {base.cache.max_bytes / 2**20:.0f} MiB, then spilled to storage")
+        return view_cache.handle, view_cache
     args = (refs, base.dataset.model_dump(mode="json"), layers, base.cache.max_bytes, base.cache.dtype,
             base.resources.use_gpu)
     if base.resources.use_gpu:  # the teacher pass belongs on a GPU node: a Ray task there
@@ -194,11 +206,29 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
         ref = ray.put(cache) if cache is not None else None
     if summary is None:
         say("teacher-output cache: nothing fits the memory budget (cache.max_bytes); teachers run live")
-        return None
+        return None, None
     say(f"teacher-output cache: {summary['samples']} samples, logits + {summary['features']} feature maps "
         f"({summary['nbytes'] / 2**20:.1f} MiB, {summary['note']}) built in {time.time() - t0:.1f} s; shared by "
         "all trials")
-    return ref
+    return ref, None
+
+
+def report_view_cache(view_cache: Any, c: Any, parent_id: str, say) -> None:
+    """What the per-epoch cache did, in the sweep's MLflow run and on the console."""
+    s = view_cache.summary()
+    err = view_cache.producer_error()
+    total = s["rows_by_producer"] + s["rows_by_trials"]
+    for k in ("rows_by_producer", "rows_by_trials", "rows_read", "blocks_spilled", "blocks_reloaded",
+              "blocks_dropped", "peak_bytes", "bytes_per_sample", "mean_truncation_kl"):
+        c.log_metric(parent_id, f"teacher_cache.{k}", float(s[k]))
+    c.set_tag(parent_id, "kdray.teacher_cache", view_cache.handle.note)
+    epochs = s["epochs_computed"]
+    say(f"teacher-output cache: {total} teacher rows computed for epochs "
+        f"{epochs[0] if epochs else 0}-{epochs[-1] if epochs else 0} ({s['rows_by_producer']} by the producer, "
+        f"{s['rows_by_trials']} by trials ahead of it), {s['rows_read']} rows read from the store; peak "
+        f"{s['peak_bytes'] / 2**20:.1f} MiB in memory, {s['blocks_spilled']} blocks spilled"
+        + (f"; mean KL(teacher || top-k) {s['mean_truncation_kl']:.2e} nats" if s["mean_truncation_kl"] else "")
+        + (f"; the producer failed ({err}), trials computed live" if err else ""))
 
 
 def _checkpoint_of(r, storage: str) -> Any:
@@ -396,7 +426,9 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     timings["teacher_s"] = time.time() - t0
     refs = [ray.put(r) for r in records]
     t0 = time.time()
-    cache_ref = prepare_cache(space, base, refs, records, say) if records else None
+    cache_ref, view_cache = (prepare_cache(space, base, refs, records, say,
+                                           storage.join(req.storage, f"{req.name}-teacher-outputs"))
+                             if records else (None, None))
     timings["cache_s"] = time.time() - t0
 
     trainable = tune.with_parameters(run_trial, space=space, teacher_refs=refs, cache_ref=cache_ref,
@@ -450,7 +482,13 @@ def run_sweep(req: SweepRequest) -> SweepResult:
             ),
         )
     t0 = time.time()
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+        if view_cache is not None:
+            report_view_cache(view_cache, c, parent_id, say)
+    finally:
+        if view_cache is not None:
+            view_cache.stop()
     if not tracker.flush():  # the MLflow writer thread: every record of the trials in MLflow before it is read
         raise SweepError(f"MLflow at {req.tracking_uri} stayed unreachable: {tracker.unwritten()} could not be "
                          f"written. Tune's experiment state in {experiment_dir} holds every trial's result and "

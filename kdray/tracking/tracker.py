@@ -52,7 +52,8 @@ from kdray.train.loop import ran_all_epochs
 
 # Per-epoch metrics that are logged (strings such as teacher_source become tags).
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "lr", "epoch_time_s", "train_time_s",
-           "samples_per_s", "report_latency_s", "checkpoint_write_s", "resumed_from_epoch", "generation", "best_peer")
+           "samples_per_s", "report_latency_s", "checkpoint_write_s", "resumed_from_epoch", "generation", "best_peer",
+           "teacher_cached_fraction")
 # Families of metrics: every loss term, each dml peer's accuracy, each born-again generation's last accuracy.
 METRIC_PREFIXES = ("loss_", "val_accuracy_peer", "val_accuracy_gen")
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from kdray.config import RunConfig, TrainConfig
 from kdray.data import Batches, DataBundle, Split, load_dataset
-from kdray.data.loaders import strong_view
+from kdray.data.views import ViewKey, strong_view
 from kdray.knowledge import DistillObjective, ModelLayout, TapOutputs, nonfinite_terms
 from kdray.models import Classifier, FeatureTaps, Teacher, build_model, model_record, unwrap
 from kdray.models.checkpoint import atomic_torch_save
@@ -245,7 +245,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
                             device=device, augment=data.augment, num_workers=cfg.resources.loader_workers)
     teacher_out = TeacherOutputs.create(teacher, resolve_ref(config.get("teacher_cache")), records, data,
                                         objective.teacher_layers, device,
-                                        copy_to_device=cfg.resources.gpus_per_worker >= 1)
+                                        copy_to_device=cfg.resources.gpus_per_worker >= 1, seed=cfg.seed)
 
     # Per-sample state (CRD's memory bank) is sized by the training split, indexed by the batches' idx.
     objective.bind_data(len(data.train), data.train.y)
@@ -314,6 +314,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         lr = optimizer.param_groups[0]["lr"]
         objective.set_epoch(epoch)
         train_batches.set_epoch(epoch)
+        if objective.needs_teacher:
+            teacher_out.set_epoch(epoch)
         seed_everything(epoch_seed(cfg.seed, rank, epoch))
         step_module.train()
         names: list[str] = []
@@ -326,8 +328,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
                 x = x.contiguous(memory_format=torch.channels_last)
             t_out = teacher_out(idx, x) if objective.needs_teacher else None
             x_strong = None
-            if strong:  # the teacher's outputs on this view are never cached: they are drawn per step
-                x_strong = strong_view(x)
+            if strong:  # the teacher's outputs on this second view are not cached: it runs live on it
+                x_strong = strong_view(x, idx, ViewKey(cfg.seed, epoch))
                 with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                     t_out = t_out._replace(strong=teacher(x_strong))
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
@@ -351,6 +353,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
                 acc += step_vals
 
         scheduler.step()  # the next epoch's learning rate (saved with the checkpoint below)
+        if objective.needs_teacher:
+            teacher_out.flush()  # teacher outputs this run computed, for the other trials of its sweep
         # One sync per epoch: every term's sum, the accuracy and the count, over all ranks.
         packed = torch.cat([acc, torch.tensor([float(seen)], device=device)])
         packed = session.all_reduce_sum(packed.double())
@@ -392,6 +396,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             "train_time_s": train_time,
             "samples_per_s": total / train_time if train_time > 0 else 0.0,
             "teacher_source": teacher_out.source if objective.needs_teacher else "none",
+            **(teacher_out.epoch_stats() if objective.needs_teacher else {}),
             **where,
         }
         if where_resumed:

@@ -1,0 +1,519 @@
+"""Teacher outputs per (epoch, sample) for augmented training data, computed once per sweep.
+
+With random augmentation a sample's input changes every epoch, so the one-pass cache of
+:mod:`kdray.teacher_cache` does not apply. But views are a pure function of (seed, epoch, sample)
+(:mod:`kdray.data.views`), so every trial of a sweep needs the teacher's outputs on *the same* views:
+
+* a **producer** (a Ray actor, on a GPU when asked) computes epoch e's outputs ahead of the trials, in
+  blocks of consecutive sample indices, only for epochs some trial has reached (plus ``prefetch``);
+* a **store** (a Ray actor) keeps finished blocks in Ray's object store (trials on a node read them
+  without copies), bounded by ``cache.max_bytes``: beyond it, the least recently read blocks are spilled
+  to the sweep's storage (local or S3) and read back on demand;
+* a **trial** reads its batch's rows by (epoch, sample index); rows not published yet it computes live
+  and publishes, so a trial ahead of the producer is never blocked and its work is not lost.
+
+Storage is compact (:class:`Codec`): the teacher's log-probabilities as the top-k values and their class
+indices in float16 plus the remaining probability mass, exact up to float16 rounding when k is the number
+of classes; tapped feature maps only when every epoch of them fits the budget. Every trial, whether it
+read a row or computed it, trains on the *decoded* row, so a trial's result does not depend on which
+process computed what.
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdray.knowledge import TapOutputs
+
+BLOCK = 1024  # samples per stored block (consecutive sample indices)
+MIN_LOGP = -1e4  # log-probabilities below this are stored as this (float16 keeps them finite)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one sample's teacher outputs are stored: top-k log-probabilities (+ indices and the remaining mass
+    when k < C) and the cached feature maps, all in ``dtype``."""
+
+    num_classes: int
+    top_k: int
+    features: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    dtype: str = "float16"
+
+    @property
+    def exact(self) -> bool:
+        return self.top_k >= self.num_classes
+
+    @property
+    def layers(self) -> list[str]:
+        return [name for name, _ in self.features]
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        return np.dtype(np.int16 if self.num_classes < 2**15 else np.int32)
+
+    def fields(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Every stored array's per-sample shape and dtype."""
+        dt = np.dtype(self.dtype)
+        out: dict[str, tuple[tuple[int, ...], np.dtype]] = {"logp": ((min(self.top_k, self.num_classes),), dt)}
+        if not self.exact:
+            out["index"] = ((self.top_k,), self.index_dtype)
+            out["tail"] = ((), np.dtype(np.float32))
+        for name, shape in self.features:
+            out["f:" + name] = (tuple(shape), dt)
+        return out
+
+    def bytes_per_sample(self, with_features: bool = True) -> int:
+        return sum(math.prod(s) * d.itemsize for k, (s, d) in self.fields().items()
+                   if with_features or not k.startswith("f:"))
+
+    def empty(self, n: int) -> dict[str, np.ndarray]:
+        return {k: np.zeros((n, *s), dtype=d) for k, (s, d) in self.fields().items()}
+
+    @torch.no_grad()
+    def encode(self, out: TapOutputs) -> tuple[dict[str, np.ndarray], float]:
+        """Stored rows of a batch of teacher outputs (numpy, on the CPU), and the summed KL(p ‖ p̂) at T = 1 of
+        the decoded distribution p̂ from the teacher's p (0 when exact): what truncation to top-k costs."""
+        dt = getattr(torch, self.dtype)
+        logp = torch.log_softmax(out.logits.float(), dim=1).clamp_min(MIN_LOGP)
+        rows: dict[str, Tensor] = {}
+        kl = 0.0
+        if self.exact:
+            rows["logp"] = logp.to(dt)
+        else:
+            vals, index = logp.topk(self.top_k, dim=1)
+            rows["logp"] = vals.to(dt)
+            rows["index"] = index.to(torch.int16 if self.index_dtype == np.int16 else torch.int32)
+            rows["tail"] = (1.0 - vals.exp().sum(1)).clamp_min(0.0)
+            dense = self.decode({k: v for k, v in rows.items()}).logits
+            kl = float((logp.exp() * (logp - dense)).sum())
+        for name, _ in self.features:
+            rows["f:" + name] = out.features[name].to(dt)
+        return {k: v.cpu().numpy() for k, v in rows.items()}, kl
+
+    def decode(self, rows: dict[str, Tensor]) -> TapOutputs:
+        """Teacher outputs as the losses take them: (B, C) float32 log-probabilities (every logit-based type is
+        invariant to a per-sample shift of the logits) and float32 feature maps.
+
+        With k < C the top-k classes keep their log-probabilities and the other C − k share the remaining mass
+        equally; the losses (kd, dkd, dist, ...) then run unchanged on this sparse target made dense per batch
+        (B × C floats, transient), which is the exact teacher distribution when k = C."""
+        vals = rows["logp"].float()
+        if self.exact:
+            logits = vals
+        else:
+            rest = self.num_classes - self.top_k
+            tail = torch.log(rows["tail"].float().clamp_min(1e-12) / rest).clamp_min(MIN_LOGP)
+            logits = tail[:, None].expand(vals.shape[0], self.num_classes).clone()
+            logits.scatter_(1, rows["index"].long(), vals)
+        feats = {name: rows["f:" + name].float() for name, _ in self.features}
+        return TapOutputs(logits, feats)
+
+
+def default_top_k(num_classes: int) -> int:
+    """Every class up to 128 classes (exact); 64 beyond (ImageNet: 1000 → 64, 256 bytes per sample)."""
+    return num_classes if num_classes <= 128 else 64
+
+
+@dataclass
+class ViewCacheHandle:
+    """What a trial receives: the store actor, the codec, and the key its own teacher and data must match."""
+
+    store: Any
+    codec: Codec
+    num_samples: int
+    key: str
+    seed: int
+    block: int = BLOCK
+    note: str = ""
+
+
+def view_cache_key(records: list[dict[str, Any]], data: Any, seed: int) -> str:
+    """Teacher weights, data (fingerprint), whether it is augmented, and the seed of the views."""
+    from kdray.teacher_cache import cache_key
+
+    return f"{cache_key(records, data)}-aug{int(data.augment is not None)}-seed{seed}"
+
+
+# ----------------------------------------------------------------------------------------------- the store
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+class ViewStore:
+    """A Ray actor: the finished blocks of every epoch (object refs it owns), the blocks being filled, the
+    memory budget and the spill folder, and the counters the sweep reports."""
+
+    def __init__(self, num_samples: int, codec: Codec, max_bytes: int, spill_dir: str | None, prefetch: int,
+                 max_epoch: int, block: int = BLOCK) -> None:
+        self.n, self.codec, self.max_bytes, self.spill_dir = num_samples, codec, max_bytes, spill_dir
+        self.prefetch, self.max_epoch, self.block = prefetch, max_epoch, block
+        self.blocks = (num_samples + block - 1) // block
+        self.partial: dict[tuple[int, int], tuple[dict[str, np.ndarray], np.ndarray]] = {}
+        self.done: dict[tuple[int, int], Any] = {}  # (epoch, block) -> ObjectRef, or a spill path
+        self.nbytes: dict[tuple[int, int], int] = {}
+        self.last_read: dict[tuple[int, int], float] = {}
+        self.issued: dict[tuple[int, int], float] = {}
+        self.reached = 0
+        self.stats = {"rows_by_producer": 0, "rows_by_trials": 0, "rows_read": 0, "blocks_spilled": 0,
+                      "blocks_reloaded": 0, "blocks_dropped": 0, "peak_bytes": 0, "kl_sum": 0.0, "kl_rows": 0}
+        self.epochs_computed: set[int] = set()
+
+    # -- demand
+    def reach(self, epoch: int) -> None:
+        self.reached = max(self.reached, int(epoch))
+
+    def next_job(self) -> tuple[int, int, list[int]] | None:
+        """The producer's next block: the earliest unfinished block of the epochs trials have reached (and
+        ``prefetch`` beyond), never past the longest trial's last epoch; None when there is nothing to do."""
+        now = time.monotonic()
+        last = min(self.reached + self.prefetch, self.max_epoch) if self.reached else 0
+        for e in range(1, last + 1):
+            for b in range(self.blocks):
+                if (e, b) in self.done or now - self.issued.get((e, b), -1e9) < 60.0:
+                    continue
+                self.issued[(e, b)] = now
+                lo, hi = b * self.block, min((b + 1) * self.block, self.n)
+                filled = self.partial.get((e, b), (None, np.zeros(hi - lo, bool)))[1]
+                return e, b, [lo + int(i) for i in np.flatnonzero(~filled)]
+        return None
+
+    # -- publication
+    def publish(self, epoch: int, idx: np.ndarray, rows: dict[str, np.ndarray], source: str = "trial",
+                kl: float = 0.0) -> None:
+        import ray
+
+        idx = np.asarray(idx, dtype=np.int64)
+        self.stats["rows_by_producer" if source == "producer" else "rows_by_trials"] += len(idx)
+        self.stats["kl_sum"] += float(kl)
+        self.stats["kl_rows"] += len(idx)
+        self.epochs_computed.add(int(epoch))
+        blocks = idx // self.block
+        for b in np.unique(blocks):
+            key = (int(epoch), int(b))
+            if key in self.done:
+                continue
+            lo, hi = int(b) * self.block, min((int(b) + 1) * self.block, self.n)
+            arrays, filled = self.partial.get(key) or (self.codec.empty(hi - lo), np.zeros(hi - lo, bool))
+            sel = blocks == b
+            local = idx[sel] - lo
+            for k, a in arrays.items():
+                a[local] = rows[k][sel]
+            filled[local] = True
+            if filled.all():
+                self.partial.pop(key, None)
+                self.done[key] = ray.put(arrays)
+                self.nbytes[key] = sum(a.nbytes for a in arrays.values())
+                self.last_read[key] = time.monotonic()
+            else:
+                self.partial[key] = (arrays, filled)
+        self._bound_memory()
+
+    def _in_memory(self) -> int:
+        held = sum(n for k, n in self.nbytes.items() if not isinstance(self.done.get(k), str))
+        return held + sum(sum(a.nbytes for a in arrs.values()) for arrs, _ in self.partial.values())
+
+    def _bound_memory(self) -> None:
+        """Spill (or, with no spill folder, drop: they will be recomputed) the least recently read blocks until
+        what the store holds fits ``max_bytes``."""
+        import ray
+
+        from kdray.storage import join, write_bytes
+
+        used = self._in_memory()
+        self.stats["peak_bytes"] = max(self.stats["peak_bytes"], used)
+        held = sorted((t, k) for k, t in self.last_read.items() if not isinstance(self.done.get(k), str))
+        for _, key in held:
+            if used <= self.max_bytes:
+                break
+            if self.spill_dir:
+                path = join(self.spill_dir, f"epoch{key[0]:05d}_block{key[1]:05d}.npz")
+                write_bytes(path, _npz(ray.get(self.done[key])))
+                self.done[key] = path
+                self.stats["blocks_spilled"] += 1
+            else:
+                del self.done[key], self.last_read[key]
+                self.issued.pop(key, None)
+                self.stats["blocks_dropped"] += 1
+            used -= self.nbytes[key]
+
+    # -- reading
+    def ready(self, epoch: int, have: list[int]) -> dict[int, list]:
+        """The finished blocks of ``epoch`` not in ``have``, each as ``[ObjectRef]`` (a list: Ray hands the
+        reference over instead of resolving it)."""
+        import ray
+
+        from kdray.storage import read_bytes
+
+        out = {}
+        have_set = set(have)
+        now = time.monotonic()
+        for b in range(self.blocks):
+            key = (int(epoch), b)
+            if b in have_set or key not in self.done:
+                continue
+            ref = self.done[key]
+            if isinstance(ref, str):  # spilled: back into the object store
+                with np.load(io.BytesIO(read_bytes(ref))) as z:
+                    ref = ray.put({k: z[k] for k in z.files})
+                self.done[key] = ref
+                self.stats["blocks_reloaded"] += 1
+            self.last_read[key] = now
+            self.stats["rows_read"] += min((b + 1) * self.block, self.n) - b * self.block
+            out[b] = [ref]
+        self._bound_memory()
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        s = dict(self.stats)
+        s["epochs_computed"] = sorted(self.epochs_computed)
+        s["blocks_finished"] = len(self.done)
+        s["bytes_in_memory"] = self._in_memory()
+        s["bytes_per_sample"] = self.codec.bytes_per_sample()
+        s["mean_truncation_kl"] = s["kl_sum"] / s["kl_rows"] if s["kl_rows"] else 0.0
+        return s
+
+
+# -------------------------------------------------------------------------------------------- the producer
+class ViewProducer:
+    """A Ray actor computing the teacher's outputs block by block for the store's demanded epochs."""
+
+    def __init__(self, store: Any, records: list, dataset: dict[str, Any], seed: int, codec: Codec,
+                 use_gpu: bool = False, threads: int = 1, batch_size: int = 256) -> None:
+        self.store, self.records, self.dataset, self.seed, self.codec = store, records, dataset, seed, codec
+        self.use_gpu, self.threads, self.batch_size = use_gpu, threads, batch_size
+
+    def run(self, poll_s: float = 0.05) -> None:
+        """Work until killed: take a block, compute its missing rows, publish them."""
+        import ray
+
+        from kdray.config import DatasetConfig
+        from kdray.data import load_dataset
+        from kdray.data.loaders import train_views
+        from kdray.data.views import ViewKey
+        from kdray.models import Teacher
+        from kdray.train.loop import resolve_ref
+
+        torch.set_num_threads(max(1, self.threads))
+        device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
+        data = load_dataset(DatasetConfig.model_validate(self.dataset))
+        teacher = Teacher.from_records([resolve_ref(r) for r in self.records]).to(device)
+        teacher.tap(self.codec.layers)
+        while True:
+            job = ray.get(self.store.next_job.remote())
+            if job is None:
+                time.sleep(poll_s)
+                continue
+            epoch, _, missing = job
+            if not missing:
+                continue
+            key = ViewKey(self.seed, epoch)
+            idx_all = torch.as_tensor(missing, dtype=torch.int64)
+            parts, kl = [], 0.0
+            with torch.no_grad():
+                for s in range(0, len(idx_all), self.batch_size):
+                    idx = idx_all[s:s + self.batch_size]
+                    rows, k = self.codec.encode(teacher(train_views(data.train, idx, key, data.augment, device)))
+                    parts.append(rows)
+                    kl += k
+            rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            ray.get(self.store.publish.remote(epoch, idx_all.numpy(), rows, "producer", kl))
+
+
+# ---------------------------------------------------------------------------------------------- the trial
+@dataclass
+class _EpochTable:
+    arrays: dict[str, np.ndarray]
+    ready: np.ndarray
+    have: set[int] = field(default_factory=set)
+
+
+class ViewCacheOutputs:
+    """A trial's teacher outputs from the store, by (epoch, sample index); rows not there yet are computed
+    live (on this batch's own view), used in their stored form and published."""
+
+    source = "view_cache"
+
+    def __init__(self, handle: ViewCacheHandle, teacher: Any, device: torch.device, refresh_every: int = 8,
+                 publish_rows: int = 512) -> None:
+        self.store, self.codec, self.block = handle.store, handle.codec, handle.block
+        self.teacher, self.device = teacher, device
+        teacher.tap(self.codec.layers)  # rows it computes are published whole: every cached layer, not only its own
+        self.refresh_every, self.publish_rows = refresh_every, publish_rows
+        self.reason = f"teacher outputs per (epoch, sample) shared by the sweep ({handle.note})"
+        self.table = _EpochTable(self.codec.empty(handle.num_samples), np.zeros(handle.num_samples, bool))
+        self.epoch = 0
+        self.steps = 0
+        self.pending: list[tuple[np.ndarray, dict[str, np.ndarray], float]] = []
+        self.rows_read = self.rows_live = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.flush()
+        self.epoch, self.steps = int(epoch), 0
+        self.table.ready[:] = False
+        self.table.have.clear()
+        self.rows_read = self.rows_live = 0
+        self.store.reach.remote(self.epoch)  # before ready(): calls from one process run in order
+        self._refresh()
+
+    def _refresh(self) -> None:
+        import ray
+
+        got = ray.get(self.store.ready.remote(self.epoch, sorted(self.table.have)))
+        for b, (ref,) in got.items():
+            arrays = ray.get(ref)
+            lo = b * self.block
+            hi = lo + len(next(iter(arrays.values())))
+            for k, a in arrays.items():
+                self.table.arrays[k][lo:hi] = a
+            self.table.ready[lo:hi] = True
+            self.table.have.add(b)
+
+    def flush(self) -> None:
+        """Publish the rows this trial computed (fire and forget: the store merges them in order)."""
+        if not self.pending:
+            return
+        idx = np.concatenate([p[0] for p in self.pending])
+        rows = {k: np.concatenate([p[1][k] for p in self.pending]) for k in self.pending[0][1]}
+        self.store.publish.remote(self.epoch, idx, rows, "trial", sum(p[2] for p in self.pending))
+        self.pending.clear()
+
+    def __call__(self, idx: Tensor, x: Tensor) -> TapOutputs:
+        self.steps += 1
+        ready = self.table.ready
+        if self.steps % self.refresh_every == 0 and not ready.all():
+            self._refresh()
+        i = idx.cpu().numpy()
+        miss = ~ready[i]
+        if miss.any():
+            with torch.no_grad():
+                live = self.teacher(x[torch.as_tensor(miss, device=x.device)])
+            rows, kl = self.codec.encode(live)
+            for k, a in rows.items():
+                self.table.arrays[k][i[miss]] = a
+            ready[i[miss]] = True
+            self.pending.append((i[miss], rows, kl))
+            self.rows_live += int(miss.sum())
+            if sum(len(p[0]) for p in self.pending) >= self.publish_rows:
+                self.flush()
+        self.rows_read += int((~miss).sum())
+        rows_t = {k: torch.from_numpy(a[i]).to(self.device, non_blocking=True) for k, a in self.table.arrays.items()}
+        return self.codec.decode(rows_t)
+
+    def epoch_stats(self) -> dict[str, float]:
+        total = self.rows_read + self.rows_live
+        return {"teacher_cached_fraction": self.rows_read / total if total else 0.0}
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+@dataclass
+class ViewCache:
+    """The sweep's side: the handle trials get, the actors to stop, and where spilled blocks go."""
+
+    handle: ViewCacheHandle
+    actors: list
+    spill_dir: str | None
+    producer_run: Any = None
+
+    def summary(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.handle.store.summary.remote())
+
+    def producer_error(self) -> str | None:
+        """Why the producer stopped, if it did (it only stops by failing); trials then computed live."""
+        import ray
+
+        if self.producer_run is None:
+            return None
+        done, _ = ray.wait([self.producer_run], timeout=0)
+        if not done:
+            return None
+        try:
+            ray.get(done[0])
+        except Exception as e:  # noqa: BLE001 - reported, the trials did not depend on it
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    def stop(self) -> None:
+        import ray
+
+        from kdray.storage import remove_tree
+
+        for a in self.actors:
+            ray.kill(a)
+        if self.spill_dir:
+            remove_tree(self.spill_dir)
+
+
+def plan_codec(records: list[dict[str, Any]], data: Any, layers: list[str], cache_cfg: Any, max_epochs: int,
+               ) -> tuple[Codec, str]:
+    """The codec for this sweep, and a note on what is cached: logits always; feature maps only when every
+    epoch of them fits ``cache.max_bytes``."""
+    from kdray.data.loaders import train_views
+    from kdray.data.views import ViewKey
+    from kdray.models import Teacher
+
+    n = len(data.train)
+    teacher = Teacher.from_records(records)
+    teacher.tap(layers)
+    with torch.no_grad():
+        probe = teacher(train_views(data.train, torch.arange(2), ViewKey(0, 1), data.augment, torch.device("cpu")))
+    teacher.tap([])
+    c = int(probe.logits.shape[1])
+    k = min(cache_cfg.top_k or default_top_k(c), c)
+    dtype = "float32" if cache_cfg.dtype == "float32" else "float16"
+    full = Codec(c, k, tuple((name, tuple(probe.features[name].shape[1:])) for name in layers), dtype)
+    logits_only = Codec(c, k, (), dtype)
+    what = f"{'all ' + str(c) if k >= c else f'top-{k} of {c}'} classes in {dtype}"
+    per_epoch = n * full.bytes_per_sample()
+    if layers and per_epoch * max_epochs <= cache_cfg.max_bytes:
+        codec = full
+        what += f", + {len(layers)} feature maps"
+    else:
+        codec = logits_only
+        if layers:
+            what += (f"; feature maps not cached ({per_epoch / 2**20:.1f} MiB per epoch x {max_epochs} epochs "
+                     f"exceed cache.max_bytes): feature knowledge runs the teacher live")
+    b = codec.bytes_per_sample()
+    return codec, f"{what}; {b} bytes per sample, {n * b / 2**20:.2f} MiB per epoch"
+
+
+def start_view_cache(records: list[dict[str, Any]], refs: list, data: Any, dataset: dict[str, Any], seed: int,
+                     layers: list[str], cache_cfg: Any, max_epochs: int, spill_dir: str | None,
+                     trials_use_gpu: bool) -> ViewCache:
+    """Start the store and (unless ``cache.producer`` is off) the producer for a sweep over augmented data."""
+    import ray
+
+    codec, note = plan_codec(records, data, layers, cache_cfg, max_epochs)
+    store = ray.remote(ViewStore).options(num_cpus=0).remote(
+        len(data.train), codec, cache_cfg.max_bytes, spill_dir, cache_cfg.prefetch_epochs, max_epochs)
+    handle = ViewCacheHandle(store, codec, len(data.train), view_cache_key(records, data, seed), seed, note=note)
+    cache = ViewCache(handle, [store], spill_dir)
+    if cache_cfg.producer:
+        gpus = cache_cfg.producer_gpus
+        if gpus is None:
+            gpus = 1.0 if trials_use_gpu and ray.cluster_resources().get("GPU", 0) >= 2 else 0.0
+        opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": gpus}
+        if not gpus:  # on CPUs: a node that runs work (a cluster's head may offer none), sharing its cores
+            nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+            if nodes:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[0]["NodeID"], soft=True)
+        producer = ray.remote(ViewProducer).options(**opts).remote(store, refs, dataset, seed, codec,
+                                                                   use_gpu=gpus > 0)
+        cache.actors.append(producer)
+        cache.producer_run = producer.run.remote()
+        handle.note = note + (f"; producer on {gpus:g} GPU" if gpus else "; producer on CPU")
+    else:
+        handle.note = note + "; no producer: trials share what they compute"
+    return cache

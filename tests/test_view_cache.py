@@ -1,0 +1,222 @@
+"""Teacher outputs per (epoch, sample) on augmented data: the same views in every trial, a compact codec that is
+exact at k = C, and a store + producer on a real Ray that computes only reached epochs and spills to storage."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kdray.config import DatasetConfig
+from kdray.data import Batches, load_dataset
+from kdray.data.views import CROP_COL, CROP_ROW, FLIP, ViewKey, crop_flip, strong_view
+from kdray.knowledge import DistillObjective, ModelLayout, TapOutputs
+from kdray.view_cache import Codec, ViewCacheHandle, ViewCacheOutputs, ViewProducer, ViewStore
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_dataset(DatasetConfig(name="test_images"))
+
+
+def views_by_index(data, batch_size: int, world: int, seed: int, epoch: int) -> dict[int, torch.Tensor]:
+    out = {}
+    for rank in range(world):
+        b = Batches(data.train, batch_size, train=True, rank=rank, world=world, seed=seed, augment=data.augment)
+        b.set_epoch(epoch)
+        for idx, x, _ in b:
+            for i, xi in zip(idx.tolist(), x):
+                out.setdefault(i, xi)
+    return out
+
+
+def test_a_sample_has_one_view_per_epoch_whatever_the_batch_size_and_worker_count(images):
+    one = views_by_index(images, 7, 1, seed=3, epoch=2)
+    two = views_by_index(images, 64, 2, seed=3, epoch=2)
+    assert len(one) == len(images.train) == len(two)
+    assert all(torch.equal(one[i], two[i]) for i in one)
+    # Another epoch or another seed: other views (a 4-pixel crop + flip has 162 outcomes per sample).
+    later = views_by_index(images, 64, 1, seed=3, epoch=3)
+    other_seed = views_by_index(images, 64, 1, seed=4, epoch=2)
+    assert sum(torch.equal(one[i], later[i]) for i in one) < len(one) * 0.05
+    assert sum(torch.equal(one[i], other_seed[i]) for i in one) < len(one) * 0.05
+
+
+def test_crop_flip_is_the_crop_at_the_keyed_offsets():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
+    idx, key = torch.tensor([11, 5]), ViewKey(7, 1)
+    out = crop_flip(x, idx, key, pad=2, flip=True)
+    for b in range(2):
+        r = int((key.uniform(idx[b:b + 1], CROP_ROW) * 5).floor())
+        c = int((key.uniform(idx[b:b + 1], CROP_COL) * 5).floor())
+        padded = np.zeros((3, 10, 10), np.float32)
+        padded[:, 2:8, 2:8] = x[b].numpy()
+        want = padded[:, r:r + 6, c:c + 6]
+        if float(key.uniform(idx[b:b + 1], FLIP)) < 0.5:
+            want = want[:, :, ::-1]
+        np.testing.assert_array_equal(out[b].numpy(), want)
+
+
+def test_keyed_draws_are_uniform_and_the_streams_independent():
+    idx, key = torch.arange(40_000), ViewKey(123, 9)
+    rows, cols = key.integers(idx, CROP_ROW, 9), key.integers(idx, CROP_COL, 9)
+    counts = np.bincount(rows.numpy(), minlength=9)
+    assert counts.min() > 40_000 / 9 * 0.93 and counts.max() < 40_000 / 9 * 1.07
+    joint = np.bincount((rows * 9 + cols).numpy(), minlength=81) / 40_000
+    assert np.abs(joint - 1 / 81).max() < 0.004  # independent: the joint is the product of two uniforms
+    flips = (key.uniform(idx, FLIP) < 0.5).float().mean().item()
+    assert abs(flips - 0.5) < 0.01
+    # The hash gives the same numbers whatever the batch: the draws of 5 samples alone equal theirs in the lot.
+    assert torch.equal(key.bits(idx[100:105], FLIP), key.bits(idx, FLIP)[100:105])
+
+
+def test_the_strong_view_of_a_sample_does_not_depend_on_its_batch():
+    x = torch.rand(6, 3, 16, 16)
+    key = ViewKey(1, 4)
+    full = strong_view(x, torch.arange(6), key)
+    part = strong_view(x[2:4], torch.arange(2, 4), key)
+    torch.testing.assert_close(full[2:4], part)
+    state = torch.get_rng_state()
+    strong_view(x, torch.arange(6), key)
+    assert torch.equal(state, torch.get_rng_state())  # torch's own generator is left where it was
+    assert not torch.equal(strong_view(x, torch.arange(6), ViewKey(1, 5)), full)
+
+
+# ---------------------------------------------------------------------------------------------- the codec
+def _losses(specs, t_logits, s_logits, y):
+    obj = DistillObjective.from_specs(specs, ModelLayout((), ""), ModelLayout((), ""))
+    return obj(TapOutputs(s_logits, {}), TapOutputs(t_logits, {}), y)
+
+
+SPECS = [{"type": "kd", "temperature": 4.0}, {"type": "dkd", "temperature": 4.0},
+         {"type": "dist"}, {"type": "kd", "temperature": 2.0, "standardize": True}]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float16", 5e-3)])
+def test_with_every_class_kept_losses_from_stored_rows_equal_the_live_teachers(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(32, 10, generator=g) * 3, torch.randn(32, 10, generator=g) * 2
+    y = torch.randint(0, 10, (32,), generator=g)
+    codec = Codec(10, 10, (), dtype)
+    rows, kl = codec.encode(TapOutputs(t, {}))
+    assert kl == 0.0 and set(rows) == {"logp"} and rows["logp"].dtype == np.dtype(dtype)
+    decoded = codec.decode({k: torch.from_numpy(v) for k, v in rows.items()}).logits
+    for specs in ([SPECS[0]], [SPECS[1]], [SPECS[2]], [SPECS[3]]):
+        live, cached = _losses(specs, t, s, y), _losses(specs, decoded, s, y)
+        for k in live:
+            torch.testing.assert_close(cached[k], live[k], rtol=tol, atol=tol)
+
+
+def test_top_k_keeps_the_likeliest_classes_and_spreads_the_remaining_mass_evenly():
+    # One sample, 5 classes: p = (0.5, 0.25, 0.15, 0.06, 0.04); k = 2 keeps 0.5 and 0.25; the other three
+    # classes get (1 - 0.75) / 3 each.
+    p = torch.tensor([[0.15, 0.5, 0.04, 0.25, 0.06]])
+    codec = Codec(5, 2, (), "float32")
+    rows, kl = codec.encode(TapOutputs(p.log() + 1.7, {}))  # logits up to a constant
+    assert sorted(rows["index"][0].tolist()) == [1, 3]
+    np.testing.assert_allclose(rows["tail"], [0.25], rtol=1e-6)
+    q = codec.decode({k: torch.from_numpy(v) for k, v in rows.items()}).logits.exp()
+    torch.testing.assert_close(q, torch.tensor([[0.25 / 3, 0.5, 0.25 / 3, 0.25, 0.25 / 3]]))
+    want_kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p[0].tolist(), q[0].tolist()))
+    assert kl == pytest.approx(want_kl, rel=1e-5)
+    assert codec.bytes_per_sample() == 2 * 4 + 2 * 2 + 4  # values, int16 indices, the remaining mass
+
+
+# ------------------------------------------------------------------------------------ store and producer
+@pytest.fixture(scope="module")
+def image_teacher(tmp_path_factory):
+    from conftest import train_record
+
+    return train_record({"dataset": {"name": "test_images"},
+                         "student": {"name": "small_cnn", "options": {"widths": [8, 16]}},
+                         "train": {"epochs": 1, "batch_size": 64}}, tmp_path_factory.mktemp("vt"))
+
+
+def _live_rows(teacher, data, codec, epoch: int, seed: int, idx: torch.Tensor) -> torch.Tensor:
+    from kdray.data.loaders import train_views
+
+    with torch.no_grad():
+        out = teacher(train_views(data.train, idx, ViewKey(seed, epoch), data.augment, torch.device("cpu")))
+    rows, _ = codec.encode(out)
+    return codec.decode({k: torch.from_numpy(v) for k, v in rows.items()}).logits
+
+
+def _trial(store, codec, data, teacher, seed=0):
+    handle = ViewCacheHandle(store, codec, len(data.train), "key", seed, block=100)
+    return ViewCacheOutputs(handle, teacher, torch.device("cpu"), refresh_every=2, publish_rows=64)
+
+
+def _run_epoch(out: ViewCacheOutputs, data, epoch: int, seed=0, batch_size=50):
+    out.set_epoch(epoch)
+    b = Batches(data.train, batch_size, train=True, seed=seed, augment=data.augment)
+    b.set_epoch(epoch)
+    got = {}
+    for idx, x, _ in b:
+        t = out(idx, x)
+        for i, row in zip(idx.tolist(), t.logits):
+            got[i] = row
+    out.flush()
+    return got
+
+
+def test_a_trial_ahead_publishes_and_the_next_one_reads_the_same_outputs(ray_cluster, images, image_teacher):
+    import ray
+
+    from kdray.models import Teacher
+
+    teacher = Teacher.from_records([image_teacher])
+    codec = Codec(3, 3, (), "float32")
+    store = ray.remote(ViewStore).remote(len(images.train), codec, 2**30, None, 0, 5, 100)
+    first = _trial(store, codec, images, teacher)
+    a = _run_epoch(first, images, epoch=2)
+    assert first.epoch_stats()["teacher_cached_fraction"] == 0.0  # nothing there: all computed live
+    second = _trial(store, codec, images, Teacher.from_records([image_teacher]))
+    b = _run_epoch(second, images, epoch=2, batch_size=33)  # another batch size: same rows by sample index
+    assert second.epoch_stats()["teacher_cached_fraction"] == 1.0
+    idx = torch.arange(len(images.train))
+    want = _live_rows(teacher, images, codec, 2, 0, idx)
+    for i in range(len(images.train)):
+        torch.testing.assert_close(a[i], want[i]), torch.testing.assert_close(b[i], want[i])
+    s = ray.get(store.summary.remote())
+    assert s["rows_by_trials"] == len(images.train) and s["rows_by_producer"] == 0 and s["epochs_computed"] == [2]
+    ray.kill(store)
+
+
+def test_the_producer_computes_only_epochs_trials_reach_and_the_store_spills_beyond_its_budget(
+        ray_cluster, images, image_teacher, tmp_path):
+    import ray
+
+    from kdray.models import Teacher
+
+    codec = Codec(3, 2, (), "float16")
+    n = len(images.train)
+    block_bytes = 100 * codec.bytes_per_sample()
+    # Room for two blocks: everything else goes to the spill folder and comes back when read.
+    store = ray.remote(ViewStore).remote(n, codec, 2 * block_bytes, str(tmp_path / "spill"), 1, 10, 100)
+    producer = ray.remote(ViewProducer).options(num_cpus=0).remote(
+        store, [image_teacher], {"name": "test_images"}, 0, codec)
+    run = producer.run.remote()
+    ray.get(store.reach.remote(1))
+    blocks = math.ceil(n / 100)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # epoch 1 and the prefetched epoch 2
+        if ray.get(store.summary.remote())["blocks_finished"] == 2 * blocks:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)  # had it wanted more, it would have started on epoch 3 by now
+    s = ray.get(store.summary.remote())
+    assert s["epochs_computed"] == [1, 2] and s["rows_by_producer"] == 2 * n and s["rows_by_trials"] == 0
+    assert s["blocks_spilled"] >= 2 * blocks - 2 and len(list((tmp_path / "spill").iterdir())) >= 2 * blocks - 2
+    assert s["peak_bytes"] <= 3 * block_bytes
+    trial = _trial(store, codec, images, Teacher.from_records([image_teacher]))
+    got = _run_epoch(trial, images, epoch=2)
+    assert trial.epoch_stats()["teacher_cached_fraction"] == 1.0
+    assert ray.get(store.summary.remote())["blocks_reloaded"] >= blocks - 2
+    want = _live_rows(Teacher.from_records([image_teacher]), images, codec, 2, 0, torch.arange(n))
+    torch.testing.assert_close(torch.stack([got[i] for i in range(n)]), want)
+    ray.kill(producer)
+    ray.kill(store)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(run, timeout=10)
