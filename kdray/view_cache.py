@@ -9,8 +9,9 @@ With random augmentation a sample's input changes every epoch, so the one-pass c
 * a **store** (a Ray actor) keeps finished blocks in Ray's object store (trials on a node read them
   without copies), bounded by ``cache.max_bytes``: beyond it, the least recently read blocks are spilled
   to the sweep's storage (local or S3) and read back on demand;
-* a **trial** reads its batch's rows by (epoch, sample index); rows not published yet it computes live
-  and publishes, so a trial ahead of the producer is never blocked and its work is not lost.
+* a **trial** reads its batch's rows by (epoch, sample index); rows nobody has published or taken on it
+  computes live and publishes at once, rows the producer (or another trial) is computing it waits for:
+  a trial ahead of the producer keeps going, and no row is computed twice.
 
 Storage is compact (:class:`Codec`): the teacher's log-probabilities as the top-k values and their class
 indices in float16 plus the remaining probability mass, exact up to float16 rounding when k is the number
@@ -34,6 +35,7 @@ from kdray.knowledge import TapOutputs
 
 BLOCK = 1024  # samples per stored block (consecutive sample indices)
 MIN_LOGP = -1e4  # log-probabilities below this are stored as this (float16 keeps them finite)
+CLAIM_TTL_S = 60.0  # rows taken on by a process that published nothing for this long are free again
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,7 @@ class Codec:
             rows["logp"] = vals.to(dt)
             rows["index"] = index.to(torch.int16 if self.index_dtype == np.int16 else torch.int32)
             rows["tail"] = (1.0 - vals.exp().sum(1)).clamp_min(0.0)
-            dense = self.decode({k: v for k, v in rows.items()}).logits
-            kl = float((logp.exp() * (logp - dense)).sum())
+            kl = float((logp.exp() * (logp - self.dense_logits(rows))).sum())
         for name, _ in self.features:
             rows["f:" + name] = out.features[name].to(dt)
         return {k: v.cpu().numpy() for k, v in rows.items()}, kl
@@ -104,16 +105,18 @@ class Codec:
         With k < C the top-k classes keep their log-probabilities and the other C − k share the remaining mass
         equally; the losses (kd, dkd, dist, ...) then run unchanged on this sparse target made dense per batch
         (B × C floats, transient), which is the exact teacher distribution when k = C."""
+        feats = {name: rows["f:" + name].float() for name, _ in self.features}
+        return TapOutputs(self.dense_logits(rows), feats)
+
+    def dense_logits(self, rows: dict[str, Tensor]) -> Tensor:
+        """(B, C) float32 log-probabilities from stored rows (see :meth:`decode`)."""
         vals = rows["logp"].float()
         if self.exact:
-            logits = vals
-        else:
-            rest = self.num_classes - self.top_k
-            tail = torch.log(rows["tail"].float().clamp_min(1e-12) / rest).clamp_min(MIN_LOGP)
-            logits = tail[:, None].expand(vals.shape[0], self.num_classes).clone()
-            logits.scatter_(1, rows["index"].long(), vals)
-        feats = {name: rows["f:" + name].float() for name, _ in self.features}
-        return TapOutputs(logits, feats)
+            return vals
+        rest = self.num_classes - self.top_k
+        tail = torch.log(rows["tail"].float().clamp_min(1e-12) / rest).clamp_min(MIN_LOGP)
+        logits = tail[:, None].expand(vals.shape[0], self.num_classes).clone()
+        return logits.scatter_(1, rows["index"].long(), vals)
 
 
 def default_top_k(num_classes: int) -> int:
@@ -161,7 +164,8 @@ class ViewStore:
         self.done: dict[tuple[int, int], Any] = {}  # (epoch, block) -> ObjectRef, or a spill path
         self.nbytes: dict[tuple[int, int], int] = {}
         self.last_read: dict[tuple[int, int], float] = {}
-        self.issued: dict[tuple[int, int], float] = {}
+        self.claims: dict[tuple[int, int], np.ndarray] = {}  # per row: when someone took it on (0: nobody)
+        self.first_open = 1  # epochs before it are complete
         self.reached = 0
         self.stats = {"rows_by_producer": 0, "rows_by_trials": 0, "rows_read": 0, "blocks_spilled": 0,
                       "blocks_reloaded": 0, "blocks_dropped": 0, "peak_bytes": 0, "kl_sum": 0.0, "kl_rows": 0}
@@ -171,20 +175,99 @@ class ViewStore:
     def reach(self, epoch: int) -> None:
         self.reached = max(self.reached, int(epoch))
 
-    def next_job(self) -> tuple[int, int, list[int]] | None:
-        """The producer's next block: the earliest unfinished block of the epochs trials have reached (and
-        ``prefetch`` beyond), never past the longest trial's last epoch; None when there is nothing to do."""
+    def _rows_of(self, key: tuple[int, int]) -> tuple[int, int]:
+        return key[1] * self.block, min((key[1] + 1) * self.block, self.n)
+
+    def _take(self, key: tuple[int, int], local: np.ndarray, now: float) -> np.ndarray:
+        """Which of these rows of a block nobody has computed or taken on (a claim older than CLAIM_TTL_S is
+        void: its owner died); they are now the caller's."""
+        lo, hi = self._rows_of(key)
+        filled = self.partial[key][1] if key in self.partial else np.zeros(hi - lo, bool)
+        claims = self.claims.setdefault(key, np.zeros(hi - lo))
+        free = ~filled[local] & (now - claims[local] > CLAIM_TTL_S)
+        claims[local[free]] = now
+        return free
+
+    def next_job(self, rows: int = 256) -> tuple[int, list[int]] | None:
+        """The producer's next rows: the earliest rows nobody has computed or taken on, of the epochs trials have
+        reached (and ``prefetch`` beyond, never past the longest trial's last epoch); None: nothing to do."""
         now = time.monotonic()
         last = min(self.reached + self.prefetch, self.max_epoch) if self.reached else 0
-        for e in range(1, last + 1):
+        while self.first_open <= last and all((self.first_open, b) in self.done for b in range(self.blocks)):
+            self.first_open += 1
+        for e in range(self.first_open, last + 1):
             for b in range(self.blocks):
-                if (e, b) in self.done or now - self.issued.get((e, b), -1e9) < 60.0:
+                key = (e, b)
+                if key in self.done:
                     continue
-                self.issued[(e, b)] = now
-                lo, hi = b * self.block, min((b + 1) * self.block, self.n)
-                filled = self.partial.get((e, b), (None, np.zeros(hi - lo, bool)))[1]
-                return e, b, [lo + int(i) for i in np.flatnonzero(~filled)]
+                lo, hi = self._rows_of(key)
+                local = np.arange(hi - lo)
+                free = local[self._take(key, local, now)]
+                if len(free) > rows:  # give back what this job will not cover
+                    self.claims[key][free[rows:]] = 0.0
+                    free = free[:rows]
+                if len(free):
+                    return e, [lo + int(i) for i in free]
         return None
+
+    def claim(self, epoch: int, idx: np.ndarray) -> np.ndarray:
+        """For a trial missing these rows: which it should compute itself (nobody has them or is on them); the
+        others it fetches with :meth:`rows` once they are published."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.zeros(len(idx), bool)
+        now = time.monotonic()
+        blocks = idx // self.block
+        for b in np.unique(blocks):
+            key = (int(epoch), int(b))
+            if key in self.done:
+                continue
+            sel = blocks == b
+            out[sel] = self._take(key, idx[sel] - self._rows_of(key)[0], now)
+        return out
+
+    def rows(self, epoch: int, idx: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """The published ones of these rows: (which are there, the values of those only; None if none is)."""
+        import ray
+
+        idx = np.asarray(idx, dtype=np.int64)
+        have = np.zeros(len(idx), bool)
+        parts: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
+        blocks = idx // self.block
+        for b in np.unique(blocks):
+            key = (int(epoch), int(b))
+            sel = np.flatnonzero(blocks == b)
+            local = idx[sel] - self._rows_of(key)[0]
+            if key in self.done:
+                arrays, ok = ray.get(self._ref(key)), np.ones(len(sel), bool)
+                self.last_read[key] = time.monotonic()
+            elif key in self.partial:
+                arrays, filled = self.partial[key]
+                ok = filled[local]
+            else:
+                continue
+            if ok.any():
+                parts.append((sel[ok], local[ok], arrays))
+                have[sel[ok]] = True
+        if not parts:
+            return have, None
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")  # back to the order of idx
+        out = {k: np.concatenate([p[2][k][p[1]] for p in parts])[order] for k in self.codec.fields()}
+        self.stats["rows_read"] += int(have.sum())
+        return have, out
+
+    def _ref(self, key: tuple[int, int]) -> Any:
+        """A finished block's object ref, read back into the object store if it was spilled."""
+        import ray
+
+        from kdray.storage import read_bytes
+
+        ref = self.done[key]
+        if isinstance(ref, str):
+            with np.load(io.BytesIO(read_bytes(ref))) as z:
+                ref = ray.put({k: z[k] for k in z.files})
+            self.done[key] = ref
+            self.stats["blocks_reloaded"] += 1
+        return ref
 
     # -- publication
     def publish(self, epoch: int, idx: np.ndarray, rows: dict[str, np.ndarray], source: str = "trial",
@@ -210,6 +293,7 @@ class ViewStore:
             filled[local] = True
             if filled.all():
                 self.partial.pop(key, None)
+                self.claims.pop(key, None)
                 self.done[key] = ray.put(arrays)
                 self.nbytes[key] = sum(a.nbytes for a in arrays.values())
                 self.last_read[key] = time.monotonic()
@@ -241,7 +325,7 @@ class ViewStore:
                 self.stats["blocks_spilled"] += 1
             else:
                 del self.done[key], self.last_read[key]
-                self.issued.pop(key, None)
+                self.first_open = min(self.first_open, key[0])
                 self.stats["blocks_dropped"] += 1
             used -= self.nbytes[key]
 
@@ -249,10 +333,6 @@ class ViewStore:
     def ready(self, epoch: int, have: list[int]) -> dict[int, list]:
         """The finished blocks of ``epoch`` not in ``have``, each as ``[ObjectRef]`` (a list: Ray hands the
         reference over instead of resolving it)."""
-        import ray
-
-        from kdray.storage import read_bytes
-
         out = {}
         have_set = set(have)
         now = time.monotonic()
@@ -260,12 +340,7 @@ class ViewStore:
             key = (int(epoch), b)
             if b in have_set or key not in self.done:
                 continue
-            ref = self.done[key]
-            if isinstance(ref, str):  # spilled: back into the object store
-                with np.load(io.BytesIO(read_bytes(ref))) as z:
-                    ref = ray.put({k: z[k] for k in z.files})
-                self.done[key] = ref
-                self.stats["blocks_reloaded"] += 1
+            ref = self._ref(key)  # spilled: back into the object store
             self.last_read[key] = now
             self.stats["rows_read"] += min((b + 1) * self.block, self.n) - b * self.block
             out[b] = [ref]
@@ -312,9 +387,7 @@ class ViewProducer:
             if job is None:
                 time.sleep(poll_s)
                 continue
-            epoch, _, missing = job
-            if not missing:
-                continue
+            epoch, missing = job
             key = ViewKey(self.seed, epoch)
             idx_all = torch.as_tensor(missing, dtype=torch.int64)
             parts, kl = [], 0.0
@@ -337,26 +410,24 @@ class _EpochTable:
 
 
 class ViewCacheOutputs:
-    """A trial's teacher outputs from the store, by (epoch, sample index); rows not there yet are computed
-    live (on this batch's own view), used in their stored form and published."""
+    """A trial's teacher outputs from the store, by (epoch, sample index). Rows not there yet are computed live
+    (on this batch's own view) unless another process has taken them on, used in their stored form and
+    published at once; rows another process is computing are waited for, so no row is computed twice."""
 
     source = "view_cache"
 
-    def __init__(self, handle: ViewCacheHandle, teacher: Any, device: torch.device, refresh_every: int = 8,
-                 publish_rows: int = 512) -> None:
+    def __init__(self, handle: ViewCacheHandle, teacher: Any, device: torch.device, refresh_every: int = 8) -> None:
         self.store, self.codec, self.block = handle.store, handle.codec, handle.block
         self.teacher, self.device = teacher, device
         teacher.tap(self.codec.layers)  # rows it computes are published whole: every cached layer, not only its own
-        self.refresh_every, self.publish_rows = refresh_every, publish_rows
+        self.refresh_every = refresh_every
         self.reason = f"teacher outputs per (epoch, sample) shared by the sweep ({handle.note})"
         self.table = _EpochTable(self.codec.empty(handle.num_samples), np.zeros(handle.num_samples, bool))
         self.epoch = 0
         self.steps = 0
-        self.pending: list[tuple[np.ndarray, dict[str, np.ndarray], float]] = []
         self.rows_read = self.rows_live = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.flush()
         self.epoch, self.steps = int(epoch), 0
         self.table.ready[:] = False
         self.table.have.clear()
@@ -378,13 +449,39 @@ class ViewCacheOutputs:
             self.table.have.add(b)
 
     def flush(self) -> None:
-        """Publish the rows this trial computed (fire and forget: the store merges them in order)."""
-        if not self.pending:
-            return
-        idx = np.concatenate([p[0] for p in self.pending])
-        rows = {k: np.concatenate([p[1][k] for p in self.pending]) for k in self.pending[0][1]}
-        self.store.publish.remote(self.epoch, idx, rows, "trial", sum(p[2] for p in self.pending))
-        self.pending.clear()
+        """Nothing waits here: rows a trial computes are published at once (others may be waiting for them)."""
+
+    def _write(self, idx: np.ndarray, rows: dict[str, np.ndarray]) -> None:
+        for k, a in rows.items():
+            self.table.arrays[k][idx] = a
+        self.table.ready[idx] = True
+
+    def _fill(self, i: np.ndarray, pos: np.ndarray, x: Tensor) -> int:
+        """Get the rows at batch positions ``pos``: compute (and publish) those nobody has taken on, fetch the
+        others once their owner (the producer or another trial) has published them. Returns rows computed."""
+        import ray
+
+        live, wait = 0, 0.01
+        while len(pos):
+            mine = ray.get(self.store.claim.remote(self.epoch, i[pos]))
+            if mine.any():
+                p = pos[mine]
+                with torch.no_grad():
+                    out = self.teacher(x[torch.as_tensor(p, device=x.device)])
+                rows, kl = self.codec.encode(out)
+                self._write(i[p], rows)
+                self.store.publish.remote(self.epoch, i[p], rows, "trial", kl)
+                live += len(p)
+                pos = pos[~mine]
+            if len(pos):
+                have, rows = ray.get(self.store.rows.remote(self.epoch, i[pos]))
+                if rows is not None:
+                    self._write(i[pos[have]], rows)
+                    pos = pos[~have]
+                if len(pos):  # still being computed elsewhere: wait a little longer each time
+                    time.sleep(wait)
+                    wait = min(2 * wait, 0.1)
+        return live
 
     def __call__(self, idx: Tensor, x: Tensor) -> TapOutputs:
         self.steps += 1
@@ -393,18 +490,9 @@ class ViewCacheOutputs:
             self._refresh()
         i = idx.cpu().numpy()
         miss = ~ready[i]
-        if miss.any():
-            with torch.no_grad():
-                live = self.teacher(x[torch.as_tensor(miss, device=x.device)])
-            rows, kl = self.codec.encode(live)
-            for k, a in rows.items():
-                self.table.arrays[k][i[miss]] = a
-            ready[i[miss]] = True
-            self.pending.append((i[miss], rows, kl))
-            self.rows_live += int(miss.sum())
-            if sum(len(p[0]) for p in self.pending) >= self.publish_rows:
-                self.flush()
-        self.rows_read += int((~miss).sum())
+        live = self._fill(i, np.flatnonzero(miss), x) if miss.any() else 0
+        self.rows_live += live
+        self.rows_read += len(i) - live
         rows_t = {k: torch.from_numpy(a[i]).to(self.device, non_blocking=True) for k, a in self.table.arrays.items()}
         return self.codec.decode(rows_t)
 

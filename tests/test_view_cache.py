@@ -137,6 +137,7 @@ def image_teacher(tmp_path_factory):
 def _live_rows(teacher, data, codec, epoch: int, seed: int, idx: torch.Tensor) -> torch.Tensor:
     from kdray.data.loaders import train_views
 
+    teacher.tap(codec.layers)
     with torch.no_grad():
         out = teacher(train_views(data.train, idx, ViewKey(seed, epoch), data.augment, torch.device("cpu")))
     rows, _ = codec.encode(out)
@@ -145,7 +146,7 @@ def _live_rows(teacher, data, codec, epoch: int, seed: int, idx: torch.Tensor) -
 
 def _trial(store, codec, data, teacher, seed=0):
     handle = ViewCacheHandle(store, codec, len(data.train), "key", seed, block=100)
-    return ViewCacheOutputs(handle, teacher, torch.device("cpu"), refresh_every=2, publish_rows=64)
+    return ViewCacheOutputs(handle, teacher, torch.device("cpu"), refresh_every=2)
 
 
 def _run_epoch(out: ViewCacheOutputs, data, epoch: int, seed=0, batch_size=50):
@@ -184,17 +185,40 @@ def test_a_trial_ahead_publishes_and_the_next_one_reads_the_same_outputs(ray_clu
     ray.kill(store)
 
 
+@pytest.fixture(params=["local", "s3"])
+def spill_dir(request, tmp_path, monkeypatch):
+    """Where the store spills: a folder, or a bucket of a real S3-compatible server (moto) on 127.0.0.1."""
+    if request.param == "local":
+        yield str(tmp_path / "spill"), lambda: len(list((tmp_path / "spill").iterdir())), {}
+        return
+    from cluster_driver import BUCKET, bucket_keys, start_s3
+
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in creds.items():  # boto3 in this process; the store actor gets them through its runtime_env
+        monkeypatch.setenv(k, v)
+    proc, endpoint = start_s3(tmp_path)
+    port = endpoint.rsplit(":", 1)[1]
+    try:
+        yield (f"s3://{BUCKET}/sweep-teacher-outputs?endpoint_override=127.0.0.1:{port}&scheme=http",
+               lambda: len([k for k in bucket_keys(endpoint) if k.startswith("sweep-teacher-outputs/")]), creds)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_the_producer_computes_only_epochs_trials_reach_and_the_store_spills_beyond_its_budget(
-        ray_cluster, images, image_teacher, tmp_path):
+        ray_cluster, images, image_teacher, spill_dir):
     import ray
 
     from kdray.models import Teacher
 
-    codec = Codec(3, 2, (), "float16")
+    where, spilled_files, env = spill_dir
+    codec = Codec(3, 2, (("stage1", (8, 16, 16)),), "float16")  # top-2 of 3 classes, and a feature map
     n = len(images.train)
     block_bytes = 100 * codec.bytes_per_sample()
     # Room for two blocks: everything else goes to the spill folder and comes back when read.
-    store = ray.remote(ViewStore).remote(n, codec, 2 * block_bytes, str(tmp_path / "spill"), 1, 10, 100)
+    store = ray.remote(ViewStore).options(runtime_env={"env_vars": env}).remote(
+        n, codec, 2 * block_bytes, where, 1, 10, 100)
     producer = ray.remote(ViewProducer).options(num_cpus=0).remote(
         store, [image_teacher], {"name": "test_images"}, 0, codec)
     run = producer.run.remote()
@@ -208,7 +232,7 @@ def test_the_producer_computes_only_epochs_trials_reach_and_the_store_spills_bey
     time.sleep(1.0)  # had it wanted more, it would have started on epoch 3 by now
     s = ray.get(store.summary.remote())
     assert s["epochs_computed"] == [1, 2] and s["rows_by_producer"] == 2 * n and s["rows_by_trials"] == 0
-    assert s["blocks_spilled"] >= 2 * blocks - 2 and len(list((tmp_path / "spill").iterdir())) >= 2 * blocks - 2
+    assert s["blocks_spilled"] >= 2 * blocks - 2 and spilled_files() >= 2 * blocks - 2
     assert s["peak_bytes"] <= 3 * block_bytes
     trial = _trial(store, codec, images, Teacher.from_records([image_teacher]))
     got = _run_epoch(trial, images, epoch=2)
@@ -216,7 +240,83 @@ def test_the_producer_computes_only_epochs_trials_reach_and_the_store_spills_bey
     assert ray.get(store.summary.remote())["blocks_reloaded"] >= blocks - 2
     want = _live_rows(Teacher.from_records([image_teacher]), images, codec, 2, 0, torch.arange(n))
     torch.testing.assert_close(torch.stack([got[i] for i in range(n)]), want)
+    assert abs(ray.get(store.summary.remote())["mean_truncation_kl"]) < 1e-4  # one class in the tail: exact
     ray.kill(producer)
     ray.kill(store)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(run, timeout=10)
+
+
+def test_a_trial_uses_the_sweeps_outputs_only_for_its_own_teacher_seed_and_cached_layers(images, image_teacher):
+    import copy
+
+    from kdray.models import Teacher
+    from kdray.teacher_cache import TeacherOutputs
+    from kdray.view_cache import view_cache_key
+
+    codec = Codec(3, 3, (("stage1", (8, 16, 16)),), "float16")
+    handle = ViewCacheHandle(None, codec, len(images.train), view_cache_key([image_teacher], images, 0), 0)
+    teacher, dev = Teacher.from_records([image_teacher]), torch.device("cpu")
+    assert TeacherOutputs.create(teacher, handle, [image_teacher], images, ["stage1"], dev).source == "view_cache"
+    other = copy.deepcopy(image_teacher)
+    name = next(iter(other["state_dict"]))
+    other["state_dict"][name] = other["state_dict"][name] + 0.01
+    for records, layers, seed, why in (([other], ["stage1"], 0, "another teacher"),
+                                       ([image_teacher], ["stage1"], 1, "seed"),
+                                       ([image_teacher], ["stage2"], 0, "not cached")):
+        out = TeacherOutputs.create(teacher, handle, records, images, layers, dev, seed=seed)
+        assert out.source == "live" and why in out.reason
+
+
+def test_feature_maps_are_cached_only_when_every_epoch_of_them_fits_the_budget(images, image_teacher):
+    from kdray.config import CacheConfig
+    from kdray.view_cache import plan_codec
+
+    n = len(images.train)
+    logits_only = n * 3 * 2  # 3 classes in float16
+    features = n * (8 * 16 * 16) * 2  # stage1 of small_cnn(8, 16) on 32x32 images, in float16
+    fits = CacheConfig(max_bytes=(logits_only + features) * 4)
+    codec, note = plan_codec([image_teacher], images, ["stage1"], fits, max_epochs=4)
+    assert codec.layers == ["stage1"] and codec.exact and codec.bytes_per_sample() * n == logits_only + features
+    codec, note = plan_codec([image_teacher], images, ["stage1"], fits, max_epochs=5)
+    assert codec.layers == [] and "feature maps not cached" in note
+    codec, _ = plan_codec([image_teacher], images, [], CacheConfig(top_k=2), max_epochs=5)
+    assert not codec.exact and codec.bytes_per_sample() == 2 * 2 + 2 * 2 + 4
+
+
+def test_a_run_trains_the_same_from_the_sweeps_outputs_as_from_the_live_teacher(ray_cluster, images, image_teacher):
+    """The equality the cache promises, at the level of a whole run: with every class kept (float32 here, so
+    only the order of float operations differs), a KD + FitNets run on augmented images reads the teacher's
+    rows (logits and a feature map) from the store and ends where the run with the live teacher ends."""
+    import ray
+
+    from kdray.config import RunConfig
+    from kdray.train.loop import train_run
+    from kdray.train.session import Session
+    from kdray.view_cache import view_cache_key
+
+    cfg = RunConfig.model_validate({
+        "dataset": {"name": "test_images"}, "teacher": {"checkpoint": "unused.pt"},
+        "student": {"name": "small_cnn", "options": {"widths": [8, 16], "dropout": 0.2}},
+        "knowledge": [{"type": "kd", "temperature": 4.0},
+                      {"type": "fitnet", "teacher_layer": "stage1", "student_layer": "stage1"}],
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.01}, "seed": 5})
+
+    def run(cache) -> list[dict]:
+        session = Session()
+        train_run({"run": cfg.model_dump(mode="json"), "teacher_records": [image_teacher], "teacher_cache": cache},
+                  session)
+        return session.reports
+
+    codec = Codec(3, 3, (("stage1", (8, 16, 16)),), "float32")
+    store = ray.remote(ViewStore).remote(len(images.train), codec, 2**30, None, 0, 2)
+    handle = ViewCacheHandle(store, codec, len(images.train), view_cache_key([image_teacher], images, 5), 5)
+    first, second, live = run(handle), run(handle), run(None)
+    assert [r["teacher_source"] for r in first + second + live] == ["view_cache"] * 4 + ["live"] * 2
+    assert [r["teacher_cached_fraction"] for r in first + second] == [0.0, 0.0, 1.0, 1.0]
+    for cached in (first, second):
+        for a, b in zip(cached, live):
+            for k in ("loss_kd", "loss_fitnet", "loss_ce", "val_loss"):
+                assert a[k] == pytest.approx(b[k], rel=1e-4), k
+            assert a["val_accuracy"] == b["val_accuracy"]
+    ray.kill(store)

@@ -117,27 +117,33 @@ def load_test_blobs(cfg: "DatasetConfig") -> DataBundle:
 
 
 def describe_test_images(cfg: "DatasetConfig") -> DatasetInfo:
-    return DatasetInfo((3, 32, 32), 3, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    classes = int(cfg.options.get("classes", 3))
+    return DatasetInfo((3, 32, 32), classes, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 @register_dataset(
-    "test_images", describe_test_images, offline=True,
-    description="tiny synthetic CIFAR-shaped set (600 uint8 3x32x32 images, 3 classes, crop+flip) for tests",
+    "test_images", describe_test_images, offline=True, option_keys=("samples", "classes"),
+    description="synthetic CIFAR-shaped set (uint8 3x32x32 images, crop+flip; default 600 images of 3 classes; "
+                "options samples, classes) for tests and benchmarks",
 )
 def load_test_images(cfg: "DatasetConfig") -> DataBundle:
     """Stored and augmented like CIFAR (uint8 NCHW, random crop with 4-pixel padding + flip), so the code
-    paths real image sets take run in tests: each class is a noisy colour gradient in its own direction."""
+    paths real image sets take run in tests: each class is a noisy colour gradient in its own direction
+    (3 classes: down, right, up; C classes: C directions around the circle)."""
     from functools import partial
 
     from kdray.data.views import crop_flip
 
     rng = np.random.default_rng(0)
-    n = 600
-    y = np.arange(n) % 3
+    n, classes = int(cfg.options.get("samples", 600)), int(cfg.options.get("classes", 3))
+    y = np.arange(n) % classes
     ramp = np.linspace(-1.0, 1.0, 32, dtype=np.float32)
-    patterns = np.stack([np.broadcast_to(ramp[None, :, None], (3, 32, 32)),    # class 0: top to bottom
-                         np.broadcast_to(ramp[None, None, :], (3, 32, 32)),    # class 1: left to right
-                         np.broadcast_to(-ramp[None, :, None], (3, 32, 32))])  # class 2: bottom to top
+    down, right = np.broadcast_to(ramp[None, :, None], (3, 32, 32)), np.broadcast_to(ramp[None, None, :], (3, 32, 32))
+    if classes == 3:
+        patterns = np.stack([down, right, -down])
+    else:
+        angles = 2 * np.pi * np.arange(classes) / classes
+        patterns = np.stack([np.cos(a) * down + np.sin(a) * right for a in angles])
     x = 128 + 60 * patterns[y] + rng.normal(0, 40, (n, 3, 32, 32))
     x = np.clip(x, 0, 255).astype(np.uint8)
     x_tr, x_te, y_tr, y_te = _fixed_test_split(x, y.astype(np.int64))
