@@ -1,6 +1,6 @@
 """Every benchmark, one after another, each in its own process; results as JSON under benchmarks/results/.
 
-    make benchmark        (about 40 minutes on 2 CPUs; run nothing else meanwhile: timings are compared)
+    make benchmark        (about 45 minutes on 2 CPUs; run nothing else meanwhile: timings are compared)
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ RUNS = [
     ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "off", "--json", "results/sweep16_cache_off.json"],
     ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "auto", "--json", "results/sweep16_cache_on.json"],
     ["bench_cache.py", "--epochs", "30", "--json", "results/cache.json"],
+    ["bench_aug_cache.py", "--epochs", "4", "--json", "results/aug_cache.json"],
     ["bench_search.py", "--epochs", "40", "--seeds", "2"],
 ]
 

@@ -565,7 +565,7 @@ def plan_codec(records: list[dict[str, Any]], data: Any, layers: list[str], cach
     per_epoch = n * full.bytes_per_sample()
     if layers and per_epoch * max_epochs <= cache_cfg.max_bytes:
         codec = full
-        what += f", + {len(layers)} feature maps"
+        what += f", + {len(layers)} feature map{'s' if len(layers) > 1 else ''}"
     else:
         codec = logits_only
         if layers:
