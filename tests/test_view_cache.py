@@ -44,6 +44,35 @@ def test_a_sample_has_one_view_per_epoch_whatever_the_batch_size_and_worker_coun
     assert sum(torch.equal(one[i], other_seed[i]) for i in one) < len(one) * 0.05
 
 
+def test_a_file_backed_sets_random_transforms_are_keyed_too(tmp_path):
+    """imagefolder's RandomResizedCrop + flip run inside its Dataset (in loader workers): each item carries its
+    key, so the view is the same whatever the batching, and the producer's train_views reads the same view."""
+    import random
+
+    from PIL import Image
+
+    from kdray.data.loaders import train_views
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    data = load_dataset(DatasetConfig(name="imagefolder", options={"root": str(tmp_path), "image_size": 16}))
+    assert not data.train.in_memory and not data.deterministic
+    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    produced = train_views(data.train, torch.arange(len(data.train)), ViewKey(2, 1), None, torch.device("cpu"))
+    # Drawing the views leaves both global generators where they were.
+    assert random.getstate() == py_state and torch.equal(torch.get_rng_state(), torch_state)
+    one = views_by_index(data, 3, 1, seed=2, epoch=1)
+    two = views_by_index(data, 5, 2, seed=2, epoch=1)
+    assert len(one) == len(data.train) and all(torch.equal(one[i], two[i]) for i in one)
+    assert all(torch.equal(produced[i], one[i]) for i in one)
+    other = views_by_index(data, 3, 1, seed=2, epoch=2)
+    assert sum(torch.equal(one[i], other[i]) for i in one) <= 1
+
+
 def test_crop_flip_is_the_crop_at_the_keyed_offsets():
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
     idx, key = torch.tensor([11, 5]), ViewKey(7, 1)

@@ -6,6 +6,7 @@ dominates the cost of small models); file-backed splits go through a ``DataLoade
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import torch
@@ -91,9 +92,13 @@ class _WithIndex(torch.utils.data.Dataset):
     def __getitem__(self, item):
         if isinstance(item, tuple):
             seed, epoch, i = item
+            state = random.getstate()  # some transforms draw from Python's generator
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(ViewKey(seed, epoch).sample_seed(i, FILE))
+                s = ViewKey(seed, epoch).sample_seed(i, FILE)
+                torch.default_generator.manual_seed(s)
+                random.seed(s)
                 x, y = self.ds[i]
+            random.setstate(state)
         else:
             i = item
             x, y = self.ds[i]
@@ -159,7 +164,11 @@ class Batches:
 
 
 def train_views(split: Split, idx: Tensor, key: ViewKey, augment, device: torch.device) -> Tensor:
-    """The inputs of samples ``idx`` of an in-memory split as training sees them in ``key``'s epoch (augmented
-    when ``augment`` is given), as floats on ``device``: what the loop and the teacher-output producer share."""
+    """The inputs of samples ``idx`` of a training split as training sees them in ``key``'s epoch (augmented
+    when ``augment`` is given, or by a file-backed set's own keyed transforms), as floats on ``device``: what
+    the loop and the teacher-output producer share."""
+    if not split.in_memory:  # read and transformed one by one, as the training loader's workers do
+        ds = _WithIndex(split.dataset)
+        return to_float(torch.stack([ds[(key.seed, key.epoch, int(i))][1] for i in idx.tolist()])).to(device)
     x = to_float(split.x[idx.to(split.x.device)].to(device, non_blocking=True))
     return augment(x, idx.to(device), key) if augment is not None else x

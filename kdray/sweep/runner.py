@@ -171,10 +171,6 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
     if base.teacher is None or base.cache.teacher_outputs == "off":
         say("teacher-output cache: off" + (" (cache.teacher_outputs: off)" if base.teacher else ""))
         return None, None
-    if base.dataset.name == "imagefolder":
-        say("teacher-output cache: not used for imagefolder (images are read and augmented from disk); "
-            "teachers run live")
-        return None, None
     from kdray.data import load_dataset
 
     data = load_dataset(base.dataset)
@@ -183,10 +179,6 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
     if not data.deterministic:
         from kdray.view_cache import start_view_cache
 
-        if not data.train.in_memory:
-            say(f"teacher-output cache: not used ({base.dataset.name} augments inside a file-backed data set); "
-                "teachers run live")
-            return None, None
         view_cache = start_view_cache(records, refs, data, base.dataset.model_dump(mode="json"), base.seed, layers,
                                       base.cache, space.max_epochs, spill_dir, base.resources.use_gpu)
         say(f"teacher-output cache: augmented inputs, outputs shared per (epoch, sample): "
