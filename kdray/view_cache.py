@@ -17,7 +17,7 @@ Storage is compact (:class:`Codec`): the teacher's log-probabilities as the top-
 indices in float16 plus the remaining probability mass, exact up to float16 rounding when k is the number
 of classes; tapped feature maps only when every epoch of them fits the budget. Every trial, whether it
 read a row or computed it, trains on the *decoded* row, so a trial's result does not depend on which
-process computed what.
+process computed what (up to the rounding differences between a CPU and a GPU teacher pass).
 """
 from __future__ import annotations
 
@@ -95,7 +95,10 @@ class Codec:
             rows["tail"] = (1.0 - vals.exp().sum(1)).clamp_min(0.0)
             kl = float((logp.exp() * (logp - self.dense_logits(rows))).sum())
         for name, _ in self.features:
-            rows["f:" + name] = out.features[name].to(dt)
+            f = out.features[name].float()
+            if dt == torch.float16:  # beyond float16's range a value would become inf
+                f = f.clamp(-65504.0, 65504.0)
+            rows["f:" + name] = f.to(dt)
         return {k: v.cpu().numpy() for k, v in rows.items()}, kl
 
     def decode(self, rows: dict[str, Tensor]) -> TapOutputs:
@@ -164,7 +167,8 @@ class ViewStore:
         self.done: dict[tuple[int, int], Any] = {}  # (epoch, block) -> ObjectRef, or a spill path
         self.nbytes: dict[tuple[int, int], int] = {}
         self.last_read: dict[tuple[int, int], float] = {}
-        self.claims: dict[tuple[int, int], np.ndarray] = {}  # per row: when someone took it on (0: nobody)
+        self.claims: dict[tuple[int, int], np.ndarray] = {}  # per row: when someone took it on (-inf: nobody)
+        self.spill_paths: dict[tuple[int, int], str] = {}  # blocks written to the spill folder (written once)
         self.first_open = 1  # epochs before it are complete
         self.reached = 0
         self.stats = {"rows_by_producer": 0, "rows_by_trials": 0, "rows_read": 0, "blocks_spilled": 0,
@@ -183,7 +187,7 @@ class ViewStore:
         void: its owner died); they are now the caller's."""
         lo, hi = self._rows_of(key)
         filled = self.partial[key][1] if key in self.partial else np.zeros(hi - lo, bool)
-        claims = self.claims.setdefault(key, np.zeros(hi - lo))
+        claims = self.claims.setdefault(key, np.full(hi - lo, -np.inf))
         free = ~filled[local] & (now - claims[local] > CLAIM_TTL_S)
         claims[local[free]] = now
         return free
@@ -204,7 +208,7 @@ class ViewStore:
                 local = np.arange(hi - lo)
                 free = local[self._take(key, local, now)]
                 if len(free) > rows:  # give back what this job will not cover
-                    self.claims[key][free[rows:]] = 0.0
+                    self.claims[key][free[rows:]] = -np.inf
                     free = free[:rows]
                 if len(free):
                     return e, [lo + int(i) for i in free]
@@ -318,16 +322,17 @@ class ViewStore:
         for _, key in held:
             if used <= self.max_bytes:
                 break
-            if self.spill_dir:
-                path = join(self.spill_dir, f"epoch{key[0]:05d}_block{key[1]:05d}.npz")
-                write_bytes(path, _npz(ray.get(self.done[key])))
-                self.done[key] = path
-                self.stats["blocks_spilled"] += 1
-            else:
-                del self.done[key], self.last_read[key]
-                self.first_open = min(self.first_open, key[0])
-                self.stats["blocks_dropped"] += 1
             used -= self.nbytes[key]
+            if self.spill_dir:
+                if key not in self.spill_paths:  # a block read back from the spill folder is there already
+                    path = join(self.spill_dir, f"epoch{key[0]:05d}_block{key[1]:05d}.npz")
+                    write_bytes(path, _npz(ray.get(self.done[key])))
+                    self.spill_paths[key] = path
+                    self.stats["blocks_spilled"] += 1
+                self.done[key] = self.spill_paths[key]
+            else:  # gone: a trial that needs it again computes it (the producer does not go back)
+                del self.done[key], self.last_read[key], self.nbytes[key]
+                self.stats["blocks_dropped"] += 1
 
     # -- reading
     def ready(self, epoch: int, have: list[int]) -> dict[int, list]:
@@ -577,7 +582,7 @@ def plan_codec(records: list[dict[str, Any]], data: Any, layers: list[str], cach
 
 def start_view_cache(records: list[dict[str, Any]], refs: list, data: Any, dataset: dict[str, Any], seed: int,
                      layers: list[str], cache_cfg: Any, max_epochs: int, spill_dir: str | None,
-                     trials_use_gpu: bool) -> ViewCache:
+                     trials_use_gpu: bool, trial_gpus: float = 0.0) -> ViewCache:
     """Start the store and (unless ``cache.producer`` is off) the producer for a sweep over augmented data."""
     import ray
 
@@ -586,10 +591,13 @@ def start_view_cache(records: list[dict[str, Any]], refs: list, data: Any, datas
         len(data.train), codec, cache_cfg.max_bytes, spill_dir, cache_cfg.prefetch_epochs, max_epochs)
     handle = ViewCacheHandle(store, codec, len(data.train), view_cache_key(records, data, seed), seed, note=note)
     cache = ViewCache(handle, [store], spill_dir)
-    if cache_cfg.producer:
-        gpus = cache_cfg.producer_gpus
-        if gpus is None:
-            gpus = 1.0 if trials_use_gpu and ray.cluster_resources().get("GPU", 0) >= 2 else 0.0
+    gpus = cache_cfg.producer_gpus
+    if gpus is None:  # a GPU of its own only where one trial still fits beside it (no sweep can wait on it)
+        gpus = 1.0 if trials_use_gpu and ray.cluster_resources().get("GPU", 0) >= trial_gpus + 1 else 0.0
+    if cache_cfg.producer and trials_use_gpu and not gpus:
+        handle.note = note + ("; no producer: trials on GPUs would wait for a CPU one, so they share what they "
+                              "compute (cache.producer_gpus gives it a GPU)")
+    elif cache_cfg.producer:
         opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": gpus}
         if not gpus:  # on CPUs: a node that runs work (a cluster's head may offer none), sharing its cores
             nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]

@@ -349,3 +349,21 @@ def test_a_run_trains_the_same_from_the_sweeps_outputs_as_from_the_live_teacher(
                 assert a[k] == pytest.approx(b[k], rel=1e-4), k
             assert a["val_accuracy"] == b["val_accuracy"]
     ray.kill(store)
+
+
+def test_a_store_without_a_spill_folder_drops_old_blocks_and_stays_within_its_budget(ray_cluster):
+    """No spill folder: blocks beyond the budget are dropped (a trial needing them again computes them), and what
+    the store counts is what it holds."""
+    import ray
+
+    codec = Codec(3, 3, (), "float32")
+    block_bytes = 4 * codec.bytes_per_sample()
+    store = ray.remote(ViewStore).remote(16, codec, 2 * block_bytes, None, 0, 1, 4)
+    rows = {"logp": np.zeros((4, 3), np.float32)}
+    for b in range(4):
+        ray.get(store.publish.remote(1, np.arange(4 * b, 4 * b + 4), rows))
+    s = ray.get(store.summary.remote())
+    assert s["blocks_dropped"] == 2 and s["blocks_finished"] == 2 and s["bytes_in_memory"] == 2 * block_bytes
+    assert sorted(ray.get(store.ready.remote(1, []))) == [2, 3]  # the two most recent blocks are kept
+    assert ray.get(store.claim.remote(1, np.arange(8))).all()  # dropped rows: free to compute again
+    ray.kill(store)

@@ -179,8 +179,10 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
     if not data.deterministic:
         from kdray.view_cache import start_view_cache
 
+        r = base.resources
         view_cache = start_view_cache(records, refs, data, base.dataset.model_dump(mode="json"), base.seed, layers,
-                                      base.cache, space.max_epochs, spill_dir, base.resources.use_gpu)
+                                      base.cache, space.max_epochs, spill_dir, r.use_gpu,
+                                      trial_gpus=r.num_workers * r.gpus_per_worker if r.use_gpu else 0.0)
         say(f"teacher-output cache: augmented inputs, outputs shared per (epoch, sample): "
             f"{view_cache.handle.note}; memory {base.cache.max_bytes / 2**20:.0f} MiB, then spilled to storage")
         return view_cache.handle, view_cache
@@ -423,62 +425,66 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                              if records else (None, None))
     timings["cache_s"] = time.time() - t0
 
-    trainable = tune.with_parameters(run_trial, space=space, teacher_refs=refs, cache_ref=cache_ref,
-                                     train_storage=storage.join(req.storage, f"{req.name}-train"),
-                                     execution=execution)
-    if execution == "inline":
-        r = base.resources
-        trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
-    else:
-        trainable = tune.with_resources(trainable, {DRIVER_RESOURCE: 1})
-
-    tracker = SweepTracker(req.tracking_uri, space.name, req.name, space, max_epochs=max_epochs,
-                           space_yaml=req.space_yaml, total=num_samples, quiet=req.quiet)
-    warm.join()
-    t0 = time.time()
-    parent_id = tracker.open()
-    timings["mlflow_open_s"] = time.time() - t0
-    c = client(req.tracking_uri)
-
-    if req.resume:
-        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
-    else:
-        if space.searcher.type == "grid":
-            search = GridSearch(space.grid_points(), space.metric, space.mode)
+    try:  # from here on the per-epoch teacher-output cache holds actors and storage
+        trainable = tune.with_parameters(run_trial, space=space, teacher_refs=refs, cache_ref=cache_ref,
+                                         train_storage=storage.join(req.storage, f"{req.name}-train"),
+                                         execution=execution)
+        if execution == "inline":
+            r = base.resources
+            trainable = tune.with_resources(trainable, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
         else:
-            study_storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}")
-            search = KdraySearch(space=space.define_by_run, metric=space.metric, mode=space.mode,
-                                 sampler=make_sampler(space.searcher.type, space.seed, space.searcher.n_startup_trials),
-                                 study_name=req.name, storage=study_storage, max_epochs=max_epochs)
-        if space.scheduler.type == "asha":
-            scheduler = ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=max_epochs,
-                                      grace_period=min(space.scheduler.grace_period, max_epochs),
-                                      reduction_factor=space.scheduler.reduction_factor)
+            trainable = tune.with_resources(trainable, {DRIVER_RESOURCE: 1})
+
+        tracker = SweepTracker(req.tracking_uri, space.name, req.name, space, max_epochs=max_epochs,
+                               space_yaml=req.space_yaml, total=num_samples, quiet=req.quiet)
+        warm.join()
+        t0 = time.time()
+        parent_id = tracker.open()
+        timings["mlflow_open_s"] = time.time() - t0
+        c = client(req.tracking_uri)
+
+        if req.resume:
+            tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
         else:
-            scheduler = FIFOScheduler()
-        if not fixed:  # concurrency follows the workers that join (Tune's own limit is fixed at start)
-            search = ElasticLimiter(search, num_samples, base.resources)
-        # The sweep's own size, for --resume (which may be run without --num-samples, or on another machine).
-        storage.write_text(sweep_file, json.dumps({"num_samples": num_samples, "space": space.name}))
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=num_samples,
-                                        max_concurrent_trials=fixed or None,
-                                        # inline trials reuse their process: no torch import per trial
-                                        reuse_actors=execution == "inline"),
-            run_config=tune.RunConfig(
-                name=req.name, storage_path=req.storage, callbacks=[tracker], verbose=0,
-                failure_config=tune.FailureConfig(max_failures=base.resources.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            ),
-        )
-    t0 = time.time()
-    try:
+            if space.searcher.type == "grid":
+                search = GridSearch(space.grid_points(), space.metric, space.mode)
+            else:
+                study_storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}")
+                search = KdraySearch(space=space.define_by_run, metric=space.metric, mode=space.mode,
+                                     sampler=make_sampler(space.searcher.type, space.seed,
+                                                          space.searcher.n_startup_trials),
+                                     study_name=req.name, storage=study_storage, max_epochs=max_epochs)
+            if space.scheduler.type == "asha":
+                scheduler = ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=max_epochs,
+                                          grace_period=min(space.scheduler.grace_period, max_epochs),
+                                          reduction_factor=space.scheduler.reduction_factor)
+            else:
+                scheduler = FIFOScheduler()
+            if not fixed:  # concurrency follows the workers that join (Tune's own limit is fixed at start)
+                search = ElasticLimiter(search, num_samples, base.resources)
+            # The sweep's own size, for --resume (which may be run without --num-samples, or on another machine).
+            storage.write_text(sweep_file, json.dumps({"num_samples": num_samples, "space": space.name}))
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=num_samples,
+                                            max_concurrent_trials=fixed or None,
+                                            # inline trials reuse their process: no torch import per trial
+                                            reuse_actors=execution == "inline"),
+                run_config=tune.RunConfig(
+                    name=req.name, storage_path=req.storage, callbacks=[tracker], verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=base.resources.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                ),
+            )
+        t0 = time.time()
         results = tuner.fit()
         if view_cache is not None:
-            report_view_cache(view_cache, c, parent_id, say)
-    finally:
+            try:
+                report_view_cache(view_cache, c, parent_id, say)
+            except Exception as e:  # noqa: BLE001 - a report must not fail a sweep whose trials ran
+                say(f"teacher-output cache: could not report its counters ({type(e).__name__}: {e})")
+    finally:  # the cache's actors and spill folder go with the sweep, however it ends
         if view_cache is not None:
             view_cache.stop()
     if not tracker.flush():  # the MLflow writer thread: every record of the trials in MLflow before it is read
