@@ -1,5 +1,5 @@
 """A sweep on a cluster shaped as users launch one: a head with 0 CPUs (it only hosts the sweep driver),
-no worker at start, workers joining 20 s later, and storage that is not a local path (an S3-compatible
+no worker at start, workers joining 3 s after the sweep says it waits for them, and storage that is not a local path (an S3-compatible
 server on 127.0.0.1). The sweep trains its teacher, so the teacher too must land in the bucket.
 
 Run by tests/test_cluster_launch.py in its own process (``ray.cluster_utils.Cluster`` starts real raylets on
@@ -19,6 +19,7 @@ from multinode_driver import free_port  # tests/ is this script's folder
 
 BUCKET = "kdray-test"
 JOIN_AFTER_S = 20.0
+WAIT_AFTER_MESSAGE_S = 3.0
 
 
 def start_s3(tmp: Path) -> tuple[subprocess.Popen, str]:
@@ -70,8 +71,13 @@ def main(out: Path, space_path: Path) -> None:
     try:
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=open(tmp / "sweep.log", "w"), stderr=subprocess.STDOUT, env=env)
+        waiting_since = None  # workers join a few seconds after the sweep says it waits for them (at most 20 s in)
         while time.time() - t0 < JOIN_AFTER_S:
             if proc.poll() is not None:  # it refused to start: nothing to wait for
+                break
+            if waiting_since is None and "waiting for workers" in (tmp / "sweep.log").read_text():
+                waiting_since = time.time()
+            if waiting_since is not None and time.time() - waiting_since > WAIT_AFTER_MESSAGE_S:
                 break
             time.sleep(0.5)
         summary["alive_before_workers"] = proc.poll() is None
