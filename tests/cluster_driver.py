@@ -1,6 +1,7 @@
 """A sweep on a cluster shaped as users launch one: a head with 0 CPUs (it only hosts the sweep driver),
-no worker at start, workers joining 3 s after the sweep says it waits for them, and storage that is not a local path (an S3-compatible
-server on 127.0.0.1). The sweep trains its teacher, so the teacher too must land in the bucket.
+no worker at start, workers joining 3 s after the sweep says it waits for them, and storage that is not a
+local path (an S3-compatible server on 127.0.0.1). The sweep trains its teacher, so the teacher too must
+land in the bucket.
 
 Run by tests/test_cluster_launch.py in its own process (``ray.cluster_utils.Cluster`` starts real raylets on
 this machine; the sweep is ``kdray sweep --address ...`` in a subprocess, as a user starts it). Writes a

@@ -58,7 +58,8 @@ def test_a_file_backed_sets_random_transforms_are_keyed_too(tmp_path):
         for cls in ("cat", "dog"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                image = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / split / cls / f"{i}.png")
     data = load_dataset(DatasetConfig(name="imagefolder", options={"root": str(tmp_path), "image_size": 16}))
     assert not data.train.in_memory and not data.deterministic
     py_state, torch_state = random.getstate(), torch.get_rng_state()
