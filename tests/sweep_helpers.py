@@ -1,5 +1,5 @@
-"""A tiny search space for sweep tests (test_blobs, a 1-D CNN teacher trained once, an MLP student), and a
-session that interrupts a run after a given epoch, for resume tests."""
+"""A tiny search space for sweep tests (test_blobs, a 1-D CNN teacher trained once, an MLP student), a session
+that interrupts a run after a given epoch, and the straight-versus-resumed pair that resume tests compare."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,3 +65,21 @@ class StopAfter(Session):
         super().report(metrics, checkpoint_dir)
         if metrics["epoch"] == self.stop_after:
             raise Interrupt()
+
+
+def straight_and_resumed(loop: dict, root: Path, stop_after: int = 2):
+    """Run ``loop`` straight through, and again stopped after epoch ``stop_after`` then resumed from that
+    checkpoint. Returns (the straight session, the resumed session, the resumed run's last metrics)."""
+    from kdray.train.loop import train_run
+
+    straight = Session(checkpoint_root=root / "a")
+    train_run(loop, straight)
+    first = StopAfter(stop_after, checkpoint_root=root / "b")
+    try:
+        train_run(loop, first)
+    except Interrupt:
+        pass
+    else:
+        raise AssertionError(f"the run was not interrupted after epoch {stop_after}")
+    resumed = Session(checkpoint_root=root / "c", resume_from=first.last_checkpoint)
+    return straight, resumed, train_run(loop, resumed)

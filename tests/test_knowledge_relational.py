@@ -497,23 +497,16 @@ def test_a_crd_run_resumes_with_its_memory_bank_exactly(tmp_path, blobs_teacher)
     """The loop binds the split (size and labels), passes each batch's idx, checkpoints the bank with the
     objective: a run stopped after epoch 2 and resumed ends where the uninterrupted run does."""
     from kdray.config import RunConfig
-    from kdray.train.loop import STATE_FILE, STUDENT_FILE, train_run
-    from kdray.train.session import Session
-    from sweep_helpers import Interrupt, StopAfter
+    from kdray.train.loop import STATE_FILE, STUDENT_FILE
+    from sweep_helpers import straight_and_resumed
 
     cfg = RunConfig.model_validate({
         "dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"}, "teacher": {"checkpoint": "unused.pt"},
         "knowledge": [{"type": "crd", "weight": 0.8, "feat_dim": 16, "nce_k": 64}],
         "train": {"epochs": 3, "batch_size": 32, "lr": 0.01, "optimizer": "sgd"}})
     loop = {"run": cfg.model_dump(mode="json"), "teacher_records": [blobs_teacher]}
-    straight = Session(checkpoint_root=tmp_path / "a")
-    train_run(loop, straight)
+    straight, resumed, _ = straight_and_resumed(loop, tmp_path)
     assert all(math.isfinite(r["loss_crd"]) and r["loss_crd"] > 0 for r in straight.reports)
-    first = StopAfter(2, checkpoint_root=tmp_path / "b")
-    with pytest.raises(Interrupt):
-        train_run(loop, first)
-    resumed = Session(checkpoint_root=tmp_path / "c", resume_from=first.last_checkpoint)
-    train_run(loop, resumed)
     assert [r["epoch"] for r in resumed.reports] == [3]
     sa, sb = (torch.load(s.last_checkpoint / STATE_FILE, weights_only=True)["objective"] for s in (straight, resumed))
     bank_a, bank_b = sa["knowledge.crd.memory._extra_state"], sb["knowledge.crd.memory._extra_state"]

@@ -12,7 +12,7 @@ from kdray.models import model_from_record
 from kdray.train.loop import STUDENT_FILE, evaluate, train_run
 from kdray.train.runner import final_student, fit
 from kdray.train.session import Session
-from sweep_helpers import Interrupt, StopAfter
+from sweep_helpers import straight_and_resumed
 
 
 def blobs_cfg(**kw) -> RunConfig:
@@ -43,14 +43,7 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, blobs_teache
     cfg = blobs_cfg(teacher={"checkpoint": "unused.pt"}, knowledge=[{"type": "fitnet"}], train={"epochs": 4,
                     "optimizer": "sgd", "scheduler": "cosine"})
     loop = {"run": cfg.model_dump(mode="json"), "teacher_records": [blobs_teacher]}
-    straight = Session(checkpoint_root=tmp_path / "a")
-    train_run(loop, straight)
-
-    first = StopAfter(2, checkpoint_root=tmp_path / "b")
-    with pytest.raises(Interrupt):
-        train_run(loop, first)
-    resumed = Session(checkpoint_root=tmp_path / "c", resume_from=first.last_checkpoint)
-    train_run(loop, resumed)
+    straight, resumed, _ = straight_and_resumed(loop, tmp_path)
     assert [r["epoch"] for r in resumed.reports] == [3, 4]
     a = torch.load(straight.last_checkpoint / STUDENT_FILE, weights_only=True)["state_dict"]
     b = torch.load(resumed.last_checkpoint / STUDENT_FILE, weights_only=True)["state_dict"]

@@ -10,7 +10,7 @@ from kdray.models import model_from_record
 from kdray.train.loop import STUDENT_FILE, evaluate, train_run
 from kdray.train.mutual import mutual_kl
 from kdray.train.session import Session
-from sweep_helpers import Interrupt, StopAfter
+from sweep_helpers import straight_and_resumed
 
 
 
@@ -85,13 +85,7 @@ def test_dml_trains_every_peer_and_keeps_the_best_one(tmp_path):
 
 def test_a_resumed_dml_run_continues_every_peer_exactly(tmp_path):
     loop = {"run": dml_cfg().model_dump(mode="json")}
-    straight = Session(checkpoint_root=tmp_path / "a")
-    train_run(loop, straight)
-    first = StopAfter(2, checkpoint_root=tmp_path / "b")
-    with pytest.raises(Interrupt):
-        train_run(loop, first)
-    resumed = Session(checkpoint_root=tmp_path / "c", resume_from=first.last_checkpoint)
-    train_run(loop, resumed)
+    straight, resumed, _ = straight_and_resumed(loop, tmp_path)
     assert [r["epoch"] for r in resumed.reports] == [3]
     for k in ("val_accuracy_peer0", "val_accuracy_peer1", "train_loss"):
         assert resumed.reports[-1][k] == pytest.approx(straight.reports[-1][k], rel=1e-6), k
@@ -142,13 +136,7 @@ def test_each_generation_is_taught_by_the_final_student_of_the_one_before(tmp_pa
 def test_a_born_again_run_resumes_in_the_right_generation_with_the_right_teacher(tmp_path, images_teacher, stop_at):
     loop = {"run": RunConfig.model_validate(born_again(2)).model_dump(mode="json"),
             "teacher_records": [images_teacher]}
-    straight = Session(checkpoint_root=tmp_path / "a")
-    train_run(loop, straight)
-    first = StopAfter(stop_at, checkpoint_root=tmp_path / "b")
-    with pytest.raises(Interrupt):
-        train_run(loop, first)
-    resumed = Session(checkpoint_root=tmp_path / "c", resume_from=first.last_checkpoint)
-    last = train_run(loop, resumed)
+    straight, resumed, last = straight_and_resumed(loop, tmp_path, stop_at)
     assert [m["epoch"] for m in resumed.reports] == list(range(stop_at + 1, 5))
     for k in ("val_accuracy", "loss_kd", "val_accuracy_gen1"):
         assert last[k] == pytest.approx(straight.reports[-1][k], rel=1e-6), k
