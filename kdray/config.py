@@ -377,7 +377,8 @@ class CacheConfig(Strict):
     producer: bool = Field(True, description="augmented data: a Ray actor computes epochs ahead of the trials "
                                              "(off: trials compute and share what they need)")
     producer_gpus: float | None = Field(None, ge=0, description="GPUs of the producer (default: 1 when trials use "
-                                                                "GPUs and the cluster has two or more, else 0)")
+                                                                "GPUs and a whole trial still fits beside it; "
+                                                                "else 0, and trials on GPUs get no producer)")
 
 
 def validate_knowledge(entries: list[Any]) -> list[dict[str, Any]]:

@@ -159,9 +159,6 @@ class TeacherOutputs:
     def set_epoch(self, epoch: int) -> None:
         """One cache for every epoch (the inputs do not change)."""
 
-    def flush(self) -> None:
-        """Nothing to publish."""
-
     def epoch_stats(self) -> dict[str, float]:
         return {}
 

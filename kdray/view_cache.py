@@ -165,7 +165,6 @@ class ViewStore:
         self.blocks = (num_samples + block - 1) // block
         self.partial: dict[tuple[int, int], tuple[dict[str, np.ndarray], np.ndarray]] = {}
         self.done: dict[tuple[int, int], Any] = {}  # (epoch, block) -> ObjectRef, or a spill path
-        self.nbytes: dict[tuple[int, int], int] = {}
         self.last_read: dict[tuple[int, int], float] = {}
         self.claims: dict[tuple[int, int], np.ndarray] = {}  # per row: when someone took it on (-inf: nobody)
         self.spill_paths: dict[tuple[int, int], str] = {}  # blocks written to the spill folder (written once)
@@ -181,6 +180,10 @@ class ViewStore:
 
     def _rows_of(self, key: tuple[int, int]) -> tuple[int, int]:
         return key[1] * self.block, min((key[1] + 1) * self.block, self.n)
+
+    def _bytes_of(self, key: tuple[int, int]) -> int:
+        lo, hi = self._rows_of(key)
+        return (hi - lo) * self.codec.bytes_per_sample()
 
     def _take(self, key: tuple[int, int], local: np.ndarray, now: float) -> np.ndarray:
         """Which of these rows of a block nobody has computed or taken on (a claim older than CLAIM_TTL_S is
@@ -288,7 +291,7 @@ class ViewStore:
             key = (int(epoch), int(b))
             if key in self.done:
                 continue
-            lo, hi = int(b) * self.block, min((int(b) + 1) * self.block, self.n)
+            lo, hi = self._rows_of(key)
             arrays, filled = self.partial.get(key) or (self.codec.empty(hi - lo), np.zeros(hi - lo, bool))
             sel = blocks == b
             local = idx[sel] - lo
@@ -299,15 +302,15 @@ class ViewStore:
                 self.partial.pop(key, None)
                 self.claims.pop(key, None)
                 self.done[key] = ray.put(arrays)
-                self.nbytes[key] = sum(a.nbytes for a in arrays.values())
                 self.last_read[key] = time.monotonic()
             else:
                 self.partial[key] = (arrays, filled)
         self._bound_memory()
 
     def _in_memory(self) -> int:
-        held = sum(n for k, n in self.nbytes.items() if not isinstance(self.done.get(k), str))
-        return held + sum(sum(a.nbytes for a in arrs.values()) for arrs, _ in self.partial.values())
+        """Bytes of the finished blocks held in the object store and of the blocks being filled."""
+        held = [k for k, ref in self.done.items() if not isinstance(ref, str)]
+        return sum(self._bytes_of(k) for k in [*held, *self.partial])
 
     def _bound_memory(self) -> None:
         """Spill (or, with no spill folder, drop: they will be recomputed) the least recently read blocks until
@@ -322,7 +325,7 @@ class ViewStore:
         for _, key in held:
             if used <= self.max_bytes:
                 break
-            used -= self.nbytes[key]
+            used -= self._bytes_of(key)
             if self.spill_dir:
                 if key not in self.spill_paths:  # a block read back from the spill folder is there already
                     path = join(self.spill_dir, f"epoch{key[0]:05d}_block{key[1]:05d}.npz")
@@ -331,7 +334,7 @@ class ViewStore:
                     self.stats["blocks_spilled"] += 1
                 self.done[key] = self.spill_paths[key]
             else:  # gone: a trial that needs it again computes it (the producer does not go back)
-                del self.done[key], self.last_read[key], self.nbytes[key]
+                del self.done[key], self.last_read[key]
                 self.stats["blocks_dropped"] += 1
 
     # -- reading
@@ -452,9 +455,6 @@ class ViewCacheOutputs:
                 self.table.arrays[k][lo:hi] = a
             self.table.ready[lo:hi] = True
             self.table.have.add(b)
-
-    def flush(self) -> None:
-        """Nothing waits here: rows a trial computes are published at once (others may be waiting for them)."""
 
     def _write(self, idx: np.ndarray, rows: dict[str, np.ndarray]) -> None:
         for k, a in rows.items():

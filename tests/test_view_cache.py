@@ -188,7 +188,6 @@ def _run_epoch(out: ViewCacheOutputs, data, epoch: int, seed=0, batch_size=50):
         t = out(idx, x)
         for i, row in zip(idx.tolist(), t.logits):
             got[i] = row
-    out.flush()
     return got
 
 

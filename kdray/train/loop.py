@@ -353,8 +353,6 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
                 acc += step_vals
 
         scheduler.step()  # the next epoch's learning rate (saved with the checkpoint below)
-        if objective.needs_teacher:
-            teacher_out.flush()  # teacher outputs this run computed, for the other trials of its sweep
         # One sync per epoch: every term's sum, the accuracy and the count, over all ranks.
         packed = torch.cat([acc, torch.tensor([float(seen)], device=device)])
         packed = session.all_reduce_sum(packed.double())
