@@ -20,16 +20,14 @@ CPUs, so every side runs exactly the same trials. Four sweeps in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sweep import emit, sweep_once  # noqa: E402
+from bench_sweep import cost_ratio, emit, sweep_once  # noqa: E402
 
 DATASET = {"name": "test_images", "samples": 6000, "classes": 10}
 TEACHER = {"name": "resnet20"}
@@ -38,41 +36,20 @@ TYPES = ["kd", "dkd", "dist", "ctkd", "mlkd", "at", "fitnet", "sp"]
 MODES = {"off": {"teacher_outputs": "off"}, "on": {}, "topk": {"top_k": 3}, "fp32": {"dtype": "float32"}}
 
 
-def cost_ratio(batch: int = 64, reps: int = 10) -> float:
+def teacher_cost(batch: int = 64, reps: int = 10) -> float:
     """Seconds per sample of a teacher forward / of a student training step, on one thread."""
     import torch
-    import torch.nn.functional as F
 
     from kdray.config import DatasetConfig
     from kdray.data import describe_dataset
     from kdray.models import build_model
 
-    torch.set_num_threads(1)
     info = describe_dataset(DatasetConfig.model_validate(DATASET))
     teacher = build_model(TEACHER["name"], info.num_classes, info.preprocess()).eval()
     student = build_model(STUDENT["name"], info.num_classes, info.preprocess(), STUDENT["options"])
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, info.num_classes, (batch,))
-
-    def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-
-    def teach():
-        with torch.no_grad():
-            teacher(x)
-
-    def step():
-        loss = F.cross_entropy(student(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return timed(teach) / timed(step)
+    return cost_ratio(teacher, student, opt, x, y, reps, warmup=3)
 
 
 def label(outcome) -> str:
@@ -112,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     modes = args.modes.split(",")
     out: dict = {"epochs": args.epochs, "dataset": DATASET, "teacher": TEACHER["name"], "student": STUDENT}
-    out["teacher_to_student_cost_per_sample"] = cost_ratio()
+    out["teacher_to_student_cost_per_sample"] = teacher_cost()
     accs = {}
     for mode, cache in MODES.items():
         if mode not in modes:

@@ -16,49 +16,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sweep import emit, sweep_once  # noqa: E402
+from bench_sweep import cost_ratio, emit, sweep_once  # noqa: E402
 
 
-def cost_ratio(teacher_record: dict, batch: int = 100, reps: int = 30) -> float:
+def teacher_cost(teacher_record: dict, batch: int = 100, reps: int = 30) -> float:
     """Seconds per sample of a teacher forward / of a student training step, on one thread."""
     import torch
-    import torch.nn.functional as F
 
     from kdray.models import Preprocess, build_model, model_from_record
 
-    torch.set_num_threads(1)
     teacher = model_from_record(teacher_record).eval()
     teacher.requires_grad_(False)
     student = build_model("mnist1d_mlp", 10, Preprocess((1, 40)))
-    opt = torch.optim.Adam(student.parameters())
     x, y = torch.randn(batch, 40), torch.randint(0, 10, (batch,))
-
-    def timed(fn) -> float:
-        for _ in range(5):
-            fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-
-    def teach():
-        with torch.no_grad():
-            teacher(x)
-
-    def step():
-        loss = F.cross_entropy(student(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return timed(teach) / timed(step)
+    return cost_ratio(teacher, student, torch.optim.Adam(student.parameters()), x, y, reps, warmup=5)
 
 
 def main() -> None:
@@ -96,7 +73,7 @@ def main() -> None:
         out[f"wall_s_cache_{mode}"] = wall
         out[f"trials_s_cache_{mode}"] = result.timings["trials_s"]
         out["cache_build_s"] = result.timings.get("cache_s", 0.0) if mode == "auto" else out.get("cache_build_s")
-    out["teacher_to_student_cost_per_sample"] = cost_ratio(load_record(teacher))
+    out["teacher_to_student_cost_per_sample"] = teacher_cost(load_record(teacher))
     out["speedup_wall"] = out["wall_s_cache_off"] / out["wall_s_cache_auto"]
     out["speedup_trials"] = out["trials_s_cache_off"] / out["trials_s_cache_auto"]
     same = runs["off"].keys() == runs["auto"].keys()

@@ -58,6 +58,35 @@ def emit(out: dict, path: str | None) -> None:
         Path(path).write_text(json.dumps(out, indent=2))
 
 
+def cost_ratio(teacher, student, optimizer, x, y, reps: int, warmup: int) -> float:
+    """Seconds of a teacher forward pass / of a student training step (forward + backward + step) on the same
+    batch, each timed over ``reps`` calls after ``warmup``, on one thread."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+
+    def timed(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+
+    def teach():
+        with torch.no_grad():
+            teacher(x)
+
+    def step():
+        loss = F.cross_entropy(student(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return timed(teach) / timed(step)
+
+
 def sweep_once(space_data: dict, shared_storage: str, name: str):
     """Run one sweep in a fresh folder (MLflow on SQLite there), reusing a teacher trained once in
     ``shared_storage``. Returns (result, sweep wall s including Ray start, folder, space, teacher path)."""
