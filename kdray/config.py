@@ -443,6 +443,13 @@ class SchemeConfig(Strict):
         return self
 
 
+class LatencyConfig(Strict):
+    """Where a student's inference latency is measured: the device it would be served on."""
+
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu (default) or cuda")
+    threads: int = Field(1, ge=1, description="CPU intra-op threads of the measurement")
+
+
 class RunConfig(Strict):
     """One teacher -> student run (``kdray distill``), or a labels-only run when there is no knowledge."""
 
@@ -458,6 +465,8 @@ class RunConfig(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheme: SchemeConfig = Field(default_factory=SchemeConfig, description="who teaches whom: distill, born_again, dml")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig,
+                                   description="how the student's serving latency is measured (logged per run)")
     output_dir: str | None = Field(None, description="where the run writes its checkpoints and the final model")
 
     _plugins = model_validator(mode="before")(import_config_plugins)

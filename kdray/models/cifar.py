@@ -3,6 +3,9 @@
 * ``resnet8 ... resnet110``: He et al. 2016's CIFAR ResNets, 3 stages of BasicBlocks, 16/32/64 channels,
   depth = 6n + 2. ``resnet8x4`` / ``resnet32x4`` are the 4x wider (32/64/128/256) variants.
 * ``wrn_16_k`` / ``wrn_40_k``: Zagoruyko & Komodakis 2016's wide ResNets, depth = 6n + 4, widen factor k.
+* ``mobilenetv2_half`` / ``mobilenetv2_cifar``: Sandler et al. 2018's MobileNetV2 (inverted residuals,
+  expansion 6) at width 0.5 (CRD's ``mobile_half``) and 1.0, with CIFAR strides: its three stages have the
+  ResNets' resolutions (32, 16, 8), so hint layers ``layer1..3`` pair with a ResNet teacher's.
 
 Inputs (3, 32, 32) are the design point; the global pooling is adaptive, so other sizes work too.
 """
@@ -114,6 +117,61 @@ class WideResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(self.relu(self.bn1(x)))))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, 3x3 depthwise, linear 1x1 projection; a residual when shapes match."""
+
+    def __init__(self, inp: int, out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = inp * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(inplace=True), nn.Conv2d(hidden, out, 1, bias=False), nn.BatchNorm2d(out)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and inp == out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class CifarMobileNetV2(nn.Module):
+    # (expansion, channels, blocks, stride) per stage; the stage boundaries follow the resolution
+    STAGES = (((1, 16, 1, 1), (6, 24, 2, 1)),
+              ((6, 32, 3, 2),),
+              ((6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 1), (6, 320, 1, 1)))
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], width_mult: float = 1.0) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"a CIFAR MobileNetV2 needs (channels, height, width) inputs, got {tuple(input_shape)}")
+
+        def ch(c: int) -> int:
+            return max(8, int(round(c * width_mult / 8)) * 8)
+
+        inp = ch(32)
+        self.conv1 = nn.Sequential(nn.Conv2d(input_shape[0], inp, 3, 1, 1, bias=False), nn.BatchNorm2d(inp),
+                                   nn.ReLU6(inplace=True))
+        for i, stage in enumerate(self.STAGES):
+            blocks = []
+            for t, c, n, s in stage:
+                for j in range(n):
+                    blocks.append(InvertedResidual(inp, ch(c), s if j == 0 else 1, t))
+                    inp = ch(c)
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        last = 1280
+        self.head = nn.Sequential(nn.Conv2d(inp, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(last, num_classes)
+        _init(self)
+        set_layout(self, ["layer1", "layer2", "layer3"], "flatten")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return self.fc(self.flatten(self.avgpool(self.head(x))))
+
+
 def _init(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -140,3 +198,6 @@ for _depth, _widths in ((16, (1, 2, 4, 8)), (40, (1, 2, 4))):
         register_model(
             f"wrn_{_depth}_{_k}", "cifar", CIFAR, f"wide ResNet WRN-{_depth}-{_k}", depth=_depth, widen_factor=_k
         )(WideResNet)
+register_model("mobilenetv2_half", "cifar", CIFAR, "CIFAR MobileNetV2, width 0.5 (CRD's mobile_half)",
+               width_mult=0.5)(CifarMobileNetV2)
+register_model("mobilenetv2_cifar", "cifar", CIFAR, "CIFAR MobileNetV2, width 1.0; option width_mult")(CifarMobileNetV2)

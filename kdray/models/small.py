@@ -42,22 +42,29 @@ class ConvNet1d(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flatten, then Linear+ReLU blocks, then a linear head."""
+    """Flatten, then Linear+ReLU blocks, then a linear head.
+
+    ``width`` sets every hidden layer to one size (keeping their number): a single number, so a search space
+    can search it as a categorical (Optuna's choices cannot be lists such as ``hidden``)."""
 
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], hidden: list[int] | tuple[int, ...] = (100, 100),
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, width: int | None = None):
         super().__init__()
         if not hidden:
             raise ValueError("an MLP needs at least one hidden layer")
+        if width is not None:
+            if int(width) < 1:
+                raise ValueError(f"width must be at least 1, got {width}")
+            hidden = [int(width)] * len(hidden)
         self.flatten = nn.Flatten()
-        width = math.prod(input_shape)
+        fan_in = math.prod(input_shape)
         for i, h in enumerate(hidden):
-            layers: list[nn.Module] = [nn.Linear(width, h), nn.ReLU(inplace=False)]
+            layers: list[nn.Module] = [nn.Linear(fan_in, h), nn.ReLU(inplace=False)]
             if dropout:
                 layers.append(nn.Dropout(dropout))
             self.add_module(f"block{i + 1}", nn.Sequential(*layers))
-            width = h
-        self.fc = nn.Linear(width, num_classes)
+            fan_in = h
+        self.fc = nn.Linear(fan_in, num_classes)
         self.n_blocks = len(hidden)
         set_layout(self, [f"block{i + 1}" for i in range(len(hidden))], f"block{len(hidden)}")
 
@@ -106,7 +113,7 @@ register_model(
 register_model("mnist1d_cnn_small", "mnist1d", (1, 40), "small MNIST-1D CNN student, 3x8 channels", channels=8)(
     ConvNet1d
 )
-register_model("mnist1d_mlp", "mnist1d", (1, 40), "MNIST-1D MLP student, 2x100 hidden (Greydanus 2020)")(MLP)
+register_model("mnist1d_mlp", "mnist1d", (1, 40), "MNIST-1D MLP student, 2x100 hidden (Greydanus 2020); option width: N for 2xN")(MLP)
 register_model("mlp", "any", (1, 40), "MLP on flattened inputs; option hidden: [sizes]")(MLP)
 register_model("small_cnn", "image", (1, 8, 8), "small 2-D CNN for small images; option widths: [channels]")(ConvNet2d)
 register_model("digits_cnn", "image", (1, 8, 8), "2-D CNN teacher for 8x8 digits, 32/64 channels")(ConvNet2d)

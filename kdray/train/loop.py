@@ -26,6 +26,7 @@ from kdray.data.views import ViewKey, strong_view
 from kdray.knowledge import DistillObjective, ModelLayout, TapOutputs, nonfinite_terms
 from kdray.models import Classifier, FeatureTaps, Teacher, build_model, model_record, unwrap
 from kdray.models.checkpoint import atomic_torch_save
+from kdray.models.cost import student_cost
 from kdray.train.mutual import MutualStep
 from kdray.train.session import Session, scratch_dir
 
@@ -224,6 +225,9 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     peer_cfgs = [cfg.student, *cfg.scheme.peers] if cfg.scheme.type == "dml" else [cfg.student]
     peers = [student] + [build_model(p.name, info.num_classes, info.preprocess(), p.options).to(device)
                          for p in peer_cfgs[1:]]
+    # What the student costs to serve (rank 0 reports): a search may trade accuracy against it.
+    cost = student_cost(student, raw_input["shape"], raw_input["dtype"], cfg.latency.device,
+                        cfg.latency.threads) if rank == 0 else {}
     if world > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
         peers = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in peers]
         student = peers[0]
@@ -395,6 +399,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             "samples_per_s": total / train_time if train_time > 0 else 0.0,
             "teacher_source": teacher_out.source if objective.needs_teacher else "none",
             **(teacher_out.epoch_stats() if objective.needs_teacher else {}),
+            **cost,
             **where,
         }
         if where_resumed:

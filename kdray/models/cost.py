@@ -1,0 +1,72 @@
+"""What a student costs to serve: its parameter count and its inference latency.
+
+Latency is measured the way the student would be served: the whole module (preprocessing included) on
+raw inputs, in eval mode under ``torch.inference_mode()``, on the serving device (CPU by default, with
+``threads`` intra-op threads), at batch 1 and at batch 64. Each is the median of repeated forwards after
+warm-up, so one slow call on a busy machine does not decide it.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+BATCHES = (1, 64)
+WARMUP = 2
+MIN_REPEATS, MAX_REPEATS = 5, 50
+BUDGET_S = 0.5  # per batch size, after MIN_REPEATS: enough for a median, little next to a trial
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def latency_ms(model: nn.Module, example: torch.Tensor, *, repeats: int = MAX_REPEATS,
+               budget_s: float = BUDGET_S) -> float:
+    """Median wall time of one forward of ``example`` in milliseconds (``model`` in eval mode already)."""
+    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(WARMUP):
+            model(example)
+        sync()
+        start = time.perf_counter()
+        while len(times) < repeats and (len(times) < MIN_REPEATS or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            model(example)
+            sync()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0
+
+
+def student_cost(model: nn.Module, raw_shape: list[int] | tuple[int, ...], raw_dtype: str = "float32",
+                 device: str = "cpu", threads: int = 1) -> dict[str, Any]:
+    """``student_params``, ``latency_ms`` (batch 1) and ``latency_b64_ms`` of a copy of ``model`` on ``device``.
+
+    The copy leaves the training model, its device and its mode untouched; torch's thread count is
+    restored afterwards.
+    """
+    dev = torch.device(device if device != "cuda" or torch.cuda.is_available() else "cpu")
+    net = copy.deepcopy(model).to(dev).eval()
+    dtype = getattr(torch, raw_dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        out: dict[str, Any] = {"student_params": parameter_count(net)}
+        g = torch.Generator().manual_seed(0)
+        for b in BATCHES:
+            shape = (b, *raw_shape)
+            if dtype.is_floating_point:
+                x = torch.randn(shape, generator=g).to(dtype)
+            else:  # raw images as stored (uint8): the module scales them itself
+                x = torch.randint(0, 255, shape, generator=g).to(dtype)
+            key = "latency_ms" if b == 1 else f"latency_b{b}_ms"
+            out[key] = latency_ms(net, x.to(dev))
+        out["latency_device"] = dev.type
+        return out
+    finally:
+        torch.set_num_threads(before)
