@@ -173,19 +173,7 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
             jobs.append((which, s, run, rc))
     say(f"retraining {champ_cfg.knowledge_label} (champion) and none (best labels-only) with seeds {seed_list}: "
         f"{len(jobs)} runs")
-    if ray.is_initialized():
-        from kdray.ray_setup import DRIVER_RESOURCE
-
-        def options(rc: RunConfig) -> dict[str, Any]:
-            if rc.resources.resolved_execution() == "train":  # drives a TorchTrainer: its workers hold the CPUs
-                return {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 1}}
-            return {"num_cpus": rc.resources.cpus_per_worker, "num_gpus": min(1.0, rc.resources.gpus_per_worker)}
-
-        pending = [ray.remote(_train_and_test).options(**options(rc)).remote(run, refs, storage)
-                   for _, _, run, rc in jobs]
-        outputs = ray.get(pending)
-    else:
-        outputs = [_train_and_test(run, refs, storage) for _, _, run, _ in jobs]
+    outputs = _run_jobs([(run, rc) for _, _, run, rc in jobs], refs, storage)
     rows = [{"config": w, "seed": s, **o} for (w, s, _, _), o in zip(jobs, outputs)]
     champ = [r["test_accuracy"] for r in rows if r["config"] == "champion" and math.isfinite(r["test_accuracy"])]
     none = [r["test_accuracy"] for r in rows if r["config"] == "none" and math.isfinite(r["test_accuracy"])]
@@ -197,6 +185,35 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     return res
 
 
+def _run_jobs(jobs: list[tuple[dict[str, Any], RunConfig]], refs: list, storage: str) -> list[dict[str, float]]:
+    """Train and test every (run, config): Ray tasks shaped as the sweep's trials when Ray runs, else in turn."""
+    import ray
+
+    if not ray.is_initialized():
+        return [_train_and_test(run, refs, storage) for run, _ in jobs]
+    from kdray.ray_setup import DRIVER_RESOURCE
+
+    def options(rc: RunConfig) -> dict[str, Any]:
+        if rc.resources.resolved_execution() == "train":  # drives a TorchTrainer: its workers hold the CPUs
+            return {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 1}}
+        return {"num_cpus": rc.resources.cpus_per_worker, "num_gpus": min(1.0, rc.resources.gpus_per_worker)}
+
+    return ray.get([ray.remote(_train_and_test).options(**options(rc)).remote(run, refs, storage)
+                    for run, rc in jobs])
+
+
+def best_of_type(trials: list, knowledge: str, exclude: str | None = None) -> Any | None:
+    """The sweep's best trial run of one knowledge choice: completed ones first, else the best stopped early
+    (ties: the one that got further). Failed trials never serve. None when the choice has no such trial."""
+    mine = [t for t in trials if t.data.tags.get("kdray.knowledge") == knowledge and t.info.run_id != exclude
+            and t.data.tags.get(TAG_STATUS) in ("completed", "stopped_early")]
+    if not mine:
+        return None
+    return max(mine, key=lambda r: (r.data.tags.get(TAG_STATUS) == "completed",
+                                    r.data.metrics.get("val_accuracy", -1.0),
+                                    int(r.data.tags.get("kdray.epochs", 0) or 0)))
+
+
 def best_labels_only(trials: list, exclude: str | None = None) -> Any | None:
     """The sweep's best labels-only (``none``) trial run: completed ones first, else the best stopped early.
 
@@ -204,13 +221,7 @@ def best_labels_only(trials: list, exclude: str | None = None) -> Any | None:
     completed one; the trial that got furthest still holds a searched configuration, and ``final``
     retrains it for the full budget anyway. Failed trials never serve. None when there is no such trial.
     """
-    nones = [t for t in trials if t.data.tags.get("kdray.knowledge") == "none" and t.info.run_id != exclude
-             and t.data.tags.get(TAG_STATUS) in ("completed", "stopped_early")]
-    if not nones:
-        return None
-    return max(nones, key=lambda r: (r.data.tags.get(TAG_STATUS) == "completed",
-                                     r.data.metrics.get("val_accuracy", -1.0),
-                                     int(r.data.tags.get("kdray.epochs", 0) or 0)))
+    return best_of_type(trials, "none", exclude)
 
 
 def _log(c, parent, res: FinalResult, configs: dict[str, Any]) -> str:
@@ -260,3 +271,234 @@ def format_table(res: FinalResult) -> str:
              f"{res.ci[1] * 100:+.2f}]; Welch's t-test p = {res.p_value:.3g}"
              + ("  (significant at 5%)" if res.p_value < 0.05 else "  (not significant at 5%)")]
     return "\n".join(lines)
+
+
+# -- final --per-type: every knowledge type's best configuration, paired over common seeds ----------------------
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979), in the input's order: the i-th smallest of m p-values is multiplied
+    by (m - i + 1), made non-decreasing along that order, and capped at 1. It controls the family-wise error rate
+    for any dependence between the tests."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    out = [1.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        out[i] = running
+    return out
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, tuple[float, float], float]:
+    """Mean of the differences a - b (paired by seed), its 95 % t-interval and the paired t-test's two-sided p.
+    Constant differences (up to rounding) are judged by their value: no doubt left (p 0) unless they are all
+    zero (p 1); scipy would divide by a rounding error there."""
+    from scipy import stats
+
+    d = np.asarray(a) - np.asarray(b)
+    mean = float(d.mean())
+    if np.ptp(d) < 1e-12:  # equal up to rounding (0.9 - 0.8 != 0.8 - 0.7 in floats): no variance to test
+        return mean, (mean, mean), (0.0 if abs(mean) > 1e-12 else 1.0)
+    res = stats.ttest_rel(a, b)
+    ci = res.confidence_interval(0.95)
+    return mean, (float(ci.low), float(ci.high)), float(res.pvalue)
+
+
+@dataclass
+class PerTypeResult:
+    sweep: str
+    seeds: list[int]
+    table: list[dict[str, Any]]  # per knowledge type: trial, accuracies per seed, mean, std, diff, ci, p, p_holm
+    rows: list[dict[str, Any]]  # every retraining run
+    baseline: str
+    teacher_test_accuracy: float = float("nan")
+    run_id: str = ""
+
+
+def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, say=print) -> PerTypeResult:
+    """Retrain the best configuration of every knowledge type over the same ``seeds`` seeds, test each run once,
+    and compare every type with ``none`` seed by seed (paired t-test, Holm-corrected over the types)."""
+    import mlflow
+    import ray
+
+    from kdray.train.runner import teacher_records
+
+    if seeds < 2:
+        raise FinalError("--seeds must be at least 2 for a standard deviation and a test")
+    c = client(uri)
+    parent = find_sweep(c, sweep)
+    if parent is None:
+        raise FinalError(f"no sweep named {sweep!r} in {uri}" if sweep else f"no finished sweep in {uri}")
+    name = parent.data.tags[TAG_SWEEP]
+    trials = sweep_children(c, parent, kind="trial")
+    kinds = list(dict.fromkeys(t.data.tags.get("kdray.knowledge", "none") for t in sorted(
+        trials, key=lambda r: int(r.data.tags.get("kdray.trial_number", 0) or 0))))
+    usable = [t for t in trials if t.data.tags.get(TAG_STATUS) in ("completed", "stopped_early")]
+    if not usable:
+        raise FinalError(f"sweep {name} has no trial that ran (completed or stopped early) to retrain")
+    mlflow.set_tracking_uri(uri)
+    try:
+        cfg_of = {t.info.run_id: mlflow.artifacts.load_dict(f"runs:/{t.info.run_id}/resolved_config.json")
+                  for t in usable}
+    except Exception as e:  # noqa: BLE001
+        raise FinalError(f"sweep {name}'s trials have no resolved_config.json artifact (made by an older kdray?): "
+                         f"{e}") from None
+    # Types are compared on one student: the champion's (a searched student would otherwise confound the type
+    # with the width or architecture its best trial happened to use). A type never tried with that student
+    # keeps its own best trial's student, shown in the table.
+    ref_id = parent.data.tags.get("kdray.champion_run_id")
+    if ref_id not in cfg_of:
+        ref_id = max(usable, key=lambda r: (r.data.tags.get(TAG_STATUS) == "completed",
+                                            r.data.metrics.get("val_accuracy", -1.0))).info.run_id
+    ref_student = cfg_of[ref_id].get("student")
+    same = [t for t in usable if cfg_of[t.info.run_id].get("student") == ref_student]
+    best = {k: best_of_type(same, k) or best_of_type(usable, k) for k in kinds}
+    best = {k: r for k, r in best.items() if r is not None}
+    configs = {k: cfg_of[r.info.run_id] for k, r in best.items()}
+    if "none" in best and configs["none"].get("student") == ref_student:
+        baseline = f"labels-only trial {best['none'].data.tags.get('mlflow.runName')}"
+    else:  # the reference trial's configuration without its knowledge terms: the same student
+        ref = cfg_of[ref_id]
+        configs["none"] = {**ref, "knowledge": [], "ce_weight": 1.0, "scheme": {"type": "distill"}}
+        best.pop("none", None)
+        configs = {"none": configs.pop("none"), **configs}
+        ref_name = next(t for t in usable if t.info.run_id == ref_id).data.tags.get("mlflow.runName", ref_id)
+        baseline = f"{ref_name}'s configuration without its knowledge terms (no labels-only trial with its student)"
+    say(f"baseline: {baseline}")
+    with_teacher = [RunConfig.model_validate(cfg) for cfg in configs.values()]
+    with_teacher = [rc for rc in with_teacher if rc.teacher is not None]
+    records = teacher_records(with_teacher[0], storage, log=say, inline=True, tracking_uri=uri) if with_teacher else []
+    from kdray.tracking.champion import test_accuracy
+
+    teacher_acc = (test_accuracy(records[0], with_teacher[0].dataset.model_dump(mode="json")) if len(records) == 1
+                   else float("nan"))
+    refs = [ray.put(r) for r in records] if ray.is_initialized() else records
+    seed_list = list(range(1, seeds + 1))  # the same seeds for every type: the same data order and views
+    jobs = []
+    for k, cfg in configs.items():
+        rc = RunConfig.model_validate(cfg)
+        for s in seed_list:
+            jobs.append((k, s, rc.model_copy(update={"seed": s}).model_dump(mode="json"), rc))
+    say(f"retraining the best configuration of {len(configs)} knowledge types ({', '.join(configs)}) with seeds "
+        f"{seed_list}: {len(jobs)} runs")
+    outputs = _run_jobs([(run, rc) for _, _, run, rc in jobs], refs, storage)
+    rows = [{"knowledge": k, "seed": s, **o} for (k, s, _, _), o in zip(jobs, outputs)]
+    acc = {k: {r["seed"]: r["test_accuracy"] for r in rows if r["knowledge"] == k
+               and math.isfinite(r["test_accuracy"])} for k in configs}
+    table = []
+    for k in configs:
+        vals = [acc[k][s] for s in seed_list if s in acc[k]]
+        student = configs[k].get("student") or {}
+        trial = "(derived)"
+        if k in best:
+            tags = best[k].data.tags
+            trial = tags.get("mlflow.runName", best[k].info.run_id) + (
+                "" if tags.get(TAG_STATUS) == "completed" else f" (stopped at epoch {tags.get('kdray.epochs', '?')})")
+        entry = {"knowledge": k, "trial": trial, "run_id": best[k].info.run_id if k in best else "",
+                 "student": student.get("name", "") + "".join(f" {o}={v}" for o, v in
+                                                              (student.get("options") or {}).items()),
+                 "n": len(vals), "mean": float(np.mean(vals)) if vals else float("nan"),
+                 "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"), "test_accuracy": vals}
+        if k != "none":
+            common = [s for s in seed_list if s in acc[k] and s in acc["none"]]
+            if len(common) >= 2:
+                diff, ci, p = paired([acc[k][s] for s in common], [acc["none"][s] for s in common])
+                entry.update(diff=diff, ci_low=ci[0], ci_high=ci[1], p=p, paired_seeds=len(common))
+        table.append(entry)
+    tested = [e for e in table if "p" in e]
+    for e, ph in zip(tested, holm([e["p"] for e in tested])):
+        e["p_holm"] = ph
+    res = PerTypeResult(name, seed_list, table, rows, baseline, teacher_acc)
+    res.run_id = _log_per_type(c, parent, res, configs)
+    return res
+
+
+def format_per_type(res: PerTypeResult, markdown: bool = False) -> str:
+    """The table: test accuracy mean ± std per type, and the paired difference to ``none`` with its interval,
+    its p-value and the Holm-corrected one (significant at 5 % after correction: marked *)."""
+    head = ["knowledge", "trial", "test accuracy % (mean ± std)", "Δ vs none (points) [95% CI]", "p (paired t)",
+            "p (Holm)"]
+    lines = []
+    for e in sorted(res.table, key=lambda e: (e["knowledge"] != "none", -(e["mean"] if e["mean"] == e["mean"] else -1))):
+        acc = f"{e['mean'] * 100:.2f} ± {e['std'] * 100:.2f}" if e["n"] > 1 else "(failed)"
+        if "diff" in e:
+            star = " *" if e["p_holm"] < 0.05 else ""
+            diff = f"{e['diff'] * 100:+.2f} [{e['ci_low'] * 100:+.2f}, {e['ci_high'] * 100:+.2f}]"
+            ps = [f"{e['p']:.3g}", f"{e['p_holm']:.3g}{star}"]
+        else:
+            diff, ps = ("baseline" if e["knowledge"] == "none" else "-"), ["", ""]
+        lines.append([e["knowledge"], str(e["trial"]), acc, diff, *ps])
+    if len({e["student"] for e in res.table}) > 1:  # a searched student: which one each type's best used
+        head.insert(2, "student")
+        entries = sorted(res.table, key=lambda e: (e["knowledge"] != "none",
+                                                   -(e["mean"] if e["mean"] == e["mean"] else -1)))
+        for cells, e in zip(lines, entries):
+            cells.insert(2, e["student"])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(cells) + " |" for cells in lines]
+    else:
+        widths = [max(len(head[i]), *(len(r[i]) for r in lines)) for i in range(len(head))]
+        out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+        out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines]
+    title = (f"final evaluation per knowledge type of sweep {res.sweep} on the test split, seeds {res.seeds} (the same "
+             f"seeds, data order and augmentation for every type); baseline: {res.baseline}; * significant at 5% "
+             "after Holm's correction" + (f"; teacher {res.teacher_test_accuracy * 100:.2f}"
+                                          if math.isfinite(res.teacher_test_accuracy) else ""))
+    return title + "\n" + "\n".join(out)
+
+
+def _per_type_png(res: PerTypeResult, path: str) -> None:
+    """Box per type with every seed's test accuracy on it (strip), types in the table's order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = sorted(res.table, key=lambda e: (e["knowledge"] != "none", -(e["mean"] if e["mean"] == e["mean"] else -1)))
+    data = [[v * 100 for v in e["test_accuracy"]] for e in entries]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(entries) + 2), 4.2))
+    ax.boxplot(data, widths=0.5, showfliers=False)
+    rng = np.random.default_rng(0)
+    for i, vals in enumerate(data, start=1):
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(vals)), vals, s=18, zorder=3)
+    ax.set_xticks(range(1, len(entries) + 1), [e["knowledge"] for e in entries], rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{res.sweep}: best configuration per knowledge type, {len(res.seeds)} seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _log_per_type(c, parent, res: PerTypeResult, configs: dict[str, Any]) -> str:
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+
+    summary = "; ".join(f"{e['knowledge']} {e['diff'] * 100:+.2f} (p_holm {e['p_holm']:.3g})"
+                        for e in res.table if "diff" in e)
+    summary = f"per type over {len(res.seeds)} seeds vs none: {summary}"
+    run = c.create_run(parent.info.experiment_id, run_name=f"final-per-type-{len(res.seeds)}-seeds", tags={
+        TAG_PARENT: parent.info.run_id, TAG_KIND: "final", TAG_SWEEP: res.sweep, "kdray.final_mode": "per_type",
+        "kdray.final_summary": summary, "kdray.final_baseline": res.baseline})
+    rid = run.info.run_id
+    c.log_metric(rid, "seeds", len(res.seeds))
+    if math.isfinite(res.teacher_test_accuracy):
+        c.log_metric(rid, "teacher_test_accuracy", res.teacher_test_accuracy)
+    for e in res.table:
+        key = e["knowledge"].replace("+", "_")
+        for k in ("mean", "std", "diff", "ci_low", "ci_high", "p", "p_holm"):
+            if k in e and math.isfinite(e[k]):
+                c.log_metric(rid, f"{key}.test_{k}" if k in ("mean", "std") else f"{key}.{k}", float(e[k]))
+    buf = io.StringIO()
+    pd.DataFrame(res.rows).to_csv(buf, index=False)
+    c.log_text(rid, buf.getvalue(), "final_runs.csv")
+    c.log_text(rid, format_per_type(res, markdown=True) + "\n", "per_type.md")
+    c.log_text(rid, json.dumps(res.table, indent=2, default=str), "per_type.json")
+    c.log_text(rid, json.dumps(configs, indent=2, default=str), "configs.json")
+    with tempfile.TemporaryDirectory() as d:
+        _per_type_png(res, str(Path(d) / "per_type_test_accuracy.png"))
+        c.log_artifact(rid, str(Path(d) / "per_type_test_accuracy.png"), "plots")
+    c.set_terminated(rid, "FINISHED")
+    c.set_tag(parent.info.run_id, "kdray.final_per_type_run_id", rid)
+    return rid

@@ -169,3 +169,34 @@ def test_final_baseline_prefers_a_completed_labels_only_trial_else_the_best_stop
     assert best_labels_only(runs + [trial("n-done", "none", "completed", 0.90, 60)]).info.run_id == "n-done"
     # failed trials never serve; with no labels-only trial at all, final strips the champion's knowledge
     assert best_labels_only([runs[0], runs[3]]) is None
+
+
+def test_final_per_type_retrains_every_type_on_common_seeds_and_corrects_with_holm(sweep):
+    import numpy as np
+
+    from kdray.final import _train_and_test, run_final_per_type
+
+    tmp, result = sweep
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    res = run_final_per_type(uri, "tiny-e2e", 2, str(tmp / "runs"), say=lambda m: None)
+    assert {e["knowledge"] for e in res.table} == {o.knowledge for o in result.outcomes} == {"none", "kd", "kd+fitnet"}
+    acc = {(r["knowledge"], r["seed"]): r["test_accuracy"] for r in res.rows}
+    assert sorted(acc) == sorted((k, s) for k in ("none", "kd", "kd+fitnet") for s in (1, 2))  # the same seeds
+    tested = [e for e in res.table if e["knowledge"] != "none"]
+    for e in tested:  # the paired difference, from the runs themselves
+        assert e["diff"] == pytest.approx(np.mean([acc[(e["knowledge"], s)] - acc[("none", s)] for s in (1, 2)]))
+    lo, hi = sorted(tested, key=lambda e: e["p"])  # Holm with two tests: 2 x the smaller, then the running max
+    assert lo["p_holm"] == pytest.approx(min(1.0, 2 * lo["p"]))
+    assert hi["p_holm"] == pytest.approx(max(lo["p_holm"], min(1.0, hi["p"])))
+    # Common random numbers: a seed's run is the same whenever it is made (data order, views, initial weights)
+    c = MlflowClient(uri)
+    final = c.get_run(res.run_id)
+    with open(c.download_artifacts(res.run_id, "configs.json", str(tmp))) as f:
+        configs = json.load(f)
+    again = _train_and_test({**configs["none"], "seed": 2}, [], str(tmp / "runs"))
+    assert again["test_accuracy"] == acc[("none", 2)]
+    assert final.data.tags["kdray.final_mode"] == "per_type" and final.data.metrics["seeds"] == 2
+    arts = {a.path for a in c.list_artifacts(res.run_id)} | {a.path for a in c.list_artifacts(res.run_id, "plots")}
+    assert {"per_type.md", "final_runs.csv", "plots/per_type_test_accuracy.png"} <= arts
+    for e in tested:
+        assert final.data.metrics[f"{e['knowledge'].replace('+', '_')}.p_holm"] == pytest.approx(e["p_holm"])

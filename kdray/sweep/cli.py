@@ -63,6 +63,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print()
     print(f"sweep {result.name} finished in {result.wall_s:.0f} s ({len(result.outcomes)} trials)")
     print(_format_board(result.leaderboard))
+    if not result.budget.empty:
+        fair = space.min_trials_per_type and space.scheduler.type == "asha"
+        print("\nbudget per knowledge type" + (f" (fair budget: {space.min_trials_per_type} full-length trials each "
+                                               "before ASHA may abandon a type)" if fair else "") + ":")
+        print(format_budget(result.budget))
+    if space.multi_objective and "pareto" in result.leaderboard.columns:
+        front = result.leaderboard[result.leaderboard["pareto"]]
+        cost = space.objectives[1]
+        print(f"\nPareto front of val_accuracy and {cost}: trials "
+              + ", ".join(f"{int(r.trial)} ({r.val_accuracy:.4f}, {getattr(r, cost):.4g})"
+                          for r in front.sort_values(cost).itertuples()))
+        print("  pick the best within a budget: kdray best --sweep " + result.name + " --max-latency-ms MS "
+              "[--max-params N]")
     if result.champion:
         ch = result.champion
         print(f"\nchampion: {ch.knowledge} (trial {ch.trial_id}) val_accuracy {ch.val_accuracy:.4f}, "
@@ -72,10 +85,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_budget(df) -> str:
+    view = df.copy()
+    view["epoch_share"] = view["epoch_share"].map(lambda v: f"{v * 100:.0f}%")
+    view["best_val_accuracy"] = view["best_val_accuracy"].map(lambda v: "-" if v != v else f"{v:.4f}")
+    return view.rename(columns={"full_length": "full-length", "epoch_share": "share",
+                                "best_val_accuracy": "best val_accuracy (full-length)"}).to_string(index=False)
+
+
 def _format_board(df, limit: int = 20) -> str:
     if df.empty:
         return "(no trials)"
-    cols = [c for c in ["rank", "trial", "knowledge", "status", "epochs", "val_accuracy"] if c in df.columns]
+    cols = [c for c in ["rank", "trial", "knowledge", "status", "epochs", "val_accuracy", "pareto", "latency_ms",
+                        "student_params"] if c in df.columns]
     extra = [c for c in df.columns if c not in cols and c not in ("trial_id", "run_id")]
     view = df[cols + extra].head(limit).copy()
     for c in view.columns:
@@ -128,6 +150,8 @@ def champion_info(uri: str, sweep: str | None) -> dict[str, Any]:
 
 def cmd_best(args: argparse.Namespace) -> int:
     uri = tracking_uri(args.tracking_uri)
+    if args.max_latency_ms is not None or args.max_params is not None:
+        return _best_within_budget(args, uri)
     info = champion_info(uri, args.sweep)
     if args.export:
         from kdray.tracking.champion import export
@@ -153,6 +177,41 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _best_within_budget(args: argparse.Namespace, uri: str) -> int:
+    from kdray.cli import KdrayError
+    from kdray.sweep.front import BudgetError, register_within_budget
+
+    for flag, v in (("--max-latency-ms", args.max_latency_ms), ("--max-params", args.max_params)):
+        if v is not None and not v > 0:
+            raise KdrayError(f"{flag} must be positive, got {v:g}")
+    try:
+        info = register_within_budget(uri, args.sweep, args.max_latency_ms, args.max_params)
+    except BudgetError as e:
+        raise KdrayError(str(e)) from None
+    if args.export:
+        from kdray.tracking.champion import export
+
+        formats = ("state_dict", "torchscript") + (("onnx",) if args.onnx else ())
+        try:
+            info["exported"] = export(info["run_id"], args.export, uri, formats)
+        except RuntimeError as e:
+            raise KdrayError(str(e)) from None
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"sweep {info['sweep']}: the most accurate of {info['candidates']} full-length students with "
+          f"{info['budget']}")
+    print(f"  trial {info['trial']} ({info['knowledge']}, student {info['student']}, run {info['run_id']})")
+    print(f"  val_accuracy  {info['val_accuracy']:.4f}   (selection)")
+    print(f"  test_accuracy {info['test_accuracy']:.4f}   (measured once, after selection)")
+    print(f"  latency_ms    {info.get('latency_ms', float('nan')):.4g} (batch 1), "
+          f"{info.get('latency_b64_ms', float('nan')):.4g} (batch 64); {info.get('student_params', 0):.0f} parameters")
+    print(f"  model         {info['model_uri']}  =  {info['alias_uri']}")
+    for k, v in info.get("exported", {}).items():
+        print(f"  exported {k}: {v}")
+    return 0
+
+
 # -- compare ---------------------------------------------------------------------------------------------
 def trial_table(uri: str, sweep: str | None):
     import pandas as pd
@@ -168,7 +227,8 @@ def trial_table(uri: str, sweep: str | None):
         t = run.data.tags
         row = {"trial": t.get("mlflow.runName", ""), "knowledge": t.get(TAG_KNOWLEDGE, "none"),
                "status": t.get(TAG_STATUS, run.info.status.lower()), "epochs": int(t.get("kdray.epochs", 0) or 0),
-               "val_accuracy": run.data.metrics.get("val_accuracy", float("nan")), "run_id": run.info.run_id}
+               "val_accuracy": run.data.metrics.get("val_accuracy", float("nan")), "run_id": run.info.run_id,
+               **{k: run.data.metrics[k] for k in ("latency_ms", "student_params") if k in run.data.metrics}}
         row.update({k: v for k, v in json.loads(t.get("kdray.searched", "{}")).items() if k != "knowledge"})
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -184,8 +244,10 @@ def knowledge_summary(df) -> list[dict[str, Any]]:
         return []
     best = done.groupby("knowledge")["val_accuracy"].max()
     base = best.get("none", float("nan"))
+    mine = {k: df[df["knowledge"] == k] for k in best.index}
     return [{"knowledge": k, "best_val_accuracy": float(v), "gain_over_none": float(v - base) if base == base else None,
-             "trials": int((df["knowledge"] == k).sum())} for k, v in best.sort_values(ascending=False).items()]
+             "trials": len(mine[k]), "full_length": int((mine[k]["status"] == "completed").sum()),
+             "epochs": int(mine[k]["epochs"].sum())} for k, v in best.sort_values(ascending=False).items()]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -212,7 +274,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         gain = s["gain_over_none"]
         print(f"  {s['knowledge']:<12} {s['best_val_accuracy']:.4f}   "
               + (f"{gain * 100:+.2f} points" if gain is not None else "(no completed `none` trial)")
-              + f"   ({s['trials']} trials)")
+              + f"   ({s['trials']} trials, {s['full_length']} full-length, {s['epochs']} epochs)")
     for f in finals:
         print(f"\nfinal evaluation over {f['seeds']} seeds (test split): {f['summary']}")
     return 0
@@ -265,10 +327,24 @@ def cmd_final(args: argparse.Namespace) -> int:
         raise KdrayError("--seeds must be at least 2")
     _import_champion_plugins(uri, info["run_id"])  # before Ray starts: its workers must import them too
     init_ray(args.address)
+    say = lambda m: print(f"[kdray] {m}", flush=True, file=sys.stderr if args.json else sys.stdout)  # noqa: E731
+    if args.per_type:
+        from kdray.final import format_per_type, run_final_per_type
+
+        try:
+            pt = run_final_per_type(uri, args.sweep, args.seeds, _storage(args.storage), say=say)
+        except FinalError as e:
+            raise KdrayError(str(e)) from None
+        if args.json:
+            print(json.dumps({"sweep": pt.sweep, "seeds": pt.seeds, "baseline": pt.baseline, "types": pt.table,
+                              "teacher_test_accuracy": pt.teacher_test_accuracy, "run_id": pt.run_id,
+                              "markdown": format_per_type(pt, markdown=True)}, indent=2, default=str))
+        else:
+            print(format_per_type(pt, markdown=args.markdown))
+        return 0
     try:
         # with --json, stdout carries only the JSON: progress goes to stderr
-        res = run_final(uri, args.sweep, args.seeds, _storage(args.storage),
-                        say=lambda m: print(f"[kdray] {m}", flush=True, file=sys.stderr if args.json else sys.stdout))
+        res = run_final(uri, args.sweep, args.seeds, _storage(args.storage), say=say)
     except FinalError as e:
         raise KdrayError(str(e)) from None
     if args.json:
@@ -312,6 +388,12 @@ def add_sweep_commands(sub, common: argparse.ArgumentParser) -> None:
                    "params as JSON")
     s.add_argument("--export", metavar="DIR", help="write the student as a state dict and TorchScript into DIR")
     s.add_argument("--onnx", action="store_true", help="with --export, also write ONNX (needs `pip install kdray[onnx]`)")
+    s.add_argument("--max-latency-ms", type=float, metavar="MS",
+                   help="instead of the champion: the most accurate full-length student whose measured latency "
+                   "(batch 1, on the space's latency device: CPU by default) is at most MS; it is registered as a "
+                   "version with the alias @within-<MS>ms")
+    s.add_argument("--max-params", type=float, metavar="N", help="the same with at most N parameters (e.g. 1e6); "
+                   "may be combined with --max-latency-ms")
     s.set_defaults(fn=cmd_best)
 
     s = sub.add_parser("compare", parents=[track, which], help="every trial of a sweep, and each knowledge type "
@@ -328,5 +410,11 @@ def add_sweep_commands(sub, common: argparse.ArgumentParser) -> None:
                        "teacher's accuracy and the gain with Welch's t-test and a bootstrap interval. Logged as "
                        "an MLflow run under the sweep and attached to the registered champion.")
     s.add_argument("--seeds", type=int, default=5, help="seeds per configuration (default 5)")
+    s.add_argument("--per-type", action="store_true",
+                   help="retrain the best configuration of every knowledge type over the same seeds (common random "
+                   "numbers: the same data order and augmentation), and compare each with none seed by seed: mean ± "
+                   "std, the paired difference with a 95%% interval, paired t-test p-values with Holm's correction, "
+                   "and a box/strip plot in MLflow")
+    s.add_argument("--markdown", action="store_true", help="with --per-type, print the table as Markdown")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_final)

@@ -26,6 +26,7 @@ import pandas as pd
 from kdray import storage
 from kdray.config import RunConfig
 from kdray.storage import is_remote
+from kdray.sweep.front import COSTS
 from kdray.sweep.space import NONE, SearchSpace
 from kdray.tracking.champion import Champion, TrialOutcome, read_checkpoint_record, register, remote_test_accuracy, select
 from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, client, probe, sweep_children
@@ -61,6 +62,7 @@ class SweepResult:
     wall_s: float
     interrupted: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    budget: pd.DataFrame = field(default_factory=pd.DataFrame)  # per knowledge type: trials, epochs, best
 
 
 SWEEP_FILE = "kdray_sweep.json"  # beside Tune's state: the sweep's own size, read back by --resume
@@ -259,21 +261,41 @@ def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, s
             status = "completed"
         ckpt = _checkpoint_of(r, storage)
         number = tag_number(m.get("experiment_tag"))
+        costs = {k: float(m[k]) for k in COSTS if isinstance(m.get(k), (int, float))}
         out.append(TrialOutcome(tid, run_ids.get(tid), params.get("knowledge", NONE), status, int(m.get("epoch", 0)),
-                                float(m.get("val_accuracy", float("nan"))), params, ckpt, number))
+                                float(m.get("val_accuracy", float("nan"))), params, ckpt, number, costs))
     return out
 
 
-def leaderboard(outcomes: list[TrialOutcome]) -> pd.DataFrame:
+def checkpoint_uri(checkpoint: Any, storage: str) -> str | None:
+    """Where a trial's checkpoint lives, as one string (``s3://bucket/...`` or a local path): a trial run's tag,
+    from which ``kdray best --max-latency-ms`` reads a student that was not the champion."""
+    if checkpoint is None:
+        return None
+    path = getattr(checkpoint, "path", checkpoint)
+    if is_remote(storage) and "://" not in str(path):
+        return f"{storage.split('://', 1)[0]}://{path}"
+    return str(path)
+
+
+def leaderboard(outcomes: list[TrialOutcome], front_cost: str | None = None) -> pd.DataFrame:
+    """Every trial, best first, with its student's costs; with ``front_cost`` a ``pareto`` column marks the
+    completed trials on the front of validation accuracy against that cost."""
+    from kdray.sweep.front import pareto_front
     from kdray.tracking.tracker import searched_params
 
     rows = []
     for o in outcomes:
         row = {"trial": o.number, "trial_id": o.trial_id, "run_id": o.run_id, "knowledge": o.knowledge,
-               "status": o.status, "epochs": o.epochs, "val_accuracy": o.val_accuracy}
+               "status": o.status, "epochs": o.epochs, "val_accuracy": o.val_accuracy, **o.costs}
         row.update({k: v for k, v in searched_params(o.params).items() if k != "knowledge"})
         rows.append(row)
     df = pd.DataFrame(rows)
+    if not df.empty and front_cost:
+        done = [i for i, o in enumerate(outcomes) if o.status == "completed"]
+        pts = [(outcomes[i].val_accuracy, outcomes[i].costs.get(front_cost, float("nan"))) for i in done]
+        on = {done[k] for k in pareto_front(pts)}
+        df.insert(7, "pareto", [i in on for i in range(len(outcomes))])
     if not df.empty:
         # Same order as the champion's selection: accuracy, then the earlier trial on ties.
         df = df.sort_values(["val_accuracy", "trial"], ascending=[False, True], na_position="last").reset_index(drop=True)
@@ -301,10 +323,14 @@ def log_search_plots(c, parent_id: str, req: SweepRequest, board: pd.DataFrame, 
             import optuna.visualization as ov
 
             done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-            plots = {"optimization_history": ov.plot_optimization_history,
-                     "parallel_coordinate": ov.plot_parallel_coordinate}
-            if len(done) >= 2:
-                plots["param_importances"] = ov.plot_param_importances
+            if len(study.directions) > 1:  # Optuna's single-objective plots need a target there
+                names = list(req.space.objectives)
+                plots = {"pareto_front": lambda st: ov.plot_pareto_front(st, target_names=names)}
+            else:
+                plots = {"optimization_history": ov.plot_optimization_history,
+                         "parallel_coordinate": ov.plot_parallel_coordinate}
+                if len(done) >= 2:
+                    plots["param_importances"] = ov.plot_param_importances
             for name, fn in plots.items():
                 try:
                     fn(study).write_html(f"{d}/{name}.html", include_plotlyjs="cdn")
@@ -312,6 +338,11 @@ def log_search_plots(c, parent_id: str, req: SweepRequest, board: pd.DataFrame, 
                     say(f"plot {name} skipped: {e}")
         if not board.empty:
             _history_png(board, f"{d}/val_accuracy_by_trial.png")
+        if "pareto" in board.columns and req.space.multi_objective:
+            from kdray.sweep.front import front_png
+
+            cost = req.space.objectives[1]
+            front_png(board, cost, f"{d}/pareto_front_{cost}.png")
         for f in Path(d).iterdir():
             c.log_artifact(parent_id, str(f), "plots")
 
@@ -356,6 +387,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     from kdray.check import check_resources
     from kdray.ray_setup import (DRIVER_RESOURCE, autoscaler_max_resources, has_driver_resource, init_ray,
                                   trials_that_fit)
+    from kdray.sweep.fair import FairASHA
     from kdray.sweep.searcher import ElasticLimiter, GridSearch, KdraySearch, make_sampler
     from kdray.tracking.tracker import SweepTracker
     from kdray.train.runner import teacher_records
@@ -451,14 +483,29 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                 search = GridSearch(space.grid_points(), space.metric, space.mode)
             else:
                 study_storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}")
-                search = KdraySearch(space=space.define_by_run, metric=space.metric, mode=space.mode,
-                                     sampler=make_sampler(space.searcher.type, space.seed,
-                                                          space.searcher.n_startup_trials),
-                                     study_name=req.name, storage=study_storage, max_epochs=max_epochs)
-            if space.scheduler.type == "asha":
+                metric = space.objectives if space.multi_objective else space.metric
+                mode = space.modes if space.multi_objective else space.mode
+                level = optuna.logging.get_verbosity()
+                optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created": kdray says
+                try:
+                    if space.min_trials_per_type:  # the fair start: queued in the study that Tune's searcher asks
+                        _queue_fair_start(space, num_samples, req.name, study_storage, say)
+                    search = KdraySearch(space=space.define_by_run, metric=metric, mode=mode,
+                                         sampler=make_sampler(space.searcher.type, space.seed,
+                                                              space.searcher.n_startup_trials),
+                                         study_name=req.name, storage=study_storage, max_epochs=max_epochs)
+                finally:
+                    optuna.logging.set_verbosity(level)
+            grace = min(space.scheduler.grace_period, max_epochs)
+            if space.scheduler.type == "asha" and space.min_trials_per_type:
+                scheduler = FairASHA(metric=space.metric, max_t=max_epochs, grace_period=grace,
+                                     reduction_factor=space.scheduler.reduction_factor,
+                                     min_trials_per_type=space.min_trials_per_type)
+                say(f"fair budget: each knowledge type's first {space.min_trials_per_type} trials run all "
+                    f"{max_epochs} epochs; until a type has them, ASHA compares its trials with its own")
+            elif space.scheduler.type == "asha":
                 scheduler = ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=max_epochs,
-                                          grace_period=min(space.scheduler.grace_period, max_epochs),
-                                          reduction_factor=space.scheduler.reduction_factor)
+                                          grace_period=grace, reduction_factor=space.scheduler.reduction_factor)
             else:
                 scheduler = FIFOScheduler()
             if not fixed:  # concurrency follows the workers that join (Tune's own limit is fixed at start)
@@ -506,10 +553,16 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     known = {o.trial_id for o in outcomes}
     if req.resume:
         _discard_orphans(c, parent_id, known, say)
-    board = leaderboard(outcomes)
+    front_cost = space.objectives[1] if space.multi_objective else None
+    board = leaderboard(outcomes, front_cost)
     buf = io.StringIO()
     board.to_csv(buf, index=False)
     c.log_text(parent_id, buf.getvalue(), "leaderboard.csv")
+    budget = log_budget(c, parent_id, outcomes, list(space.choices))
+    for o in outcomes:  # where each full-length student is: `kdray best --max-latency-ms` may pick any of them
+        uri = checkpoint_uri(o.checkpoint, req.storage) if o.status == "completed" and o.run_id else None
+        if uri:
+            c.set_tag(o.run_id, "kdray.checkpoint", uri)
     interrupted = len(outcomes) < num_samples or _was_interrupted(results)
     timings["leaderboard_s"] = time.time() - t0
     # The plots (Optuna's importance etc., ~2 s) are drawn while the champion is tested and registered.
@@ -554,7 +607,43 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     for k, v in timings.items():
         c.log_metric(parent_id, f"time.{k}", v)
     c.log_metric(parent_id, "time.wall_s", wall)
-    return SweepResult(req.name, parent_id, outcomes, champion, board, wall, interrupted, timings)
+    return SweepResult(req.name, parent_id, outcomes, champion, board, wall, interrupted, timings, budget)
+
+
+def _queue_fair_start(space: SearchSpace, num_samples: int, name: str, storage: Any, say) -> None:
+    """Queue the sweep's first trials round-robin over the knowledge choices (their other parameters are sampled):
+    Optuna's ``enqueue_trial`` on the study that Tune's searcher then opens and asks."""
+    import optuna
+
+    from kdray.sweep.fair import fair_start
+
+    choices = list(space.choices)
+    order = fair_start(choices, space.min_trials_per_type, num_samples)
+    directions = ["maximize" if m == "max" else "minimize" for m in space.modes]
+    study = optuna.create_study(study_name=name, storage=storage, directions=directions, load_if_exists=True)
+    for choice in order:
+        study.enqueue_trial({"knowledge": choice})
+    need = len(choices) * space.min_trials_per_type
+    say(f"fair budget: the first {len(order)} trials go round-robin over the {len(choices)} knowledge choices"
+        + ("" if len(order) == need else f" ({num_samples} trials < {len(choices)} choices x "
+                                          f"{space.min_trials_per_type}: raise num_samples to give each its share)"))
+
+
+def log_budget(c: Any, parent_id: str, outcomes: list[TrialOutcome], choices: list[str]) -> pd.DataFrame:
+    """The budget each knowledge type got, as ``budget_by_type.csv`` and ``budget.<type>.*`` metrics."""
+    from kdray.sweep.fair import budget_by_type
+
+    df = budget_by_type(outcomes, choices)
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    c.log_text(parent_id, buf.getvalue(), "budget_by_type.csv")
+    for r in df.itertuples():
+        key = r.knowledge.replace("+", "_")  # MLflow's metric names take no '+'
+        for k in ("trials", "full_length", "epochs", "epoch_share", "best_val_accuracy"):
+            v = float(getattr(r, k))
+            if math.isfinite(v):
+                c.log_metric(parent_id, f"budget.{key}.{k}", v)
+    return df
 
 
 def _stored_size(sweep_file: str, fallback: int, req: SweepRequest, say) -> int:

@@ -9,7 +9,8 @@ and steers away from regions that were merely stopped early. kdray tells Optuna 
   below every completed trial: exactly ASHA's verdict ("worse than the trials it let continue").
 * a trial whose loss became NaN/inf (``failed`` in its last report) or that errored -> ``FAIL``;
   TPE ignores failed trials.
-* ran every epoch -> ``COMPLETE`` with its final validation accuracy.
+* ran every epoch -> ``COMPLETE`` with its final validation accuracy (and, in a two-objective search, its
+  cost: latency or parameter count, which Optuna's multi-objective TPE minimises).
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ class KdraySearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._ot_trials or result.get("failed"):
             return  # unknown after an interrupted run's restore, or a failure report (no real value)
+        if isinstance(self.metric, list):
+            return  # Optuna takes no intermediate values for several objectives (and nothing prunes them)
         if self.metric in result:
             try:
                 super().on_trial_result(trial_id, result)
@@ -62,11 +65,13 @@ class KdraySearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         value, state = None, TrialState.FAIL
-        if not error and result and not result.get("failed") and self.metric in result:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if not error and result and not result.get("failed") and all(m in result for m in metrics):
             if not ran_all_epochs(result, self.max_epochs):
                 state = TrialState.PRUNED
             else:
-                value, state = float(result[self.metric]), TrialState.COMPLETE
+                values = [float(result[m]) for m in metrics]
+                value, state = (values if isinstance(self.metric, list) else values[0]), TrialState.COMPLETE
         # skip_if_finished: a trial told before an interruption (see on_trial_result) keeps its first verdict
         self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)

@@ -151,6 +151,13 @@ class SearchSpace(Strict):
     description: str = ""
     metric: Literal["val_accuracy"] = "val_accuracy"
     mode: Literal["max"] = "max"
+    objectives: list[Literal["val_accuracy", "latency_ms", "latency_b64_ms", "student_params"]] = Field(
+        default_factory=lambda: ["val_accuracy"],
+        description="[val_accuracy] or [val_accuracy, <cost>]: with a cost (latency_ms at batch 1, latency_b64_ms, "
+                    "student_params; minimised) the search is multi-objective and the sweep reports the Pareto front")
+    min_trials_per_type: int = Field(
+        2, ge=0, description="fair budget: full-length trials every knowledge choice gets before ASHA may abandon "
+                             "it; the first trials go round-robin over the choices (0: off)")
     num_samples: int = Field(16, ge=1, description="trials of the sweep")
     seed: int = Field(0, description="seed of the sampler (same seed + space -> same proposals)")
     max_concurrent: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs/GPUs fit")
@@ -201,6 +208,26 @@ class SearchSpace(Strict):
     def choices(self) -> dict[str, dict[str, Distribution | Any]]:
         """Knowledge choice (``none``, ``kd``, ``kd+at``) -> its sub-space."""
         return self._choices
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        if not v or v[0] != "val_accuracy":
+            raise ValueError("the first objective is val_accuracy (maximised); a second one is a cost (minimised)")
+        if len(v) > 2:
+            raise ValueError(f"at most two objectives (accuracy and one cost), got {len(v)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"an objective appears twice: {v}")
+        return v
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def modes(self) -> list[str]:
+        """Optuna's direction of every objective: accuracy up, costs down."""
+        return ["max"] + ["min"] * (len(self.objectives) - 1)
 
     @field_validator("name")
     @classmethod
@@ -266,6 +293,10 @@ class SearchSpace(Strict):
                     errors.extend(pydantic_errors(e, Distribution, ("space", "knowledge", choice, key)))
             choices[str(choice)] = parsed
         errors.extend(self._unsupported_keys(params, choices))
+        if self.multi_objective and self.scheduler.type == "asha":
+            errors.append(("scheduler.type", "ASHA stops trials on one metric, which would stop the small, fast students "
+                                             f"a front of {' and '.join(self.objectives)} needs; use scheduler: "
+                                             "{type: fifo} with two objectives"))
         if choices and NONE not in choices:
             choices = {NONE: {}, **choices}  # every sweep measures what distillation gains
         if not choices:

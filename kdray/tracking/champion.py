@@ -36,6 +36,7 @@ class TrialOutcome:
     params: dict[str, Any]
     checkpoint: Any  # a ray.train.Checkpoint (local or cloud storage) or a local path
     number: int = 0
+    costs: dict[str, float] = field(default_factory=dict)  # student_params, latency_ms, latency_b64_ms
 
 
 @dataclass
@@ -110,30 +111,8 @@ def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: 
     student registers it, but the alias stays where it is. The version carries its metric as tags
     (``kdray.metric``, ``kdray.<metric>``); versions are compared only on the same metric.
     """
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
     c = client(uri)
-    mlflow.set_tracking_uri(uri)
-    model = model_from_record(record).eval()
-    example = raw_example[:5]  # as stored: uint8 images stay uint8 (the model scales them itself)
-    with torch.no_grad():
-        out = model(example)
-    signature = infer_signature(example.numpy(), out.numpy())
-    with mlflow.start_run(run_id=outcome.run_id):
-        # MLflow 3 saves PyTorch models as "pt2" (torch.export): loading runs no pickled code.
-        info = mlflow.pytorch.log_model(
-            model, name="student", signature=signature, input_example=example.numpy(),
-            registered_model_name=model_name, pip_requirements=_requirements(),
-        )
-        mlflow.log_metric("test_accuracy", test_acc)
-        mlflow.set_tag("kdray.champion", "true")
-        # The kdray record too (weights_only-loadable, rebuildable as a module): what --export reads.
-        with tempfile.TemporaryDirectory() as d:
-            save_model(record, Path(d) / RECORD_NAME)
-            mlflow.log_artifact(str(Path(d) / RECORD_NAME), "kdray")
-    version = str(info.registered_model_version)
+    version = log_version(uri, outcome.run_id, record, test_acc, model_name, raw_example, {"kdray.champion": "true"})
     value = float(getattr(outcome, metric))
     # The metric first: a concurrent registration compares against it (versions without it are not compared).
     for k, v in {"kdray.sweep": sweep, "kdray.metric": metric, "kdray.mode": mode, f"kdray.{metric}": f"{value:.6f}",
@@ -157,6 +136,35 @@ def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: 
     retrying(c.log_text, parent_run_id, json.dumps(champion.as_dict(), indent=2, default=str), "champion.json",
              what="logging champion.json")
     return champion
+
+
+def log_version(uri: str, run_id: str, record: dict[str, Any], test_acc: float, model_name: str,
+                raw_example: torch.Tensor, run_tags: dict[str, str]) -> str:
+    """Log a trial's student in its run with ``mlflow.pytorch`` (signature + input example) and the kdray record,
+    register it as a new version of ``model_name`` and return that version."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(uri)
+    model = model_from_record(record).eval()
+    example = raw_example[:5]  # as stored: uint8 images stay uint8 (the model scales them itself)
+    with torch.no_grad():
+        out = model(example)
+    signature = infer_signature(example.numpy(), out.numpy())
+    with mlflow.start_run(run_id=run_id):
+        # MLflow 3 saves PyTorch models as "pt2" (torch.export): loading runs no pickled code.
+        info = mlflow.pytorch.log_model(
+            model, name="student", signature=signature, input_example=example.numpy(),
+            registered_model_name=model_name, pip_requirements=_requirements(),
+        )
+        mlflow.log_metric("test_accuracy", test_acc)
+        mlflow.set_tags(run_tags)
+        # The kdray record too (weights_only-loadable, rebuildable as a module): what --export reads.
+        with tempfile.TemporaryDirectory() as d:
+            save_model(record, Path(d) / RECORD_NAME)
+            mlflow.log_artifact(str(Path(d) / RECORD_NAME), "kdray")
+    return str(info.registered_model_version)
 
 
 def _metric_of(version, metric: str) -> float | None:

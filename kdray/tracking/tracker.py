@@ -53,7 +53,7 @@ from kdray.train.loop import ran_all_epochs
 # Per-epoch metrics that are logged (strings such as teacher_source become tags).
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "lr", "epoch_time_s", "train_time_s",
            "samples_per_s", "report_latency_s", "checkpoint_write_s", "resumed_from_epoch", "generation", "best_peer",
-           "teacher_cached_fraction")
+           "teacher_cached_fraction", "student_params", "latency_ms", "latency_b64_ms")
 # Families of metrics: every loss term, each dml peer's accuracy, each born-again generation's last accuracy.
 METRIC_PREFIXES = ("loss_", "val_accuracy_peer", "val_accuracy_gen")
 
@@ -193,14 +193,17 @@ class SweepTracker(Callback):
                     "kdray.version": __version__, "kdray.git_commit": git_commit(),
                     "dataset": str(base.get("dataset", {}).get("name", "mnist1d")),
                     "student": str(base.get("student", {}).get("name", "")),
-                    "teacher": _teacher_name(base), "mlflow.note.content": self.space.description}
+                    "teacher": _teacher_name(base), "mlflow.note.content": self.space.description,
+                    "kdray.model_name": self.space.model_name}
             run = c.create_run(self.experiment_id, tags=tags, run_name=self.sweep)
             self.parent_id = run.info.run_id
             self._created_parent = True
         fixed = {f"space.{k}": str(v) for k, v in {
             "name": self.space.name, "num_samples": self.total, "seed": self.space.seed,
             "metric": self.space.metric, "scheduler": self.space.scheduler.type,
-            "searcher": self.space.searcher.type, "choices": ",".join(self.space.choices)}.items()}
+            "searcher": self.space.searcher.type, "choices": ",".join(self.space.choices),
+            "objectives": ",".join(self.space.objectives),
+            "min_trials_per_type": self.space.min_trials_per_type}.items()}
         _log_params(c, self.parent_id, fixed)
         c.log_text(self.parent_id, self.space_yaml, "search_space.yaml")
         self._w.attach_parent(self.experiment_id, self.parent_id)
@@ -300,7 +303,7 @@ class SweepTracker(Callback):
         tags = {}
         if tid not in self._w.tagged:
             tags = {f"kdray.{k}": str(result[k]) for k in ("node_ip", "node_id", "teacher_source", "teacher_reason",
-                                                            "teacher_split_mismatch")
+                                                            "teacher_split_mismatch", "latency_device")
                     if k in result}
             self._w.tagged.add(tid)
         if metrics or tags:
