@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,14 +291,17 @@ def holm(p_values: list[float]) -> list[float]:
 
 def paired(a: list[float], b: list[float]) -> tuple[float, tuple[float, float], float]:
     """Mean of the differences a - b (paired by seed), its 95 % t-interval and the paired t-test's two-sided p.
-    Constant differences (up to rounding) are judged by their value: no doubt left (p 0) unless they are all
-    zero (p 1); scipy would divide by a rounding error there."""
+
+    Differences that are all equal (up to rounding: 0.9 - 0.8 != 0.8 - 0.7 in floats; accuracies move in steps
+    of 1/N, so a few seeds can tie) have no variance for a t-test. They get the exact sign-flip permutation
+    test's p instead: only the two all-same-sign assignments reach the observed |mean|, so p = 2 / 2**n (1 when
+    every difference is zero), and the interval is the single value observed."""
     from scipy import stats
 
     d = np.asarray(a) - np.asarray(b)
     mean = float(d.mean())
-    if np.ptp(d) < 1e-12:  # equal up to rounding (0.9 - 0.8 != 0.8 - 0.7 in floats): no variance to test
-        return mean, (mean, mean), (0.0 if abs(mean) > 1e-12 else 1.0)
+    if np.ptp(d) < 1e-12:
+        return mean, (mean, mean), (min(1.0, 2.0 / 2 ** len(d)) if abs(mean) > 1e-12 else 1.0)
     res = stats.ttest_rel(a, b)
     ci = res.confidence_interval(0.95)
     return mean, (float(ci.low), float(ci.high)), float(res.pvalue)
@@ -311,7 +315,15 @@ class PerTypeResult:
     rows: list[dict[str, Any]]  # every retraining run
     baseline: str
     teacher_test_accuracy: float = float("nan")
+    student: str = ""  # the champion's student, on which the types are compared
+    missing: list[str] = field(default_factory=list)  # types with no trial to retrain
     run_id: str = ""
+
+
+def student_label(student: dict[str, Any] | None) -> str:
+    """``resnet8x4`` or ``mnist1d_mlp width=256``: a student config in a few words."""
+    student = student or {}
+    return student.get("name", "") + "".join(f" {o}={v}" for o, v in (student.get("options") or {}).items())
 
 
 def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, say=print) -> PerTypeResult:
@@ -364,6 +376,20 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
         ref_name = next(t for t in usable if t.info.run_id == ref_id).data.tags.get("mlflow.runName", ref_id)
         baseline = f"{ref_name}'s configuration without its knowledge terms (no labels-only trial with its student)"
     say(f"baseline: {baseline}")
+    # A type whose best trial used another student (it was never tried with the champion's, or its choice pins
+    # its own) meets labels only on *its* student: its configuration without knowledge terms, retrained too.
+    baseline_of: dict[str, str] = {}
+    for k in list(configs):
+        st = configs[k].get("student")
+        if k == "none" or st == ref_student:
+            baseline_of[k] = "none"
+            continue
+        key = f"none ({student_label(st)})"
+        configs.setdefault(key, {**configs[k], "knowledge": [], "ce_weight": 1.0, "scheme": {"type": "distill"}})
+        baseline_of[k] = key
+    missing = [k for k in kinds if k not in best and k != "none"]
+    if missing:
+        say(f"no trial to retrain (every one failed): {', '.join(missing)}")
     with_teacher = [RunConfig.model_validate(cfg) for cfg in configs.values()]
     with_teacher = [rc for rc in with_teacher if rc.teacher is not None]
     records = teacher_records(with_teacher[0], storage, log=say, inline=True, tracking_uri=uri) if with_teacher else []
@@ -378,7 +404,7 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
         rc = RunConfig.model_validate(cfg)
         for s in seed_list:
             jobs.append((k, s, rc.model_copy(update={"seed": s}).model_dump(mode="json"), rc))
-    say(f"retraining the best configuration of {len(configs)} knowledge types ({', '.join(configs)}) with seeds "
+    say(f"retraining {len(configs)} configurations, the best of each knowledge type ({', '.join(configs)}), with seeds "
         f"{seed_list}: {len(jobs)} runs")
     outputs = _run_jobs([(run, rc) for _, _, run, rc in jobs], refs, storage)
     rows = [{"knowledge": k, "seed": s, **o} for (k, s, _, _), o in zip(jobs, outputs)]
@@ -394,20 +420,20 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
             trial = tags.get("mlflow.runName", best[k].info.run_id) + (
                 "" if tags.get(TAG_STATUS) == "completed" else f" (stopped at epoch {tags.get('kdray.epochs', '?')})")
         entry = {"knowledge": k, "trial": trial, "run_id": best[k].info.run_id if k in best else "",
-                 "student": student.get("name", "") + "".join(f" {o}={v}" for o, v in
-                                                              (student.get("options") or {}).items()),
+                 "student": student_label(student), "baseline": baseline_of.get(k, ""),
                  "n": len(vals), "mean": float(np.mean(vals)) if vals else float("nan"),
                  "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"), "test_accuracy": vals}
-        if k != "none":
-            common = [s for s in seed_list if s in acc[k] and s in acc["none"]]
+        if k in baseline_of and k != "none":
+            b = baseline_of[k]
+            common = [s for s in seed_list if s in acc[k] and s in acc[b]]
             if len(common) >= 2:
-                diff, ci, p = paired([acc[k][s] for s in common], [acc["none"][s] for s in common])
+                diff, ci, p = paired([acc[k][s] for s in common], [acc[b][s] for s in common])
                 entry.update(diff=diff, ci_low=ci[0], ci_high=ci[1], p=p, paired_seeds=len(common))
         table.append(entry)
     tested = [e for e in table if "p" in e]
     for e, ph in zip(tested, holm([e["p"] for e in tested])):
         e["p_holm"] = ph
-    res = PerTypeResult(name, seed_list, table, rows, baseline, teacher_acc)
+    res = PerTypeResult(name, seed_list, table, rows, baseline, teacher_acc, student_label(ref_student), missing)
     res.run_id = _log_per_type(c, parent, res, configs)
     return res
 
@@ -418,20 +444,20 @@ def format_per_type(res: PerTypeResult, markdown: bool = False) -> str:
     head = ["knowledge", "trial", "test accuracy % (mean ± std)", "Δ vs none (points) [95% CI]", "p (paired t)",
             "p (Holm)"]
     lines = []
-    for e in sorted(res.table, key=lambda e: (e["knowledge"] != "none", -(e["mean"] if e["mean"] == e["mean"] else -1))):
+    for e in _ordered(res.table):
         acc = f"{e['mean'] * 100:.2f} ± {e['std'] * 100:.2f}" if e["n"] > 1 else "(failed)"
         if "diff" in e:
             star = " *" if e["p_holm"] < 0.05 else ""
             diff = f"{e['diff'] * 100:+.2f} [{e['ci_low'] * 100:+.2f}, {e['ci_high'] * 100:+.2f}]"
             ps = [f"{e['p']:.3g}", f"{e['p_holm']:.3g}{star}"]
+            if e.get("baseline", "none") != "none":
+                diff += f" vs {e['baseline']}"
         else:
-            diff, ps = ("baseline" if e["knowledge"] == "none" else "-"), ["", ""]
+            diff, ps = ("baseline" if e["knowledge"].startswith("none") else "-"), ["", ""]
         lines.append([e["knowledge"], str(e["trial"]), acc, diff, *ps])
     if len({e["student"] for e in res.table}) > 1:  # a searched student: which one each type's best used
         head.insert(2, "student")
-        entries = sorted(res.table, key=lambda e: (e["knowledge"] != "none",
-                                                   -(e["mean"] if e["mean"] == e["mean"] else -1)))
-        for cells, e in zip(lines, entries):
+        for cells, e in zip(lines, _ordered(res.table)):
             cells.insert(2, e["student"])
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -440,11 +466,18 @@ def format_per_type(res: PerTypeResult, markdown: bool = False) -> str:
         widths = [max(len(head[i]), *(len(r[i]) for r in lines)) for i in range(len(head))]
         out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
         out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in lines]
-    title = (f"final evaluation per knowledge type of sweep {res.sweep} on the test split, seeds {res.seeds} (the same "
-             f"seeds, data order and augmentation for every type); baseline: {res.baseline}; * significant at 5% "
-             "after Holm's correction" + (f"; teacher {res.teacher_test_accuracy * 100:.2f}"
-                                          if math.isfinite(res.teacher_test_accuracy) else ""))
+    title = (f"final evaluation per knowledge type of sweep {res.sweep} on the test split, student {res.student}, "
+             f"seeds {res.seeds} (the same seeds, data order and augmentation for every type); baseline: "
+             f"{res.baseline}; * significant at 5% after Holm's correction"
+             + (f"; teacher {res.teacher_test_accuracy * 100:.2f}" if math.isfinite(res.teacher_test_accuracy) else "")
+             + (f"; no trial to retrain: {', '.join(res.missing)}" if res.missing else ""))
     return title + "\n" + "\n".join(out)
+
+
+def _ordered(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Baselines first, then the types by mean test accuracy, best first."""
+    return sorted(table, key=lambda e: (not e["knowledge"].startswith("none"),
+                                        -(e["mean"] if e["mean"] == e["mean"] else -1)))
 
 
 def _per_type_png(res: PerTypeResult, path: str) -> None:
@@ -454,7 +487,7 @@ def _per_type_png(res: PerTypeResult, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = sorted(res.table, key=lambda e: (e["knowledge"] != "none", -(e["mean"] if e["mean"] == e["mean"] else -1)))
+    entries = _ordered(res.table)
     data = [[v * 100 for v in e["test_accuracy"]] for e in entries]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(entries) + 2), 4.2))
     ax.boxplot(data, widths=0.5, showfliers=False)
@@ -486,7 +519,7 @@ def _log_per_type(c, parent, res: PerTypeResult, configs: dict[str, Any]) -> str
     if math.isfinite(res.teacher_test_accuracy):
         c.log_metric(rid, "teacher_test_accuracy", res.teacher_test_accuracy)
     for e in res.table:
-        key = e["knowledge"].replace("+", "_")
+        key = re.sub(r"[^\w\-. /]", "_", e["knowledge"])  # MLflow's metric names: no '+' or parentheses
         for k in ("mean", "std", "diff", "ci_low", "ci_high", "p", "p_holm"):
             if k in e and math.isfinite(e[k]):
                 c.log_metric(rid, f"{key}.test_{k}" if k in ("mean", "std") else f"{key}.{k}", float(e[k]))

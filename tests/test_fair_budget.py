@@ -41,6 +41,7 @@ def test_a_late_type_is_protected_then_judged_by_its_own_kind_until_it_has_its_f
     for t, kind in (("a1", "A"), ("a2", "A"), ("b1", "B"), ("b2", "B")):
         assert r.add(t, kind)  # the first two of each type are protected
     assert not r.add("a3", "A") and not r.add("b3", "B")
+    assert r.add("a1", "A") and not r.add("a3", "A")  # added again (a retry): it keeps what it had, no new slot
     # Rung 1: A learns fast, B slowly. b1 and b2 are far below A's values but protected: they go on.
     assert r.decide("a1", 1, 0.90) and r.decide("a2", 1, 0.80)
     assert r.decide("b1", 1, 0.10) and r.decide("b2", 1, 0.20)
@@ -144,14 +145,20 @@ def test_holm_and_the_paired_interval_against_hand_values():
     half = 4.302653 / math.sqrt(3)
     assert mean == 2.0 and lo == pytest.approx(2 - half, rel=1e-5) and hi == pytest.approx(2 + half, rel=1e-5)
     assert p == pytest.approx(2 * stats.t.sf(2 * math.sqrt(3), 2))
-    assert paired([0.9, 0.8], [0.8, 0.7]) == (pytest.approx(0.1), (pytest.approx(0.1), pytest.approx(0.1)), 0.0)
+    # equal differences: no variance for t; the exact sign-flip test (2 of 2**n assignments reach |mean|)
+    same = paired([0.9, 0.8, 0.7], [0.8, 0.7, 0.6])
+    assert same[0] == pytest.approx(0.1) and same[1] == (pytest.approx(0.1), pytest.approx(0.1)) and same[2] == 0.25
+    assert paired([0.9] * 5, [0.8] * 5)[2] == pytest.approx(2 / 32)
     assert paired([0.9, 0.8], [0.9, 0.8])[2] == 1.0
 
 
 # -- end to end ---------------------------------------------------------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_weak_type_gets_its_full_length_trials_and_the_budget_is_reported(ray_cluster, tmp_path):
+def test_a_weak_type_gets_its_full_length_trials_stopped_ones_are_pruned_and_the_budget_is_reported(
+        ray_cluster, tmp_path):
+    import optuna
+
     from kdray.sweep.runner import run_sweep
     from kdray.tracking.store import TAG_STATUS, find_sweep, sweep_children
 
@@ -169,6 +176,13 @@ def test_a_weak_type_gets_its_full_length_trials_and_the_budget_is_reported(ray_
     # kd's first two trials ran all 4 epochs although both ended far below every none trial at epoch 1
     assert [o.status for o in kd[:2]] == ["completed", "completed"] and all(o.epochs == 4 for o in kd[:2])
     assert max(o.val_accuracy for o in kd[:2]) < min(o.val_accuracy for o in nones[:2])
+    # once kd has them, its trials meet everyone's at the rungs, and ASHA stops them: PRUNED in Optuna, not COMPLETE
+    stopped = [o for o in result.outcomes if o.status == "stopped_early"]
+    assert stopped and all(o.epochs < 4 for o in stopped)
+    study = optuna.load_study(study_name="fair", storage=f"sqlite:///{tmp_path / 'runs' / 'fair' / 'optuna.db'}")
+    states = {t.number + 1: t.state.name for t in study.trials}
+    for o in result.outcomes:  # Optuna's trial numbers follow the sweep's, one trial at a time
+        assert states[o.number] == ("PRUNED" if o.status == "stopped_early" else "COMPLETE"), (o, states)
     # the budget, read back from MLflow and counted from the trial runs themselves
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)

@@ -222,27 +222,6 @@ def test_a_teacher_trained_on_another_split_is_refused_unless_allowed(tmp_path, 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_trials_that_asha_stops_are_pruned_in_optuna_not_completed(ray_cluster, tmp_path):
-    import optuna
-
-    from kdray.sweep.runner import run_sweep
-
-    space = space_file(tmp_path, name="asha", num_samples=6, searcher={"type": "tpe", "n_startup_trials": 6},
-                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                       base={**TINY_SPACE["base"], "train": {"epochs": 4, "batch_size": 64}},
-                       space={"train.lr": {"type": "categorical", "choices": [0.03, 1.0e-7]},  # learns / does not
-                              "knowledge": {"none": {}}})
-    result = run_sweep(request(tmp_path, space, "a", max_concurrent=1))
-    stopped = [o for o in result.outcomes if o.status == "stopped_early"]
-    assert stopped and all(o.epochs < 4 for o in stopped)
-    study = optuna.load_study(study_name="a", storage=f"sqlite:///{tmp_path / 'runs' / 'a' / 'optuna.db'}")
-    states = {t.number + 1: t.state.name for t in study.trials}
-    for o in result.outcomes:  # Optuna's trial numbers follow the sweep's, one trial at a time
-        assert states[o.number] == ("PRUNED" if o.status == "stopped_early" else "COMPLETE"), (o, states)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
 def test_final_retrains_with_the_sweeps_workers_and_says_what_a_labels_only_champion_is_compared_with(
         ray_cluster, tmp_path):
     from kdray.final import run_final

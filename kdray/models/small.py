@@ -113,7 +113,8 @@ register_model(
 register_model("mnist1d_cnn_small", "mnist1d", (1, 40), "small MNIST-1D CNN student, 3x8 channels", channels=8)(
     ConvNet1d
 )
-register_model("mnist1d_mlp", "mnist1d", (1, 40), "MNIST-1D MLP student, 2x100 hidden (Greydanus 2020); option width: N for 2xN")(MLP)
+register_model("mnist1d_mlp", "mnist1d", (1, 40),
+               "MNIST-1D MLP student, 2x100 hidden (Greydanus 2020); option width: N for 2xN")(MLP)
 register_model("mlp", "any", (1, 40), "MLP on flattened inputs; option hidden: [sizes]")(MLP)
 register_model("small_cnn", "image", (1, 8, 8), "small 2-D CNN for small images; option widths: [channels]")(ConvNet2d)
 register_model("digits_cnn", "image", (1, 8, 8), "2-D CNN teacher for 8x8 digits, 32/64 channels")(ConvNet2d)

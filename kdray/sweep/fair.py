@@ -20,7 +20,6 @@ reduction_factor**k`` below ``max_t``; at a rung a trial stops if its value is b
 from __future__ import annotations
 
 import math
-import pickle
 from typing import Any
 
 import numpy as np
@@ -58,7 +57,10 @@ class FairRungs:
         self.stopped = 0
 
     def add(self, trial_id: str, kind: str) -> bool:
-        """Register a trial; True if it is protected (one of its type's first ``min_trials_per_type``)."""
+        """Register a trial; True if it is protected (one of its type's first ``min_trials_per_type``). A trial
+        added again (Tune re-adds a trial it retries) keeps what it had."""
+        if trial_id in self.kind:
+            return trial_id in self.protected
         self.kind[trial_id] = kind
         if self.slots.get(kind, 0) < self.min_full:
             self.slots[kind] = self.slots.get(kind, 0) + 1
@@ -115,7 +117,18 @@ class FairASHA(FIFOScheduler):
         return True  # the metric is the space's, set at construction
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self.rungs.add(trial.trial_id, (trial.config or {}).get("knowledge", NONE))
+        kind = (trial.config or {}).get("knowledge", NONE)
+        if trial.status in ("TERMINATED", "ERROR"):
+            # --resume re-adds every trial of the sweep (the scheduler itself is rebuilt from the Tuner): a trial
+            # that already ended counts as the full-length trial it was, and holds no slot
+            from kdray.train.loop import ran_all_epochs
+
+            last = trial.last_result or {}
+            if trial.status == "TERMINATED" and not last.get("failed") and ran_all_epochs(last, self.max_t):
+                self.rungs.full[kind] = self.rungs.full.get(kind, 0) + 1
+                self.rungs.slots[kind] = self.rungs.slots.get(kind, 0) + 1
+            return
+        self.rungs.add(trial.trial_id, kind)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if result.get("failed") or self.time_attr not in result or self._metric not in result:
@@ -132,17 +145,14 @@ class FairASHA(FIFOScheduler):
     def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
         self.rungs.end(trial.trial_id, False)
 
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        """An error ends the trial or precedes its retry (Tune then adds it again): either way its slot is free."""
+        self.rungs.end(trial.trial_id, False)
+
     def debug_string(self) -> str:
         return f"kdray fair ASHA: rungs {self.rungs.rungs}, {self.rungs.stopped} stopped, full-length per type " \
                f"{self.rungs.full}"
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
 
 
 def budget_by_type(outcomes: list, choices: list[str]) -> "Any":

@@ -149,4 +149,5 @@ def register_within_budget(uri: str, sweep: str | None, max_latency_ms: float | 
             "knowledge": best["knowledge"], "student": json.dumps(cfg.get("student")),
             "val_accuracy": best["val_accuracy"], "test_accuracy": test_acc,
             **{k: best[k] for k in COSTS if k in best}, "candidates": len(fits), "registered_model": model_name,
-            "version": version, "model_uri": f"models:/{model_name}/{version}", "alias_uri": f"models:/{model_name}@{alias}"}
+            "version": version, "model_uri": f"models:/{model_name}/{version}",
+            "alias_uri": f"models:/{model_name}@{alias}"}

@@ -294,9 +294,9 @@ class SearchSpace(Strict):
             choices[str(choice)] = parsed
         errors.extend(self._unsupported_keys(params, choices))
         if self.multi_objective and self.scheduler.type == "asha":
-            errors.append(("scheduler.type", "ASHA stops trials on one metric, which would stop the small, fast students "
-                                             f"a front of {' and '.join(self.objectives)} needs; use scheduler: "
-                                             "{type: fifo} with two objectives"))
+            errors.append(("scheduler.type", "ASHA stops trials on one metric, which would stop the small, fast "
+                                             f"students a front of {' and '.join(self.objectives)} needs; use "
+                                             "scheduler: {type: fifo} with two objectives"))
         if choices and NONE not in choices:
             choices = {NONE: {}, **choices}  # every sweep measures what distillation gains
         if not choices:

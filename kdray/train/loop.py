@@ -225,9 +225,10 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     peer_cfgs = [cfg.student, *cfg.scheme.peers] if cfg.scheme.type == "dml" else [cfg.student]
     peers = [student] + [build_model(p.name, info.num_classes, info.preprocess(), p.options).to(device)
                          for p in peer_cfgs[1:]]
-    # What the student costs to serve (rank 0 reports): a search may trade accuracy against it.
-    cost = student_cost(student, raw_input["shape"], raw_input["dtype"], cfg.latency.device,
-                        cfg.latency.threads) if rank == 0 else {}
+    # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
+    # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
+    costs = [student_cost(m, raw_input["shape"], raw_input["dtype"], cfg.latency.device, cfg.latency.threads)
+             for m in peers] if rank == 0 else [{} for _ in peers]
     if world > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
         peers = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in peers]
         student = peers[0]
@@ -368,7 +369,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
         if bad:
             reason = (f"loss term{'s' if len(bad) > 1 else ''} {', '.join(bad)} became non-finite "
                       f"(NaN or inf) in epoch {epoch}")
-            last = {"epoch": epoch, "val_accuracy": 0.0, "failed": reason, "lr": lr}
+            # the costs too: a two-objective search needs every objective in every report, a failed one included
+            last = {"epoch": epoch, "val_accuracy": 0.0, "failed": reason, "lr": lr, **costs[0]}
             if progress:
                 print(f"[kdray] {reason}; stopping this run", flush=True)
             session.report_failure(last)
@@ -399,7 +401,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             "samples_per_s": total / train_time if train_time > 0 else 0.0,
             "teacher_source": teacher_out.source if objective.needs_teacher else "none",
             **(teacher_out.epoch_stats() if objective.needs_teacher else {}),
-            **cost,
+            **costs[best],
             **where,
         }
         if where_resumed:
