@@ -1,7 +1,7 @@
 # kdray: every target sets up the local virtual environment (.venv) first, from pyproject.toml.
 #   make demo   run the default sweep (MNIST-1D, offline) and print the champion
 #   make test   run the test suite
-#   make results  the README's results table (sweeps + kdray final over seeds, ~15 min)
+#   make results  the README's results tables (sweeps + kdray final --per-type over 5 seeds, ~15 min)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
