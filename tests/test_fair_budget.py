@@ -74,15 +74,16 @@ def test_student_cost_counts_parameters_and_times_a_copy_on_cpu():
     from kdray.models import build_model
     from kdray.models.cost import student_cost
 
-    info = load_dataset(DatasetConfig(name="test_blobs")).info
+    data = load_dataset(DatasetConfig(name="test_blobs"))
+    info, samples = data.info, data.train.x[:10]
     small = build_model("test_mlp", info.num_classes, info.preprocess(), {"width": 4}).train()
     wide = build_model("test_mlp", info.num_classes, info.preprocess(), {"width": 2048})
     threads = torch.get_num_threads()
-    cs = student_cost(small, list(info.input_shape))
+    cs = student_cost(small, samples)
     # two hidden layers of 4 on 16 inputs, 3 classes: (16*4 + 4) + (4*4 + 4) + (4*3 + 3)
     assert cs["student_params"] == 68 + 20 + 15
     assert small.training and torch.get_num_threads() == threads  # the trained model and torch are left alone
-    cw = student_cost(wide, list(info.input_shape))
+    cw = student_cost(wide, samples)
     assert cw["student_params"] == (16 * 2048 + 2048) + (2048 * 2048 + 2048) + (2048 * 3 + 3)
     assert cw["latency_ms"] > cs["latency_ms"] and cw["latency_b64_ms"] > cs["latency_b64_ms"]
 
@@ -211,7 +212,7 @@ def test_a_two_objective_sweep_registers_the_student_that_meets_a_latency_budget
 
     from kdray.sweep.runner import run_sweep
 
-    space = write_space(tmp_path, name="front", num_samples=4, scheduler={"type": "fifo"},
+    space = write_space(tmp_path, name="front", num_samples=2, scheduler={"type": "fifo"},
                         objectives=["val_accuracy", "latency_ms"],
                         space={"train.lr": 0.03, "student.options.width": {"type": "categorical", "choices": [1, 2048]},
                                "knowledge": {"none": {}}})
@@ -240,6 +241,7 @@ def test_a_two_objective_sweep_registers_the_student_that_meets_a_latency_budget
     assert c.get_model_version_by_alias("kdray-front", "champion").version != info["version"]  # @champion stays
     arts = {a.path for a in c.list_artifacts(result.parent_run_id, "plots")}
     assert "plots/pareto_front_latency_ms.png" in arts
-    r = subprocess.run([sys.executable, "-m", "kdray", "best", "--sweep", "front", "--max-params", "10",
-                        "--tracking-uri", uri], capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert r.returncode == 1 and "student_params <= 10" in r.stderr and "25 parameters" in r.stderr, r.stderr
+    from kdray.sweep.front import BudgetError, register_within_budget
+
+    with pytest.raises(BudgetError, match=r"student_params <= 10; the fastest .* and 25 parameters"):
+        register_within_budget(uri, "front", max_params=10)

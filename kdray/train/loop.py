@@ -227,8 +227,13 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
                          for p in peer_cfgs[1:]]
     # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
-    costs = [student_cost(m, raw_input["shape"], raw_input["dtype"], cfg.latency.device, cfg.latency.threads)
-             for m in peers] if rank == 0 else [{} for _ in peers]
+    if rank == 0:
+        n = min(64, len(data.train))
+        samples = (data.train.x[:n] if data.train.in_memory
+                   else torch.stack([data.train.dataset[i][0] for i in range(n)]))
+        costs = [student_cost(m, samples, cfg.latency.device, cfg.latency.threads) for m in peers]
+    else:
+        costs = [{} for _ in peers]
     if world > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
         peers = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in peers]
         student = peers[0]
