@@ -75,6 +75,8 @@ def test_a_sweep_interrupted_then_killed_resumes_with_every_trial_exactly_once(t
     assert len(ids) == len(set(ids)) == SAMPLES, ids  # none lost, none twice
     assert {ch.data.tags["kdray.trial_number"] for ch in children} == {str(i) for i in range(1, SAMPLES + 1)}
     for ch in children:
-        assert ch.info.status == "FINISHED" and ch.data.tags[TAG_STATUS] == "completed"
+        assert ch.info.status == "FINISHED" and ch.data.tags[TAG_STATUS] == "completed", (  # why, if not
+            ch.data.tags.get("mlflow.runName"), ch.data.tags.get(TAG_STATUS), ch.data.tags.get("kdray.failure"),
+            r.stdout[-2000:])
         steps = sorted(m.step for m in c.get_metric_history(ch.info.run_id, "val_accuracy"))
         assert steps == list(range(1, EPOCHS + 1)), (ch.data.tags["kdray.trial_number"], steps)
