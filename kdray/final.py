@@ -12,14 +12,14 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kdray.config import RunConfig
-from kdray.tracking.store import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, client, find_sweep, sweep_children
+from kdray.tracking.store import (TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, client, find_sweep, log_metrics,
+                                  metric_key, sweep_children)
 
 
 class FinalError(RuntimeError):
@@ -116,10 +116,6 @@ def _train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "") 
 def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) -> FinalResult:
     """Retrain the champion and the best ``none`` trial over ``seeds`` seeds; log and return the result."""
     import mlflow
-    import ray
-
-    from kdray.tracking.champion import test_accuracy
-    from kdray.train.runner import teacher_records
 
     if seeds < 2:
         raise FinalError("--seeds must be at least 2 for a standard deviation and a test")
@@ -151,7 +147,7 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
         configs["none"] = dict(configs["champion"])
     elif best_none is None:
         baseline = "the champion's configuration without its knowledge terms (the sweep has no labels-only trial)"
-        configs["none"] = {**configs["champion"], "knowledge": [], "ce_weight": 1.0, "scheme": {"type": "distill"}}
+        configs["none"] = labels_only(configs["champion"])
     else:
         st = best_none.data.tags.get(TAG_STATUS, "").replace("_", " ")
         ep = best_none.data.tags.get("kdray.epochs", "?")
@@ -161,17 +157,9 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     champ_cfg = RunConfig.model_validate(configs["champion"])
     if champ_is_none and best_none is not None:
         say("the champion is itself a labels-only trial: its 'gain' is measured against the best other none trial")
-    records = teacher_records(champ_cfg, storage, log=say, inline=True, tracking_uri=uri)
-    teacher_acc = test_accuracy(records[0], champ_cfg.dataset.model_dump(mode="json")) if len(records) == 1 else \
-        float("nan")
+    refs, teacher_acc = _teacher(champ_cfg, storage, uri, say)
     seed_list = list(range(1, seeds + 1))  # fresh seeds: the sweep's trials all used the space's seed
-    refs = [ray.put(r) for r in records] if ray.is_initialized() else records
-    jobs = []
-    for which, cfg in configs.items():
-        rc = RunConfig.model_validate(cfg)
-        for s in seed_list:
-            run = rc.model_copy(update={"seed": s}).model_dump(mode="json")
-            jobs.append((which, s, run, rc))
+    jobs = _seed_jobs(configs, seed_list)
     say(f"retraining {champ_cfg.knowledge_label} (champion) and none (best labels-only) with seeds {seed_list}: "
         f"{len(jobs)} runs")
     outputs = _run_jobs([(run, rc) for _, _, run, rc in jobs], refs, storage)
@@ -184,6 +172,34 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
                       bootstrap_ci(champ, none), baseline=baseline, rows=rows)
     res.run_id = _log(c, parent, res, configs)
     return res
+
+
+def labels_only(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run config without its knowledge terms and with nobody teaching: the same student on labels alone."""
+    return {**cfg, "knowledge": [], "ce_weight": 1.0, "scheme": {"type": "distill"}}
+
+
+def _teacher(cfg: RunConfig, storage: str, uri: str, say) -> tuple[list, float]:
+    """The teacher records of ``cfg`` (as Ray refs when Ray runs) and the teacher's test accuracy (NaN for an
+    ensemble)."""
+    import ray
+
+    from kdray.tracking.champion import test_accuracy
+    from kdray.train.runner import teacher_records
+
+    records = teacher_records(cfg, storage, log=say, inline=True, tracking_uri=uri)
+    acc = test_accuracy(records[0], cfg.dataset.model_dump(mode="json")) if len(records) == 1 else float("nan")
+    return ([ray.put(r) for r in records] if ray.is_initialized() else records), acc
+
+
+def _seed_jobs(configs: dict[str, dict[str, Any]],
+               seeds: list[int]) -> list[tuple[str, int, dict[str, Any], RunConfig]]:
+    """(name, seed, run config with that seed, validated config) for every configuration and seed."""
+    jobs = []
+    for name, cfg in configs.items():
+        rc = RunConfig.model_validate(cfg)
+        jobs.extend((name, s, rc.model_copy(update={"seed": s}).model_dump(mode="json"), rc) for s in seeds)
+    return jobs
 
 
 def _run_jobs(jobs: list[tuple[dict[str, Any], RunConfig]], refs: list, storage: str) -> list[dict[str, float]]:
@@ -330,9 +346,6 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
     """Retrain the best configuration of every knowledge type over the same ``seeds`` seeds, test each run once,
     and compare every type with ``none`` seed by seed (paired t-test, Holm-corrected over the types)."""
     import mlflow
-    import ray
-
-    from kdray.train.runner import teacher_records
 
     if seeds < 2:
         raise FinalError("--seeds must be at least 2 for a standard deviation and a test")
@@ -370,7 +383,7 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
         baseline = f"labels-only trial {best['none'].data.tags.get('mlflow.runName')}"
     else:  # the reference trial's configuration without its knowledge terms: the same student
         ref = cfg_of[ref_id]
-        configs["none"] = {**ref, "knowledge": [], "ce_weight": 1.0, "scheme": {"type": "distill"}}
+        configs["none"] = labels_only(ref)
         best.pop("none", None)
         configs = {"none": configs.pop("none"), **configs}
         ref_name = next(t for t in usable if t.info.run_id == ref_id).data.tags.get("mlflow.runName", ref_id)
@@ -385,25 +398,15 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
             baseline_of[k] = "none"
             continue
         key = f"none ({student_label(st)})"
-        configs.setdefault(key, {**configs[k], "knowledge": [], "ce_weight": 1.0, "scheme": {"type": "distill"}})
+        configs.setdefault(key, labels_only(configs[k]))
         baseline_of[k] = key
     missing = [k for k in kinds if k not in best and k != "none"]
     if missing:
         say(f"no trial to retrain (every one failed): {', '.join(missing)}")
-    with_teacher = [RunConfig.model_validate(cfg) for cfg in configs.values()]
-    with_teacher = [rc for rc in with_teacher if rc.teacher is not None]
-    records = teacher_records(with_teacher[0], storage, log=say, inline=True, tracking_uri=uri) if with_teacher else []
-    from kdray.tracking.champion import test_accuracy
-
-    teacher_acc = (test_accuracy(records[0], with_teacher[0].dataset.model_dump(mode="json")) if len(records) == 1
-                   else float("nan"))
-    refs = [ray.put(r) for r in records] if ray.is_initialized() else records
     seed_list = list(range(1, seeds + 1))  # the same seeds for every type: the same data order and views
-    jobs = []
-    for k, cfg in configs.items():
-        rc = RunConfig.model_validate(cfg)
-        for s in seed_list:
-            jobs.append((k, s, rc.model_copy(update={"seed": s}).model_dump(mode="json"), rc))
+    jobs = _seed_jobs(configs, seed_list)
+    with_teacher = [rc for _, _, _, rc in jobs if rc.teacher is not None]
+    refs, teacher_acc = _teacher(with_teacher[0], storage, uri, say) if with_teacher else ([], float("nan"))
     say(f"retraining {len(configs)} configurations, the best of each knowledge type ({', '.join(configs)}), with seeds "
         f"{seed_list}: {len(jobs)} runs")
     outputs = _run_jobs([(run, rc) for _, _, run, rc in jobs], refs, storage)
@@ -515,14 +518,11 @@ def _log_per_type(c, parent, res: PerTypeResult, configs: dict[str, Any]) -> str
         TAG_PARENT: parent.info.run_id, TAG_KIND: "final", TAG_SWEEP: res.sweep, "kdray.final_mode": "per_type",
         "kdray.final_summary": summary, "kdray.final_baseline": res.baseline})
     rid = run.info.run_id
-    c.log_metric(rid, "seeds", len(res.seeds))
-    if math.isfinite(res.teacher_test_accuracy):
-        c.log_metric(rid, "teacher_test_accuracy", res.teacher_test_accuracy)
+    metrics = {"seeds": len(res.seeds), "teacher_test_accuracy": res.teacher_test_accuracy}
     for e in res.table:
-        key = re.sub(r"[^\w\-. /]", "_", e["knowledge"])  # MLflow's metric names: no '+' or parentheses
-        for k in ("mean", "std", "diff", "ci_low", "ci_high", "p", "p_holm"):
-            if k in e and math.isfinite(e[k]):
-                c.log_metric(rid, f"{key}.test_{k}" if k in ("mean", "std") else f"{key}.{k}", float(e[k]))
+        metrics.update({f"{metric_key(e['knowledge'])}.{'test_' if k in ('mean', 'std') else ''}{k}": e[k]
+                        for k in ("mean", "std", "diff", "ci_low", "ci_high", "p", "p_holm") if k in e})
+    log_metrics(c, rid, metrics)  # the finite ones, in one call
     buf = io.StringIO()
     pd.DataFrame(res.rows).to_csv(buf, index=False)
     c.log_text(rid, buf.getvalue(), "final_runs.csv")

@@ -78,6 +78,12 @@ class Split:
     def in_memory(self) -> bool:
         return self.x is not None
 
+    def head(self, n: int) -> Tensor:
+        """The first ``n`` raw samples as stored, stacked (read from the Dataset when the split is file-backed)."""
+        if self.in_memory:
+            return self.x[:n]
+        return torch.stack([self.dataset[i][0] for i in range(min(n, len(self)))])
+
 
 @dataclass
 class DataBundle:

@@ -153,16 +153,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     if args.max_latency_ms is not None or args.max_params is not None:
         return _best_within_budget(args, uri)
     info = champion_info(uri, args.sweep)
-    if args.export:
-        from kdray.tracking.champion import export
-
-        from kdray.cli import KdrayError
-
-        formats = ("state_dict", "torchscript") + (("onnx",) if args.onnx else ())
-        try:
-            info["exported"] = export(info["run_id"], args.export, uri, formats)
-        except RuntimeError as e:
-            raise KdrayError(str(e)) from None
+    _export(info, args, uri)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -177,6 +168,20 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(info: dict[str, Any], args: argparse.Namespace, uri: str) -> None:
+    """With ``--export DIR``: write the chosen run's student there (``--onnx`` too) and note the files in ``info``."""
+    if not args.export:
+        return
+    from kdray.cli import KdrayError
+    from kdray.tracking.champion import export
+
+    formats = ("state_dict", "torchscript") + (("onnx",) if args.onnx else ())
+    try:
+        info["exported"] = export(info["run_id"], args.export, uri, formats)
+    except RuntimeError as e:
+        raise KdrayError(str(e)) from None
+
+
 def _best_within_budget(args: argparse.Namespace, uri: str) -> int:
     from kdray.cli import KdrayError
     from kdray.sweep.front import BudgetError, register_within_budget
@@ -188,14 +193,7 @@ def _best_within_budget(args: argparse.Namespace, uri: str) -> int:
         info = register_within_budget(uri, args.sweep, args.max_latency_ms, args.max_params)
     except BudgetError as e:
         raise KdrayError(str(e)) from None
-    if args.export:
-        from kdray.tracking.champion import export
-
-        formats = ("state_dict", "torchscript") + (("onnx",) if args.onnx else ())
-        try:
-            info["exported"] = export(info["run_id"], args.export, uri, formats)
-        except RuntimeError as e:
-            raise KdrayError(str(e)) from None
+    _export(info, args, uri)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -239,15 +237,17 @@ def trial_table(uri: str, sweep: str | None):
 
 def knowledge_summary(df) -> list[dict[str, Any]]:
     """Per knowledge type: its best completed trial against the best completed labels-only trial."""
-    done = df[df["status"] == "completed"] if not df.empty else df
-    if done.empty:
+    from kdray.sweep.fair import budget_by_type
+
+    if df.empty:
         return []
-    best = done.groupby("knowledge")["val_accuracy"].max()
+    budget = budget_by_type(df, []).set_index("knowledge")
+    budget = budget[budget["full_length"] > 0]
+    best = budget["best_val_accuracy"].sort_values(ascending=False)
     base = best.get("none", float("nan"))
-    mine = {k: df[df["knowledge"] == k] for k in best.index}
     return [{"knowledge": k, "best_val_accuracy": float(v), "gain_over_none": float(v - base) if base == base else None,
-             "trials": len(mine[k]), "full_length": int((mine[k]["status"] == "completed").sum()),
-             "epochs": int(mine[k]["epochs"].sum())} for k, v in best.sort_values(ascending=False).items()]
+             "trials": int(budget.at[k, "trials"]), "full_length": int(budget.at[k, "full_length"]),
+             "epochs": int(budget.at[k, "epochs"])} for k, v in best.items()]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

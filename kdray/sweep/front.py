@@ -94,7 +94,7 @@ def register_within_budget(uri: str, sweep: str | None, max_latency_ms: float | 
 
     from kdray.config import DatasetConfig
     from kdray.data import load_dataset
-    from kdray.tracking.champion import log_version, read_checkpoint_record, test_accuracy
+    from kdray.tracking.champion import log_version, raw_example, read_checkpoint_record, test_accuracy
     from kdray.tracking.store import TAG_STATUS, client, find_sweep, retrying, sweep_children
 
     if max_latency_ms is None and max_params is None:
@@ -134,8 +134,7 @@ def register_within_budget(uri: str, sweep: str | None, max_latency_ms: float | 
     cfg = mlflow.artifacts.load_dict(f"runs:/{best['run_id']}/resolved_config.json")
     dataset = DatasetConfig.model_validate(cfg["dataset"])
     test_acc = test_accuracy(record, dataset.model_dump(mode="json"))
-    raw = load_dataset(dataset).train
-    example = raw.x[:5] if raw.in_memory else raw.dataset[0][0].unsqueeze(0)
+    example = raw_example(load_dataset(dataset).train)
     alias = budget_alias(max_latency_ms, max_params)
     version = log_version(uri, best["run_id"], record, test_acc, model_name, example, {"kdray.within_budget": budget})
     for k, v in {"kdray.sweep": name, "kdray.budget": budget, "val_accuracy": f"{best['val_accuracy']:.6f}",

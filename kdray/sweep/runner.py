@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,8 +27,9 @@ from kdray.config import RunConfig
 from kdray.storage import is_remote
 from kdray.sweep.front import COSTS
 from kdray.sweep.space import NONE, SearchSpace
-from kdray.tracking.champion import Champion, TrialOutcome, read_checkpoint_record, register, remote_test_accuracy, select
-from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, client, probe, sweep_children
+from kdray.tracking.champion import (Champion, TrialOutcome, raw_example, read_checkpoint_record, register,
+                                     remote_test_accuracy, select)
+from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, client, log_metrics, metric_key, probe, sweep_children
 
 
 class SweepError(RuntimeError):
@@ -558,7 +558,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     buf = io.StringIO()
     board.to_csv(buf, index=False)
     c.log_text(parent_id, buf.getvalue(), "leaderboard.csv")
-    budget = log_budget(c, parent_id, outcomes, list(space.choices))
+    budget = log_budget(c, parent_id, board, list(space.choices))
     for o in outcomes:  # where each full-length student is: `kdray best --max-latency-ms` may pick any of them
         uri = checkpoint_uri(o.checkpoint, req.storage) if o.status == "completed" and o.run_id else None
         if uri:
@@ -595,7 +595,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
             from kdray.data import load_dataset
 
             raw = load_dataset(base.dataset).train  # the test split is read only for the one evaluation
-            example = raw.x[:5] if raw.in_memory else raw.dataset[0][0].unsqueeze(0)
+            example = raw_example(raw)
             champion = register(req.tracking_uri, best, record, test_acc, sweep=req.name,
                                  model_name=space.model_name, parent_run_id=parent_id, raw_example=example)
             timings["champion_s"] = time.time() - t0
@@ -629,20 +629,16 @@ def _queue_fair_start(space: SearchSpace, num_samples: int, name: str, storage: 
                                           f"{space.min_trials_per_type}: raise num_samples to give each its share)"))
 
 
-def log_budget(c: Any, parent_id: str, outcomes: list[TrialOutcome], choices: list[str]) -> pd.DataFrame:
-    """The budget each knowledge type got, as ``budget_by_type.csv`` and ``budget.<type>.*`` metrics."""
+def log_budget(c: Any, parent_id: str, board: pd.DataFrame, choices: list[str]) -> pd.DataFrame:
+    """The budget each knowledge type got, as ``budget_by_type.csv`` and ``budget.<type>.*`` metrics (one batch)."""
     from kdray.sweep.fair import budget_by_type
 
-    df = budget_by_type(outcomes, choices)
+    df = budget_by_type(board, choices)
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     c.log_text(parent_id, buf.getvalue(), "budget_by_type.csv")
-    for r in df.itertuples():
-        key = r.knowledge.replace("+", "_")  # MLflow's metric names take no '+'
-        for k in ("trials", "full_length", "epochs", "epoch_share", "best_val_accuracy"):
-            v = float(getattr(r, k))
-            if math.isfinite(v):
-                c.log_metric(parent_id, f"budget.{key}.{k}", v)
+    log_metrics(c, parent_id, {f"budget.{metric_key(r.knowledge)}.{k}": float(getattr(r, k)) for r in df.itertuples()
+                               for k in ("trials", "full_length", "epochs", "epoch_share", "best_val_accuracy")})
     return df
 
 

@@ -101,6 +101,12 @@ def remote_test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], gp
     return float(ray.get(task.remote(record, dataset_cfg, gpus > 0)))
 
 
+def raw_example(split: Any) -> torch.Tensor:
+    """The input example a registered model is logged with: five raw samples of an in-memory split, one of a
+    file-backed split (each read costs a file)."""
+    return split.head(5 if split.in_memory else 1)
+
+
 def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: float, *, sweep: str,
              model_name: str, parent_run_id: str, raw_example: torch.Tensor, metric: str = "val_accuracy",
              mode: str = "max") -> Champion:

@@ -266,3 +266,22 @@ def retrying(fn, *args, what: str = "an MLflow call", timeout_s: float = 120.0, 
 def first_line(e: BaseException, limit: int = 200) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def metric_key(name: str) -> str:
+    """``name`` as part of an MLflow metric key, which takes letters, digits, '_', '-', '.', ' ' and '/' only:
+    ``kd+sp`` -> ``kd_sp``."""
+    import re
+
+    return re.sub(r"[^\w\-. /]", "_", name)
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, float]) -> None:
+    """The finite values of ``metrics`` on ``run_id`` in one ``log_batch`` call (MLflow takes 1000 per call)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and
+             float(v) == float(v) and abs(float(v)) != float("inf")]
+    for i in range(0, len(batch), 1000):
+        retrying(c.log_batch, run_id, metrics=batch[i:i + 1000], what="logging metrics")

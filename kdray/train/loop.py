@@ -228,9 +228,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
     if rank == 0:
-        n = min(64, len(data.train))
-        samples = (data.train.x[:n] if data.train.in_memory
-                   else torch.stack([data.train.dataset[i][0] for i in range(n)]))
+        samples = data.train.head(64)
         costs = [student_cost(m, samples, cfg.latency.device, cfg.latency.threads) for m in peers]
     else:
         costs = [{} for _ in peers]
@@ -261,7 +259,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     objective.bind_data(len(data.train), data.train.y)
     # One dry forward pass on two samples: connector shapes (FitNets' regressor) come from real taps.
     if objective.needs_teacher:
-        x0 = data.train.x[:2] if data.train.in_memory else torch.stack([data.train.dataset[i][0] for i in range(2)])
+        x0 = data.train.head(2)
         from kdray.data.loaders import to_float
 
         x0 = to_float(x0.to(device))
