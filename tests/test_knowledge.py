@@ -119,7 +119,7 @@ def test_fitnet_regressor_shape_is_inferred(s_shape, t_shape, kind):
 
 def test_fitnet_is_mse_after_the_regressor_and_zero_for_an_exact_hint():
     f_s, f_t = torch.randn(4, 8, 5, 5), torch.randn(4, 8, 5, 5)
-    fit = FitNet("t", "s")
+    fit = FitNet("t", "s", regressor="linear")  # the plain 1x1 convolution (conv_bn_relu: test_knowledge_authors)
     fit.bind({"t": f_t}, {"s": f_s})
     w, b = np.random.default_rng(0).normal(size=(8, 8)), np.random.default_rng(1).normal(size=8)
     with torch.no_grad():  # a known 1x1 convolution: r(F_s)[c] = sum_k w[c, k] F_s[k] + b[c]

@@ -57,3 +57,30 @@ def test_every_knowledge_term_is_float32_under_autocast(kind, dtype):
         assert low[name].dtype == torch.float32, name
         assert torch.isfinite(low[name]), (name, low[name])
         assert low[name].item() == pytest.approx(value.item(), rel=0.02), (name, value.item(), low[name].item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", sorted(KNOWLEDGE.names()))
+def test_every_knowledge_forward_called_directly_is_float32_under_autocast(kind, dtype):
+    """A plugin author or a notebook calls a loss module itself, not through the objective that turns autocast
+    off: the module must compute in float32 on its own (``sp`` returned NaN under fp16 autocast this way)."""
+    layout = ModelLayout(("f",), "f", ("a",), ("v",))
+    torch.manual_seed(0)
+    k = DistillObjective.from_specs([{"type": kind}], layout, layout).knowledge[kind]
+    s, t, y = outputs(1)
+    k.bind_data(B)
+    k.bind(t.features, s.features)
+    k.set_epoch(100)
+    extra = {"index": torch.arange(B)} if k.uses_index else {}
+    twin = copy.deepcopy(k) if k.uses_index else k
+    torch.manual_seed(2)
+    ref = k.compute(s, t, y, **extra)
+    s_low = TapOutputs(s.logits.to(dtype), {n: v.to(dtype) for n, v in s.features.items()})
+    t_low = TapOutputs(t.logits.to(dtype), {n: v.to(dtype) for n, v in t.features.items()})
+    torch.manual_seed(2)
+    with torch.autocast("cpu", dtype=dtype):
+        low = twin.compute(s_low, t_low, y, **extra)
+    assert low.dtype == torch.float32
+    assert torch.isfinite(low), low
+    # Both sides' taps are rounded to the low precision here, so the inputs differ by that rounding.
+    assert low.item() == pytest.approx(ref.item(), rel=0.02), (ref.item(), low.item())

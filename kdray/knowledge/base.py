@@ -14,9 +14,11 @@ model's own ``kd_feature_layers`` / ``kd_embedding_layer`` give the defaults.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import re
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -63,8 +65,63 @@ class KnowledgeParams(BaseModel):
     weight: float = Field(1.0, ge=0, description="w_k, the weight of this term in the objective")
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _active_autocast() -> list[str]:
+    """The device types whose autocast is on in this thread."""
+    on = []
+    for device in _AUTOCAST_DEVICES:
+        try:
+            if torch.is_autocast_enabled(device):
+                on.append(device)
+        except (RuntimeError, TypeError, ValueError):  # a device type this build does not know
+            continue
+    return on
+
+
+def _to_float32(x: Any) -> Any:
+    """Half-precision tensors (anywhere in lists, tuples, dicts, TapOutputs) as float32; everything else as is."""
+    if isinstance(x, Tensor):
+        return x.float() if x.dtype in _LOW else x
+    if isinstance(x, TapOutputs):
+        return TapOutputs(_to_float32(x.logits), _to_float32(x.features), _to_float32(x.strong))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_float32(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to_float32(v) for k, v in x.items()}
+    return x
+
+
+def float32_loss(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run a loss's ``forward`` in float32 whatever autocast is active: half-precision inputs are cast up and
+    autocast is off inside (casting alone is not enough: autocast casts the loss's own matmuls back down).
+    :class:`Knowledge` applies it to every subclass's ``forward``, so a loss called directly (a plugin
+    composing losses, a notebook) is as safe as one called through the objective."""
+    if getattr(forward, "_kdray_float32", False):
+        return forward
+
+    @functools.wraps(forward)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Tensor:
+        args, kwargs = _to_float32(args), _to_float32(kwargs)
+        on = _active_autocast()
+        if not on:
+            return forward(self, *args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device in on:
+                stack.enter_context(torch.autocast(device, enabled=False))
+            return forward(self, *args, **kwargs)
+
+    wrapper._kdray_float32 = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class Knowledge(nn.Module):
-    """Base class of a knowledge type (a distillation loss)."""
+    """Base class of a knowledge type (a distillation loss).
+
+    Every subclass's ``forward`` computes in float32 (or float64 for float64 inputs) whatever autocast is
+    active (:func:`float32_loss`, applied once here for every subclass)."""
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""  # response | feature | relational
@@ -74,6 +131,11 @@ class Knowledge(nn.Module):
     # True: ``compute`` takes ``index=`` (the batch's positions in the training split, the same meaning on
     # every rank) and ``bind_data`` must be called with the training split's size before ``bind``.
     uses_index: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = float32_loss(cls.__dict__["forward"])
 
     def __init__(self) -> None:
         super().__init__()
@@ -194,8 +256,9 @@ def last(layers: tuple[str, ...], what: str) -> str:
 
 
 def as_float(t: Tensor) -> Tensor:
-    """Losses are computed in float32 even under autocast: softmax at T=1/20 in bf16 is too coarse."""
-    return t.float() if t.dtype != torch.float32 else t
+    """Losses are computed in float32 at least, even under autocast: softmax at T=1/20 in bf16 is too coarse.
+    float64 stays float64 (a loss evaluated in double precision, as the tests do)."""
+    return t.float() if t.dtype not in (torch.float32, torch.float64) else t
 
 
 class LayerPairsParams(KnowledgeParams):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,23 @@ def resize_to(x: Tensor, size: tuple[int, ...]) -> Tensor:
         return x
     pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(size)]
     return pool(x, size)
+
+
+def common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool two (B, C, *spatial) tensors to one spatial size (RepDistiller pools the larger map to
+    the smaller). Same rank: each dim to the smaller of the two; different rank: both flattened, the longer
+    pooled to the shorter length."""
+    if a.dim() == b.dim():
+        size = tuple(min(x, y) for x, y in zip(a.shape[2:], b.shape[2:]))
+        return resize_to(a, size), resize_to(b, size)
+    a, b = a.flatten(2), b.flatten(2)
+    n = min(a.shape[2], b.shape[2])
+    return resize_to(a, (n,)), resize_to(b, (n,))
+
+
+def neuron_maps(f: Tensor) -> Tensor:
+    """(B, C, *spatial) as is; a vector (B, D) is read as one neuron over D positions (as ``attention_map``)."""
+    return f.unsqueeze(1) if f.dim() == 2 else f
 
 
 class Regressor(nn.Module):
@@ -60,6 +77,79 @@ class Regressor(nn.Module):
             return self.proj(f_s)
         return self.proj(f_s.flatten(1)).view(f_s.shape[0], *self.teacher_shape)
 
+    def describe(self) -> str:
+        return {"conv1x1": "conv 1x1, then pooling", "linear": "linear"}.get(self.kind, "flatten, linear")
+
+
+class ConvRegressor(nn.Module):
+    """RepDistiller's FitNets regressor ``ConvReg`` (``models/util.py``): a convolution, BatchNorm, ReLU.
+
+    The convolution follows RepDistiller's rule for the spatial sizes: student twice the teacher's size, a 3x3
+    convolution with stride 2; half of it, a 4x4 transposed convolution with stride 2; otherwise larger or
+    equal, a convolution of kernel ``1 + s - t`` (1x1 for equal sizes). Any other pair (a student map smaller
+    than the teacher's but not half of it) is refused: RepDistiller raises too. 1-D and 3-D maps take the same
+    rule with Conv1d / Conv3d (RepDistiller has only 2-D).
+    """
+
+    kind = "conv_bn_relu"
+
+    def __init__(self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.student_shape, self.teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        s, t = self.student_shape, self.teacher_shape
+        if len(s) != len(t) or not 2 <= len(s) <= 4:
+            raise ValueError(f"the conv_bn_relu regressor needs feature maps of one rank, got {_shape(s)} and "
+                             f"{_shape(t)}")
+        rank = len(s) - 1
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[rank]
+        deconv = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[rank]
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[rank]
+        ss, ts = s[1:], t[1:]
+        if all(a == 2 * b for a, b in zip(ss, ts)):
+            layer: nn.Module = conv(s[0], t[0], kernel_size=3, stride=2, padding=1)
+            self.conv_kind = "conv 3x3 stride 2"
+        elif all(2 * a == b for a, b in zip(ss, ts)):
+            layer = deconv(s[0], t[0], kernel_size=4, stride=2, padding=1)
+            self.conv_kind = "transposed conv 4x4 stride 2"
+        elif all(a >= b for a, b in zip(ss, ts)):
+            kernel = tuple(1 + a - b for a, b in zip(ss, ts))
+            layer = conv(s[0], t[0], kernel_size=kernel)
+            self.conv_kind = f"conv {'x'.join(map(str, kernel))}"
+        else:
+            raise ValueError(f"RepDistiller's rule maps a student map larger than, equal to or half the teacher's "
+                             f"size, not {_shape(s)} to {_shape(t)}; use `regressor: linear` (a 1x1 convolution, "
+                             "then adaptive pooling to the teacher's size)")
+        self.proj = nn.Sequential(layer, bn(t[0]), nn.ReLU())
+
+    def describe(self) -> str:
+        return self.conv_kind
+
+    def forward(self, f_s: Tensor) -> Tensor:
+        return self.proj(f_s)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    """(C, H, W) as "C channels, HxW"."""
+    if len(shape) == 1:
+        return f"{shape[0]} features"
+    return f"{shape[0]} channels, {'x'.join(map(str, shape[1:]))}"
+
+
+REGRESSORS = ("auto", "conv_bn_relu", "linear")
+
+
+def make_regressor(kind: str, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
+    """FitNets' regressor: ``conv_bn_relu`` (:class:`ConvRegressor`), ``linear`` (:class:`Regressor`), or
+    ``auto``: conv_bn_relu between image maps (C, H, W) on both sides, linear for everything else (vectors,
+    1-D maps, token sequences (hidden, tokens), an MLP against a CNN)."""
+    if kind == "auto":
+        kind = "conv_bn_relu" if len(student_shape) == len(teacher_shape) == 3 else "linear"
+    if kind == "conv_bn_relu":
+        return ConvRegressor(student_shape, teacher_shape)
+    if kind == "linear":
+        return Regressor(student_shape, teacher_shape)
+    raise ValueError(f"unknown regressor {kind!r}; choose one of {', '.join(REGRESSORS)}")
+
 
 @register_knowledge("fitnet", "feature", "FitNets hints: L2 between a teacher layer and a regressed student layer")
 class FitNet(Knowledge):
@@ -72,36 +162,58 @@ class FitNet(Knowledge):
         L_{hint} = \frac{1}{N} \sum \big(r(F_s) - F_t\big)^2
 
     where :math:`F_t` is the teacher's *hint* layer, :math:`F_s` the student's *guided* layer, :math:`r`
-    a learned regressor (a 1x1 convolution, or a linear map for vectors) whose shape is inferred from
-    one dry forward pass, and the mean runs over every element (RepDistiller's ``nn.MSELoss``). The
-    paper trains this stage alone before KD; here it is one term of the joint objective, as in the
-    CRD/RepDistiller benchmarks (their default weight is 100).
+    a learned regressor whose shape is inferred from one dry forward pass, and the mean runs over every
+    element (RepDistiller's ``nn.MSELoss``). The paper trains this stage alone before KD; here it is one term
+    of the joint objective, as in the CRD/RepDistiller benchmarks (their weight is 100).
+
+    Reference: RepDistiller ``distiller_zoo/FitNet.py`` (``HintLoss``) with ``models/util.py`` (``ConvReg``),
+    commit b84f547, which ``regressor: conv_bn_relu`` matches (:class:`ConvRegressor`; the weight 100 was
+    tuned with it). ``regressor: linear`` is a plain 1x1 convolution (then adaptive pooling to the teacher's
+    size) or a linear map (:class:`Regressor`). The default, ``auto``, takes conv_bn_relu between image maps
+    (CNN to CNN) and linear otherwise (vectors, 1-D maps and token sequences, for which RepDistiller has no
+    regressor). Deliberate differences: 1-D and 3-D maps may use conv_bn_relu too; the rule's unsupported
+    case (a student map smaller than the teacher's but not half of it) is refused in ``bind``, naming the
+    layers, instead of failing in the first step.
     """
 
     class Params(KnowledgeParams):
         teacher_layer: str | None = Field(None, description="teacher hint layer (default: middle)")
         student_layer: str | None = Field(None, description="student guided layer (default: middle)")
+        regressor: Literal["auto", "conv_bn_relu", "linear"] = Field(
+            "auto", description="r(.): conv_bn_relu (RepDistiller's ConvReg), linear (1x1 conv / linear map), "
+                                "auto (conv_bn_relu between image maps, else linear)")
 
-    def __init__(self, teacher_layer: str, student_layer: str) -> None:
+    def __init__(self, teacher_layer: str, student_layer: str, regressor: str = "auto") -> None:
         super().__init__()
+        if regressor not in REGRESSORS:
+            raise ValueError(f"unknown regressor {regressor!r}; choose one of {', '.join(REGRESSORS)}")
         self.teacher_layers, self.student_layers = [teacher_layer], [student_layer]
-        self.regressor: Regressor | None = None
+        self.regressor_kind = regressor
+        self.regressor: nn.Module | None = None
 
     @classmethod
     def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
         return cls(
             kwargs.get("teacher_layer") or middle(teacher.feature_layers, "teacher_layer"),
             kwargs.get("student_layer") or middle(student.feature_layers, "student_layer"),
+            kwargs.get("regressor", "auto"),
         )
 
     def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
         t = teacher_features[self.teacher_layers[0]]
         s = student_features[self.student_layers[0]]
-        self.regressor = Regressor(tuple(s.shape[1:]), tuple(t.shape[1:])).to(s.device)
+        s_shape, t_shape = tuple(s.shape[1:]), tuple(t.shape[1:])
+        try:
+            self.regressor = make_regressor(self.regressor_kind, s_shape, t_shape).to(s.device)
+        except ValueError as e:
+            raise ValueError(f"fitnet cannot regress student layer {self.student_layers[0]!r} ({_shape(s_shape)}) "
+                             f"onto teacher layer {self.teacher_layers[0]!r} ({_shape(t_shape)}): {e}") from None
 
     def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        """(B, *student shape) guided-layer and (B, *teacher shape) hint-layer taps -> scalar."""
         if self.regressor is None:  # used directly on tensors: infer the connector now
-            self.regressor = Regressor(tuple(f_s.shape[1:]), tuple(f_t.shape[1:])).to(f_s.device)
+            self.regressor = make_regressor(self.regressor_kind, tuple(f_s.shape[1:]),
+                                            tuple(f_t.shape[1:])).to(f_s.device)
         return F.mse_loss(self.regressor(as_float(f_s)), as_float(f_t))  # fp32 connector on bf16 taps
 
     def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
@@ -149,29 +261,46 @@ class AT(Knowledge):
                  \Big\| \frac{Q^j_{s,i}}{\|Q^j_{s,i}\|_2} - \frac{Q^j_{t,i}}{\|Q^j_{t,i}\|_2} \Big\|_2^2
 
     with :math:`p = 2` (the paper's choice) and :math:`N_j` the number of positions, i.e. the authors'
-    code ``(at(x) - at(y)).pow(2).mean()``. Maps of different spatial size are average-pooled to the
-    smaller size first. RepDistiller's default weight is 1000.
+    code ``(at(x) - at(y)).pow(2).mean()``. RepDistiller's default weight is 1000.
+
+    Reference: github.com/szagoruyko/attention-transfer ``utils.py`` (``at``, ``at_loss``), and for maps of
+    unequal size mdistiller ``mdistiller/distillers/AT.py`` and RepDistiller ``distiller_zoo/AT.py``, which
+    this matches: the larger *feature map* is average-pooled to the smaller size first, then squared
+    (``pool: features``, the default). ``pool: attention`` squares first and pools the attention map, the
+    order kdray used before; the two differ (26 % on ResNet stage pairs). Deliberate differences: :math:`|A|^p`
+    (the references write ``pow(p)``, the same for even :math:`p`); a vector tap (B, D) is read as one
+    channel over D positions, and maps of different rank are flattened and the longer pooled to the shorter.
     """
 
     class Params(LayerPairsParams):
         p: float = Field(2.0, gt=0, description="exponent of the attention map")
+        pool: Literal["features", "attention"] = Field(
+            "features", description="maps of unequal size: pool the feature maps before squaring (the authors') "
+                                    "or the attention maps after")
 
-    def __init__(self, teacher_layers: list[str], student_layers: list[str], p: float = 2.0) -> None:
+    def __init__(self, teacher_layers: list[str], student_layers: list[str], p: float = 2.0,
+                 pool: str = "features") -> None:
         super().__init__()
         if len(teacher_layers) != len(student_layers) or not teacher_layers:
             raise ValueError("attention transfer needs the same non-zero number of teacher and student layers")
+        if pool not in ("features", "attention"):
+            raise ValueError(f"pool must be 'features' or 'attention', got {pool!r}")
         self.teacher_layers, self.student_layers, self.p = list(teacher_layers), list(student_layers), float(p)
+        self.pool = pool
 
     @classmethod
     def _build(cls, kwargs: dict[str, Any], teacher: ModelLayout, student: ModelLayout) -> Knowledge:
         t, s = paired_layers(kwargs, teacher, student)
-        return cls(t, s, kwargs.get("p", 2.0))
+        return cls(t, s, kwargs.get("p", 2.0), kwargs.get("pool", "features"))
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        """(B, C_s, *spatial) and (B, C_t, *spatial) maps (or lists of them, one per layer pair) -> scalar."""
         if isinstance(f_s, Tensor):
             f_s, f_t = [f_s], [f_t]
         total = f_s[0].new_zeros((), dtype=torch.float32)
         for a_s, a_t in zip(f_s, f_t):
+            if self.pool == "features":
+                a_s, a_t = common_size(neuron_maps(as_float(a_s)), neuron_maps(as_float(a_t)))
             q_s, q_t = matched_attention(attention_map(a_s, self.p), attention_map(a_t, self.p))
             total = total + (q_s - q_t).pow(2).mean()
         return total
@@ -285,18 +414,6 @@ class AttentionDistill(Knowledge):
 # -- more hints over layer pairs: NST, FSP, AB, VID (issue 12) ------------------------------------------
 
 
-def common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Average-pool two (B, C, *spatial) tensors to one spatial size (RepDistiller pools the larger map to
-    the smaller). Same rank: each dim to the smaller of the two; different rank: both flattened, the longer
-    pooled to the shorter length."""
-    if a.dim() == b.dim():
-        size = tuple(min(x, y) for x, y in zip(a.shape[2:], b.shape[2:]))
-        return resize_to(a, size), resize_to(b, size)
-    a, b = a.flatten(2), b.flatten(2)
-    n = min(a.shape[2], b.shape[2])
-    return resize_to(a, (n,)), resize_to(b, (n,))
-
-
 class _LayerPairs(Knowledge):
     """Shared plumbing of the hint losses summed over (teacher, student) layer pairs."""
 
@@ -329,11 +446,6 @@ def _pairs(f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> tuple[list
     if len(f_s) != len(f_t):
         raise ValueError(f"{len(f_s)} student features against {len(f_t)} teacher features")
     return [as_float(f) for f in f_s], [as_float(f) for f in f_t]
-
-
-def neuron_maps(f: Tensor) -> Tensor:
-    """(B, C, *spatial) as is; a vector (B, D) is read as one neuron over D positions (as ``attention_map``)."""
-    return f.unsqueeze(1) if f.dim() == 2 else f
 
 
 def poly2_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
