@@ -67,3 +67,35 @@ def test_a_cpu_trial_rerun_with_the_same_seed_gives_the_same_metrics(blobs_teach
         for k, v in a.items():
             if k not in timing and isinstance(v, float):
                 assert b[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+
+def initial_student(run: dict, teacher: dict | None) -> dict:
+    """The student's weights as a run starts: one epoch of SGD at lr 1e-30 moves no float32 weight."""
+    import torch
+
+    from kdray.train.loop import STUDENT_FILE
+
+    root = Path(__import__("tempfile").mkdtemp())
+    s = Session(checkpoint_root=root)
+    train_run({"run": run, "teacher_records": [teacher] if teacher else []}, s)
+    record = torch.load(s.last_checkpoint / STUDENT_FILE, weights_only=True)
+    return {k: v for k, v in record["state_dict"].items() if v.is_floating_point() and "running" not in k}
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_the_same_seed_starts_none_and_kd_from_the_same_student_weights(blobs_teacher, seed):
+    """``final --per-type`` pairs types seed by seed: the same seed must mean the same initial student, whether or
+    not a teacher is built first (building one consumed the global RNG and shifted the student's weights)."""
+    import torch
+
+    base = {"seed": seed, "dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"},
+            "train": {"epochs": 1, "batch_size": 64, "optimizer": "sgd", "lr": 1e-30, "momentum": 0.0}}
+    none = initial_student(RunConfig.model_validate(base).model_dump(mode="json"), None)
+    kd = initial_student(RunConfig.model_validate({**base, "teacher": {"checkpoint": "t.pt"},
+                                                    "knowledge": [{"type": "kd"}]}).model_dump(mode="json"),
+                         blobs_teacher)
+    assert none.keys() == kd.keys() and none
+    for k in none:
+        assert torch.equal(none[k], kd[k]), k
+    other = initial_student(RunConfig.model_validate({**base, "seed": seed + 10}).model_dump(mode="json"), None)
+    assert any(not torch.equal(none[k], other[k]) for k in none)  # the seed does decide the weights

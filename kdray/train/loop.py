@@ -11,7 +11,8 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # every device's generator, CUDA included
+
+
+@contextmanager
+def seeded_init(seed: int, peer: int = 0) -> Iterator[None]:
+    """Build a model from a generator of its own, seeded by (seed, peer), and leave the global RNG as it was.
+
+    So "the same seed" means "the same initial student" whatever was built before it: a teacher, an ensemble
+    or nothing (building the teacher first consumed the global RNG, and ``none`` and ``kd`` trials of one
+    seed started from different weights). Model construction runs on the CPU, whose generator is the one
+    forked here."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + 7_919 * peer) % 2**63)
+        yield
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -215,16 +229,22 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     if cfg.student.init_from_teacher:  # the same on every rank: copied from the same teacher weights
         from kdray.models.hf import init_from_teacher
 
-        student = Classifier(info.preprocess(), init_from_teacher(teacher.members[0], cfg.student.init_from_teacher))
+        with seeded_init(cfg.seed):
+            student = Classifier(info.preprocess(),
+                                 init_from_teacher(teacher.members[0], cfg.student.init_from_teacher))
         student = student.to(device)
         if not cfg.knowledge:  # the teacher only gave the initial weights
             teacher = None
     else:
-        student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options).to(device)
-    # Deep mutual learning: the student and its peers, built one after the other from the run's seed.
+        with seeded_init(cfg.seed):
+            student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options)
+        student = student.to(device)
+    # Deep mutual learning: the student and its peers, each from its own generator seeded by (seed, k).
     peer_cfgs = [cfg.student, *cfg.scheme.peers] if cfg.scheme.type == "dml" else [cfg.student]
-    peers = [student] + [build_model(p.name, info.num_classes, info.preprocess(), p.options).to(device)
-                         for p in peer_cfgs[1:]]
+    peers = [student]
+    for k, p in enumerate(peer_cfgs[1:], start=1):
+        with seeded_init(cfg.seed, k):
+            peers.append(build_model(p.name, info.num_classes, info.preprocess(), p.options).to(device))
     # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
     if rank == 0:
