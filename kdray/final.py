@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kdray.config import RunConfig
+from kdray.final_jobs import FinalJobsFailed, Job, JobLedger, run_jobs
 from kdray.tracking.store import (TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, client, find_sweep, log_metrics,
                                   metric_key, sweep_children)
 
@@ -48,33 +49,52 @@ class FinalResult:
         c, n = np.array(self.champion), np.array(self.none)
         return (f"{self.champion_knowledge} {c.mean() * 100:.2f} ± {c.std(ddof=1) * 100:.2f} vs none "
                 f"{n.mean() * 100:.2f} ± {n.std(ddof=1) * 100:.2f} (gain {self.gain * 100:+.2f} points, "
-                f"95% CI [{self.ci[0] * 100:+.2f}, {self.ci[1] * 100:+.2f}], Welch p = {self.p_value:.3g}); "
+                f"{describe_interval(self.ci)}, {describe_p(self.p_value).strip()}); "
                 f"teacher {self.teacher_test_accuracy * 100:.2f}")
 
 
 def welch(a: list[float], b: list[float]) -> float:
-    """Two-sided p-value of Welch's t-test (unequal variances); 1.0 when both samples are constant."""
+    """Two-sided p-value of Welch's t-test (unequal variances); 1.0 for two identical constant samples, NaN
+    (undefined) for two different constant samples: without any variance the test cannot say how sure it is."""
     from scipy import stats
 
     # Constant samples are judged by their values (max == min), not by np.std == 0: the mean of [0.9] * 3 is
     # 0.9000000000000001, so its std is a rounding error and scipy then returns 6e-31 or NaN.
     if np.ptp(a) == 0 and np.ptp(b) == 0:
-        return 0.0 if a[0] != b[0] else 1.0
+        return float("nan") if a[0] != b[0] else 1.0
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+MIN_BOOTSTRAP_SEEDS = 3  # two values resample to three distinct means: no interval worth reporting
 
 
 def bootstrap_ci(a: list[float], b: list[float], n: int = 10000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of mean(a) - mean(b), resampling each group with replacement (scipy's
-    bootstrap of two independent samples)."""
+    bootstrap of two independent samples); (NaN, NaN) with fewer than 3 values in a group."""
     from scipy import stats
 
+    if min(len(a), len(b)) < MIN_BOOTSTRAP_SEEDS:
+        return float("nan"), float("nan")
     res = stats.bootstrap((np.asarray(a), np.asarray(b)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
                           n_resamples=n, confidence_level=0.95, method="percentile", vectorized=True,
                           rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "") -> dict[str, float]:
+def describe_interval(ci: tuple[float, float]) -> str:
+    if not all(map(math.isfinite, ci)):
+        return f"bootstrap interval needs at least {MIN_BOOTSTRAP_SEEDS} seeds per configuration"
+    return f"bootstrap 95% interval [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
+
+
+def describe_p(p: float) -> str:
+    if not math.isfinite(p):
+        return "Welch's t-test undefined (no variance in either sample)"
+    return f"Welch's t-test p = {p:.3g}" + ("  (significant at 5%)" if p < 0.05 else "  (not significant at 5%)")
+
+
+def _train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "",
+                    step_hook: Any = None) -> dict[str, float]:
     """One seed of one configuration, trained as the sweep trained its trials (inline in one process, or a
     TorchTrainer over the same workers, so the global batch is the same), then measured on the test split."""
     import tempfile
@@ -96,14 +116,14 @@ def _train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "") 
         from kdray.train.runner import final_student, fit, new_run_name
 
         result = fit(cfg, records, storage_path=join(storage, "final"), name=new_run_name(f"final-seed{cfg.seed}"),
-                     progress=False)
+                     progress=False, extra={"step_hook": step_hook} if step_hook else None)
         if result.failed:
             return {"val_accuracy": float("nan"), "test_accuracy": float("nan"), "failed": 1.0}
         last, record = result.metrics, final_student(result)
     else:
         with tempfile.TemporaryDirectory() as d:
             session = Session(checkpoint_root=d)
-            last = train_run({"run": run, "teacher_records": records}, session)
+            last = train_run({"run": run, "teacher_records": records, "step_hook": step_hook}, session)
             if last.get("failed"):
                 return {"val_accuracy": float("nan"), "test_accuracy": float("nan"), "failed": 1.0}
             record = load_record(Path(session.last_checkpoint) / STUDENT_FILE)
@@ -113,8 +133,11 @@ def _train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "") 
             "workers": float(last.get("world_size", 1))}
 
 
-def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) -> FinalResult:
-    """Retrain the champion and the best ``none`` trial over ``seeds`` seeds; log and return the result."""
+def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print, step_hook: Any = None) -> FinalResult:
+    """Retrain the champion and the best ``none`` trial over ``seeds`` seeds; log and return the result.
+
+    Each (configuration, seed) is recorded as it ends; a rerun retrains only the runs not recorded yet.
+    ``step_hook``: a callable(epoch, step) run before every training step (tests inject faults with it)."""
     import mlflow
 
     if seeds < 2:
@@ -162,8 +185,8 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print) 
     jobs = _seed_jobs(configs, seed_list)
     say(f"retraining {champ_cfg.knowledge_label} (champion) and none (best labels-only) with seeds {seed_list}: "
         f"{len(jobs)} runs")
-    outputs = _run_jobs([(run, rc) for _, _, run, rc in jobs], refs, storage)
-    rows = [{"config": w, "seed": s, **o} for (w, s, _, _), o in zip(jobs, outputs)]
+    outputs = _run_jobs(jobs, refs, storage, JobLedger(c, parent, name), say, step_hook)
+    rows = [{"config": j.label, "seed": j.seed, **o} for j, o in zip(jobs, outputs)]
     champ = [r["test_accuracy"] for r in rows if r["config"] == "champion" and math.isfinite(r["test_accuracy"])]
     none = [r["test_accuracy"] for r in rows if r["config"] == "none" and math.isfinite(r["test_accuracy"])]
     if len(champ) < 2 or len(none) < 2:
@@ -192,31 +215,23 @@ def _teacher(cfg: RunConfig, storage: str, uri: str, say) -> tuple[list, float]:
     return ([ray.put(r) for r in records] if ray.is_initialized() else records), acc
 
 
-def _seed_jobs(configs: dict[str, dict[str, Any]],
-               seeds: list[int]) -> list[tuple[str, int, dict[str, Any], RunConfig]]:
-    """(name, seed, run config with that seed, validated config) for every configuration and seed."""
+def _seed_jobs(configs: dict[str, dict[str, Any]], seeds: list[int]) -> list[Job]:
+    """One job for every configuration and seed: its run config with that seed."""
     jobs = []
     for name, cfg in configs.items():
         rc = RunConfig.model_validate(cfg)
-        jobs.extend((name, s, rc.model_copy(update={"seed": s}).model_dump(mode="json"), rc) for s in seeds)
+        jobs.extend(Job(name, s, rc.model_copy(update={"seed": s}).model_dump(mode="json"), rc) for s in seeds)
     return jobs
 
 
-def _run_jobs(jobs: list[tuple[dict[str, Any], RunConfig]], refs: list, storage: str) -> list[dict[str, float]]:
-    """Train and test every (run, config): Ray tasks shaped as the sweep's trials when Ray runs, else in turn."""
-    import ray
-
-    if not ray.is_initialized():
-        return [_train_and_test(run, refs, storage) for run, _ in jobs]
-    from kdray.ray_setup import DRIVER_RESOURCE
-
-    def options(rc: RunConfig) -> dict[str, Any]:
-        if rc.resources.resolved_execution() == "train":  # drives a TorchTrainer: its workers hold the CPUs
-            return {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 1}}
-        return {"num_cpus": rc.resources.cpus_per_worker, "num_gpus": min(1.0, rc.resources.gpus_per_worker)}
-
-    return ray.get([ray.remote(_train_and_test).options(**options(rc)).remote(run, refs, storage)
-                    for run, rc in jobs])
+def _run_jobs(jobs: list[Job], refs: list, storage: str, ledger: JobLedger, say,
+              step_hook: Any = None) -> list[dict[str, float]]:
+    """Train and test every job (Ray tasks shaped as the sweep's trials when Ray runs, else in turn), each recorded
+    as it ends; a failure is named after every other run is recorded."""
+    try:
+        return run_jobs(jobs, refs, storage, ledger, _train_and_test, say, step_hook)
+    except FinalJobsFailed as e:
+        raise FinalError(str(e)) from None
 
 
 def best_of_type(trials: list, knowledge: str, exclude: str | None = None) -> Any | None:
@@ -249,17 +264,11 @@ def _log(c, parent, res: FinalResult, configs: dict[str, Any]) -> str:
         TAG_PARENT: parent.info.run_id, TAG_KIND: "final", TAG_SWEEP: res.sweep,
         "kdray.final_summary": res.summary(), "kdray.final_baseline": res.baseline})
     rid = run.info.run_id
-    c.log_metric(rid, "seeds", len(res.seeds))
-    c.log_metric(rid, "champion_test_mean", float(np.mean(res.champion)))
-    c.log_metric(rid, "champion_test_std", float(np.std(res.champion, ddof=1)))
-    c.log_metric(rid, "none_test_mean", float(np.mean(res.none)))
-    c.log_metric(rid, "none_test_std", float(np.std(res.none, ddof=1)))
-    c.log_metric(rid, "gain", res.gain)
-    c.log_metric(rid, "p_value_welch", res.p_value)
-    c.log_metric(rid, "gain_ci_low", res.ci[0])
-    c.log_metric(rid, "gain_ci_high", res.ci[1])
-    if math.isfinite(res.teacher_test_accuracy):
-        c.log_metric(rid, "teacher_test_accuracy", res.teacher_test_accuracy)
+    log_metrics(c, rid, {  # the finite ones: an undefined test or interval is left out, and said in the summary
+        "seeds": len(res.seeds), "champion_test_mean": float(np.mean(res.champion)),
+        "champion_test_std": float(np.std(res.champion, ddof=1)), "none_test_mean": float(np.mean(res.none)),
+        "none_test_std": float(np.std(res.none, ddof=1)), "gain": res.gain, "p_value_welch": res.p_value,
+        "gain_ci_low": res.ci[0], "gain_ci_high": res.ci[1], "teacher_test_accuracy": res.teacher_test_accuracy})
     buf = io.StringIO()
     pd.DataFrame(res.rows).to_csv(buf, index=False)
     c.log_text(rid, buf.getvalue(), "final_runs.csv")
@@ -284,9 +293,7 @@ def format_table(res: FinalResult) -> str:
              f"  {'teacher':<28}{res.teacher_test_accuracy * 100:>15.2f}",
              f"  {'labels only (none)':<28}{n.mean():>15.2f} ± {n.std(ddof=1):.2f}   baseline: {res.baseline}",
              f"  {'champion (' + res.champion_knowledge + ')':<28}{c.mean():>15.2f} ± {c.std(ddof=1):.2f}",
-             f"  gain {res.gain * 100:+.2f} points; bootstrap 95% interval [{res.ci[0] * 100:+.2f}, "
-             f"{res.ci[1] * 100:+.2f}]; Welch's t-test p = {res.p_value:.3g}"
-             + ("  (significant at 5%)" if res.p_value < 0.05 else "  (not significant at 5%)")]
+             f"  gain {res.gain * 100:+.2f} points; {describe_interval(res.ci)}; {describe_p(res.p_value)}"]
     return "\n".join(lines)
 
 
@@ -342,9 +349,12 @@ def student_label(student: dict[str, Any] | None) -> str:
     return student.get("name", "") + "".join(f" {o}={v}" for o, v in (student.get("options") or {}).items())
 
 
-def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, say=print) -> PerTypeResult:
+def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, say=print,
+                       step_hook: Any = None) -> PerTypeResult:
     """Retrain the best configuration of every knowledge type over the same ``seeds`` seeds, test each run once,
-    and compare every type with ``none`` seed by seed (paired t-test, Holm-corrected over the types)."""
+    and compare every type with ``none`` seed by seed (paired t-test, Holm-corrected over the types).
+
+    Each (configuration, seed) is recorded as it ends; a rerun retrains only the runs not recorded yet."""
     import mlflow
 
     if seeds < 2:
@@ -405,12 +415,12 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
         say(f"no trial to retrain (every one failed): {', '.join(missing)}")
     seed_list = list(range(1, seeds + 1))  # the same seeds for every type: the same data order and views
     jobs = _seed_jobs(configs, seed_list)
-    with_teacher = [rc for _, _, _, rc in jobs if rc.teacher is not None]
+    with_teacher = [j.config for j in jobs if j.config.teacher is not None]
     refs, teacher_acc = _teacher(with_teacher[0], storage, uri, say) if with_teacher else ([], float("nan"))
     say(f"retraining {len(configs)} configurations, the best of each knowledge type ({', '.join(configs)}), with seeds "
         f"{seed_list}: {len(jobs)} runs")
-    outputs = _run_jobs([(run, rc) for _, _, run, rc in jobs], refs, storage)
-    rows = [{"knowledge": k, "seed": s, **o} for (k, s, _, _), o in zip(jobs, outputs)]
+    outputs = _run_jobs(jobs, refs, storage, JobLedger(c, parent, name), say, step_hook)
+    rows = [{"knowledge": j.label, "seed": j.seed, **o} for j, o in zip(jobs, outputs)]
     acc = {k: {r["seed"]: r["test_accuracy"] for r in rows if r["knowledge"] == k
                and math.isfinite(r["test_accuracy"])} for k in configs}
     table = []

@@ -2,6 +2,8 @@
 size and per-trial epochs honoured, configs that cannot work refused at check time (issue 10: 3-6, 8)."""
 from __future__ import annotations
 
+import math
+
 import os
 import subprocess
 import sys
@@ -247,9 +249,23 @@ def test_welch_and_the_bootstrap_interval_on_degenerate_and_ordinary_samples():
 
     a, b = [0.91, 0.93, 0.92, 0.95], [0.90, 0.90, 0.90, 0.90]  # one sample without variance
     assert welch(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    assert welch([0.9] * 3, [0.8] * 3) == 0.0  # two different constants: no doubt left
+    # Two different constants: no variance, so Welch's t is undefined; p = 0 ("significant") claimed a certainty
+    # that three seeds cannot give.
+    assert math.isnan(welch([0.9] * 3, [0.8] * 3))
     assert welch([0.9] * 3, [0.9] * 3) == 1.0  # the same constant: no difference at all
     lo, hi = bootstrap_ci([0.9] * 3, [0.8] * 3)
     assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)  # every resample has the same difference
     lo, hi = bootstrap_ci(a, b)
     assert lo < sum(a) / 4 - 0.9 < hi and lo > 0  # a's mean is above 0.90 in every resample
+    # Two seeds per group: resampling two values gives three distinct means, no interval worth the name.
+    assert all(math.isnan(v) for v in bootstrap_ci([0.91, 0.93], [0.90, 0.92]))
+
+
+def test_the_final_report_says_when_the_test_or_the_interval_is_undefined():
+    from kdray.final import FinalResult, format_table
+
+    res = FinalResult("s", [1, 2], [0.9, 0.9], [0.8, 0.8], 0.95, "kd", float("nan"), (float("nan"), float("nan")),
+                      baseline="b")
+    text = format_table(res) + "\n" + res.summary()
+    assert "significant" not in text.replace("not significant", "") and "Welch's t-test undefined" in text, text
+    assert "bootstrap interval needs at least 3 seeds per configuration" in text, text

@@ -200,3 +200,34 @@ def test_final_per_type_retrains_every_type_on_common_seeds_and_corrects_with_ho
     assert {"per_type.md", "final_runs.csv", "plots/per_type_test_accuracy.png"} <= arts
     for e in tested:
         assert final.data.metrics[f"{e['knowledge'].replace('+', '_')}.p_holm"] == pytest.approx(e["p_holm"])
+
+
+def test_final_records_each_run_as_it_ends_and_a_rerun_trains_only_the_failed_one(sweep):
+    """One retraining run raises: the others are in MLflow, the error names the run, and the same command again
+    trains that run alone (seeds 1-2 of every type are recorded by the tests above; seed 3 is new)."""
+    from fault_hooks import FailOneRunOfSeed
+    from kdray.final import FinalError, run_final_per_type
+    from kdray.final_jobs import KIND_SEED
+
+    tmp, _ = sweep
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    parent = find_sweep(c, "tiny-e2e")
+    said: list[str] = []
+    with pytest.raises(FinalError) as err:
+        run_final_per_type(uri, "tiny-e2e", 3, str(tmp / "runs"), say=said.append,
+                           step_hook=FailOneRunOfSeed(3, tmp / "failed-once"))
+    failed = [r for r in sweep_children(c, parent, kind=KIND_SEED) if r.info.status == "FAILED"]
+    assert len(failed) == 1, [r.data.tags.get("mlflow.runName") for r in failed]
+    label = failed[0].data.tags["kdray.final_label"]
+    assert failed[0].data.tags["kdray.seed"] == "3"
+    assert f"1 of 9 retraining runs failed ({label} seed 3: RuntimeError: simulated out of memory" in str(err.value)
+    finished = sum(r.info.status == "FINISHED" for r in sweep_children(c, parent, kind=KIND_SEED))
+    said.clear()
+    res = run_final_per_type(uri, "tiny-e2e", 3, str(tmp / "runs"), say=said.append)
+    assert "8 of 9 runs are already recorded from an earlier `kdray final`: retraining the other 1" in said
+    trained = [m for m in said if m.startswith("[")]
+    assert len(trained) == 1 and trained[0].startswith(f"[9/9] {label} seed 3: test accuracy"), trained
+    assert sorted((r["knowledge"], r["seed"]) for r in res.rows) == sorted(
+        (k, s) for k in ("none", "kd", "kd+fitnet") for s in (1, 2, 3))
+    assert sum(r.info.status == "FINISHED" for r in sweep_children(c, parent, kind=KIND_SEED)) == finished + 1

@@ -350,11 +350,16 @@ def cmd_final(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"sweep": res.sweep, "seeds": res.seeds, "champion": res.champion, "none": res.none,
                           "teacher_test_accuracy": res.teacher_test_accuracy, "gain": res.gain,
-                          "p_value": res.p_value, "ci": res.ci, "baseline": res.baseline,
-                          "run_id": res.run_id}, indent=2))
+                          # JSON has no NaN: an undefined test or interval is null
+                          "p_value": _finite(res.p_value), "ci": [_finite(v) for v in res.ci],
+                          "baseline": res.baseline, "run_id": res.run_id}, indent=2))
     else:
         print(format_table(res))
     return 0
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 # -- registration with the main parser -----------------------------------------------------------------------
@@ -408,7 +413,9 @@ def add_sweep_commands(sub, common: argparse.ArgumentParser) -> None:
                        description="Retrain the champion's configuration and the best `none` configuration with K "
                        "fresh seeds each, evaluate every run on the test split, and report mean ± std, the "
                        "teacher's accuracy and the gain with Welch's t-test and a bootstrap interval. Logged as "
-                       "an MLflow run under the sweep and attached to the registered champion.")
+                       "an MLflow run under the sweep and attached to the registered champion. Each (configuration, "
+                       "seed) is recorded in MLflow as it ends: if one fails, the others are kept, and running the "
+                       "same command again retrains only the runs not recorded yet.")
     s.add_argument("--seeds", type=int, default=5, help="seeds per configuration (default 5)")
     s.add_argument("--per-type", action="store_true",
                    help="retrain the best configuration of every knowledge type over the same seeds (common random "

@@ -16,6 +16,7 @@ import io
 import json
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,7 +334,10 @@ def log_search_plots(c, parent_id: str, req: SweepRequest, board: pd.DataFrame, 
                     plots["param_importances"] = ov.plot_param_importances
             for name, fn in plots.items():
                 try:
-                    fn(study).write_html(f"{d}/{name}.html", include_plotlyjs="cdn")
+                    with warnings.catch_warnings():  # "less than 2 trials" for each rare choice: noise here
+                        warnings.simplefilter("ignore", UserWarning)
+                        figure = fn(study)
+                    figure.write_html(f"{d}/{name}.html", include_plotlyjs="cdn")
                 except Exception as e:  # noqa: BLE001 - a plot is a bonus, never a failure
                     say(f"plot {name} skipped: {e}")
         if not board.empty:
