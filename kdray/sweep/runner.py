@@ -392,7 +392,8 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     from kdray.ray_setup import (DRIVER_RESOURCE, autoscaler_max_resources, has_driver_resource, init_ray,
                                   trials_that_fit)
     from kdray.sweep.fair import FairASHA
-    from kdray.sweep.searcher import ElasticLimiter, GridSearch, KdraySearch, make_sampler
+    from kdray.sweep.retention import CheckpointPruner, fault_callbacks
+    from kdray.sweep.searcher import ElasticLimiter, GridSearch, KdraySearch, StudyStorage, make_sampler
     from kdray.tracking.tracker import SweepTracker
     from kdray.train.runner import teacher_records
 
@@ -447,9 +448,8 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     t0 = time.time()
     state_dir = local_state_dir(req)
     state_dir.mkdir(parents=True, exist_ok=True)
-    remote_study = storage.join(experiment_dir, "optuna.db")
-    if req.resume and is_remote(req.storage) and not (state_dir / "optuna.db").exists() and storage.exists(remote_study):
-        (state_dir / "optuna.db").write_bytes(storage.read_bytes(remote_study))  # resumed on another machine
+    if req.resume and space.searcher.type != "grid":
+        restore_study(req, experiment_dir, state_dir, say)
     # Teachers live in the run storage: every node reads them, and a later sweep reuses them.
     records = teacher_records(base, req.storage, log=say, progress=not req.quiet, inline=execution == "inline",
                               tracking_uri=req.tracking_uri)
@@ -461,6 +461,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                              if records else (None, None))
     timings["cache_s"] = time.time() - t0
 
+    tracker = None
     try:  # from here on the per-epoch teacher-output cache holds actors and storage
         trainable = tune.with_parameters(run_trial, space=space, teacher_refs=refs, cache_ref=cache_ref,
                                          train_storage=storage.join(req.storage, f"{req.name}-train"),
@@ -472,7 +473,7 @@ def run_sweep(req: SweepRequest) -> SweepResult:
             trainable = tune.with_resources(trainable, {DRIVER_RESOURCE: 1})
 
         tracker = SweepTracker(req.tracking_uri, space.name, req.name, space, max_epochs=max_epochs,
-                               space_yaml=req.space_yaml, total=num_samples, quiet=req.quiet)
+                               space_yaml=req.space_yaml, total=num_samples, quiet=req.quiet).make_live()
         warm.join()
         t0 = time.time()
         parent_id = tracker.open()
@@ -480,13 +481,16 @@ def run_sweep(req: SweepRequest) -> SweepResult:
         c = client(req.tracking_uri)
 
         if req.resume:
+            if tracker.created_parent:  # resumed into a store that has never seen this sweep
+                tracker.replay_history()
             tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
+            use_live_tracker(tuner, tracker)
         else:
             if space.searcher.type == "grid":
                 search = GridSearch(space.grid_points(), space.metric, space.mode)
             else:
-                study_storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir / 'optuna.db'}")
+                study_storage = StudyStorage(f"sqlite:///{state_dir / 'optuna.db'}", req.name)
                 metric = space.objectives if space.multi_objective else space.metric
                 mode = space.modes if space.multi_objective else space.mode
                 level = optuna.logging.get_verbosity()
@@ -523,9 +527,12 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                                             # inline trials reuse their process: no torch import per trial
                                             reuse_actors=execution == "inline"),
                 run_config=tune.RunConfig(
-                    name=req.name, storage_path=req.storage, callbacks=[tracker], verbose=0,
+                    name=req.name, storage_path=req.storage, verbose=0,
+                    # The tracker first: Tune restores callback states by position.
+                    callbacks=[tracker, CheckpointPruner(base.train.keep_checkpoints), *fault_callbacks()],
                     failure_config=tune.FailureConfig(max_failures=base.resources.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    # Tune keeps every checkpoint; CheckpointPruner deletes one only behind saved sweep state.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                 ),
             )
         t0 = time.time()
@@ -538,6 +545,8 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     finally:  # the cache's actors and spill folder go with the sweep, however it ends
         if view_cache is not None:
             view_cache.stop()
+        if tracker is not None:
+            tracker.release()
     if not tracker.flush():  # the MLflow writer thread: every record of the trials in MLflow before it is read
         raise SweepError(f"MLflow at {req.tracking_uri} stayed unreachable: {tracker.unwritten()} could not be "
                          f"written. Tune's experiment state in {experiment_dir} holds every trial's result and "
@@ -612,6 +621,45 @@ def run_sweep(req: SweepRequest) -> SweepResult:
         c.log_metric(parent_id, f"time.{k}", v)
     c.log_metric(parent_id, "time.wall_s", wall)
     return SweepResult(req.name, parent_id, outcomes, champion, board, wall, interrupted, timings, budget)
+
+
+def restore_study(req: SweepRequest, experiment_dir: str, state_dir: Path, say) -> None:
+    """Where a resumed sweep's Optuna study is: the local copy if this machine has it, else the copy saved with
+    Tune's last state (``optuna-snapshot.db``), else the one uploaded at the end of a run (``optuna.db``). The
+    searcher Tune unpickles is pointed at it (``STUDY_URLS``), wherever the sweep was started."""
+    import optuna
+
+    from kdray.sweep.searcher import SNAPSHOT_FILE, STUDY_URLS
+
+    local = state_dir / "optuna.db"
+    if not local.exists():
+        for name in (SNAPSHOT_FILE, "optuna.db"):
+            remote = storage.join(experiment_dir, name)
+            if remote != str(local) and storage.exists(remote):
+                local.write_bytes(storage.read_bytes(remote))
+                say(f"Optuna study restored from {remote}")
+                break
+        else:
+            raise SweepError(f"sweep {req.name}'s Optuna study is neither in {local} nor saved in {experiment_dir} "
+                             f"({SNAPSHOT_FILE}): the searcher cannot be restored")
+    url = f"sqlite:///{local}"
+    try:
+        optuna.load_study(study_name=req.name, storage=url)
+    except Exception as e:  # noqa: BLE001 - a copy that is not this sweep's study
+        raise SweepError(f"{local} does not hold the Optuna study {req.name!r}: {e}") from None
+    STUDY_URLS[req.name] = url
+
+
+def use_live_tracker(tuner: Any, tracker: Any) -> None:
+    """The restored tuner's callbacks with this command's tracker in place of the pickled one. The tracker's own
+    ``__reduce__`` already does this for sweeps it started; a ``tuner.pkl`` written before that held a plain
+    copy (Ray's private ``_local_tuner``: a later Ray without it keeps the restored callbacks)."""
+    from kdray.tracking.tracker import SweepTracker
+
+    local = getattr(tuner, "_local_tuner", None)
+    run_config = local.get_run_config() if local is not None else None
+    if run_config is not None and run_config.callbacks:
+        run_config.callbacks = [tracker if isinstance(cb, SweepTracker) else cb for cb in run_config.callbacks]
 
 
 def _queue_fair_start(space: SearchSpace, num_samples: int, name: str, storage: Any, say) -> None:

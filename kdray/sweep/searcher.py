@@ -40,12 +40,68 @@ def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers
                                           n_startup_trials=n_startup_trials)
 
 
+SNAPSHOT_FILE = "optuna-snapshot.db"  # beside Tune's state: the study as of Tune's last state save
+# Where each sweep's study lives in *this* process, set by the driver before Tune restores a searcher: the
+# pickled searcher names the SQLite path of the machine that started the sweep.
+STUDY_URLS: dict[str, str] = {}
+
+
+class StudyStorage(optuna.storages.RDBStorage):
+    """The sweep's Optuna study in SQLite, reopened where this process keeps it when a searcher is unpickled
+    (``Tuner.restore`` on another machine or in another folder), not at the path it was created with."""
+
+    def __init__(self, url: str, study_name: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self.kdray_study = study_name
+
+    def __reduce__(self):
+        return _reopen_study, (self.kdray_study, self.url)
+
+
+def _reopen_study(study_name: str, url: str) -> StudyStorage:
+    return StudyStorage(STUDY_URLS.get(study_name, url), study_name)
+
+
+def snapshot_sqlite(url: str, dest: str) -> None:
+    """A consistent copy of a SQLite database (SQLite's online backup: safe while the study is written)."""
+    import contextlib
+    import os
+    import sqlite3
+
+    tmp = dest + ".tmp"
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as src, \
+            contextlib.closing(sqlite3.connect(tmp)) as out:
+        src.backup(out)
+    os.replace(tmp, dest)
+
+
 class KdraySearch(OptunaSearch):
-    """``OptunaSearch`` that reports early-stopped trials as PRUNED and NaN trials as FAIL."""
+    """``OptunaSearch`` that reports early-stopped trials as PRUNED and NaN trials as FAIL, and saves a copy of its
+    study with Tune's state."""
 
     def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_epochs = int(max_epochs)
+        self._snapshot_of: tuple[float, int] | None = None
+
+    def save(self, checkpoint_path: str) -> None:
+        """Tune calls this at every state save, into the folder it then uploads to the sweep's storage: a copy of
+        the study goes with it (``optuna-snapshot.db``), so a resume on another machine after a SIGKILL finds
+        the study as of that state. Copied only when the database has changed since the last copy."""
+        import os
+
+        url = getattr(self._storage, "url", "") if self._storage is not None else ""
+        if url.startswith("sqlite:///"):
+            db = url.removeprefix("sqlite:///")
+            try:
+                stamp = (os.stat(db).st_mtime, os.stat(db).st_size)
+            except OSError:
+                stamp = None
+            dest = os.path.join(os.path.dirname(checkpoint_path), SNAPSHOT_FILE)
+            if stamp is not None and (stamp != self._snapshot_of or not os.path.exists(dest)):
+                snapshot_sqlite(url, dest)
+                self._snapshot_of = stamp
+        super().save(checkpoint_path)  # pickled after the copy: the searcher never knows more than the copy
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._ot_trials or result.get("failed"):

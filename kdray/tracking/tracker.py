@@ -100,6 +100,7 @@ class SweepTracker(Callback):
         self.space = space
         self.max_epochs, self.space_yaml, self.total, self.quiet = max_epochs, space_yaml, total, quiet
         self.flush_timeout_s = FLUSH_TIMEOUT_S
+        self._replay_history = False
         self._init_state()
 
     def _init_state(self) -> None:
@@ -122,21 +123,49 @@ class SweepTracker(Callback):
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
         state = self.__dict__.copy()
-        for k in ("_client", "_w", "_created_parent"):  # no thread, queue or client in a pickle
+        for k in ("_client", "_w", "_created_parent", "_replay_history"):  # no thread, queue or client
             state.pop(k, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._client, self._created_parent = None, False
+        self._client, self._created_parent, self._replay_history = None, False, False
         self._attach()
+
+    def __reduce__(self):
+        """``Tuner.restore`` unpickles the callbacks of the run that started the sweep (``tuner.pkl``): a sweep
+        resumed with another ``--tracking-uri`` would write to the old store. Unpickled in a process whose
+        resuming command made its own tracker live (:meth:`make_live`), the pickle *is* that tracker."""
+        return _restore_tracker, (self.sweep, self.__getstate__())
+
+    def make_live(self) -> "SweepTracker":
+        """Make this the tracker that Tune calls for its sweep in this process, also through a restored pickle."""
+        _LIVE[self.sweep] = self
+        return self
+
+    def release(self) -> None:
+        if _LIVE.get(self.sweep) is self:
+            del _LIVE[self.sweep]
+
+    @property
+    def created_parent(self) -> bool:
+        """Did :meth:`open` create the sweep's parent run (a new store), rather than find it?"""
+        return self._created_parent
+
+    def replay_history(self) -> None:
+        """A resumed sweep in a store that has never seen it: write every trial's results so far (from Tune's own
+        ``result.json`` in each trial's folder on storage) before anything new, so the store gets every trial."""
+        self._replay_history = True
 
     # -- Tune's checkpoint of the callback: the records MLflow does not have yet ------------------------
     def get_state(self) -> dict | None:
-        return {"kdray_pending": self._w.snapshot()}
+        return {"kdray_pending": self._w.snapshot(), "kdray_uri": self.uri}
 
     def set_state(self, state: dict) -> None:
-        self._w.replay((state or {}).get("kdray_pending") or [])
+        state = state or {}
+        if state.get("kdray_uri", self.uri) != self.uri:  # queued for the old store: the history replay covers it
+            return
+        self._w.replay(state.get("kdray_pending") or [])
 
     # -- set-up ----------------------------------------------------------------------------------------
     @property
@@ -286,6 +315,27 @@ class SweepTracker(Callback):
             self._ended_generations.add(gtid)
             self._end(gtid, status, {TAG_STATUS: tag})
 
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._replay_history:
+            self._replay_history = False
+            self._replay(iteration, trials)
+
+    def _replay(self, iteration: int, trials: list) -> None:
+        """Every restored trial's reports, then its end if it has ended, as if this tracker had seen them."""
+        quiet, self.quiet = self.quiet, True  # the console saw these lines when they happened
+        try:
+            for trial in trials:
+                for result in trial_results(trial):
+                    self.on_trial_result(iteration, trials, trial, result)
+                if trial.status == "TERMINATED":
+                    self.on_trial_complete(iteration, trials, trial)
+                elif trial.status == "ERROR":
+                    self.on_trial_error(iteration, trials, trial)
+        finally:
+            self.quiet = quiet
+        self._say(f"{self.uri} had not seen sweep {self.sweep}: wrote the {len(trials)} trials run so far into it "
+                  "from Tune's results")
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._child(trial)
         self._say(f"trial {trial_number(trial)}/{self.total} started: {_describe(trial.config)}")
@@ -380,6 +430,30 @@ class SweepTracker(Callback):
         waiting = self._w.outage()
         self._say(f"{self._done}/{self.total} trials done, {running} running{best}"
                   + (f" (MLflow unreachable: {waiting} records buffered)" if waiting else ""))
+
+
+_LIVE: dict[str, SweepTracker] = {}  # by sweep name: the tracker of the command running in this process
+
+
+def _restore_tracker(sweep: str, state: dict[str, Any]) -> SweepTracker:
+    live = _LIVE.get(sweep)
+    if live is not None:
+        return live
+    tracker = SweepTracker.__new__(SweepTracker)
+    tracker.__setstate__(state)
+    return tracker
+
+
+def trial_results(trial: Any) -> list[dict[str, Any]]:
+    """Every result a trial reported, in order, from Tune's ``result.json`` in its folder on storage (local or
+    S3); its last result alone when the file cannot be read."""
+    fs, path = trial.storage.storage_filesystem, f"{trial.path}/result.json"
+    try:
+        with fs.open_input_stream(path) as f:
+            lines = f.readall().decode().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except (OSError, ValueError):
+        return [trial.last_result] if trial.last_result else []
 
 
 # -- the writer thread -------------------------------------------------------------------------------------
