@@ -10,39 +10,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.special import logsumexp
 
-from kdray.knowledge.feature import AT, NST, FitNet, Regressor
+from kdray.knowledge.feature import AT, NST, FitNet
 from kdray.knowledge.relational import RKD
 from kdray.knowledge.response import DKD
 
+from loss_references import conv_bn_relu_reference, dkd_reference, rkd_reference
+
 
 # -- DKD at T = 1 with confident students ------------------------------------------------------------
-def dkd_reference(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, alpha: float, beta: float,
-                  t: float) -> torch.Tensor:
-    """Zhao et al.'s DKD in float64, every probability that can be near 1 taken through its complement.
-
-    b = [p_y, 1 - p_y] with 1 - p_y the *sum* of the non-target probabilities (mdistiller's ``cat_mask``),
-    and log p_y = -log1p(Σ_{j≠y} exp(z_j - z_y)): exact where p_y rounds to 1 even in float64."""
-    z_s, z_t = z_s.double() / t, z_t.double() / t
-    mask = F.one_hot(y, z_s.shape[1]).bool()
-
-    def binary_logs(z):
-        zy = z[mask]
-        others = z[~mask].view(z.shape[0], -1)
-        rel = torch.logsumexp(others - zy[:, None], dim=1)  # log Σ_{j≠y} p_j / p_y
-        log_py = -torch.log1p(torch.exp(rel))
-        return log_py, rel + log_py  # log p_y, log (1 - p_y)
-
-    ls_y, ls_o = binary_logs(z_s)
-    lt_y, lt_o = binary_logs(z_t)
-    tckd = (lt_y.exp() * (lt_y - ls_y) + lt_o.exp() * (lt_o - ls_o)).mean()
-    q_s = z_s[~mask].view(z_s.shape[0], -1).log_softmax(1)
-    q_t = z_t[~mask].view(z_t.shape[0], -1).log_softmax(1)
-    nckd = (q_t.exp() * (q_t - q_s)).sum(1).mean()
-    return (alpha * tckd + beta * nckd) * t * t
-
-
 def confident(margin: float, b: int = 6, c: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits whose true class leads every other by ``margin`` (the others N(0, 1)), and the labels."""
     g = torch.Generator().manual_seed(seed)
@@ -89,30 +65,6 @@ def test_dkd_target_class_gradient_survives_when_the_student_is_confident():
 
 
 # -- RKD with duplicate and near-duplicate samples -------------------------------------------------------
-def unit_or_zero(d: torch.Tensor) -> torch.Tensor:
-    """d / |d| along the last dim, 0 (with gradient 0) where d = 0: a zero difference has angle 0, as the
-    authors' ``F.normalize`` gives it (their gradient there is 1/eps; kdray's is 0, see RKD's docstring)."""
-    n = d.norm(dim=-1, keepdim=True)
-    return torch.where(n > 0, d / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(d))
-
-
-def rkd_reference(e_s: torch.Tensor, e_t: torch.Tensor, w_d: float, w_a: float) -> torch.Tensor:
-    """Park et al.'s RKD in float64 from explicit differences (the authors' ``RKdAngle`` / ``RkdDistance``,
-    github.com/lenscloth/RKD ``metric/loss.py``): distances over their off-diagonal mean, angles of the
-    normalised differences at every vertex, both through smooth L1 averaged over all entries."""
-    def dist(e):
-        d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(0).sqrt()
-        b = e.shape[0]
-        return d / (d.sum() / (b * (b - 1)))
-
-    def angle(e):
-        u = unit_or_zero(e.unsqueeze(0) - e.unsqueeze(1))  # u[j, i] = (e_i - e_j) / |e_i - e_j|
-        return torch.bmm(u, u.transpose(1, 2))
-
-    e_s, e_t = e_s.double(), e_t.double()
-    return (w_d * F.smooth_l1_loss(dist(e_s), dist(e_t)) + w_a * F.smooth_l1_loss(angle(e_s), angle(e_t)))
-
-
 def batch_with_twins(kind: str, seed: int, b: int = 8, d: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     e = torch.randn(b, d, generator=g) + 2.0  # off the origin: the Gram route cancels most there
@@ -213,23 +165,6 @@ def test_nst_pools_the_feature_map_as_at_does():
 
 
 # -- FitNets: RepDistiller's regressor -------------------------------------------------------------------
-def conv_bn_relu_reference(reg: Regressor, f_s: torch.Tensor) -> torch.Tensor:
-    """RepDistiller's ``ConvReg`` (``models/util.py``) in float64 with the regressor's weights: the convolution
-    its size rule picks, BatchNorm with the batch's statistics (training mode, biased variance, eps 1e-5), ReLU."""
-    conv, bn = reg.proj[0], reg.proj[1]
-    x = f_s.double()
-    w, b = conv.weight.detach().double(), conv.bias.detach().double()
-    if isinstance(conv, torch.nn.ConvTranspose2d):
-        y = F.conv_transpose2d(x, w, b, stride=conv.stride, padding=conv.padding)
-    else:
-        y = F.conv2d(x, w, b, stride=conv.stride, padding=conv.padding)
-    mean = y.mean(dim=(0, 2, 3), keepdim=True)
-    var = y.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-    y = (y - mean) / torch.sqrt(var + bn.eps)
-    y = y * bn.weight.detach().double().view(1, -1, 1, 1) + bn.bias.detach().double().view(1, -1, 1, 1)
-    return y.clamp_min(0)
-
-
 @pytest.mark.parametrize("s_shape,t_shape,conv", [
     ((8, 8, 8), (16, 8, 8), "conv 1x1"),             # equal sizes
     ((8, 16, 16), (16, 8, 8), "conv 3x3 stride 2"),  # s_H = 2 t_H

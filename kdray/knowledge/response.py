@@ -217,6 +217,13 @@ class DIST(Knowledge):
 
     ``standardize=True`` z-scores both logit vectors before the temperature (:func:`standardize_logits`,
     Sun et al., CVPR 2024; their paper does not evaluate DIST, this is the same pre-process).
+
+    Precision: standardisation, softmax and correlations are computed in float64 (B x C only) and the loss
+    returned in float32, where the reference computes in float32. A correlation is scale-invariant, so a
+    column whose entries are all within ~1e-7 of one another (every sample of a small batch confident in
+    one class: probabilities near 1, which float32 resolves only to 2^-24) gets an arbitrary float32
+    correlation: at B = 2, C = 5, T = 4 and a true-class margin of 50 the loss was 1.3 % off float64
+    (17 % with ``standardize`` at C = 2, where every z-scored row is ±1/√2 up to rounding).
     """
 
     class Params(KnowledgeParams):
@@ -236,12 +243,13 @@ class DIST(Knowledge):
         self.standardize = bool(standardize)
 
     def forward(self, z_s: Tensor, z_t: Tensor) -> Tensor:
-        t = self.temperature
-        z_s, z_t = float_logits(z_s, z_t, self.standardize)
+        t, dtype = self.temperature, as_float(z_s).dtype
+        # float64 inside (see the docstring): probabilities near 1 decide the correlation of a column
+        z_s, z_t = float_logits(as_float(z_s).double(), as_float(z_t).double(), self.standardize)
         p_s, p_t = (z_s / t).softmax(dim=1), (z_t / t).softmax(dim=1)
         inter = 1 - _pearson_rows(p_s, p_t).mean()
         intra = 1 - _pearson_rows(p_s.t(), p_t.t()).mean()
-        return (t * t) * (self.beta * inter + self.gamma * intra)
+        return ((t * t) * (self.beta * inter + self.gamma * intra)).to(dtype)
 
     def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
         return self(student.logits, teacher.logits)
