@@ -46,6 +46,7 @@ def _print_err(msg: str) -> None:
 # -- list / layers ---------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from kdray import DATASETS, KNOWLEDGE, MODELS, plugins
+    from kdray.config import SchemeConfig
 
     if args.json:
         print(json.dumps({
@@ -57,6 +58,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "model_sources": {f"{p}/": d for p, d in MODELS.sources()},
             "datasets": {n: {"offline": s.offline, "description": s.description, "from": DATASETS.origin(n)}
                          for n, s in DATASETS.items()},
+            "schemes": SchemeConfig.catalogue(),
             "plugins": plugins.imported(),
         }, indent=2))
         return 0
@@ -72,6 +74,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         params = ", ".join(p for p in c.Params.model_fields if p != "weight")
         print(f"  {n:<8} {c.family:<10} {papers[n]:<{width}}  {c.summary}  "
               f"[weight{', ' + params if params else ''}]{origin(KNOWLEDGE, n)}")
+    print("\nschemes (who teaches whom: `scheme: {type: ...}` in a run config, or a sweep choice `dml` / "
+          "`born_again+kd`):")
+    for n, info in SchemeConfig.catalogue().items():
+        print(f"  {n:<10} {info['paper']:<{width}}  {info['summary']}  [{', '.join(info['params'])}]")
     print("\nmodels (built into kdray unless marked [plugin MODULE]):")
     for n, s in MODELS.items():
         print(f"  {n:<20} {s.family:<12} {s.description}{origin(MODELS, n)}")

@@ -432,6 +432,21 @@ class SchemeConfig(Strict):
     mutual_weight: float = Field(1.0, ge=0, description="dml: weight of the KL to the other peers (1 in the paper)")
     temperature: float = Field(1.0, gt=0, description="dml: softmax temperature of the mutual KL (1 in the paper)")
 
+    @classmethod
+    def catalogue(cls) -> dict[str, dict[str, Any]]:
+        """The schemes besides ``distill``, with their papers and parameters (``kdray list``): each parameter is
+        the field whose description starts with the scheme's name."""
+        papers = {"dml": ("Zhang et al. 2018", "deep mutual learning: the student and its peers learn together "
+                                               "from scratch, each on labels + KL to the others; no teacher"),
+                  "born_again": ("Furlanello et al. 2018", "born-again networks: generation k+1 of the same "
+                                                            "student is taught by generation k")}
+        out = {}
+        for name, (paper, summary) in papers.items():
+            params = {f: info.description.split(":", 1)[1].strip() for f, info in cls.model_fields.items()
+                      if (info.description or "").startswith(f"{name}:")}
+            out[name] = {"paper": paper, "summary": summary, "params": params}
+        return out
+
     @model_validator(mode="after")
     def _fields_of_its_type(self) -> "SchemeConfig":
         if self.type != "born_again" and self.generations != 1:

@@ -42,6 +42,10 @@ def test_list_shows_every_registry():
         assert name in out
     data = json.loads(kdray("list", "--json").stdout)
     assert "temperature" in data["knowledge"]["kd"]["params"]
+    # the schemes too, with their papers and parameters (read from the scheme config's fields)
+    assert "Zhang et al. 2018" in out and "Furlanello et al. 2018" in out
+    assert set(data["schemes"]["dml"]["params"]) == {"peers", "mutual_weight", "temperature"}
+    assert set(data["schemes"]["born_again"]["params"]) == {"generations"}
 
 
 def test_layers_prints_tappable_layers_with_shapes():

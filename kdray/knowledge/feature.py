@@ -356,6 +356,10 @@ class AttentionDistill(Knowledge):
     * Different head counts (the paper's students keep 12 heads): the head-averaged maps are compared.
 
     Sequence lengths must match (same tokens for both models).
+
+    Reference: github.com/huawei-noah/Pretrained-Language-Model ``TinyBERT/task_distill.py`` (the attention
+    term of its intermediate-layer distillation: MSE of the mapped layers' attention scores, padding set to 0).
+    Deliberate differences: the three listed above.
     """
 
     class Params(LayerPairsParams):
@@ -479,6 +483,9 @@ class NST(_LayerPairs):
     one neuron over D positions. Because each channel is normalised, the loss is invariant to a positive
     rescaling of any channel. Default layers: the models' stage outputs, paired as ``at`` pairs them
     (RepDistiller: ``feat[1:-1]``, summed). The CRD benchmark's weight for NST is 50.
+
+    Deliberate differences from the reference: none in the value; the kernel means are batched matrix
+    products instead of its (B, C, C, N) broadcast, and a vector tap is read as one neuron.
     """
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
@@ -534,6 +541,10 @@ class FSP(_LayerPairs):
     kdray checks this in ``bind`` (so ``kdray check`` / the dry run reports it before training) and refuses
     with an error naming the layers; there is no learned connector. The paper trains this stage alone
     before the main task (RepDistiller too: weight 0 afterwards); here it is one term of the joint objective.
+
+    Deliberate differences from the reference: a single layer is paired with itself (RepDistiller needs two),
+    unequal channels are refused in ``bind`` naming the layers (RepDistiller raises at construction), and the
+    term is part of the joint objective rather than a separate first stage.
     """
 
     def layer_pairs(self) -> list[tuple[int, int]]:
@@ -615,6 +626,10 @@ class AB(_LayerPairs):
     ``student_layers``. The paper (and RepDistiller) trains this loss alone as an initialisation stage and
     then drops it (weight 0); here it is one term of the joint objective. Default layers: the stage outputs,
     paired as ``at`` pairs them (RepDistiller: ``feat[1:-1]``).
+
+    Deliberate differences from the reference, both explained above: the connector is used where shapes match
+    too (RepDistiller: the identity), and post-ReLU taps stand in for the teacher's pre-activations (only their
+    sign is read).
     """
 
     class Params(LayerPairsParams):
@@ -713,6 +728,8 @@ class VID(_LayerPairs):
     spatial size are average-pooled to the smaller size first (teacher or student, as RepDistiller).
     One connector per layer pair is created in ``bind`` and trained with the student. The loss can be
     negative (a log-likelihood). The CRD benchmark's weight for VID is 1.
+
+    Deliberate differences from the reference: none in the value; a vector tap is a map of one position.
     """
 
     class Params(LayerPairsParams):
@@ -863,6 +880,10 @@ class OFD(_LayerPairs):
     outputs ``block2.0.bn1``, ``block3.0.bn1``, ``bn1`` (its ``get_bn_before_relu``; name these, since the
     BN found inside ``blockN`` would be the wrong one). The student taps need no ReLU-care: the connector
     (conv + BN) gives a signed response.
+
+    Deliberate differences from the reference, described above: post-ReLU taps where a model has no pre-ReLU
+    module output (the margin then acts as 0), and a margin estimated from the teacher batch when the loss is
+    used on tensors alone.
     """
 
     def __init__(self, teacher_layers: list[str], student_layers: list[str]) -> None:
@@ -1065,6 +1086,9 @@ class ReviewKD(_LayerPairs):
     weight 0; before ``set_epoch`` is called the ramp is 0). Weight: 1 (mdistiller ``cfg.py``, the reference's
     ``--kd-loss-weight`` default); both use 5 for resnet32x4 -> resnet8x4 (mdistiller
     ``configs/cifar100/reviewkd.yaml``, ReviewKD ``script/reviewKD.sh``).
+
+    Deliberate differences from the reference, described above: both models' taps are post-ReLU, and the
+    warm-up counts epochs from 1 (mdistiller's trainer) rather than 0.
     """
 
     class Params(LayerPairsParams):

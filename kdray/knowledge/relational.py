@@ -194,6 +194,9 @@ class SP(Knowledge):
 
     summed over layer pairs. Only B x B matrices are compared, so teacher and student layers may
     have any shapes. RepDistiller's default weight is 3000.
+
+    Reference: RepDistiller ``distiller_zoo/SP.py`` (``Similarity``, "verified by original author"), which this
+    matches. Deliberate differences: none; layer pairs are summed as RepDistiller sums its list of terms.
     """
 
     class Params(LayerPairsParams):
@@ -283,6 +286,10 @@ class MiniLM(Knowledge):
     heads). :math:`L_{AT}` needs equal head counts; otherwise the head-averaged attention
     distributions are compared. Attention maps are probabilities taken before attention dropout;
     student probabilities that underflow to 0 are clamped to the smallest float32 before the log.
+
+    Reference: no public implementation of the loss (github.com/microsoft/unilm ``minilm/README.md`` publishes
+    the distilled models only); this follows the paper's Eqs. 4-6. Deliberate differences: the relation heads of MiniLMv2 for
+    unequal hidden sizes, and the padding rules above.
     """
 
     class Params(KnowledgeParams):
@@ -450,6 +457,9 @@ class CC(Knowledge):
     teacher's width, created from the shapes of the dry forward pass (``bind``); ``connector: false``
     compares the raw embeddings (the kernel only needs B x B matrices, so widths may still differ).
     Spatial taps are average-pooled to vectors.
+
+    Deliberate differences from the reference: the learned linear connector to the teacher's width (the
+    reference's student and teacher embeddings share a width), switched off by ``connector: false``.
     """
 
     class Params(KnowledgeParams):
@@ -709,6 +719,10 @@ class CRD(Knowledge):
     The loss needs the batch's sample indices (``uses_index``): the loop's ``idx``, positions in the training
     split, the same on every rank. Under DDP the banks are kept identical on every rank (see
     :class:`ContrastMemory`); they and Z are checkpointed with the objective's ``state_dict``.
+
+    Deliberate differences from the reference, both described above: negatives are drawn with replacement on
+    the device (RepDistiller: without replacement, on the CPU), and the banks are kept identical across DDP
+    ranks (RepDistiller runs on one GPU).
     """
 
     uses_index = True

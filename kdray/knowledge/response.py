@@ -63,6 +63,11 @@ class KD(Knowledge):
     (``mdistiller/distillers/KD.py`` line 18) and runs it with a *base* temperature of 2 and a KD weight
     of 9 (``tools/train.py`` lines 102-121, README); here the temperature default stays 4, so set
     ``temperature: 2`` (and ``weight: 9``) to reproduce their setting.
+
+    Reference: RepDistiller ``distiller_zoo/KD.py`` (``DistillKL``) and mdistiller ``mdistiller/distillers/KD.py``
+    (Hinton et al. published no code), which this matches: the summed KL per sample, averaged over the batch,
+    times :math:`T^2`. Deliberate differences: none (the teacher's side enters as log-probabilities,
+    ``log_target=True``: the same KL, without the log of a rounded probability).
     """
 
     class Params(KnowledgeParams):
@@ -224,6 +229,9 @@ class DIST(Knowledge):
     one class: probabilities near 1, which float32 resolves only to 2^-24) gets an arbitrary float32
     correlation: at B = 2, C = 5, T = 4 and a true-class margin of 50 the loss was 1.3 % off float64
     (17 % with ``standardize`` at C = 2, where every z-scored row is ±1/√2 up to rounding).
+
+    Deliberate differences from the reference: the defaults fold its CIFAR ``kd_loss_weight: 2`` into
+    :math:`\beta, \gamma` (above), and the computation runs in float64 (below).
     """
 
     class Params(KnowledgeParams):
@@ -317,6 +325,10 @@ class CTKD(Knowledge):
     :math:`\lambda_{min} = 0`, :math:`\lambda_{max} = 1`, :math:`E = 10` epochs. Their CIFAR script weighs
     CE by 0.1 and this term by 0.9 (``-r 0.1 -a 0.9``). With :math:`\lambda = 0` (epoch 0) or a frozen
     parameter this is :func:`KD` at the current temperature. The current value is :attr:`temperature`.
+
+    Deliberate differences from the reference: :math:`\lambda` is the strength of the reversal (the reference
+    passes its negative to the GRL: the same gradients), and the temperature is a parameter of this module,
+    optimised with the student by the run's optimizer (the reference adds it to its trainable list: the same).
     """
 
     class Params(KnowledgeParams):
@@ -461,6 +473,9 @@ class MLKD(Knowledge):
     use temperature 1 in place of 4 and weights 0.5 / 0.5 (``configs/imagenet/r34_r18/kd_ours.yaml``):
     ``temperatures: [1, 2, 3, 5, 6]``. There is no warm-up (``forward_train`` ignores the epoch).
     The teacher's logits are detached.
+
+    Deliberate differences from the reference: none in the value; the masks act through the fraction they
+    keep, exactly as the reference's scalar-then-mask order makes them act (described above).
     """
 
     class Params(KnowledgeParams):
