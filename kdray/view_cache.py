@@ -370,9 +370,9 @@ class ViewProducer:
     """A Ray actor computing the teacher's outputs block by block for the store's demanded epochs."""
 
     def __init__(self, store: Any, records: list, dataset: dict[str, Any], seed: int, codec: Codec,
-                 use_gpu: bool = False, threads: int = 1, batch_size: int = 256) -> None:
+                 use_gpu: bool = False, threads: int = 1, batch_size: int = 256, key: str | None = None) -> None:
         self.store, self.records, self.dataset, self.seed, self.codec = store, records, dataset, seed, codec
-        self.use_gpu, self.threads, self.batch_size = use_gpu, threads, batch_size
+        self.use_gpu, self.threads, self.batch_size, self.key = use_gpu, threads, batch_size, key
 
     def run(self, poll_s: float = 0.05) -> None:
         """Work until killed: take a block, compute its missing rows, publish them."""
@@ -388,7 +388,13 @@ class ViewProducer:
         torch.set_num_threads(max(1, self.threads))
         device = torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
         data = load_dataset(DatasetConfig.model_validate(self.dataset))
-        teacher = Teacher.from_records([resolve_ref(r) for r in self.records]).to(device)
+        records = [resolve_ref(r) for r in self.records]
+        mine = view_cache_key(records, data, self.seed)
+        if self.key is not None and mine != self.key:  # its node's copy of the data differs from the driver's
+            raise RuntimeError(f"the producer's teacher or data on node {ray.get_runtime_context().get_node_id()} "
+                               f"give cache key {mine}, not the sweep's {self.key}: it publishes nothing, and "
+                               "trials compute their teacher outputs themselves")
+        teacher = Teacher.from_records(records).to(device)
         teacher.tap(self.codec.layers)
         while True:
             job = ray.get(self.store.next_job.remote())
@@ -417,12 +423,19 @@ class _EpochTable:
     have: set[int] = field(default_factory=set)
 
 
+def _store_gone_errors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rx
+
+    return (rx.RayActorError, rx.ObjectLostError)
+
+
+STORE_GONE = _store_gone_errors()  # the store actor died, or a block it owned went with it
+
+
 class ViewCacheOutputs:
     """A trial's teacher outputs from the store, by (epoch, sample index). Rows not there yet are computed live
     (on this batch's own view) unless another process has taken them on, used in their stored form and
     published at once; rows another process is computing are waited for, so no row is computed twice."""
-
-    source = "view_cache"
 
     def __init__(self, handle: ViewCacheHandle, teacher: Any, device: torch.device, refresh_every: int = 8) -> None:
         self.store, self.codec, self.block = handle.store, handle.codec, handle.block
@@ -434,14 +447,30 @@ class ViewCacheOutputs:
         self.epoch = 0
         self.steps = 0
         self.rows_read = self.rows_live = 0
+        self.lost = False  # the store is gone (its node died): the teacher runs live from then on
+
+    @property
+    def source(self) -> str:  # type: ignore[override]
+        return "live" if self.lost else "view_cache"
+
+    def _store_lost(self, e: BaseException) -> None:
+        """The store (and every block it owned) died with its node or was killed: run the teacher live, say why."""
+        self.lost = True
+        self.reason = (f"the sweep's teacher-output store is gone ({type(e).__name__}) since epoch {self.epoch}: "
+                       "the teacher runs live")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.steps = int(epoch), 0
+        self.rows_read = self.rows_live = 0
+        if self.lost:
+            return
         self.table.ready[:] = False
         self.table.have.clear()
-        self.rows_read = self.rows_live = 0
-        self.store.reach.remote(self.epoch)  # before ready(): calls from one process run in order
-        self._refresh()
+        try:
+            self.store.reach.remote(self.epoch)  # before ready(): calls from one process run in order
+            self._refresh()
+        except STORE_GONE as e:
+            self._store_lost(e)
 
     def _refresh(self) -> None:
         import ray
@@ -490,12 +519,19 @@ class ViewCacheOutputs:
 
     def __call__(self, idx: Tensor, x: Tensor) -> TapOutputs:
         self.steps += 1
+        if self.lost:
+            self.rows_live += len(idx)
+            return self.teacher(x)
         ready = self.table.ready
-        if self.steps % self.refresh_every == 0 and not ready.all():
-            self._refresh()
         i = idx.cpu().numpy()
-        miss = ~ready[i]
-        live = self._fill(i, np.flatnonzero(miss), x) if miss.any() else 0
+        try:
+            if self.steps % self.refresh_every == 0 and not ready.all():
+                self._refresh()
+            miss = ~ready[i]
+            live = self._fill(i, np.flatnonzero(miss), x) if miss.any() else 0
+        except STORE_GONE as e:
+            self._store_lost(e)
+            return self(idx, x)
         self.rows_live += live
         self.rows_read += len(i) - live
         rows_t = {k: torch.from_numpy(a[i]).to(self.device, non_blocking=True) for k, a in self.table.arrays.items()}
@@ -515,6 +551,39 @@ class ViewCache:
     actors: list
     spill_dir: str | None
     producer_run: Any = None
+    producer_gpus: float = 0.0  # what the producer holds, for the sweep's concurrency plan
+    _stopped: bool = False
+    _lock: Any = field(default_factory=lambda: __import__("threading").Lock())
+
+    def start_producer(self, make: Any, poll_s: float = 2.0) -> None:
+        """Start the producer (``make(node_id)`` creates the actor) on a node with CPUs: now if one is there,
+        else from a background thread as soon as one joins (a cluster's 0-CPU head runs no producer)."""
+        import threading
+
+        import ray
+
+        def start(node: str) -> None:
+            with self._lock:
+                if self._stopped:
+                    return
+                producer = make(node)
+                self.actors.append(producer)
+                self.producer_run = producer.run.remote()
+
+        node = producer_node(ray.nodes(), self.producer_gpus)
+        if node is not None:
+            start(node)
+            return
+
+        def wait_for_a_node() -> None:
+            while not self._stopped:
+                node = producer_node(ray.nodes(), self.producer_gpus)
+                if node is not None:
+                    start(node)
+                    return
+                time.sleep(poll_s)
+
+        threading.Thread(target=wait_for_a_node, daemon=True, name="kdray-view-producer-start").start()
 
     def summary(self) -> dict[str, Any]:
         import ray
@@ -541,8 +610,13 @@ class ViewCache:
 
         from kdray.storage import remove_tree
 
+        with self._lock:
+            self._stopped = True
         for a in self.actors:
-            ray.kill(a)
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
         if self.spill_dir:
             remove_tree(self.spill_dir)
 
@@ -580,16 +654,35 @@ def plan_codec(records: list[dict[str, Any]], data: Any, layers: list[str], cach
     return codec, f"{what}; {b} bytes per sample, {n * b / 2**20:.2f} MiB per epoch"
 
 
+def producer_node(nodes: list[dict[str, Any]], gpus: float) -> str | None:
+    """The node a producer runs on: one that offers CPUs (and a GPU when it needs one), never a 0-CPU head, whose
+    cores it would not have (it computes); None while no such node has joined."""
+    for n in nodes:
+        res = n.get("Resources", {})
+        if n.get("Alive") and res.get("CPU", 0) > 0 and res.get("GPU", 0) >= gpus:
+            return n["NodeID"]
+    return None
+
+
 def start_view_cache(records: list[dict[str, Any]], refs: list, data: Any, dataset: dict[str, Any], seed: int,
                      layers: list[str], cache_cfg: Any, max_epochs: int, spill_dir: str | None,
                      trials_use_gpu: bool, trial_gpus: float = 0.0) -> ViewCache:
-    """Start the store and (unless ``cache.producer`` is off) the producer for a sweep over augmented data."""
+    """Start the store and (unless ``cache.producer`` is off) the producer for a sweep over augmented data.
+
+    The store lives on the driver's node (hard affinity): it owns every block, and only the driver's node lives
+    as long as the sweep; should it die anyway, trials run their teacher live (``ViewCacheOutputs``). The producer
+    runs on a node with CPUs (with a GPU when ``producer_gpus``); on a cluster whose workers have not joined yet
+    it starts when the first one does."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     codec, note = plan_codec(records, data, layers, cache_cfg, max_epochs)
-    store = ray.remote(ViewStore).options(num_cpus=0).remote(
+    here = ray.get_runtime_context().get_node_id()
+    store = ray.remote(ViewStore).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote(
         len(data.train), codec, cache_cfg.max_bytes, spill_dir, cache_cfg.prefetch_epochs, max_epochs)
-    handle = ViewCacheHandle(store, codec, len(data.train), view_cache_key(records, data, seed), seed, note=note)
+    key = view_cache_key(records, data, seed)
+    handle = ViewCacheHandle(store, codec, len(data.train), key, seed, note=note)
     cache = ViewCache(handle, [store], spill_dir)
     gpus = cache_cfg.producer_gpus
     if gpus is None:  # a GPU of its own only where one trial still fits beside it (no sweep can wait on it)
@@ -598,17 +691,10 @@ def start_view_cache(records: list[dict[str, Any]], refs: list, data: Any, datas
         handle.note = note + ("; no producer: trials on GPUs would wait for a CPU one, so they share what they "
                               "compute (cache.producer_gpus gives it a GPU)")
     elif cache_cfg.producer:
-        opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": gpus}
-        if not gpus:  # on CPUs: a node that runs work (a cluster's head may offer none), sharing its cores
-            nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-            if nodes:
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-                opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[0]["NodeID"], soft=True)
-        producer = ray.remote(ViewProducer).options(**opts).remote(store, refs, dataset, seed, codec,
-                                                                   use_gpu=gpus > 0)
-        cache.actors.append(producer)
-        cache.producer_run = producer.run.remote()
+        cache.producer_gpus = float(gpus)
+        cache.start_producer(lambda node: ray.remote(ViewProducer).options(
+            num_cpus=0, num_gpus=gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            store, refs, dataset, seed, codec, use_gpu=gpus > 0, key=key))
         handle.note = note + (f"; producer on {gpus:g} GPU" if gpus else "; producer on CPU")
     else:
         handle.note = note + "; no producer: trials share what they compute"

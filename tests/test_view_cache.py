@@ -6,6 +6,8 @@ import math
 import time
 
 import numpy as np
+import yaml
+from mlflow import MlflowClient
 import pytest
 import torch
 
@@ -367,3 +369,96 @@ def test_a_store_without_a_spill_folder_drops_old_blocks_and_stays_within_its_bu
     assert sorted(ray.get(store.ready.remote(1, []))) == [2, 3]  # the two most recent blocks are kept
     assert ray.get(store.claim.remote(1, np.arange(8))).all()  # dropped rows: free to compute again
     ray.kill(store)
+
+
+def test_the_producer_refuses_data_or_a_teacher_that_do_not_match_the_sweeps_key(ray_cluster, image_teacher):
+    """A node whose copy of the data (or teacher) differs from the driver's would publish wrong rows under the
+    sweep's key: the producer checks its own key first and publishes nothing."""
+    import ray
+
+    from kdray.view_cache import ViewProducer
+
+    codec = Codec(3, 3, (), "float32")
+    store = ray.remote(ViewStore).remote(10, codec, 2**20, None, 0, 1)
+    producer = ray.remote(ViewProducer).remote(store, [image_teacher], {"name": "test_images"}, 0, codec,
+                                               key="the-drivers-key")
+    with pytest.raises(Exception, match="not the sweep's the-drivers-key"):
+        ray.get(producer.run.remote(), timeout=120)
+    assert ray.get(store.summary.remote())["rows_by_producer"] == 0
+    ray.kill(store)
+
+
+def test_the_producer_goes_to_a_node_with_cpus_never_to_a_0_cpu_head():
+    from kdray.view_cache import producer_node
+
+    head = {"NodeID": "head", "Alive": True, "Resources": {"kdray_driver": 64.0}}
+    cpu = {"NodeID": "cpu", "Alive": True, "Resources": {"CPU": 8.0}}
+    gpu = {"NodeID": "gpu", "Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}
+    assert producer_node([head], 0.0) is None  # waits for a worker to join
+    assert producer_node([head, {**cpu, "Alive": False}], 0.0) is None
+    assert producer_node([head, cpu, gpu], 0.0) == "cpu"
+    assert producer_node([head, cpu, gpu], 1.0) == "gpu"
+
+
+@pytest.mark.slow
+def test_a_sweep_survives_losing_its_teacher_output_store_and_the_trials_after_run_live(ray_cluster, tmp_path):
+    """The store owns every block; when it dies (its node lost, here its process killed mid-sweep), the trial
+    running then and every later one (including Tune's retries, whose handle is the dead one) run the teacher
+    live, say so, and the sweep completes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    from kdray.sweep.runner import run_sweep
+    from kdray.tracking.store import TAG_STATUS, sweep_children
+    from sweep_helpers import request
+
+    space = {
+        "name": "lost-store", "seed": 0, "max_concurrent": 1,
+        "base": {"dataset": {"name": "test_images"},
+                 "teacher": {"train": {"model": {"name": "small_cnn", "options": {"widths": [8, 16]}},
+                                       "train": {"epochs": 1, "batch_size": 64}}},
+                 "student": {"name": "small_cnn", "options": {"widths": [8, 16], "dropout": 0.1}},
+                 "train": {"epochs": 4, "batch_size": 16, "lr": 0.003},
+                 "resources": {"num_workers": 1, "cpus_per_worker": 1}},
+        # In order: none, then kd at two temperatures (one trial at a time).
+        "scheduler": {"type": "fifo"}, "searcher": {"type": "grid", "grid_points": 2},
+        "space": {"knowledge": {"kd": {"kd.temperature": {"type": "float", "low": 2.0, "high": 8.0}}}},
+    }
+    path = tmp_path / "lost.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    box: dict = {}
+    sweep = threading.Thread(target=lambda: box.update(result=run_sweep(request(tmp_path, path, "lost-store"))))
+    sweep.start()
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    killed = None
+    deadline = time.time() + 240
+    while sweep.is_alive() and killed is None and time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            parent = c.search_runs([e.experiment_id for e in c.search_experiments()],
+                                   filter_string="tags.`kdray.kind` = 'sweep'")
+            runs = sweep_children(c, parent[0], kind="trial") if parent else []
+        except Exception:  # noqa: BLE001 - the store is being created or written
+            continue
+        if any(c.get_metric_history(r.info.run_id, "val_accuracy") for r in runs
+               if r.data.tags["kdray.knowledge"] == "kd"):  # the first kd trial is under way
+            stores = list_actors(filters=[("class_name", "=", "ViewStore"), ("state", "=", "ALIVE")])
+            if stores:
+                os.kill(stores[0].pid, signal.SIGKILL)
+                killed = time.time()
+    sweep.join(timeout=300)
+    assert killed is not None, "the store was never killed"
+    result = box["result"]
+    assert not result.interrupted and result.champion is not None
+    runs = sorted(sweep_children(c, c.get_run(result.parent_run_id), kind="trial"),
+                  key=lambda r: int(r.data.tags["kdray.trial_number"]))
+    assert [(r.data.tags["kdray.knowledge"], r.data.tags[TAG_STATUS]) for r in runs] == [
+        ("none", "completed"), ("kd", "completed"), ("kd", "completed")]
+    assert runs[1].data.tags["kdray.teacher_source"] in ("view_cache", "live")  # running when the store died
+    for later in runs[2:]:  # started after the store died
+        assert later.data.tags["kdray.teacher_source"] == "live", later.data.tags
+        assert "teacher-output store is gone" in later.data.tags["kdray.teacher_reason"]

@@ -460,6 +460,10 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                                            storage.join(req.storage, f"{req.name}-teacher-outputs"))
                              if records else (None, None))
     timings["cache_s"] = time.time() - t0
+    if view_cache is not None and view_cache.producer_gpus and most is not None and not (
+            req.max_concurrent or space.max_concurrent):  # the producer's GPU is not the trials'
+        fixed = concurrency({**most, "GPU": most.get("GPU", 0) - view_cache.producer_gpus}, base, num_samples)
+        say(f"the teacher-output producer holds {view_cache.producer_gpus:g} GPU: {fixed} trials at a time")
 
     tracker = None
     try:  # from here on the per-epoch teacher-output cache holds actors and storage

@@ -112,6 +112,7 @@ class SweepTracker(Callback):
         self._done = 0
         self._last_status = 0.0
         self._ended_generations: set[str] = set()  # born-again generation runs already ended
+        self._sources: dict[str, tuple] = {}  # per trial: the teacher source and reason last tagged
         self._attach()
 
     def _attach(self) -> None:
@@ -129,6 +130,7 @@ class SweepTracker(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_sources", {})  # a tracker pickled by an older kdray
         self._client, self._created_parent, self._replay_history = None, False, False
         self._attach()
 
@@ -356,6 +358,11 @@ class SweepTracker(Callback):
                                                             "teacher_split_mismatch", "latency_device")
                     if k in result}
             self._w.tagged.add(tid)
+        source = (result.get("teacher_source"), result.get("teacher_reason"))
+        seen = self._sources.setdefault(tid, source)
+        if source != seen and source[0] is not None:  # the teacher's outputs changed source mid-run (a lost store)
+            self._sources[tid] = source
+            tags.update({"kdray.teacher_source": str(source[0]), "kdray.teacher_reason": str(source[1])})
         if metrics or tags:
             self._w.put({"kind": "log", "tid": tid, "metrics": metrics, "tags": tags})
         if result.get("generation"):

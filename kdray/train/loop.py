@@ -332,7 +332,6 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     report_latency = 0.0
     where = node_info()
     if objective.needs_teacher:
-        where["teacher_reason"] = teacher_out.reason
         split = sorted({d for r in records for d in cfg.dataset.split_differences(r.get("dataset") or {})})
         if split:  # only reachable with teacher.allow_split_mismatch (checked before the run)
             where["teacher_split_mismatch"] = "; ".join(split)
@@ -423,6 +422,8 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
             "train_time_s": train_time,
             "samples_per_s": total / train_time if train_time > 0 else 0.0,
             "teacher_source": teacher_out.source if objective.needs_teacher else "none",
+            # may change mid-run: a lost teacher-output store turns a trial live
+            **({"teacher_reason": teacher_out.reason} if objective.needs_teacher else {}),
             **(teacher_out.epoch_stats() if objective.needs_teacher else {}),
             **costs[best],
             **where,
