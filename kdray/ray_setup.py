@@ -11,8 +11,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 DRIVER_RESOURCE = "kdray_driver"
@@ -77,15 +79,54 @@ def init_ray(
             logging_level=logging.WARNING,
             configure_logging=True,
         )
-        if address:
+        if address and on_loopback(address):  # a cluster of this machine on 127.0.0.1 (tests' Cluster nodes)
+            with loopback_only():
+                ray.init(address=address, _node_ip_address=LOOPBACK, **kwargs)
+        elif address:
             ray.init(address=address, **kwargs)
         else:
             # The dashboard stays on: Ray Train's placement-group cleaner needs its State API to free the
             # workers of an early-stopped trial (FIELD-NOTES).
             # address="local": a new Ray of its own, never a cluster some `ray start` left on this machine
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                     resources={DRIVER_RESOURCE: driver_slots}, **kwargs)
+            with loopback_only():
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                         resources={DRIVER_RESOURCE: driver_slots}, _node_ip_address=LOOPBACK,
+                         dashboard_host=LOOPBACK, **kwargs)
     return cluster_resources()
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def on_loopback(address: str) -> bool:
+    """Is ``address`` (``host:port``, ``ray://host:port`` or ``auto``) a Ray cluster listening on 127.0.0.1?"""
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            address = canonicalize_bootstrap_address("auto") or ""
+        except Exception:  # noqa: BLE001 - no cluster to find: ray.init says so
+            return False
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0]
+    return host in (LOOPBACK, "localhost")
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """A local Ray whose every service listens on 127.0.0.1 only (defence in depth: its token authentication,
+    on by default for a local cluster, stays on). Ray binds its gRPC servers to all interfaces unless the node's
+    address is exactly 127.0.0.1, and on Linux ``ray.init`` rewrites 127.0.0.1 to the machine's routable address
+    while ``ENABLE_RAY_CLUSTER`` holds (``ray/_private/services.py: resolve_ip_for_localhost``). A single-machine
+    Ray needs no routable address, so the rewrite is off while it starts; processes that join it later read the
+    node's address from the cluster itself."""
+    import ray._private.ray_constants as constants
+
+    before = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = before
 
 
 def cluster_resources() -> dict[str, float]:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from multinode_driver import free_port  # tests/ is this script's folder
+from multinode_driver import LOOPBACK, free_port, secure_test_cluster  # tests/ is this script's folder
 
 BUCKET = "kdray-test"
 JOIN_AFTER_S = 20.0
@@ -61,7 +61,9 @@ def main(out: Path, space_path: Path) -> None:
     s3_proc, endpoint = start_s3(tmp)
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"kdray_driver": 8}})
+    secure_test_cluster()
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "resources": {"kdray_driver": 8}, **LOOPBACK})
     port = endpoint.rsplit(":", 1)[1]
     storage = f"s3://{BUCKET}/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -82,7 +84,7 @@ def main(out: Path, space_path: Path) -> None:
                 break
             time.sleep(0.5)
         summary["alive_before_workers"] = proc.poll() is None
-        summary["workers"] = [cluster.add_node(num_cpus=1).node_id for _ in range(2)]
+        summary["workers"] = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1").node_id for _ in range(2)]
         summary["workers_joined_after_s"] = time.time() - t0
         summary["returncode"] = proc.wait(timeout=420)
         summary["keys_after_sweep"] = bucket_keys(endpoint)
@@ -104,7 +106,10 @@ def publish_autoscaler_config(address: str, cpu_nodes: int) -> None:
     from ray.core.generated import autoscaler_pb2
     from ray.experimental.internal_kv import _internal_kv_put
 
-    ray.init(address=address)
+    from kdray.ray_setup import LOOPBACK as HOST, loopback_only
+
+    with loopback_only():  # the test cluster listens on 127.0.0.1 only
+        ray.init(address=address, _node_ip_address=HOST)
     cfg = autoscaler_pb2.ClusterConfig(node_group_configs=[autoscaler_pb2.NodeGroupConfig(
         name="cpu_worker", resources={"CPU": 1}, min_count=0, max_count=cpu_nodes)])
     _internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, cfg.SerializeToString(),
@@ -118,7 +123,9 @@ def ceiling(out: Path, fits: Path, too_big: Path) -> None:
     tmp = out.parent
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"kdray_driver": 8}})
+    secure_test_cluster()
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "resources": {"kdray_driver": 8}, **LOOPBACK})
     summary: dict = {}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:

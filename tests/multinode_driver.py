@@ -21,6 +21,19 @@ import urllib.request
 from pathlib import Path
 
 
+# Every service of the test cluster listens on loopback, with Ray's token authentication on (a Cluster does not turn
+# it on by itself; a local ray.init would).
+LOOPBACK = {"node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"}
+
+
+def secure_test_cluster() -> None:
+    """Token authentication for the Cluster this process starts and for every process it starts (inherited)."""
+    import secrets
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,8 +64,10 @@ def main(out: Path, space_path: Path, kill: bool) -> None:
     mlflow_proc, uri = start_mlflow(tmp)
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"kdray_driver": 8}})
-    worker = cluster.add_node(num_cpus=1)
+    secure_test_cluster()
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "resources": {"kdray_driver": 8}, **LOOPBACK})
+    worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
     summary: dict = {"head_node": cluster.head_node.node_id, "worker_node": worker.node_id, "tracking_uri": uri,
                      "killed": None}
@@ -93,7 +108,7 @@ def main(out: Path, space_path: Path, kill: bool) -> None:
                     summary["killed"] = {"trial_id": run.data.tags["kdray.trial_id"], "at": time.time()}
                     cluster.remove_node(worker, allow_graceful=False)
                     time.sleep(2.0)
-                    summary["replacement_node"] = cluster.add_node(num_cpus=1).node_id
+                    summary["replacement_node"] = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1").node_id
                     break
         thread.join()
         if "error" in box:
