@@ -32,6 +32,10 @@ def secure_test_cluster() -> None:
 
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    if "ray" in sys.modules:  # Ray reads its authentication settings once: read them again
+        from ray._private.authentication_test_utils import reset_auth_token_state
+
+        reset_auth_token_state()
 
 
 def free_port() -> int:

@@ -100,3 +100,19 @@ def test_a_bad_config_exits_2_naming_file_and_field_before_ray(tmp_path, data, f
     assert r.returncode == 2
     assert str(p) in r.stderr and f"field '{field}'" in r.stderr
     assert "starting Ray" not in r.stdout
+
+
+def test_resume_without_a_name_finds_this_spaces_latest_sweep_not_one_whose_name_shares_its_prefix(tmp_path):
+    import os
+
+    from kdray.sweep.cli import _latest_sweep_dir
+
+    for i, (name, space) in enumerate([("tiny-20260101-000000", "tiny"), ("tiny-big-20260102-000000", "tiny-big")]):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "tuner.pkl").write_bytes(b"")
+        (d / "kdray_sweep.json").write_text(json.dumps({"num_samples": 2, "space": space}))
+        os.utime(d, (1_000_000 + i, 1_000_000 + i))  # the other space's sweep is the newer one
+    assert _latest_sweep_dir(str(tmp_path), "tiny") == "tiny-20260101-000000"
+    assert _latest_sweep_dir(str(tmp_path), "tiny-big") == "tiny-big-20260102-000000"
+    assert _latest_sweep_dir(str(tmp_path), "other") is None

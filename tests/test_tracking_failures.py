@@ -284,3 +284,74 @@ def test_e_best_final_compare_default_to_the_newest_finished_sweep(tmp_path):
     running = parent("running", None, "RUNNING")  # another process's sweep, still going
     assert find_sweep(c).info.run_id == done
     assert find_sweep(c, "running").info.run_id == running  # by name: any sweep
+
+
+BOOM_PLUGIN = '''
+"""A knowledge type that fails in its first training step (a data error, say), for the sweep tests."""
+from kdray.knowledge import Knowledge, register_knowledge
+
+
+@register_knowledge("boom", "response", "raises in the first training step")
+class Boom(Knowledge):
+    def forward(self, z_s, z_t):
+        return (z_s * 0).sum()
+
+    def compute(self, student, teacher, target):
+        if self.epoch >= 1:  # a dry run (epoch 0) passes: the error comes with the first step
+            raise RuntimeError("boom: the first batch could not be read")
+        return self(student.logits, teacher.logits)
+'''
+
+
+def test_a_trial_that_errs_before_its_first_report_keeps_its_id_and_a_finished_sweep_resumed_registers_nothing(
+        tmp_path):
+    """A trial that raises before it reports anything has no metrics: its outcome must still carry its Tune trial id
+    (it got a mangled one, had no run id, and a resume then tagged its run orphaned). Resuming the finished sweep
+    then registers no second champion version, and final/best/compare see every trial once."""
+    import json
+    import sys
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from kdray.tracking.store import find_sweep, sweep_children
+
+    TAG_ORPHANED = "kdray.orphaned"
+    from sweep_helpers import TINY_SPACE
+
+    (tmp_path / "boom_kd.py").write_text(BOOM_PLUGIN)
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space.update(num_samples=3, plugins=["boom_kd"], searcher={"type": "grid", "grid_points": 1})
+    space["base"]["resources"]["max_failures"] = 0
+    space["space"] = {"knowledge": {"none": {}, "kd": {}, "boom": {}}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "kdray", "sweep", str(tmp_path / "space.yaml"), "--name", "boom", "--storage",
+           str(tmp_path / "runs"), "--tracking-uri", uri]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    c = MlflowClient(uri)
+    runs = {r.data.tags["kdray.knowledge"]: r for r in sweep_children(c, find_sweep(c, "boom"), kind="trial")}
+    assert runs["boom"].data.tags[TAG_STATUS] == "error" and "boom: the first batch" in runs["boom"].data.tags[
+        "kdray.failure"]
+    board = c.download_artifacts(find_sweep(c, "boom").info.run_id, "leaderboard.csv", str(tmp_path))
+    import pandas as pd
+
+    df = pd.read_csv(board)
+    err = df[df["knowledge"] == "boom"].iloc[0]
+    assert err["trial_id"] == runs["boom"].data.tags["kdray.trial_id"] and err["run_id"] == runs["boom"].info.run_id
+    versions = len(c.search_model_versions("name='kdray-tiny'"))
+
+    again = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "was registered when it finished" in again.stdout, again.stdout[-2000:]
+    assert len(c.search_model_versions("name='kdray-tiny'")) == versions  # no second version of the same student
+    parent = find_sweep(c, "boom")
+    assert not [r.data.tags.get("mlflow.runName") for r in sweep_children(c, parent) if r.data.tags.get(TAG_ORPHANED)]
+    compare = subprocess.run([sys.executable, "-m", "kdray", "compare", "--json", "--sweep", "boom",
+                              "--tracking-uri", uri], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert len(json.loads(compare.stdout)["trials"]) == 3, compare.stdout[-2000:]
+    # A resume must search the space its trials came from: an edited space file is refused, before Ray starts.
+    (tmp_path / "space.yaml").write_text((tmp_path / "space.yaml").read_text() + "\n# edited\n")
+    edited = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert edited.returncode == 1 and "has changed since sweep boom started" in edited.stderr, edited.stderr[-2000:]

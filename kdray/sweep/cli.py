@@ -20,11 +20,23 @@ def default_space() -> str:
     return str(here if here.is_file() else REPO_SPACES / "default.yaml")
 
 
-def _latest_sweep_dir(storage: str, prefix: str) -> str | None:
+def _latest_sweep_dir(storage: str, space_name: str) -> str | None:
+    """The newest sweep of this search space in a local storage folder: its stored space name must be this one
+    (a name prefix is not enough: spaces ``digits`` and ``digits-big`` share one)."""
+    from kdray.sweep.runner import SWEEP_FILE
+
     root = Path(storage)
     if not root.is_dir():
         return None
-    cands = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix + "-") and (p / "tuner.pkl").exists()]
+
+    def of_this_space(p: Path) -> bool:
+        try:
+            stored = json.loads((p / SWEEP_FILE).read_text()).get("space")
+        except (OSError, ValueError):
+            return False
+        return stored == space_name and (p / "tuner.pkl").exists()
+
+    cands = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(space_name + "-") and of_this_space(p)]
     return max(cands, key=lambda p: p.stat().st_mtime).name if cands else None
 
 

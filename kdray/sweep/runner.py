@@ -30,7 +30,8 @@ from kdray.sweep.front import COSTS
 from kdray.sweep.space import NONE, SearchSpace
 from kdray.tracking.champion import (Champion, TrialOutcome, raw_example, read_checkpoint_record, register,
                                      remote_test_accuracy, select)
-from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, client, log_metrics, metric_key, probe, sweep_children
+from kdray.tracking.store import (TAG_ORPHANED, TAG_STATUS, TAG_TRIAL, client, log_metrics, metric_key, probe,
+                                  sweep_children)
 
 
 class SweepError(RuntimeError):
@@ -248,9 +249,11 @@ def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, s
     from kdray.train.loop import ran_all_epochs
 
     out = []
+    ids = _trial_ids(results)
     for r in results:
         m = dict(r.metrics or {})
-        tid = m.get("trial_id") or (Path(r.path).name.rsplit("_", 1)[0] if r.path else "")
+        # A trial that erred before its first report has no metrics: its id comes from Tune's own trial
+        tid = m.get("trial_id") or ids.get(Path(r.path).name if r.path else "", "")
         params = dict(r.config or {})
         if r.error is not None:
             status = "error"
@@ -266,6 +269,12 @@ def _outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[str, s
         out.append(TrialOutcome(tid, run_ids.get(tid), params.get("knowledge", NONE), status, int(m.get("epoch", 0)),
                                 float(m.get("val_accuracy", float("nan"))), params, ckpt, number, costs))
     return out
+
+
+def _trial_ids(results) -> dict[str, str]:
+    """Tune's trial id of each result, by the name of the trial's folder."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    return {Path(t.path).name: t.trial_id for t in trials if getattr(t, "path", None)}
 
 
 def checkpoint_uri(checkpoint: Any, storage: str) -> str | None:
@@ -523,7 +532,8 @@ def run_sweep(req: SweepRequest) -> SweepResult:
             if not fixed:  # concurrency follows the workers that join (Tune's own limit is fixed at start)
                 search = ElasticLimiter(search, num_samples, base.resources)
             # The sweep's own size, for --resume (which may be run without --num-samples, or on another machine).
-            storage.write_text(sweep_file, json.dumps({"num_samples": num_samples, "space": space.name}))
+            storage.write_text(sweep_file, json.dumps({"num_samples": num_samples, "space": space.name,
+                                                       "space_sha256": space_digest(req.space_yaml)}))
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=num_samples,
@@ -604,14 +614,18 @@ def run_sweep(req: SweepRequest) -> SweepResult:
             c.set_terminated(parent_id, "FAILED")
             raise SweepError("no trial ran to the end successfully, so there is no champion; see the leaderboard "
                              "in MLflow")
-        if req.register_champion:
+        registered = registered_champion(req.tracking_uri, c, parent_id, best)
+        if registered is not None:  # a finished sweep resumed: its champion is registered already
+            champion = registered
+            say(f"the champion of sweep {req.name} was registered when it finished: {champion.model_uri}")
+        elif req.register_champion:
             t0 = time.time()
             record = read_checkpoint_record(best.checkpoint)
-            test_acc = remote_test_accuracy(record, base.dataset.model_dump(mode="json"),
-                                            base.resources.gpus_per_worker)
+            own = space.resolve(best.params)  # its own data set and resources: dataset.* may be searched
+            test_acc = remote_test_accuracy(record, own.dataset.model_dump(mode="json"), own.resources.gpus_per_worker)
             from kdray.data import load_dataset
 
-            raw = load_dataset(base.dataset).train  # the test split is read only for the one evaluation
+            raw = load_dataset(own.dataset).train  # the test split is read only for the one evaluation
             example = raw_example(raw)
             champion = register(req.tracking_uri, best, record, test_acc, sweep=req.name,
                                  model_name=space.model_name, parent_run_id=parent_id, raw_example=example)
@@ -652,6 +666,23 @@ def restore_study(req: SweepRequest, experiment_dir: str, state_dir: Path, say) 
     except Exception as e:  # noqa: BLE001 - a copy that is not this sweep's study
         raise SweepError(f"{local} does not hold the Optuna study {req.name!r}: {e}") from None
     STUDY_URLS[req.name] = url
+
+
+def registered_champion(uri: str, c: Any, parent_id: str, best: TrialOutcome) -> Champion | None:
+    """The champion this sweep already registered (a finished sweep resumed), or None. Registering it again
+    would add a model version for the same student."""
+    import mlflow
+
+    tags = c.get_run(parent_id).data.tags
+    if tags.get("kdray.champion_run_id") != best.run_id or not tags.get("kdray.champion_version"):
+        return None
+    mlflow.set_tracking_uri(uri)
+    try:
+        return Champion(**mlflow.artifacts.load_dict(f"runs:/{parent_id}/champion.json"))
+    except Exception:  # noqa: BLE001 - registered, but its summary is not readable: register no second version
+        return Champion(tags.get("kdray.sweep", ""), best.run_id, best.trial_id, best.knowledge, best.val_accuracy,
+                        float("nan"), tags.get("kdray.champion_model_uri", ""), tags.get("kdray.registered_model", ""),
+                        tags["kdray.champion_version"], best.params, note=tags.get("kdray.champion_alias", ""))
 
 
 def use_live_tracker(tuner: Any, tracker: Any) -> None:
@@ -698,11 +729,26 @@ def log_budget(c: Any, parent_id: str, board: pd.DataFrame, choices: list[str]) 
     return df
 
 
+def space_digest(space_yaml: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(space_yaml.encode()).hexdigest()[:16]
+
+
 def _stored_size(sweep_file: str, fallback: int, req: SweepRequest, say) -> int:
-    """The number of trials the sweep was started with (its --num-samples or grid), not today's flags."""
+    """The number of trials the sweep was started with (its --num-samples or grid), not today's flags; refuses
+    a resume with another search space, or with this space's file edited since the sweep started."""
     if not storage.exists(sweep_file):  # a sweep started before kdray stored its size
         return fallback
-    size = int(json.loads(storage.read_text(sweep_file))["num_samples"])
+    stored = json.loads(storage.read_text(sweep_file))
+    if stored.get("space", req.space.name) != req.space.name:
+        raise SweepError(f"sweep {req.name} was started with search space {stored['space']!r}, not "
+                         f"{req.space.name!r} ({req.space_path}): resume it with its own space file")
+    if stored.get("space_sha256") and stored["space_sha256"] != space_digest(req.space_yaml):
+        raise SweepError(f"{req.space_path} has changed since sweep {req.name} started (a resumed sweep must search "
+                         "the space its trials came from): restore the file as it was, or start a new sweep with "
+                         "another --name")
+    size = int(stored["num_samples"])
     if req.num_samples and req.num_samples != size:
         say(f"--num-samples {req.num_samples} ignored: sweep {req.name} was started with {size} trials")
     return size
@@ -735,7 +781,7 @@ def _discard_orphans(c, parent_id: str, known: set[str], say) -> None:
                 c.delete_run(run.info.run_id)
                 gone += 1
             else:
-                c.set_tag(run.info.run_id, "kdray.orphaned", "finished after the last saved sweep state")
+                c.set_tag(run.info.run_id, TAG_ORPHANED, "finished after the last saved sweep state")
     if gone:
         c.set_tag(parent_id, "kdray.discarded_partial_runs", str(gone))
         say(f"removed {gone} partial trial run(s) left by the interruption (those trials were re-run)")

@@ -199,8 +199,12 @@ def find_sweep(c, sweep: str | None = None, experiment: str | None = None):
     return runs[0] if runs else None
 
 
+TAG_ORPHANED = "kdray.orphaned"
+
+
 def sweep_children(c, parent, kind: str | None = None) -> list:
-    """Every child run of a sweep's parent run (trials, and ``final`` runs when ``kind='final'``)."""
+    """Every child run of a sweep's parent run (trials, and ``final`` runs when ``kind='final'``); with
+    ``kind='trial'`` not the orphaned ones, which ``final``, ``best`` and ``compare`` must not count."""
     flt = f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'"
     runs, token = [], None
     while True:
@@ -211,6 +215,8 @@ def sweep_children(c, parent, kind: str | None = None) -> list:
             break
     if kind:
         runs = [r for r in runs if r.data.tags.get(TAG_KIND) == kind]
+    if kind == "trial":  # a run a restored sweep no longer knows (finished after its last saved state) is no trial
+        runs = [r for r in runs if not r.data.tags.get(TAG_ORPHANED)]
     return runs
 
 

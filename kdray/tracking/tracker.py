@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -785,10 +786,18 @@ def _describe(params: dict[str, Any]) -> str:
 
 
 def _error_text(trial: Any) -> str:
+    """The trial's error trace: Tune writes it beside the driver first and uploads it later, so the local copy is
+    read when the stored one is not there yet (``Trial.get_error`` reads storage only)."""
     try:
         err = trial.get_error()
     except Exception:  # noqa: BLE001
         err = None
+    if not err:
+        try:
+            local = getattr(trial, "error_file", None)
+            err = Path(local).read_text() if local and Path(local).is_file() else None
+        except OSError:
+            err = None
     return str(err) if err else ""
 
 
