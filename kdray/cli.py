@@ -153,6 +153,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_local(args: argparse.Namespace, storage: str) -> None:
+    """``--local`` keeps checkpoints on this disk, in this process: remote storage cannot hold them there."""
+    from kdray.config import ConfigError
+    from kdray.storage import is_remote
+
+    if getattr(args, "local", False) and is_remote(storage):
+        raise ConfigError(f"--local runs in this process and keeps its checkpoints on this disk; {storage} is remote: "
+                          "give a local --storage or drop --local", field="--storage")
+
+
 def _start_ray(address: str | None, local: bool) -> None:
     if local:
         return
@@ -174,6 +184,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from kdray.train.runner import train_teacher
 
     storage = _storage(args.storage)
+    _check_local(args, storage)
     output = args.output or tcfg.output or join(storage, "teachers", f"{tcfg.name}.pt")
     if not is_remote(output):
         output = str(Path(output).expanduser().resolve())
@@ -248,6 +259,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from kdray.storage import is_remote, join
 
     storage = _storage(args.storage)
+    _check_local(args, storage)
     runs = join(storage, "runs")
     run_name = _run_name(args, runs, cfg.name)
     out_dir = Path(args.output or cfg.output_dir or (Path("kdray_runs") if is_remote(storage) else Path(storage))

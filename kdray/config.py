@@ -128,6 +128,19 @@ def local_path(value: Any) -> Any:
     return value
 
 
+def absolute_dir(value: Any) -> Any:
+    """A folder given relative (``data``, ``~/data``) made absolute: next to the config being read when it exists
+    there, else in the working directory (it may be created later, a download's target). Tune runs each trial in
+    a folder of its own: a relative path would point elsewhere in every trial."""
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    value = str(Path(value).expanduser())
+    if Path(value).is_absolute():
+        return value
+    found = local_path(value)
+    return found if found != value else str((Path.cwd() / value).resolve())
+
+
 def absolute_hf_name(name: Any) -> Any:
     """``hf/./my-bert`` -> ``hf//abs/path/my-bert``: workers build the model from the same folder."""
     if isinstance(name, str) and name.startswith("hf/"):
@@ -155,6 +168,11 @@ class DatasetConfig(Strict):
     download: bool = Field(False, description="allow torchvision to download a missing data set")
     augment: bool | None = Field(None, description="random augmentation of training images (default: the set's standard)")
     options: dict[str, Any] = Field(default_factory=dict, description="data-set specific options")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: str | None) -> str | None:
+        return absolute_dir(value)
 
     @model_validator(mode="before")
     @classmethod

@@ -155,9 +155,10 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print, 
     best_none = best_labels_only(sweep_children(c, parent, kind="trial"), exclude=champ_id)
     mlflow.set_tracking_uri(uri)
     try:
-        configs = {"champion": mlflow.artifacts.load_dict(f"runs:/{champ_id}/resolved_config.json")}
+        configs = {"champion": trusted(mlflow.artifacts.load_dict(f"runs:/{champ_id}/resolved_config.json"))}
         if best_none is not None:
-            configs["none"] = mlflow.artifacts.load_dict(f"runs:/{best_none.info.run_id}/resolved_config.json")
+            none_id = best_none.info.run_id
+            configs["none"] = trusted(mlflow.artifacts.load_dict(f"runs:/{none_id}/resolved_config.json"))
     except Exception as e:  # noqa: BLE001
         raise FinalError(f"sweep {name}'s trials have no resolved_config.json artifact (made by an older kdray?): "
                          f"{e}") from None
@@ -195,6 +196,13 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print, 
                       bootstrap_ci(champ, none), baseline=baseline, rows=rows)
     res.run_id = _log(c, parent, res, configs)
     return res
+
+
+def trusted(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run config read from MLflow without its ``plugins``: validating it would import the modules it names, and
+    whoever can write to the tracking server would choose them. The plugins this command imported (``--plugin``,
+    checked against the names by the CLI) reach every worker through the job's runtime environment."""
+    return {k: v for k, v in cfg.items() if k != "plugins"}
 
 
 def labels_only(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -372,7 +380,7 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
         raise FinalError(f"sweep {name} has no trial that ran (completed or stopped early) to retrain")
     mlflow.set_tracking_uri(uri)
     try:
-        cfg_of = {t.info.run_id: mlflow.artifacts.load_dict(f"runs:/{t.info.run_id}/resolved_config.json")
+        cfg_of = {t.info.run_id: trusted(mlflow.artifacts.load_dict(f"runs:/{t.info.run_id}/resolved_config.json"))
                   for t in usable}
     except Exception as e:  # noqa: BLE001
         raise FinalError(f"sweep {name}'s trials have no resolved_config.json artifact (made by an older kdray?): "

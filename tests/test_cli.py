@@ -116,3 +116,29 @@ def test_resume_without_a_name_finds_this_spaces_latest_sweep_not_one_whose_name
     assert _latest_sweep_dir(str(tmp_path), "tiny") == "tiny-20260101-000000"
     assert _latest_sweep_dir(str(tmp_path), "tiny-big") == "tiny-big-20260102-000000"
     assert _latest_sweep_dir(str(tmp_path), "other") is None
+
+
+def test_a_local_run_killed_mid_way_resumes_from_its_checkpoint_and_local_mode_refuses_remote_storage(tmp_path):
+    """``--local`` (Train's local mode, in this process) restored nothing: ``--resume --local`` started at epoch 1
+    again. It continues from the run's newest checkpoint now; ``--local`` with S3 storage is refused at once."""
+    import signal
+    import subprocess
+    import sys
+
+    cfg = write(tmp_path, "teacher.yaml", {
+        "name": "slow", "dataset": {"name": "test_blobs"}, "model": {"name": "test_cnn1d"},
+        "train": {"epochs": 40, "batch_size": 8, "lr": 0.01}, "output": str(tmp_path / "t.pt")})
+    cmd = [sys.executable, "-u", "-m", "kdray", "teacher", str(cfg), "--local", "--storage", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "epoch 6/40" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    r = kdray("teacher", str(cfg), "--local", "--resume", "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    resumed = [line for line in r.stdout.splitlines() if "resumed from the checkpoint of epoch" in line]
+    assert resumed and int(resumed[0].split()[-1]) >= 6, r.stdout[-2000:]
+    assert "epoch 1/40" not in r.stdout and "epoch 40/40" in r.stdout
+    bad = kdray("teacher", str(cfg), "--local", "--storage", "s3://bucket/runs", cwd=tmp_path)
+    assert bad.returncode == 2 and "--local runs in this process" in bad.stderr, bad.stderr[-2000:]

@@ -245,3 +245,32 @@ def test_a_two_objective_sweep_registers_the_student_that_meets_a_latency_budget
 
     with pytest.raises(BudgetError, match=r"student_params <= 10; the fastest .* and 25 parameters"):
         register_within_budget(uri, "front", max_params=10)
+
+
+class _Trial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def test_with_the_fair_budget_off_a_failed_trials_report_sets_no_cutoff():
+    """A NaN trial ends with val_accuracy 0.0 and `failed`: recorded at a rung, that 0.0 lowers every later cutoff.
+    Here trials at 0.9 and 0.8 give the rung's cutoff 0.867 (ASHA's 2/3 quantile), which stops a trial at 0.85;
+    with the failed trial's 0.0 recorded the cutoff is 0.833 and that trial would go on (as plain ASHA does)."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from kdray.sweep.fair import FailureAwareASHA
+
+    def fate(cls) -> str:
+        s = cls(time_attr="epoch", metric="val_accuracy", mode="max", max_t=9, grace_period=1, reduction_factor=3)
+        trials = {n: _Trial(n) for n in ("a", "b", "nan", "c")}
+        for t in trials.values():
+            s.on_trial_add(None, t)
+        s.on_trial_result(None, trials["a"], {"epoch": 1, "val_accuracy": 0.9})
+        s.on_trial_result(None, trials["b"], {"epoch": 1, "val_accuracy": 0.8})
+        failed = {"epoch": 1, "val_accuracy": 0.0, "failed": "loss term kd became non-finite (NaN or inf) in epoch 1"}
+        s.on_trial_result(None, trials["nan"], failed)
+        s.on_trial_complete(None, trials["nan"], failed)
+        return s.on_trial_result(None, trials["c"], {"epoch": 1, "val_accuracy": 0.85})
+
+    assert fate(ASHAScheduler) == TrialScheduler.CONTINUE  # the defect: the failure lowered the cutoff
+    assert fate(FailureAwareASHA) == TrialScheduler.STOP

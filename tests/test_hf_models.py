@@ -277,3 +277,19 @@ def test_a_text_model_refuses_images(bert_dir):
 def test_importing_kdray_does_not_import_transformers():
     code = "import sys, kdray, kdray.models, kdray.knowledge; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_config_override_that_reinitialises_pretrained_tensors_is_refused_naming_them(bert_dir, caplog):
+    """intermediate_size 64 -> 48 no longer fits the checkpoint's feed-forward weights: transformers re-initialises
+    them at random (ignore_mismatched_sizes). Refused unless allow_reinit, and the tensors are named either way."""
+    import logging
+
+    with pytest.raises(ValueError, match=r"12 pretrained tensors are re-initialised.*intermediate_size.*"
+                                         r"bert\.encoder\.layer\.0\.intermediate\.dense\.weight.*allow_reinit: true"):
+        build_model(f"hf/{bert_dir}", 3, PRE, {"config": {"intermediate_size": 48}})
+    with caplog.at_level(logging.WARNING, logger="kdray"):
+        model = build_model(f"hf/{bert_dir}", 3, PRE, {"config": {"intermediate_size": 48}, "allow_reinit": True})
+    assert model.net.hf.bert.encoder.layer[0].intermediate.dense.weight.shape == (48, 32)
+    assert "re-initialised" in caplog.text and "allow_reinit: true" in caplog.text
+    # Overrides that keep every pretrained tensor (fewer layers) and the new head for 5 classes are fine.
+    build_model(f"hf/{bert_dir}", 5, PRE, {"config": {"num_hidden_layers": 2}})

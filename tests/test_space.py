@@ -85,6 +85,9 @@ BASE = {"name": "bad", "base": {"dataset": {"name": "test_blobs"}, "student": {"
     ({"knowledge": {"kd": {"kd.temperature": {"type": "categorical", "choices": []}}}}, "space.knowledge.kd.kd.temperature"),
     ({"train.lrr": {"type": "float", "low": 0.1, "high": 1.0}}, "space.train.lrr"),
     ({"knowledge": {"fitnet": {"fitnet.student_layer": "block9"}}}, "space.knowledge.fitnet.fitnet.student_layer"),
+    # the teacher-output cache is one per sweep: a choice's own cache settings would be ignored
+    ({"knowledge": {"kd": {"cache.max_bytes": 1000}}}, "space.knowledge.kd.cache.max_bytes"),
+    ({"cache.top_k": {"type": "int", "low": 2, "high": 8}}, "space.cache.top_k"),
 ])
 def test_a_malformed_space_names_file_and_field(tmp_path, space, field):
     p = write(tmp_path, {**BASE, "space": space})
@@ -92,3 +95,31 @@ def test_a_malformed_space_names_file_and_field(tmp_path, space, field):
         check_space(p)
     assert str(p) in str(e.value)
     assert any(f.startswith(field) for f in e.value.fields), (e.value.fields, str(e.value))
+
+
+def test_a_relative_data_dir_is_made_absolute_where_the_space_is_read(tmp_path, monkeypatch):
+    """Tune runs each trial in a folder of its own: a relative ``dataset.data_dir`` would name another folder in
+    every trial (a download per trial, or a data set not found). It is made absolute while the space is read: next
+    to the space file when the folder is there, else in the working directory."""
+    import yaml
+
+    from kdray.config import RunConfig
+    from kdray.sweep.space import load_space
+    from sweep_helpers import TINY_SPACE
+
+    (tmp_path / "spaces" / "data").mkdir(parents=True)
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space["base"]["dataset"]["data_dir"] = "data"
+    (tmp_path / "spaces" / "s.yaml").write_text(yaml.safe_dump(space))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_space(tmp_path / "spaces" / "s.yaml")
+    want = str(tmp_path / "spaces" / "data")
+    assert loaded.base["dataset"]["data_dir"] == want
+    trial_dir = tmp_path / "a-trial-folder"
+    trial_dir.mkdir()
+    monkeypatch.chdir(trial_dir)  # where Tune runs a trial, which resolves its config there
+    assert loaded.resolve({"knowledge": "none"}).dataset.data_dir == want
+    # a folder that does not exist yet (a download's target) is placed in the working directory
+    assert RunConfig.model_validate({"dataset": {"name": "test_blobs", "data_dir": "later"},
+                                    "student": {"name": "test_mlp"}}).dataset.data_dir == str(
+        trial_dir / "later")

@@ -288,7 +288,12 @@ def test_e_best_final_compare_default_to_the_newest_finished_sweep(tmp_path):
 
 BOOM_PLUGIN = '''
 """A knowledge type that fails in its first training step (a data error, say), for the sweep tests."""
+import os
+
 from kdray.knowledge import Knowledge, register_knowledge
+
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imported.txt"), "a") as f:
+    f.write(f"{os.getpid()}\\n")  # who imported this module
 
 
 @register_knowledge("boom", "response", "raises in the first training step")
@@ -351,6 +356,13 @@ def test_a_trial_that_errs_before_its_first_report_keeps_its_id_and_a_finished_s
     compare = subprocess.run([sys.executable, "-m", "kdray", "compare", "--json", "--sweep", "boom",
                               "--tracking-uri", uri], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert len(json.loads(compare.stdout)["trials"]) == 3, compare.stdout[-2000:]
+    # kdray final imports no module named by MLflow runs: it asks for --plugin, and nothing was imported.
+    (tmp_path / "imported.txt").unlink(missing_ok=True)
+    final = subprocess.run([sys.executable, "-m", "kdray", "final", "--seeds", "2", "--sweep", "boom", "--storage",
+                            str(tmp_path / "runs"), "--tracking-uri", uri], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert final.returncode == 2 and "--plugin boom_kd" in final.stderr, final.stdout[-2000:] + final.stderr[-2000:]
+    assert not (tmp_path / "imported.txt").exists()
     # A resume must search the space its trials came from: an edited space file is refused, before Ray starts.
     (tmp_path / "space.yaml").write_text((tmp_path / "space.yaml").read_text() + "\n# edited\n")
     edited = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=120)

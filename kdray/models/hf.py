@@ -42,6 +42,7 @@ import contextlib
 import contextvars
 import inspect
 import json
+import logging
 import math
 import os
 import sys
@@ -201,7 +202,8 @@ def resolve(rest: str) -> ModelSpec:
 
 
 MODELS.add_source("hf", resolve, "Hugging Face transformers: hf/<hub id> or hf/./<folder from save_pretrained>; "
-                  "options pretrained (default true), config (overrides, e.g. num_hidden_layers)")
+                  "options pretrained (default true), config (overrides, e.g. num_hidden_layers), "
+                  "allow_reinit (accept overrides that re-initialise pretrained tensors)")
 
 
 # -- building ----------------------------------------------------------------------------------------
@@ -213,8 +215,13 @@ def _apply_overrides(config: Any, overrides: dict[str, Any]) -> None:
 
 
 def build(source: str | None, num_classes: int, input_shape: tuple[int, ...], *, pretrained: bool = True,
-          config: dict[str, Any] | None = None, hf_config: dict[str, Any] | None = None) -> "HFClassifier":
-    """Build ``hf/<source>`` for ``num_classes`` classes and inputs of ``input_shape`` (``(T,)`` or ``(C, H, W)``)."""
+          config: dict[str, Any] | None = None, hf_config: dict[str, Any] | None = None,
+          allow_reinit: bool = False) -> "HFClassifier":
+    """Build ``hf/<source>`` for ``num_classes`` classes and inputs of ``input_shape`` (``(T,)`` or ``(C, H, W)``).
+
+    A ``config`` override that changes the shape of pretrained tensors (``hidden_size``, ``intermediate_size``...)
+    makes transformers re-initialise them at random: refused, naming them, unless ``allow_reinit`` (then named in a
+    warning). The classification head, made for ``num_classes``, is new by design and not counted."""
     transformers = _transformers()
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) not in (1, 3):
@@ -249,13 +256,37 @@ def build(source: str | None, num_classes: int, input_shape: tuple[int, ...], *,
     impl = _attention_impl(auto, cfg)
     with _quiet():
         if pretrained:
-            model = auto.from_pretrained(os.path.expanduser(source) if _looks_local(source) else source, config=cfg,
-                                         ignore_mismatched_sizes=True, attn_implementation=impl)
+            model, info = auto.from_pretrained(os.path.expanduser(source) if _looks_local(source) else source,
+                                               config=cfg, ignore_mismatched_sizes=True, attn_implementation=impl,
+                                               output_loading_info=True)
         else:
             model = auto.from_config(cfg, attn_implementation=impl)
+    if pretrained:
+        _check_reinitialised(model, info, source, dict(config or {}), allow_reinit)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()  # fp32 master weights; kdray's autocast picks the compute precision
     return HFClassifier(model, input_shape)
+
+
+def _check_reinitialised(model: nn.Module, info: dict[str, Any], source: str, overrides: dict[str, Any],
+                         allow: bool) -> None:
+    """Refuse (or, with ``allow``, name in a warning) pretrained tensors of the base model that transformers had to
+    re-initialise: their shapes changed (``mismatched_keys``) or they are missing. The new classification head
+    lies outside the base model (``base_model_prefix``) and is expected."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = [k[0] if isinstance(k, (tuple, list)) else k
+             for k in [*(info.get("mismatched_keys") or []), *(info.get("missing_keys") or [])]]
+    body = sorted({n for n in names if prefix and (n == prefix or n.startswith(prefix + "."))})
+    if not body:
+        return
+    shown = ", ".join(body[:6]) + (f" and {len(body) - 6} more" if len(body) > 6 else "")
+    what = (f"hf/{source}: {len(body)} pretrained tensor{'s' if len(body) > 1 else ''} are re-initialised at random "
+            f"because the model no longer matches the checkpoint" + (f" (config override {overrides})" if overrides
+                                                                      else "") + f": {shown}")
+    if not allow:
+        raise ValueError(f"{what}. The student would not start from its pretrained weights there; set "
+                         "`allow_reinit: true` in the model's options to accept it")
+    logging.getLogger("kdray").warning("%s (allow_reinit: true)", what)
 
 
 def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:

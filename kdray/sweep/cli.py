@@ -303,24 +303,28 @@ def _final_runs(uri: str, parent) -> list[dict[str, Any]]:
 
 
 # -- final -------------------------------------------------------------------------------------------------
-def _import_champion_plugins(uri: str, run_id: str) -> None:
-    """The plugins the sweep's runs named, imported here so that ``init_ray`` ships them to every worker."""
+def _check_champion_plugins(uri: str, run_id: str, say) -> None:
+    """The plugin modules the sweep's runs named are *not* imported from MLflow (anyone who can write to the tracking
+    server would choose what runs here): they must be imported already, by ``--plugin`` or an installed entry
+    point. Says which the sweep used; refuses, naming them, when one is missing."""
     import mlflow
 
     from kdray import plugins
+    from kdray.config import ConfigError
 
     mlflow.set_tracking_uri(uri)
     try:
         names = mlflow.artifacts.load_dict(f"runs:/{run_id}/resolved_config.json").get("plugins") or []
     except Exception:  # noqa: BLE001 - an older run without the artifact: run_final reports it
         return
-    try:
-        plugins.import_plugins(names, search=[Path.cwd()])
-    except plugins.PluginError as e:
-        from kdray.config import ConfigError
-
-        raise ConfigError(f"the champion's run names plugin modules that cannot be imported here: {e.reason}",
-                          field="plugins") from None
+    if not names:
+        return
+    missing = [n for n in names if n not in plugins.imported()]
+    if missing:
+        raise ConfigError(f"the sweep's trials used the plugin modules {', '.join(names)}; kdray final imports no "
+                          f"module named by MLflow runs: pass {' '.join('--plugin ' + n for n in missing)} to import "
+                          "them from this machine", field="--plugin")
+    say(f"the sweep's trials used the plugin modules {', '.join(names)} (imported here by --plugin)")
 
 
 def cmd_final(args: argparse.Namespace) -> int:
@@ -337,9 +341,9 @@ def cmd_final(args: argparse.Namespace) -> int:
     info = champion_info(uri, args.sweep)  # fails clearly before Ray starts if there is nothing to evaluate
     if args.seeds < 2:
         raise KdrayError("--seeds must be at least 2")
-    _import_champion_plugins(uri, info["run_id"])  # before Ray starts: its workers must import them too
-    init_ray(args.address)
     say = lambda m: print(f"[kdray] {m}", flush=True, file=sys.stderr if args.json else sys.stdout)  # noqa: E731
+    _check_champion_plugins(uri, info["run_id"], say)  # before Ray starts: its workers must import them too
+    init_ray(args.address)
     if args.per_type:
         from kdray.final import format_per_type, run_final_per_type
 

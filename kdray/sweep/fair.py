@@ -23,7 +23,7 @@ import math
 from typing import Any
 
 import numpy as np
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from kdray.sweep.space import NONE
 
@@ -153,6 +153,23 @@ class FairASHA(FIFOScheduler):
         return f"kdray fair ASHA: rungs {self.rungs.rungs}, {self.rungs.stopped} stopped, full-length per type " \
                f"{self.rungs.full}"
 
+
+
+class FailureAwareASHA(ASHAScheduler):
+    """Ray's ASHA (fair budget off) that records no failure report at its rungs: a trial whose loss became NaN ends
+    with ``val_accuracy: 0.0`` and ``failed`` set, a value that is no measurement and would lower every later
+    trial's cutoff (FairASHA ignores them the same way)."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if result.get("failed"):
+            return TrialScheduler.CONTINUE  # its last report: the trial ends by itself
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if result and result.get("failed"):
+            self._trial_info.pop(trial.trial_id, None)  # forgotten, not recorded
+            return
+        super().on_trial_complete(tune_controller, trial, result)
 
 
 def budget_by_type(trials: "Any", choices: list[str]) -> "Any":

@@ -395,12 +395,12 @@ def run_sweep(req: SweepRequest) -> SweepResult:
     import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from kdray.check import check_resources
     from kdray.ray_setup import (DRIVER_RESOURCE, autoscaler_max_resources, has_driver_resource, init_ray,
                                   trials_that_fit)
-    from kdray.sweep.fair import FairASHA
+    from kdray.sweep.fair import FailureAwareASHA, FairASHA
     from kdray.sweep.retention import CheckpointPruner, fault_callbacks
     from kdray.sweep.searcher import ElasticLimiter, GridSearch, KdraySearch, StudyStorage, make_sampler
     from kdray.tracking.tracker import SweepTracker
@@ -525,8 +525,9 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                 say(f"fair budget: each knowledge type's first {space.min_trials_per_type} trials run all "
                     f"{max_epochs} epochs; until a type has them, ASHA compares its trials with its own")
             elif space.scheduler.type == "asha":
-                scheduler = ASHAScheduler(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=max_epochs,
-                                          grace_period=grace, reduction_factor=space.scheduler.reduction_factor)
+                scheduler = FailureAwareASHA(time_attr="epoch", metric=space.metric, mode=space.mode,
+                                             max_t=max_epochs, grace_period=grace,
+                                             reduction_factor=space.scheduler.reduction_factor)
             else:
                 scheduler = FIFOScheduler()
             if not fixed:  # concurrency follows the workers that join (Tune's own limit is fixed at start)

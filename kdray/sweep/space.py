@@ -173,9 +173,11 @@ class SearchSpace(Strict):
     def _absolute_paths(self) -> "SearchSpace":
         """Files named in ``base`` (data, tokenizers, ``hf/./folder`` models) made absolute against this file while
         it is being read: trials validate their config in other folders, on other machines."""
-        from kdray.config import PATH_OPTIONS, absolute_hf_name, local_path
+        from kdray.config import PATH_OPTIONS, absolute_dir, absolute_hf_name, local_path
 
         dataset = self.base.get("dataset")
+        if isinstance(dataset, dict) and dataset.get("data_dir"):
+            dataset["data_dir"] = absolute_dir(dataset["data_dir"])
         if isinstance(dataset, dict):
             for holder in (dataset, dataset.get("options")):
                 if isinstance(holder, dict):
@@ -315,6 +317,10 @@ class SearchSpace(Strict):
             if key.split(".", 1)[0] == "resources":
                 errors.append((field, "resources are fixed for a whole sweep (Tune reserves them and sizes its "
                                       "concurrency from them); set them in base.resources"))
+            elif key.split(".", 1)[0] == "cache":
+                errors.append((field, "the teacher-output cache is one for the whole sweep (built before any trial, "
+                                      "shared by all), so a trial's own cache settings would be ignored; set them in "
+                                      "base.cache"))
             elif (key in ("train.epochs", "scheme.generations") and isinstance(value, Distribution)
                   and self.scheduler.type == "asha"):
                 errors.append((field, f"ASHA compares trials at the same epochs over one max_t, so {key} "

@@ -113,7 +113,13 @@ def fit(
     }
     loop_config.update(extra or {})
     if local:
-        loop_config["local_checkpoint_root"] = str(Path(storage_path) / name)
+        if storage.is_remote(storage_path):
+            raise ValueError("local mode runs in this process and keeps its checkpoints on this disk: give a local "
+                             f"--storage, not {storage_path}, or run without --local")
+        root = Path(storage_path) / name
+        loop_config["local_checkpoint_root"] = str(root)
+        # Train's local mode restores nothing itself: a run resumed under its name continues from its newest checkpoint
+        resume_from = resume_from or newest_checkpoint(root)
     if resume_from:  # Train V2's way: the loop reads it when Train itself has no checkpoint to restore
         loop_config["resume_from"] = str(resume_from)
     result = make_trainer(cfg, loop_config, name=name, storage_path=storage_path, local=local).fit()
@@ -128,6 +134,14 @@ def fit(
         if not Path(ckpt_dir).exists():  # remote storage: download once
             ckpt_dir = result.checkpoint.to_directory()
     return FitResult(metrics, ckpt_dir, str(result.path) if result.path else None)
+
+
+def newest_checkpoint(root: Path) -> str | None:
+    """The newest complete checkpoint folder (``checkpoint_NNNNNN`` with its train state) a local-mode run kept."""
+    from kdray.train.loop import STATE_FILE
+
+    done = sorted(p for p in root.glob("checkpoint_*") if (p / STATE_FILE).is_file() and (p / STUDENT_FILE).is_file())
+    return str(done[-1]) if done else None
 
 
 def final_student(result: FitResult) -> dict[str, Any]:
