@@ -269,3 +269,37 @@ def test_the_final_report_says_when_the_test_or_the_interval_is_undefined():
     text = format_table(res) + "\n" + res.summary()
     assert "significant" not in text.replace("not significant", "") and "Welch's t-test undefined" in text, text
     assert "bootstrap interval needs at least 3 seeds per configuration" in text, text
+
+
+@pytest.mark.ray
+def test_the_champion_is_tested_on_its_own_data_when_the_data_set_is_searched(ray_cluster, tmp_path):
+    """``dataset.*`` may be searched (here MNIST-1D's noise): the champion's one test evaluation must use the data
+    its trial trained on, not the space's base data set."""
+    import mlflow
+
+    from kdray.config import DatasetConfig
+    from kdray.data import load_dataset
+    from kdray.models import load_record, model_from_record
+    from kdray.sweep.runner import run_sweep
+    from kdray.train.loop import evaluate
+    from sweep_helpers import request
+
+    space = {"name": "noisy", "seed": 0, "num_samples": 2, "min_trials_per_type": 0,
+             "base": {"dataset": {"name": "mnist1d"}, "student": {"name": "mnist1d_mlp"},
+                      "train": {"epochs": 2, "batch_size": 100, "lr": 0.003},
+                      "resources": {"num_workers": 1, "cpus_per_worker": 1}},
+             "scheduler": {"type": "fifo"}, "searcher": {"type": "grid", "grid_points": 1},
+             "space": {"dataset.options.iid_noise_scale": {"type": "categorical", "choices": [0.3, 0.6]}}}
+    path = tmp_path / "noisy.yaml"
+    path.write_text(yaml.safe_dump(space))
+    result = run_sweep(request(tmp_path, path, "noisy", max_concurrent=1))
+    champ = result.champion
+    noise = champ.params["dataset.options.iid_noise_scale"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    record = load_record(mlflow.artifacts.download_artifacts(f"runs:/{champ.run_id}/kdray/student.pt"))
+    own = load_dataset(DatasetConfig(name="mnist1d", options={"iid_noise_scale": noise})).test
+    base = load_dataset(DatasetConfig(name="mnist1d")).test
+    model = model_from_record(record)
+    on_own = evaluate(model, own, 512, torch.device("cpu"))["accuracy"]
+    assert champ.test_accuracy == pytest.approx(on_own, abs=1e-9)
+    assert on_own != evaluate(model, base, 512, torch.device("cpu"))["accuracy"]  # the two really differ
