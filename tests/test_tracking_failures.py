@@ -367,3 +367,31 @@ def test_a_trial_that_errs_before_its_first_report_keeps_its_id_and_a_finished_s
     (tmp_path / "space.yaml").write_text((tmp_path / "space.yaml").read_text() + "\n# edited\n")
     edited = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert edited.returncode == 1 and "has changed since sweep boom started" in edited.stderr, edited.stderr[-2000:]
+
+
+def test_orphaned_trial_runs_are_not_counted_as_trials(tmp_path):
+    """A run a resumed sweep no longer knows (it finished after the last saved state and was re-run under a new id)
+    is tagged orphaned: final, best and compare read trials through sweep_children, which leaves it out."""
+    import json
+    import sys
+
+    from mlflow import MlflowClient
+
+    from kdray.tracking.store import TAG_KIND, TAG_PARENT, TAG_SWEEP, TAG_TRIAL, sweep_children
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("orphans")
+    parent = c.create_run(exp, run_name="s", tags={TAG_KIND: "sweep", TAG_SWEEP: "s"})
+    for i, orphan in enumerate([False, True]):
+        tags = {TAG_PARENT: parent.info.run_id, TAG_KIND: "trial", TAG_SWEEP: "s", TAG_TRIAL: f"t{i}",
+                "kdray.knowledge": "none", TAG_STATUS: "completed", "kdray.trial_number": str(i + 1),
+                "mlflow.runName": f"trial-00{i + 1}-none", **({"kdray.orphaned": "yes"} if orphan else {})}
+        run = c.create_run(exp, tags=tags)
+        c.log_metric(run.info.run_id, "val_accuracy", 0.5 + i * 0.1, step=1)
+        c.set_terminated(run.info.run_id, "FINISHED")
+    c.set_terminated(parent.info.run_id, "FINISHED")
+    assert [r.data.tags[TAG_TRIAL] for r in sweep_children(c, c.get_run(parent.info.run_id), kind="trial")] == ["t0"]
+    r = subprocess.run([sys.executable, "-m", "kdray", "compare", "--json", "--sweep", "s", "--tracking-uri", uri],
+                       capture_output=True, text=True, timeout=120)
+    assert [t["trial"] for t in json.loads(r.stdout)["trials"]] == ["trial-001-none"], r.stdout[-2000:] + r.stderr[-2000:]
