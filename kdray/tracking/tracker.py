@@ -306,7 +306,9 @@ class SweepTracker(Callback):
                          "experiment_id": self._w.experiment_id or self.experiment_id, "tags": tags, "params": {},
                          "resolved": self.space.resolved_dict(trial.config)})
         local = int(result.get("generation_epoch", step))
-        self._w.put({"kind": "log", "tid": gtid, "metrics": [(k, v, t, local) for k, v, t, _ in metrics], "tags": {}})
+        source = {f"kdray.{k}": str(result[k]) for k in ("teacher_source", "teacher_reason") if k in result}
+        self._w.put({"kind": "log", "tid": gtid, "metrics": [(k, v, t, local) for k, v, t, _ in metrics],
+                     "tags": source if local == 1 else {}})
         per_generation = int(result.get("epochs_planned", step)) // max(1, int(result.get("generations", 1)))
         if local >= per_generation or result.get("failed"):
             self._end_generation(gtid, "FAILED" if result.get("failed") else "FINISHED",
@@ -359,11 +361,13 @@ class SweepTracker(Callback):
                                                             "teacher_split_mismatch", "latency_device")
                     if k in result}
             self._w.tagged.add(tid)
-        source = (result.get("teacher_source"), result.get("teacher_reason"))
+        # The teacher's outputs changed source mid-run (a lost store): the trial's tags follow. A born-again trial's
+        # later generations have another teacher (the previous generation, run live): their runs say so instead.
+        source = (result.get("generation"), result.get("teacher_source"), result.get("teacher_reason"))
         seen = self._sources.setdefault(tid, source)
-        if source != seen and source[0] is not None:  # the teacher's outputs changed source mid-run (a lost store)
+        if source != seen and source[1] is not None and source[0] == seen[0]:
             self._sources[tid] = source
-            tags.update({"kdray.teacher_source": str(source[0]), "kdray.teacher_reason": str(source[1])})
+            tags.update({"kdray.teacher_source": str(source[1]), "kdray.teacher_reason": str(source[2])})
         if metrics or tags:
             self._w.put({"kind": "log", "tid": tid, "metrics": metrics, "tags": tags})
         if result.get("generation"):
