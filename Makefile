@@ -1,13 +1,15 @@
 # kdray: every target sets up the local virtual environment (.venv) first, from pyproject.toml.
 #   make demo   run the default sweep (MNIST-1D, offline) and print the champion
-#   make test   run the test suite
+#   make test   lint (ruff, the import layers) and the whole test suite
+#   make test-fast  the unit tests only (< 2 min): for iteration
+#   make lint   ruff, and import-linter's layer and no-cycle contracts (pyproject.toml)
 #   make results  the README's results tables (sweeps + kdray final --per-type over 5 seeds, ~15 min)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdray-installed
 
-.PHONY: install demo test benchmark results clean
+.PHONY: install demo test test-fast lint benchmark results clean
 
 install: $(STAMP)
 
@@ -19,8 +21,15 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/kdray sweep
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check kdray tests benchmarks
+	$(VENV)/bin/lint-imports
+
+test: install lint
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q tests/unit
 
 benchmark: install
 	$(PY) benchmarks/run_all.py

@@ -5,9 +5,9 @@ student; knowledge in {none, kd, dkd, fitnet, at, sp} (RKD's O(B^3) loss, the sa
 cache, is left out); the script
 first measures what one teacher forward pass costs per sample against one student training step (forward
 + backward + Adam) and reports the ratio (the issue asks for at least 4x). Both sweeps run the grid with one
-value per parameter (every knowledge choice once) and FIFO, so they run exactly the same trials; the per-trial validation accuracies of the
-two sweeps are compared (the cache holds float32 logits and features: the same numbers up to the order of
-floating-point sums).
+value per parameter (every knowledge choice once) and FIFO, so they run exactly the same trials; the
+per-trial validation accuracies of the two sweeps are compared (the cache holds float32 logits and features:
+the same numbers up to the order of floating-point sums).
 
     python benchmarks/bench_cache.py --epochs 30 --json results/cache.json
 """

@@ -27,13 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdray.config import DatasetConfig, RunConfig  # noqa: E402
 from kdray.data import load_dataset  # noqa: E402
 from kdray.models import Teacher, build_model, model_from_record  # noqa: E402
-from kdray.teacher_cache import build_cache  # noqa: E402
+from kdray.cache import build_cache  # noqa: E402
 from kdray.train.loop import STUDENT_FILE, train_run  # noqa: E402
 from kdray.train.session import Session  # noqa: E402
 
 PAIRS = {
     "mnist1d cnn -> mlp (kd)": ("mnist1d", "mnist1d_cnn", "mnist1d_mlp", [{"type": "kd", "temperature": 4.0}], 100),
-    "mnist1d cnn_wide -> mlp (kd)": ("mnist1d", "mnist1d_cnn_wide", "mnist1d_mlp", [{"type": "kd", "temperature": 4.0}], 100),
+    "mnist1d cnn_wide -> mlp (kd)": ("mnist1d", "mnist1d_cnn_wide", "mnist1d_mlp", [{"type": "kd",
+                                                                                     "temperature": 4.0}], 100),
     "digits cnn -> mlp (kd)": ("digits", "digits_cnn", "digits_mlp", [{"type": "kd", "temperature": 4.0}], 64),
 }
 

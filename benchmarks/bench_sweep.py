@@ -95,7 +95,7 @@ def sweep_once(space_data: dict, shared_storage: str, name: str):
 
     from kdray.sweep.runner import SweepRequest, run_sweep
     from kdray.sweep.space import load_space
-    from kdray.train.runner import teacher_records, trained_teacher_path
+    from kdray.teachers import teacher_records, trained_teacher_path
 
     tmp = Path(tempfile.mkdtemp(prefix="kdray-bench-"))
     space_path = tmp / "space.yaml"

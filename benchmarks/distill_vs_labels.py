@@ -42,7 +42,8 @@ def main() -> None:
     for name in ("kd", "labels only"):
         t = np.array([r["test_accuracy"] for r in rows if r["run"] == name]) * 100
         v = np.array([r["val_accuracy"] for r in rows if r["run"] == name]) * 100
-        summary[name] = {"test_mean": t.mean(), "test_std": t.std(ddof=1), "val_mean": v.mean(), "val_std": v.std(ddof=1)}
+        summary[name] = {"test_mean": t.mean(), "test_std": t.std(ddof=1), "val_mean": v.mean(),
+                         "val_std": v.std(ddof=1)}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "distill_vs_labels.json").write_text(json.dumps(summary, indent=2))
     md = [f"MNIST-1D, `kdray teacher` CNN: **{teacher_test * 100:.1f} %** test accuracy (paper: 94 %).", "",

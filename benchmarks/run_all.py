@@ -12,8 +12,10 @@ HERE = Path(__file__).resolve().parent
 RUNS = [
     ["bench_epoch.py", "--epochs", "8", "--threads", "1", "--json", "results/epoch_1thread.json"],
     ["bench_sweep.py", "--trials", "8", "--epochs", "30", "--cache", "off", "--json", "results/sweep8_cache_off.json"],
-    ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "off", "--json", "results/sweep16_cache_off.json"],
-    ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "auto", "--json", "results/sweep16_cache_on.json"],
+    ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "off", "--json",
+     "results/sweep16_cache_off.json"],
+    ["bench_sweep.py", "--trials", "16", "--epochs", "30", "--cache", "auto", "--json",
+     "results/sweep16_cache_on.json"],
     ["bench_cache.py", "--epochs", "30", "--json", "results/cache.json"],
     ["bench_aug_cache.py", "--epochs", "4", "--json", "results/aug_cache.json"],
     ["bench_search.py", "--epochs", "40", "--seeds", "2"],

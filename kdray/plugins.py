@@ -15,11 +15,12 @@ to the user's config) to every node.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import sysconfig
 from pathlib import Path
 from typing import Any
+
+from kdray.errors import KdrayError
 
 ENV = "KDRAY_PLUGINS"
 ENTRY_POINT_GROUP = "kdray.plugins"
@@ -28,7 +29,7 @@ _imported: list[str] = []  # every plugin module imported in this process, in or
 _entry_points_loaded = False
 
 
-class PluginError(ImportError):
+class PluginError(KdrayError, ImportError):
     """A plugin module that cannot be imported: ``field`` says where it was listed, ``reason`` what failed."""
 
     def __init__(self, field: str, reason: str) -> None:
@@ -136,18 +137,8 @@ def runtime_env() -> dict[str, Any]:
     if not _imported:
         return {}
     env: dict[str, Any] = {"env_vars": {ENV: ",".join(_imported)},
-                           "worker_process_setup_hook": "kdray.plugins.worker_setup"}
+                           "worker_process_setup_hook": "kdray.hooks.worker_setup"}
     sources = local_sources()
     if sources:
         env["py_modules"] = sources
     return env
-
-
-def worker_setup() -> None:
-    """Ray's ``worker_process_setup_hook``: import the driver's plugins before the worker reads a registry."""
-    names = [n for n in os.environ.get(ENV, "").split(",") if n]
-    if names:
-        import kdray  # noqa: F401  (the built-in entries first: a plugin may import from them)
-
-        import_plugins(names, where=ENV)
-    load_entry_points()

@@ -198,3 +198,15 @@ def quiet_ray_loggers() -> None:
         if (name in ("ray.train", "ray.tune") or name.startswith(("ray.train.", "ray.tune."))
                 or "/ray/train/" in name or "/ray/tune/" in name):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def resolve_ref(obj: Any) -> Any:
+    """Values handed to workers may be Ray object references (shared through the object store)."""
+    try:
+        import ray
+
+        if isinstance(obj, ray.ObjectRef):
+            return ray.get(obj)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj

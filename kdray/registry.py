@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from kdray.errors import KdrayError
+
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(KdrayError, KeyError):
     """An unknown or duplicate name in a registry."""
 
     def __str__(self) -> str:  # KeyError would repr() the message

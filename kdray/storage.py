@@ -87,3 +87,10 @@ def remove_tree(path: str) -> None:
         fs.delete_dir(p)
     except (FileNotFoundError, OSError):
         pass
+
+
+def resolve_storage(path: str | None) -> str:
+    """``--storage``: a URI (``s3://...``) as given, a folder made absolute (default ./kdray_runs)."""
+    if path and is_remote(path):
+        return path
+    return str(Path(path or "kdray_runs").expanduser().resolve())

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# The shared drivers, fault hooks and float64 references (tests/helpers) import by name from every test folder.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 # One data directory for the whole session (MNIST-1D is generated once), inherited by Ray's workers.
 _DATA = Path(tempfile.mkdtemp(prefix="kdray-test-data-"))

@@ -2,12 +2,13 @@
 
 Importing this package registers every data set.
 """
+from kdray.data import hub, offline, tables, vision  # noqa: F401  (registers the data sets)
 from kdray.data.base import (
     DATASETS,
     DataBundle,
+    DatasetEntry,
     DatasetInfo,
     DatasetSpec,
-    DatasetUnavailable,
     Split,
     carve_validation,
     data_dir,
@@ -15,15 +16,16 @@ from kdray.data.base import (
     load_dataset,
     register_dataset,
 )
-from kdray.data import custom, offline, vision  # noqa: F401  (registers the data sets)
 from kdray.data.loaders import Batches, ShardSampler
 from kdray.data.views import ViewKey, crop_flip
+from kdray.errors import DatasetUnavailable
 
 __all__ = [
     "DATASETS",
     "Batches",
     "DataBundle",
     "DatasetInfo",
+    "DatasetEntry",
     "DatasetSpec",
     "DatasetUnavailable",
     "ShardSampler",

@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -23,15 +23,23 @@ from kdray.models.zoo import Preprocess
 from kdray.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kdray.config import DatasetConfig
     from kdray.data.views import ViewKey
+
+
+class DatasetSpec(Protocol):
+    """What a loader reads of a data-set config (kdray's ``DatasetConfig`` is one). The data layer sits below the
+    config: it names the fields it needs instead of importing the config."""
+
+    name: str
+    val_fraction: float
+    split_seed: int
+    data_dir: str | None
+    download: bool
+    augment: bool | None
+    options: dict[str, Any]
 
 # A batch-level training augmentation: (x, sample indices, the epoch's view key) -> x, every draw keyed per sample.
 Augment = Callable[[Tensor, Tensor, "ViewKey"], Tensor]
-
-
-class DatasetUnavailable(RuntimeError):
-    """A data set that is not on disk and may not (or cannot) be downloaded."""
 
 
 @dataclass(frozen=True)
@@ -104,32 +112,34 @@ class DataBundle:
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
+class DatasetEntry:
+    """A registered data set: its loader, its description function and the options it takes."""
+
     name: str
-    load: Callable[["DatasetConfig"], DataBundle]
-    describe: Callable[["DatasetConfig"], DatasetInfo]
+    load: Callable[["DatasetSpec"], DataBundle]
+    describe: Callable[["DatasetSpec"], DatasetInfo]
     offline: bool
     description: str
     option_keys: tuple[str, ...] = ()
 
 
-DATASETS: Registry[DatasetSpec] = Registry("data set")
+DATASETS: Registry[DatasetEntry] = Registry("data set")
 
 
 def register_dataset(
-    name: str, describe: Callable[["DatasetConfig"], DatasetInfo], *, offline: bool, description: str,
+    name: str, describe: Callable[["DatasetSpec"], DatasetInfo], *, offline: bool, description: str,
     option_keys: tuple[str, ...] = (),
 ):
-    """Decorator: register a loader ``(DatasetConfig) -> DataBundle`` under ``name``."""
+    """Decorator: register a loader ``(DatasetSpec) -> DataBundle`` under ``name``."""
 
-    def decorator(load: Callable[["DatasetConfig"], DataBundle]):
-        DATASETS.register(name, DatasetSpec(name, load, describe, offline, description, tuple(option_keys)))
+    def decorator(load: Callable[["DatasetSpec"], DataBundle]):
+        DATASETS.register(name, DatasetEntry(name, load, describe, offline, description, tuple(option_keys)))
         return load
 
     return decorator
 
 
-def data_dir(cfg: "DatasetConfig") -> Path:
+def data_dir(cfg: "DatasetSpec") -> Path:
     """Where data sets live: ``dataset.data_dir``, else ``$KDRAY_DATA_DIR``, else ``~/.cache/kdray/data``."""
     root = cfg.data_dir or os.environ.get("KDRAY_DATA_DIR") or Path.home() / ".cache" / "kdray" / "data"
     return Path(root).expanduser()
@@ -162,7 +172,7 @@ def in_memory_bundle(
     y_train: Tensor,
     x_test: Tensor,
     y_test: Tensor,
-    cfg: "DatasetConfig",
+    cfg: "DatasetSpec",
     augment: Augment | None = None,
 ) -> DataBundle:
     """Carve validation from train and fingerprint the data (the teacher-cache key uses it)."""
@@ -198,9 +208,9 @@ def cached_arrays(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict
     return arrays
 
 
-def load_dataset(cfg: "DatasetConfig") -> DataBundle:
+def load_dataset(cfg: "DatasetSpec") -> DataBundle:
     return DATASETS.get(cfg.name).load(cfg)
 
 
-def describe_dataset(cfg: "DatasetConfig") -> DatasetInfo:
+def describe_dataset(cfg: "DatasetSpec") -> DatasetInfo:
     return DATASETS.get(cfg.name).describe(cfg)

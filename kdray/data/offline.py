@@ -11,7 +11,7 @@ import torch
 from kdray.data.base import DataBundle, DatasetInfo, cached_arrays, data_dir, in_memory_bundle, register_dataset
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kdray.config import DatasetConfig
+    from kdray.data.base import DatasetSpec
 
 
 # -- MNIST-1D ---------------------------------------------------------------------------------------
@@ -21,7 +21,7 @@ MNIST1D_ARGS = (
 )
 
 
-def _mnist1d_args(cfg: "DatasetConfig"):
+def _mnist1d_args(cfg: "DatasetSpec"):
     from mnist1d.data import get_dataset_args
 
     args = get_dataset_args(as_dict=True)
@@ -32,7 +32,7 @@ def _mnist1d_args(cfg: "DatasetConfig"):
     return args
 
 
-def describe_mnist1d(cfg: "DatasetConfig") -> DatasetInfo:
+def describe_mnist1d(cfg: "DatasetSpec") -> DatasetInfo:
     length = int(_mnist1d_args(cfg)["final_seq_length"])
     return DatasetInfo((length,), 10, (1, length))
 
@@ -41,7 +41,7 @@ def describe_mnist1d(cfg: "DatasetConfig") -> DatasetInfo:
     "mnist1d", describe_mnist1d, offline=True, option_keys=MNIST1D_ARGS,
     description="MNIST-1D (Greydanus 2020): 4000/1000 procedurally generated 1-D digits, 40 floats each",
 )
-def load_mnist1d(cfg: "DatasetConfig") -> DataBundle:
+def load_mnist1d(cfg: "DatasetSpec") -> DataBundle:
     """Generated with the package's default arguments: the published 4000/1000 split.
 
     The generator takes ~1.5 s; the arrays are cached under the data directory keyed by the arguments
@@ -72,7 +72,7 @@ def load_mnist1d(cfg: "DatasetConfig") -> DataBundle:
 DIGITS_MEAN, DIGITS_STD = 4.8842, 6.0168
 
 
-def describe_digits(cfg: "DatasetConfig") -> DatasetInfo:
+def describe_digits(cfg: "DatasetSpec") -> DatasetInfo:
     return DatasetInfo((64,), 10, (1, 8, 8), DIGITS_MEAN, DIGITS_STD)
 
 
@@ -87,7 +87,7 @@ def _fixed_test_split(x: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, 
     "digits", describe_digits, offline=True,
     description="scikit-learn's 1797 real 8x8 handwritten digits; fixed stratified 80/20 train/test split",
 )
-def load_digits(cfg: "DatasetConfig") -> DataBundle:
+def load_digits(cfg: "DatasetSpec") -> DataBundle:
     from sklearn.datasets import load_digits as sk_load_digits
 
     d = sk_load_digits()
@@ -97,7 +97,7 @@ def load_digits(cfg: "DatasetConfig") -> DataBundle:
 
 
 # -- a tiny synthetic set for tests ------------------------------------------------------------------
-def describe_tiny(cfg: "DatasetConfig") -> DatasetInfo:
+def describe_tiny(cfg: "DatasetSpec") -> DatasetInfo:
     return DatasetInfo((16,), 3, (1, 16))
 
 
@@ -105,7 +105,7 @@ def describe_tiny(cfg: "DatasetConfig") -> DatasetInfo:
     "test_blobs", describe_tiny, offline=True,
     description="tiny synthetic 3-class set (scikit-learn make_classification, 600 x 16) for tests",
 )
-def load_test_blobs(cfg: "DatasetConfig") -> DataBundle:
+def load_test_blobs(cfg: "DatasetSpec") -> DataBundle:
     from sklearn.datasets import make_classification
 
     x, y = make_classification(
@@ -116,7 +116,7 @@ def load_test_blobs(cfg: "DatasetConfig") -> DataBundle:
     return in_memory_bundle("test_blobs", describe_tiny(cfg), t(x_tr), t(y_tr), t(x_te), t(y_te), cfg)
 
 
-def describe_test_images(cfg: "DatasetConfig") -> DatasetInfo:
+def describe_test_images(cfg: "DatasetSpec") -> DatasetInfo:
     classes = int(cfg.options.get("classes", 3))
     return DatasetInfo((3, 32, 32), classes, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -126,7 +126,7 @@ def describe_test_images(cfg: "DatasetConfig") -> DatasetInfo:
     description="synthetic CIFAR-shaped set (uint8 3x32x32 images, crop+flip; default 600 images of 3 classes; "
                 "options samples, classes) for tests and benchmarks",
 )
-def load_test_images(cfg: "DatasetConfig") -> DataBundle:
+def load_test_images(cfg: "DatasetSpec") -> DataBundle:
     """Stored and augmented like CIFAR (uint8 NCHW, random crop with 4-pixel padding + flip), so the code
     paths real image sets take run in tests: each class is a noisy colour gradient in its own direction
     (3 classes: down, right, up; C classes: C directions around the circle)."""

@@ -5,7 +5,7 @@ transforms of a file-backed set) comes from a counter-based generator keyed by (
 index, stream), not from a generator that advances batch by batch. So the view of a sample depends on
 neither the batch it lands in, nor the number of workers, nor the order of the epoch: every trial of a
 sweep that shares the seed trains on exactly the same views. That is what lets teacher outputs be
-computed once per (epoch, sample) and shared (:mod:`kdray.view_cache`), and it makes trials differ only
+computed once per (epoch, sample) and shared (:mod:`kdray.cache`), and it makes trials differ only
 in what they search (common random numbers: a lower-noise comparison).
 
 The generator is a 32-bit integer hash (Wellons' ``lowbias32``) applied to the key's words in turn, in

@@ -20,7 +20,6 @@ from filelock import FileLock
 from kdray.data.base import (
     DataBundle,
     DatasetInfo,
-    DatasetUnavailable,
     Split,
     carve_validation,
     data_dir,
@@ -28,12 +27,14 @@ from kdray.data.base import (
     register_dataset,
 )
 from kdray.data.views import crop_flip
+from kdray.errors import DatasetUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kdray.config import DatasetConfig
+    from kdray.data.base import DatasetSpec
 
 # name: (torchvision class, folder torchvision uses, shape, classes, mean, std, augment(pad, flip))
-TV_SETS: dict[str, tuple[str, str, tuple[int, ...], int, tuple[float, ...], tuple[float, ...], tuple[int, bool] | None]] = {
+TV_SETS: dict[str, tuple[str, str, tuple[int, ...], int, tuple[float, ...], tuple[float, ...], tuple[int,
+                                                                                                     bool] | None]] = {
     "cifar10": ("CIFAR10", "cifar-10-batches-py", (3, 32, 32), 10,
                 (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), (4, True)),
     "cifar100": ("CIFAR100", "cifar-100-python", (3, 32, 32), 100,
@@ -43,7 +44,7 @@ TV_SETS: dict[str, tuple[str, str, tuple[int, ...], int, tuple[float, ...], tupl
 }
 
 
-def _describe_tv(name: str, cfg: "DatasetConfig") -> DatasetInfo:
+def _describe_tv(name: str, cfg: "DatasetSpec") -> DatasetInfo:
     cls_name, folder, shape, classes, mean, std, _ = TV_SETS[name]
     root = data_dir(cfg)
     if not (root / folder).exists() and not cfg.download:
@@ -54,7 +55,7 @@ def _describe_tv(name: str, cfg: "DatasetConfig") -> DatasetInfo:
     return DatasetInfo(shape, classes, shape, mean, std)
 
 
-def _load_tv(name: str, cfg: "DatasetConfig") -> DataBundle:
+def _load_tv(name: str, cfg: "DatasetSpec") -> DataBundle:
     import torchvision.datasets as tvd
 
     info = _describe_tv(name, cfg)
@@ -95,7 +96,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGEFOLDER_KEYS = ("root", "image_size", "test_fraction")
 
 
-def _folder_root(cfg: "DatasetConfig") -> Path:
+def _folder_root(cfg: "DatasetSpec") -> Path:
     root = cfg.options.get("root")
     if not root:
         raise DatasetUnavailable("imagefolder needs `dataset.options.root`: a folder with train/<class>/*.jpg")
@@ -105,7 +106,7 @@ def _folder_root(cfg: "DatasetConfig") -> Path:
     return root
 
 
-def describe_imagefolder(cfg: "DatasetConfig") -> DatasetInfo:
+def describe_imagefolder(cfg: "DatasetSpec") -> DatasetInfo:
     root = _folder_root(cfg)
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     if len(classes) < 2:
@@ -131,7 +132,7 @@ class _Indexed(torch.utils.data.Dataset):
     "imagefolder", describe_imagefolder, offline=True, option_keys=IMAGEFOLDER_KEYS,
     description="your own images: options.root with train/<class>/ (and optionally test/<class>/)",
 )
-def load_imagefolder(cfg: "DatasetConfig") -> DataBundle:
+def load_imagefolder(cfg: "DatasetSpec") -> DataBundle:
     """Images read from disk; random-resized-crop + flip for training, resize + centre crop otherwise
     (for training too with ``dataset.augment: false``).
 

@@ -65,20 +65,25 @@ class KnowledgeParams(BaseModel):
     weight: float = Field(1.0, ge=0, description="w_k, the weight of this term in the objective")
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+def _autocast_devices() -> tuple[str, ...]:
+    """The device types this torch build can autocast (asked once: the check runs on every loss call)."""
+    known = []
+    for device in ("cpu", "cuda", "xpu", "mps"):
+        try:
+            torch.is_autocast_enabled(device)
+        except (RuntimeError, TypeError, ValueError):  # a device type this build does not know
+            continue
+        known.append(device)
+    return tuple(known)
+
+
+_AUTOCAST_DEVICES = _autocast_devices()
 _LOW = (torch.float16, torch.bfloat16)
 
 
-def _active_autocast() -> list[str]:
+def active_autocast() -> list[str]:
     """The device types whose autocast is on in this thread."""
-    on = []
-    for device in _AUTOCAST_DEVICES:
-        try:
-            if torch.is_autocast_enabled(device):
-                on.append(device)
-        except (RuntimeError, TypeError, ValueError):  # a device type this build does not know
-            continue
-    return on
+    return [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
 
 
 def _to_float32(x: Any) -> Any:
@@ -105,7 +110,7 @@ def float32_loss(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
     @functools.wraps(forward)
     def wrapper(self, *args: Any, **kwargs: Any) -> Tensor:
         args, kwargs = _to_float32(args), _to_float32(kwargs)
-        on = _active_autocast()
+        on = active_autocast()
         if not on:
             return forward(self, *args, **kwargs)
         with contextlib.ExitStack() as stack:

@@ -1,6 +1,7 @@
 """The objective of a run: w_ce·CE(y, z_s) + Σ_k w_k·L_k over any subset of knowledge types."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdray.knowledge.base import KNOWLEDGE, Knowledge, ModelLayout, TapOutputs, as_float
+from kdray.knowledge.base import KNOWLEDGE, Knowledge, ModelLayout, TapOutputs, active_autocast, as_float
 
 
 class DistillObjective(nn.Module):
@@ -104,7 +105,12 @@ class DistillObjective(nn.Module):
 
         ``index``: the batch's positions in the training split (the loop's ``idx``), passed on to the types
         with ``uses_index`` only."""
-        with torch.autocast(student.logits.device.type, enabled=False):
+        on = active_autocast()
+        if not on:  # fp32: nothing to turn off (this runs every step)
+            return self._terms(student, teacher, target, index)
+        with contextlib.ExitStack() as stack:
+            for device in on:
+                stack.enter_context(torch.autocast(device, enabled=False))
             return self._terms(student, teacher, target, index)
 
     def _terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,

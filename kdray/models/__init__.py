@@ -2,18 +2,17 @@
 
 Importing this package registers every architecture.
 """
-from kdray.models.zoo import MODELS, Classifier, ModelSpec, Preprocess, build_model, register_model, set_layout
 from kdray.models import cifar, hf, small, timm_zoo, torchvision_zoo  # noqa: F401  (registers the architectures)
-from kdray.models.taps import FeatureTaps, LayerNotFound, check_layers, layer_names
 from kdray.models.checkpoint import (
     Teacher,
     load_record,
     model_from_record,
     model_record,
     save_model,
-    unwrap,
     weights_digest,
 )
+from kdray.models.taps import FeatureTaps, LayerNotFound, check_layers, layer_names
+from kdray.models.zoo import MODELS, Classifier, ModelSpec, Preprocess, build_model, register_model, set_layout, unwrap
 
 __all__ = [
     "MODELS",

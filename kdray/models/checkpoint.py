@@ -19,16 +19,9 @@ from torch import Tensor, nn
 
 from kdray.knowledge.base import TapOutputs
 from kdray.models.taps import FeatureTaps
-from kdray.models.zoo import Classifier, Preprocess, build_model
+from kdray.models.zoo import Classifier, Preprocess, build_model, unwrap
 
 FORMAT = "kdray.model/1"
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP / compiled wrapper."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
 
 
 def model_record(
@@ -108,14 +101,15 @@ def load_record(source: str | os.PathLike | dict[str, Any] | bytes) -> dict[str,
             raise FileNotFoundError(f"model checkpoint {p} does not exist")
         record = torch.load(p, map_location="cpu", weights_only=True)
     if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ValueError(f"{source if not isinstance(source, (dict, bytes)) else 'record'} is not a kdray model checkpoint")
+        what = source if not isinstance(source, (dict, bytes)) else "record"
+        raise ValueError(f"{what} is not a kdray model checkpoint")
     return record
 
 
 def model_from_record(record: dict[str, Any]) -> Classifier:
     pre = record["preprocess"]
     if record.get("module") is not None or record.get("pt2") is not None:  # an MLflow teacher: raw inputs
-        from kdray.tracking.teacher import foreign_module
+        from kdray.models.foreign import foreign_module
 
         return Classifier(Preprocess(tuple(pre["shape"]), passthrough=True), foreign_module(record))
     mean, std = pre["mean"], pre["std"]

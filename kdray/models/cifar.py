@@ -39,7 +39,8 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     def __init__(
-        self, num_classes: int, input_shape: tuple[int, ...], depth: int = 20, filters: tuple[int, ...] = (16, 16, 32, 64)
+        self, num_classes: int, input_shape: tuple[int, ...], depth: int = 20, filters: tuple[int, ...] = (16, 16, 32,
+                                                                                                           64)
     ) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
@@ -91,7 +92,8 @@ class WideBasic(nn.Module):
 
 class WideResNet(nn.Module):
     def __init__(
-        self, num_classes: int, input_shape: tuple[int, ...], depth: int = 16, widen_factor: int = 1, drop_rate: float = 0.0
+        self, num_classes: int, input_shape: tuple[int, ...], depth: int = 16, widen_factor: int = 1,
+            drop_rate: float = 0.0
     ) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
@@ -102,7 +104,8 @@ class WideResNet(nn.Module):
         ch = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(input_shape[0], ch[0], 3, padding=1, bias=False)
         for i, stride in enumerate((1, 2, 2)):
-            blocks = [WideBasic(ch[i] if j == 0 else ch[i + 1], ch[i + 1], stride if j == 0 else 1, drop_rate) for j in range(n)]
+            blocks = [WideBasic(ch[i] if j == 0 else ch[i + 1], ch[i + 1], stride if j == 0 else 1,
+                                drop_rate) for j in range(n)]
             self.add_module(f"block{i + 1}", nn.Sequential(*blocks))
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.relu = nn.ReLU(inplace=True)

@@ -404,7 +404,7 @@ def init_from_teacher(teacher: nn.Module, mode: str = "every_other_layer") -> HF
     """A student with the teacher's config but ceil(L/2) layers, layer j copied from teacher layer 2j and
     every other weight (embeddings, pooler, classifier) copied as is: DistilBERT's initialisation
     (Sanh et al., 2019, arXiv:1910.01108). ``teacher`` is a kdray Classifier or an HFClassifier."""
-    from kdray.models.checkpoint import unwrap
+    from kdray.models.zoo import unwrap
 
     if mode != "every_other_layer":
         raise ValueError(f"unknown init_from_teacher mode {mode!r}; known: 'every_other_layer'")

@@ -10,10 +10,11 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
+from kdray.errors import KdrayError
 from kdray.knowledge.base import TapOutputs
 
 
-class LayerNotFound(ValueError):
+class LayerNotFound(KdrayError, ValueError):
     """A tapped layer name that the model does not have; the message lists the valid ones."""
 
     def __init__(self, model_name: str, missing: list[str], valid: list[str]) -> None:

@@ -23,14 +23,16 @@ LAYOUTS: dict[str, tuple[list[str], str]] = {
     "shufflenet_v2_x0_5": (["stage2", "stage3", "stage4", "conv5"], "conv5"),
     "shufflenet_v2_x1_0": (["stage2", "stage3", "stage4", "conv5"], "conv5"),
     "efficientnet_b0": (["features.2", "features.3", "features.5", "features.8"], "avgpool"),
-    "regnet_y_400mf": (["trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4"], "avgpool"),
+    "regnet_y_400mf": (["trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4"],
+                       "avgpool"),
 }
 
 
 def _factory(arch: str):
     def build(num_classes: int, input_shape: tuple[int, ...], **options: Any) -> nn.Module:
         if len(input_shape) != 3 or input_shape[0] != 3:
-            raise ValueError(f"torchvision's {arch} needs RGB images (3, H, W), got inputs of shape {tuple(input_shape)}")
+            raise ValueError(f"torchvision's {arch} needs RGB images (3, H, W), got inputs of shape "
+                             f"{tuple(input_shape)}")
         if options.get("weights"):
             raise ValueError(
                 f"pretrained weights for {arch} are not supported here (they need a download and 1000 classes); "
@@ -38,7 +40,8 @@ def _factory(arch: str):
             )
         from torchvision.models import get_model  # here: importing torchvision.models costs ~1 s (torch._dynamo)
 
-        net = get_model(arch, weights=None, num_classes=num_classes, **{k: v for k, v in options.items() if k != "weights"})
+        net = get_model(arch, weights=None, num_classes=num_classes, **{k: v for k,
+                                                                        v in options.items() if k != "weights"})
         stages, emb = LAYOUTS[arch]
         return set_layout(net, stages, emb)
 

@@ -109,3 +109,10 @@ def build_model(
     """Build the registered model ``name`` for a data set (its class count and preprocessing)."""
     spec = MODELS.get(name)
     return Classifier(preprocess, spec.build(num_classes, preprocess.shape, **(options or {})))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / compiled wrapper."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)

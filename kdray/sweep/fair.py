@@ -121,7 +121,7 @@ class FairASHA(FIFOScheduler):
         if trial.status in ("TERMINATED", "ERROR"):
             # --resume re-adds every trial of the sweep (the scheduler itself is rebuilt from the Tuner): a trial
             # that already ended counts as the full-length trial it was, and holds no slot
-            from kdray.train.loop import ran_all_epochs
+            from kdray.runfiles import ran_all_epochs
 
             last = trial.last_result or {}
             if trial.status == "TERMINATED" and not last.get("failed") and ran_all_epochs(last, self.max_t):
@@ -137,7 +137,7 @@ class FairASHA(FIFOScheduler):
         return TrialScheduler.CONTINUE if go else TrialScheduler.STOP
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        from kdray.train.loop import ran_all_epochs
+        from kdray.runfiles import ran_all_epochs
 
         self.rungs.end(trial.trial_id, bool(result) and not result.get("failed")
                        and ran_all_epochs(result, self.max_t))

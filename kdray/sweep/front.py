@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from kdray.errors import BudgetError
+
 COSTS = ("student_params", "latency_ms", "latency_b64_ms")
 
 
@@ -66,10 +68,6 @@ def front_png(board: Any, cost: str, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-class BudgetError(RuntimeError):
-    """No trial meets the budget, or its student cannot be read back."""
 
 
 def budget_alias(max_latency_ms: float | None, max_params: float | None) -> str:

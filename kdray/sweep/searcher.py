@@ -20,11 +20,11 @@ import warnings
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
-from optuna.trial import TrialState
 
-from kdray.train.loop import ran_all_epochs
+from kdray.runfiles import ran_all_epochs
 
 
 def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers.BaseSampler:

@@ -69,7 +69,8 @@ class Distribution(BaseModel):
                 raise ValueError("a categorical takes only `choices`")
             bad = [c for c in self.choices if not (c is None or isinstance(c, (str, int, float, bool)))]
             if bad:
-                raise ValueError(f"Optuna's categorical choices must be strings, numbers, booleans or null; got {bad[0]!r} "
+                raise ValueError(f"Optuna's categorical choices must be strings, numbers, booleans or null; "
+                                 f"got {bad[0]!r} "
                                  "(fix a list-valued parameter as a plain value instead)")
             if len({repr(c) for c in self.choices}) != len(self.choices):
                 raise ValueError(f"`choices` has duplicates: {self.choices}")
@@ -253,7 +254,8 @@ class SearchSpace(Strict):
                 errors.extend(pydantic_errors(e, Distribution, ("space", key)))
         raw_choices = self.space.get("knowledge") or {}
         if not isinstance(raw_choices, dict):
-            errors.append(("space.knowledge", "expected a mapping from knowledge type (kd, kd+at, none) to its sub-space"))
+            errors.append(("space.knowledge",
+                           "expected a mapping from knowledge type (kd, kd+at, none) to its sub-space"))
             raw_choices = {}
         choices: dict[str, dict[str, Any]] = {}
         for choice, sub in raw_choices.items():
@@ -482,7 +484,8 @@ def load_space(path: str | Path) -> SearchSpace:
 def check_space(path: str | Path, capacity: dict[str, float] | None = None,
                 tracking_uri: str | None = None) -> SearchSpace:
     """``kdray check``: validate the space, then dry-run the shapes of every representative trial."""
-    from kdray.check import check_resources, dry_run, load_teacher_records
+    from kdray.check import check_resources, dry_run
+    from kdray.teachers import load_teacher_records
 
     space = load_space(path)
     configs = space.validate_trials(path)

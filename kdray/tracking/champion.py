@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kdray.errors import KdrayError
 from kdray.models import load_record, model_from_record, save_model
 from kdray.tracking.store import TAG_STATUS, client, retrying
 
@@ -70,7 +71,7 @@ def read_checkpoint_record(checkpoint: Any) -> dict[str, Any]:
     """The student record of a trial checkpoint: a Ray Checkpoint (local disk or cloud storage) or a path."""
     import ray.train
 
-    from kdray.train.loop import STUDENT_FILE
+    from kdray.runfiles import STUDENT_FILE
 
     if not isinstance(checkpoint, ray.train.Checkpoint):  # (a Checkpoint claims to be PathLike, and refuses it)
         if Path(checkpoint).exists():
@@ -84,7 +85,7 @@ def test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: 
     """Accuracy of a student record on the test split (the one place kdray reads it)."""
     from kdray.config import DatasetConfig
     from kdray.data import load_dataset
-    from kdray.train.loop import evaluate
+    from kdray.data.evaluate import evaluate
 
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     data = load_dataset(DatasetConfig.model_validate(dataset_cfg))
@@ -248,7 +249,7 @@ def _requirements() -> list[str]:
     """Pins for the logged model's environment: what loading a kdray student needs."""
     import torch as _t
 
-    from kdray import __version__
+    from kdray.version import __version__
 
     return [f"torch=={_t.__version__.split('+')[0]}", f"kdray=={__version__}"]
 
@@ -294,7 +295,7 @@ def export_record(record: dict[str, Any], out_dir: str | os.PathLike,
         try:
             import onnx  # noqa: F401  (torch's exporter needs it)
         except ImportError:
-            raise RuntimeError("ONNX export needs the onnx package: pip install 'kdray[onnx]'") from None
+            raise KdrayError("ONNX export needs the onnx package: pip install 'kdray[onnx]'") from None
         p = out / "student.onnx"
         torch.onnx.export(model, (example,), str(p), input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)

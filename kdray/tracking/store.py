@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kdray.errors import TrackingUnavailable
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 TAG_KIND = "kdray.kind"
@@ -24,10 +26,6 @@ TAG_TRIAL = "kdray.trial_id"
 TAG_STATUS = "kdray.status"  # completed | stopped_early | failed | error | retrying | running
 TAG_KNOWLEDGE = "kdray.knowledge"
 TAG_PARENT = "mlflow.parentRunId"
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking URI cannot be used; raised before any trial runs."""
 
 
 def tracking_uri(explicit: str | None = None) -> str:

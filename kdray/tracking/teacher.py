@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from kdray.data.base import DatasetInfo
+from kdray.errors import KdrayError
 from kdray.models.checkpoint import FORMAT
-
-MODULE_KEY = "module"  # a record key that holds a live nn.Module instead of a state dict to rebuild
-PT2_KEY = "pt2"  # a record key that holds a torch.export program (bytes), loaded in each process
+from kdray.models.foreign import MODULE_KEY, PT2_KEY, foreign_module
 
 
-class MlflowTeacherError(ValueError):
+class MlflowTeacherError(KdrayError, ValueError):
     """The registered model cannot teach on this data set (missing, not PyTorch, wrong signature)."""
 
 
@@ -57,25 +56,6 @@ def _signature_problems(sig: Any, info: DatasetInfo) -> list[str]:
             problems.append(f"its signature returns {shape[-1]} outputs per sample but the data set has "
                             f"{info.num_classes} classes")
     return problems
-
-
-class ExportedModel(nn.Module):
-    """A ``torch.export`` program as a module (MLflow's default "pt2" format). Its train/eval behaviour was
-    fixed when it was exported, and the unlifted graph refuses ``train()``/``eval()``: a teacher is frozen
-    anyway, so the mode stops here instead of recursing into it."""
-
-    def __init__(self, program: bytes) -> None:
-        super().__init__()
-        import io
-
-        self.graph = torch.export.load(io.BytesIO(program)).module()
-
-    def train(self, mode: bool = True) -> "ExportedModel":
-        self.training = mode
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)
 
 
 def _fetch(uri: str) -> tuple[bytes | None, nn.Module | None]:
@@ -147,10 +127,3 @@ def load_mlflow_teacher(uri: str, info: DatasetInfo, tracking_uri: str) -> dict[
         raise MlflowTeacherError(f"{uri} returns {got} for 2 samples; a teacher must return logits "
                                  f"(2, {info.num_classes})")
     return record
-
-
-def foreign_module(record: dict[str, Any]) -> nn.Module:
-    """The network of a record that holds a foreign model (an exported program or an unpickled module)."""
-    if record.get(PT2_KEY) is not None:
-        return ExportedModel(record[PT2_KEY])
-    return record[MODULE_KEY]

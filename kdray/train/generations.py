@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from kdray.models import load_record
 from kdray.models.checkpoint import atomic_torch_save
+from kdray.runfiles import PLANNED_EPOCHS, STATE_FILE, STUDENT_FILE
 from kdray.train.session import Session
 
 GEN_FILE = "generation.json"  # {"generation": g} in every checkpoint of a born-again run
@@ -73,7 +74,6 @@ class GenerationSession(Session):
 
     # -- reporting ------------------------------------------------------------------------------------
     def _shift(self, metrics: dict[str, Any]) -> dict[str, Any]:
-        from kdray.train.loop import PLANNED_EPOCHS
 
         m = dict(metrics)
         e = int(m.get("epoch", 0))
@@ -87,7 +87,6 @@ class GenerationSession(Session):
         return m
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        from kdray.train.loop import STUDENT_FILE
 
         m = self._shift(metrics)
         if checkpoint_dir:
@@ -125,10 +124,11 @@ def generation_run(run: dict[str, Any], generation: int) -> dict[str, Any]:
     return {**run, "seed": int(run.get("seed", 0)) + GENERATION_SEED_STEP * (generation - 1)}
 
 
-def run_generations(config: dict[str, Any], session: Session) -> dict[str, Any]:
-    """Train ``scheme.generations`` generations one after the other; return the last one's metrics."""
+def run_generations(config: dict[str, Any], session: Session,
+                    train_one: Callable[[dict[str, Any], Session], dict[str, Any]]) -> dict[str, Any]:
+    """Train ``scheme.generations`` generations one after the other with ``train_one`` (the training loop's
+    ``train_run``, passed in: the loop calls this module, not the other way round); return the last metrics."""
     from kdray.config import RunConfig
-    from kdray.train.loop import STATE_FILE, STUDENT_FILE, train_run
 
     cfg = RunConfig.model_validate(config["run"])
     n, epochs = cfg.scheme.generations, cfg.train.epochs
@@ -154,7 +154,7 @@ def run_generations(config: dict[str, Any], session: Session) -> dict[str, Any]:
             if session.rank == 0 and config.get("progress"):
                 print(f"[kdray] born-again generation {g}/{n}"
                       + (" (taught by generation %d)" % (g - 1) if g > 1 else ""), flush=True)
-            last = train_run(run, sub)
+            last = train_one(run, sub)
             last = sub.last_report or last  # as reported: in the run's epochs, with the generation
             if last.get("failed"):
                 return last

@@ -5,8 +5,6 @@ local mode (``ScalingConfig(num_workers=0)``): the same loop, no worker group, f
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 import uuid
@@ -15,13 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from kdray import storage
-from kdray.config import RunConfig, TeacherRunConfig
-from kdray.models import load_record, save_model
-from kdray.train.loop import STUDENT_FILE
-
-
-class TrainingFailed(RuntimeError):
-    """A run that ended without a usable model (its loss became NaN, or it wrote no checkpoint)."""
+from kdray.config import RunConfig
+from kdray.errors import TrainingFailed
+from kdray.models import load_record
+from kdray.runfiles import STUDENT_FILE
 
 
 def new_run_name(prefix: str) -> str:
@@ -138,7 +133,7 @@ def fit(
 
 def newest_checkpoint(root: Path) -> str | None:
     """The newest complete checkpoint folder (``checkpoint_NNNNNN`` with its train state) a local-mode run kept."""
-    from kdray.train.loop import STATE_FILE
+    from kdray.runfiles import STATE_FILE
 
     done = sorted(p for p in root.glob("checkpoint_*") if (p / STATE_FILE).is_file() and (p / STUDENT_FILE).is_file())
     return str(done[-1]) if done else None
@@ -151,27 +146,6 @@ def final_student(result: FitResult) -> dict[str, Any]:
     if result.checkpoint_dir is None:
         raise TrainingFailed("the run reported no checkpoint")
     return load_record(Path(result.checkpoint_dir) / STUDENT_FILE)
-
-
-# -- teachers -------------------------------------------------------------------------------------------
-def teacher_key(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def teacher_run_config(cfg: RunConfig) -> TeacherRunConfig:
-    """The labels-only run that trains ``cfg.teacher.train`` on ``cfg``'s data set."""
-    t = cfg.teacher.train
-    return TeacherRunConfig(name=f"teacher-{t.model.name}", seed=t.seed, dataset=cfg.dataset, model=t.model,
-                            train=t.train, resources=cfg.resources.model_copy(update={"execution": "train"}))
-
-
-def trained_teacher_path(cfg: RunConfig, storage_path: str, data_fingerprint: str) -> str:
-    """Where the teacher trained for ``cfg`` lives in the run storage (a folder or a URI): keyed by its
-    config *and* the data's content, so changed data (a re-exported image folder) trains a new teacher."""
-    tcfg = teacher_run_config(cfg)
-    key = teacher_key({"model": tcfg.model.model_dump(), "train": tcfg.train.model_dump(), "seed": tcfg.seed,
-                       "dataset": tcfg.dataset.model_dump(), "data": data_fingerprint})
-    return storage.join(storage_path, "teachers", f"{tcfg.model.name}-{key}.pt")
 
 
 def _inline_run(run: dict[str, Any], progress: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -200,51 +174,6 @@ def fit_inline(cfg: RunConfig, progress: bool = True) -> tuple[dict[str, Any], d
     task = ray.remote(_inline_run).options(num_cpus=cfg.resources.cpus_per_worker,
                                            num_gpus=min(1.0, cfg.resources.gpus_per_worker))
     return ray.get(task.remote(cfg.model_dump(mode="json"), progress))
-
-
-def train_teacher(tcfg: TeacherRunConfig, *, storage_path: str, output: str | Path, local: bool = False,
-                  progress: bool = True, inline: bool = False, run_name: str | None = None) -> dict[str, Any]:
-    """Train a teacher on labels and save its model record at ``output`` (a path or storage URI, written
-    whole or not at all).
-
-    ``inline``: one process as a Ray task (what a sweep uses for one-CPU-worker configs); otherwise a
-    TorchTrainer with the config's workers, under a new run name unless ``run_name`` resumes one.
-    """
-    if inline:
-        metrics, record = fit_inline(tcfg.as_run(), progress)
-        if record is None:
-            raise TrainingFailed(f"teacher training failed: {metrics.get('failed', 'no checkpoint')}")
-    else:
-        result = fit(tcfg.as_run(), storage_path=storage_path, name=run_name or new_run_name(tcfg.name),
-                     local=local, progress=progress)
-        if result.failed:
-            raise TrainingFailed(f"teacher training failed: {result.failed}")
-        record = final_student(result)
-    save_model(record, output)
-    return record
-
-
-def teacher_records(cfg: RunConfig, storage_path: str, *, local: bool = False, progress: bool = True,
-                    inline: bool = False, tracking_uri: str | None = None,
-                    log=lambda m: print(f"[kdray] {m}", flush=True)) -> list[dict[str, Any]]:
-    """The teacher of ``cfg``: loaded (checkpoints, a model by name, the MLflow registry), or trained once and
-    reused afterwards."""
-    if cfg.teacher is None:
-        return []
-    if cfg.teacher.ready_made:
-        from kdray.check import load_teacher_records
-
-        return load_teacher_records(cfg, tracking_uri=tracking_uri)
-    from kdray.data import load_dataset
-
-    path = trained_teacher_path(cfg, storage_path, load_dataset(cfg.dataset).fingerprint)
-    if storage.exists(path):
-        log(f"using the teacher trained earlier for this config and data: {path}")
-        return [load_record(path)]
-    log(f"training the teacher ({cfg.teacher.train.model.name}, {cfg.teacher.train.train.epochs} epochs); "
-        f"it is saved to {path} and reused by later runs")
-    return [train_teacher(teacher_run_config(cfg), storage_path=storage_path, output=path, local=local,
-                          progress=progress, inline=inline)]
 
 
 def copy_checkpoint_file(result: FitResult, dest: str | Path) -> Path:

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-FAILURE_FILE = "failure.json"  # the only file of the checkpoint a failed Ray Train run reports last
+from kdray.runfiles import FAILURE_FILE
 
 
 class Session:

@@ -1,0 +1,81 @@
+"""Teacher outputs on fixed (not augmented) training inputs: one pass over the training split, kept by sample index
+and shared with every trial through Ray's object store."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdray.cache.keys import cache_key
+from kdray.data import Batches, DataBundle
+from kdray.models import Teacher
+
+
+@dataclass
+class TeacherCache:
+    """Teacher logits and feature maps for every sample of one split, indexed by sample index."""
+
+    key: str
+    logits: np.ndarray
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    dtype: str = "float32"
+    note: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.logits.nbytes + sum(a.nbytes for a in self.features.values()))
+
+    def __len__(self) -> int:
+        return int(self.logits.shape[0])
+
+
+def plan_cache(n: int, shapes: dict[str, tuple[int, ...]], num_classes: int, max_bytes: int, dtype: str = "auto"):
+    """Decide what to cache within the budget: (feature dtype, layers kept, note).
+
+    Logits are always float32 (they are small, and KD at T=1 is sensitive to them). Features are
+    float32 when they fit, float16 when only half fits; beyond that only the logits are cached and
+    trials that need features run the teacher live.
+    """
+    logits_bytes = n * num_classes * 4
+    feat_elems = sum(n * math.prod(s) for s in shapes.values())
+    if dtype in ("auto", "float32") and logits_bytes + feat_elems * 4 <= max_bytes:
+        return "float32", list(shapes), "all outputs in float32"
+    if dtype in ("auto", "float16") and logits_bytes + feat_elems * 2 <= max_bytes:
+        return "float16", list(shapes), "features in float16 to fit the memory budget"
+    if logits_bytes <= max_bytes:
+        return "float32", [], f"features ({feat_elems * 2 / 2**20:.0f} MiB in fp16) exceed the budget: logits only"
+    return None, [], "even the logits exceed the memory budget: no cache"
+
+
+@torch.no_grad()
+def build_cache(
+    records: list[dict[str, Any]], data: DataBundle, layers: list[str], max_bytes: int, dtype: str = "auto",
+    device: torch.device | str = "cpu", batch_size: int = 512,
+) -> TeacherCache | None:
+    """Run the teacher once over the training split and keep its outputs (``None`` if nothing fits)."""
+    device = torch.device(device)
+    teacher = Teacher.from_records(records).to(device)
+    teacher.tap(layers)
+    split = data.train
+    n = len(split)
+    # Shapes from one batch of two samples.
+    probe = next(iter(Batches(split, 2, train=False, device=device)))[1]
+    out = teacher(probe)
+    shapes = {k: tuple(v.shape[1:]) for k, v in out.features.items()}
+    feat_dtype, keep, note = plan_cache(n, shapes, out.logits.shape[1], max_bytes, dtype)
+    if feat_dtype is None:
+        return None
+    teacher.tap(keep)
+    logits = np.empty((n, out.logits.shape[1]), dtype=np.float32)
+    feats = {k: np.empty((n, *shapes[k]), dtype=np.dtype(feat_dtype)) for k in keep}
+    for idx, x, _ in Batches(split, batch_size, train=False, device=device):
+        o = teacher(x)
+        i = idx.cpu().numpy()
+        logits[i] = o.logits.float().cpu().numpy()
+        for k in keep:
+            feats[k][i] = o.features[k].to(torch.float16 if feat_dtype == "float16" else torch.float32).cpu().numpy()
+    teacher.tap([])
+    return TeacherCache(cache_key(records, data), logits, feats, feat_dtype, note)

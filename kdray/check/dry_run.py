@@ -1,0 +1,271 @@
+"""``dry_run``: build everything a run needs and push two samples through it, without training.
+
+Each phase raises a ``ConfigError`` that names the file and the field at fault: the data set, the student and
+dml's peers, the teacher (its classes, inputs and split), each knowledge type (its layers), then one forward pass of
+the models and every loss on two samples (connector shapes, strong views, scalar losses).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdray.config import ConfigError, RunConfig
+from kdray.data import describe_dataset
+from kdray.data.loaders import to_float
+from kdray.errors import DatasetUnavailable
+from kdray.knowledge import KNOWLEDGE, Knowledge, ModelLayout, TapOutputs
+from kdray.models import Classifier, FeatureTaps, LayerNotFound, Teacher, build_model, model_from_record
+from kdray.models.taps import check_layers
+from kdray.teachers import load_teacher_records
+
+
+@dataclass
+class DryRun:
+    """What a dry run learned: tapped shapes, connectors and model sizes."""
+
+    knowledge: str
+    teacher: str | None
+    student: str
+    teacher_params: int = 0
+    student_params: int = 0
+    teacher_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    student_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    connectors: dict[str, str] = field(default_factory=dict)
+    peers: list[tuple[str, int]] = field(default_factory=list)  # dml: (model, parameters) of each peer
+
+    def lines(self) -> list[str]:
+        if self.peers:  # dml: no teacher, the peers learn together
+            out = [f"knowledge {self.knowledge}: student {self.student} ({self.student_params:,} params) and peers "
+                   + ", ".join(f"{n} ({p:,} params)" for n, p in self.peers)]
+        else:
+            out = [f"knowledge {self.knowledge}: teacher {self.teacher or '-'} ({self.teacher_params:,} params) -> "
+                   f"student {self.student} ({self.student_params:,} params)"]
+        for k, s in self.teacher_shapes.items():
+            out.append(f"  teacher tap {k}: {s}")
+        for k, s in self.student_shapes.items():
+            out.append(f"  student tap {k}: {s}")
+        for k, c in self.connectors.items():
+            out.append(f"  connector {k}: {c}")
+        return out
+
+
+LAYER_PARAMS = ("teacher_layer", "teacher_layers", "student_layer", "student_layers")
+
+
+def _layer_field(i: int, spec: dict[str, Any], missing: list[str], side: str) -> str:
+    for p in (f"{side}_layer", f"{side}_layers"):
+        v = spec.get(p)
+        names = v if isinstance(v, list) else [v]
+        if any(m in names for m in missing):
+            return f"knowledge.{i}.{p}"
+    return f"knowledge.{i}"
+
+
+def student_from_teacher(cfg: RunConfig, teacher: Teacher | None, info, file: str | Path | None = None) -> Classifier:
+    """``student.init_from_teacher``: the student built from the teacher's own weights (DistilBERT)."""
+    from kdray.models.hf import init_from_teacher
+
+    if teacher is None:
+        raise ConfigError("needs a teacher", file, "student.init_from_teacher")
+    try:
+        return Classifier(info.preprocess(), init_from_teacher(teacher.members[0], cfg.student.init_from_teacher))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e), file, "student.init_from_teacher") from None
+
+
+def spec_name(cfg: RunConfig, i: int) -> str:
+    return f"knowledge type {cfg.knowledge[i]['type']!r}"
+
+
+def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
+            teacher_records: list[dict[str, Any]] | None = None) -> DryRun:
+    """Build everything a run needs and push a zero batch through it; raise ``ConfigError`` on failure."""
+    info = _data_info(cfg, file)
+    student = _build(cfg, info, file, cfg.student.name, cfg.student.options, "student")
+    report = DryRun(cfg.knowledge_label, None, cfg.student.name,
+                    student_params=sum(p.numel() for p in student.parameters()))
+    _check_peers(cfg, info, file, report)
+    teacher = _teacher(cfg, info, file, teacher_records, report)
+    if cfg.student.init_from_teacher:
+        student = student_from_teacher(cfg, teacher, info, file)
+        report.student_params = sum(p.numel() for p in student.parameters())
+    modules = _knowledge(cfg, teacher, student, file, report)
+    _forward(cfg, info, teacher, student, modules, file, report)
+    return report
+
+
+def _data_info(cfg: RunConfig, file: str | Path | None) -> Any:
+    try:
+        return describe_dataset(cfg.dataset)
+    except DatasetUnavailable as e:
+        raise ConfigError(str(e), file, "dataset.download" if "download" in str(e) else "dataset.options") from None
+    except ValueError as e:
+        raise ConfigError(str(e), file, "dataset.options") from None
+
+
+def _build(cfg: RunConfig, info: Any, file: str | Path | None, name: str, options: dict[str, Any],
+           where: str) -> Classifier:
+    try:
+        return build_model(name, info.num_classes, info.preprocess(), options)
+    except TypeError as e:
+        raise ConfigError(f"bad options for model {name!r}: {e}", file, f"{where}.options") from None
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"model {name!r} cannot be used on data set {cfg.dataset.name!r}: {e}", file,
+                          f"{where}.name") from None
+
+
+def _check_peers(cfg: RunConfig, info: Any, file: str | Path | None, report: DryRun) -> None:
+    """dml: every peer must build and run on this data."""
+    for j, peer in enumerate(cfg.scheme.peers):
+        net = _build(cfg, info, file, peer.name, peer.options, f"scheme.peers.{j}")
+        try:
+            with torch.no_grad():
+                out = net.eval()(to_float(info.example_input(2)))
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"model {peer.name!r} fails on inputs of shape {tuple(info.model_input)}: {e}", file,
+                              f"scheme.peers.{j}.name") from None
+        if out.shape != (2, info.num_classes):
+            raise ConfigError(f"peer outputs {tuple(out.shape[1:])}, expected ({info.num_classes},)", file,
+                              f"scheme.peers.{j}.name")
+        report.peers.append((peer.name, sum(p.numel() for p in net.parameters())))
+
+
+def _teacher(cfg: RunConfig, info: Any, file: str | Path | None, records: list[dict[str, Any]] | None,
+             report: DryRun) -> Teacher | None:
+    """The teacher: ready-made records checked against the data set (classes, inputs, split), or the model a sweep
+    trains, built untrained."""
+    if cfg.teacher is None:
+        return None
+    if not cfg.teacher.ready_made:
+        t = cfg.teacher.train.model
+        teacher = Teacher([_build(cfg, info, file, t.name, t.options, "teacher.train.model")])
+        report.teacher = t.name
+        report.teacher_params = sum(p.numel() for p in teacher.members[0].parameters())
+        return teacher
+    records = records if records is not None else load_teacher_records(cfg, file)
+    members = []
+    for i, rec in enumerate(records):
+        where = ("teacher.name" if cfg.teacher.name else "teacher.mlflow" if cfg.teacher.mlflow else
+                 "teacher.checkpoint" if len(records) == 1 else f"teacher.checkpoint.{i}")
+        if rec["num_classes"] != info.num_classes:
+            raise ConfigError(f"the teacher predicts {rec['num_classes']} classes but data set "
+                              f"{cfg.dataset.name!r} has {info.num_classes}", file, where)
+        if not rec["preprocess"].get("passthrough") and tuple(rec["preprocess"]["shape"]) != tuple(info.model_input):
+            raise ConfigError(f"the teacher takes inputs of shape {tuple(rec['preprocess']['shape'])} "
+                              f"but data set {cfg.dataset.name!r} gives {info.model_input}", file, where)
+        # A kdray checkpoint knows its split; a model by name or from MLflow was trained elsewhere.
+        diff = cfg.dataset.split_differences(rec.get("dataset") or {}) if cfg.teacher.checkpoint else []
+        if diff and not cfg.teacher.allow_split_mismatch:
+            raise ConfigError(
+                f"the teacher was trained on another train/validation split ({'; '.join(diff)}): it has "
+                "seen this run's validation samples, which favours distillation in selection. Retrain it "
+                "on this split, or set teacher.allow_split_mismatch: true to accept that", file, where)
+        members.append(model_from_record(rec))
+    teacher = Teacher(members)
+    report.teacher = "+".join(r["model"] for r in records)
+    report.teacher_params = sum(p.numel() for p in teacher.members[0].parameters())
+    return teacher
+
+
+def _knowledge(cfg: RunConfig, teacher: Teacher | None, student: Classifier, file: str | Path | None,
+               report: DryRun) -> dict[int, Knowledge]:
+    """Each knowledge type built with its layers resolved (a layer a model lacks names the field and the valid
+    ones), then shown the two networks (OFD watches the teacher's BatchNorms)."""
+    t_layout = ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), "")
+    s_layout = ModelLayout.of(student)
+    modules = {}
+    for i, spec in enumerate(cfg.knowledge):
+        cls = KNOWLEDGE.get(spec["type"])
+        try:
+            k = cls.from_params({p: v for p, v in spec.items() if p != "type"}, t_layout, s_layout)
+        except ValueError as e:
+            raise ConfigError(str(e), file, f"knowledge.{i}") from None
+        try:
+            check_layers(teacher.members[0].net, k.teacher_layers, report.teacher)
+        except LayerNotFound as e:
+            raise ConfigError(f"teacher {e}", file, _layer_field(i, spec, e.missing, "teacher")) from None
+        try:
+            check_layers(student.net, k.student_layers, cfg.student.name)
+        except LayerNotFound as e:
+            raise ConfigError(f"student {e}", file, _layer_field(i, spec, e.missing, "student")) from None
+        modules[i] = k
+    if teacher is not None:  # before the dry forward pass, which a type may watch
+        for i, k in modules.items():
+            try:
+                k.bind_models(teacher.members[0].net, student.net)
+            except Exception as e:  # noqa: BLE001 - a layer the loss cannot use is a config problem
+                raise ConfigError(f"{spec_name(cfg, i)} cannot use these models: {e}", file,
+                                  f"knowledge.{i}") from None
+    return modules
+
+
+def _forward(cfg: RunConfig, info: Any, teacher: Teacher | None, student: Classifier, modules: dict[int, Knowledge],
+             file: str | Path | None, report: DryRun) -> None:
+    """Two samples through the student (and MLKD's strong view), the teacher, and every loss: shapes, connectors and
+    scalar values, as the first training step would see them."""
+    x = to_float(info.example_input(2))  # as training batches hold them: 8-bit images as floats in [0, 1]
+    student.eval()
+    with torch.no_grad():
+        s_taps = FeatureTaps(student.net, [n for k in modules.values() for n in k.student_layers])
+        try:
+            s_out = s_taps.run(student, x)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"model {cfg.student.name!r} fails on inputs of shape {tuple(info.model_input)}: {e}",
+                              file, "student.name") from None
+        x_strong = _strong_view(cfg, modules, x, file)
+        if x_strong is not None:
+            s_out = s_out._replace(strong=s_taps.run(student, x_strong))
+        s_taps.remove()
+        if s_out.logits.shape != (2, info.num_classes):
+            raise ConfigError(f"student outputs {tuple(s_out.logits.shape[1:])}, expected ({info.num_classes},)",
+                              file, "student.name")
+        report.student_shapes = {k: tuple(v.shape[1:]) for k, v in s_out.features.items()}
+        if teacher is None:
+            return
+        teacher.tap([n for k in modules.values() for n in k.teacher_layers])
+        try:
+            t_out = teacher(x)
+            if x_strong is not None:
+                t_out = t_out._replace(strong=teacher(x_strong))
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"the teacher fails on inputs of shape {tuple(info.model_input)}: {e}", file,
+                              "teacher") from None
+        report.teacher_shapes = {k: tuple(v.shape[1:]) for k, v in t_out.features.items()}
+        for i, k in modules.items():
+            _dry_loss(cfg, i, k, s_out, t_out, file, report)
+
+
+def _strong_view(cfg: RunConfig, modules: dict[int, Knowledge], x: torch.Tensor,
+                 file: str | Path | None) -> torch.Tensor | None:
+    """MLKD's strong augmentation runs both models on a RandAugment copy of each batch: images only."""
+    strong = next((i for i, k in modules.items() if k.wants_strong_view), None)
+    if strong is None:
+        return None
+    from kdray.data.views import ViewKey, strong_view
+
+    try:
+        return strong_view(x, torch.arange(len(x)), ViewKey(cfg.seed, 1))
+    except ValueError as e:
+        raise ConfigError(f"{spec_name(cfg, strong)}: strong_augment {e}", file, f"knowledge.{strong}") from None
+
+
+def _dry_loss(cfg: RunConfig, i: int, k: Knowledge, s_out: TapOutputs, t_out: TapOutputs, file: str | Path | None,
+              report: DryRun) -> None:
+    y = torch.zeros(2, dtype=torch.long)
+    try:
+        # Without loading the data set its training split's size is unknown: the dry batch stands in (a two-row
+        # memory bank for CRD, K capped at 1) and no labels (CRD: uniform negatives).
+        k.bind_data(2)
+        k.bind(t_out.features, s_out.features)
+        value = k.compute(s_out, t_out, y, index=torch.arange(2)) if k.uses_index else k.compute(s_out, t_out, y)
+    except Exception as e:  # noqa: BLE001 - a shape mismatch in a loss is a config problem
+        raise ConfigError(f"{spec_name(cfg, i)} cannot combine these layers: {e}", file, f"knowledge.{i}") from None
+    if value.dim() != 0:
+        raise ConfigError(f"{spec_name(cfg, i)} returned a {tuple(value.shape)} tensor, not a scalar", file,
+                          f"knowledge.{i}")
+    reg = getattr(k, "regressor", None)
+    if reg is not None:
+        report.connectors[k.name] = f"{reg.kind} {reg.student_shape} -> {reg.teacher_shape}"

@@ -1,0 +1,169 @@
+"""A run config (``kdray distill``, every sweep trial) and a teacher's (``kdray teacher``), and reading one."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from kdray.config.parts import (
+    CacheConfig,
+    DatasetConfig,
+    ModelConfig,
+    ResourcesConfig,
+    TeacherConfig,
+    TrainConfig,
+    default_tokenizer,
+    validate_knowledge,
+)
+from kdray.config.validation import PLUGINS_FIELD, Strict, import_config_plugins, validate
+from kdray.config.yaml import read_yaml
+from kdray.errors import ConfigError
+
+
+class SchemeConfig(Strict):
+    """Who teaches whom. ``distill`` (default): the teacher teaches one student. ``born_again``: the run is
+    repeated ``generations`` times with the same student architecture and knowledge terms, generation k+1
+    taught by generation k's final student (Furlanello et al., ICML 2018); the teacher teaches generation 1.
+    ``dml``: deep mutual learning (Zhang et al., CVPR 2018): ``student`` and every model in ``peers`` train
+    together from scratch, each on labels plus the KL to the others' predictions; no pretrained teacher."""
+
+    type: Literal["distill", "born_again", "dml"] = Field("distill", description="distill | born_again | dml")
+    generations: int = Field(1, ge=1, description="born_again: how many generations to train (1 = plain distill)")
+    peers: list[ModelConfig] = Field(default_factory=list,
+                                     description="dml: the models that learn together with `student`")
+    mutual_weight: float = Field(1.0, ge=0, description="dml: weight of the KL to the other peers (1 in the paper)")
+    temperature: float = Field(1.0, gt=0, description="dml: softmax temperature of the mutual KL (1 in the paper)")
+
+    @classmethod
+    def catalogue(cls) -> dict[str, dict[str, Any]]:
+        """The schemes besides ``distill``, with their papers and parameters (``kdray list``): each parameter is
+        the field whose description starts with the scheme's name."""
+        papers = {"dml": ("Zhang et al. 2018", "deep mutual learning: the student and its peers learn together "
+                                               "from scratch, each on labels + KL to the others; no teacher"),
+                  "born_again": ("Furlanello et al. 2018", "born-again networks: generation k+1 of the same "
+                                                            "student is taught by generation k")}
+        out = {}
+        for name, (paper, summary) in papers.items():
+            params = {f: info.description.split(":", 1)[1].strip() for f, info in cls.model_fields.items()
+                      if (info.description or "").startswith(f"{name}:")}
+            out[name] = {"paper": paper, "summary": summary, "params": params}
+        return out
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> "SchemeConfig":
+        if self.type != "born_again" and self.generations != 1:
+            raise ConfigError([("scheme.generations", f"is for type born_again, not {self.type}")])
+        if self.type == "dml" and not self.peers:
+            raise ConfigError([("scheme.peers", "dml needs at least one peer besides `student`")])
+        if self.type != "dml" and self.peers:
+            raise ConfigError([("scheme.peers", f"is for type dml, not {self.type}")])
+        return self
+
+
+class LatencyConfig(Strict):
+    """Where a student's inference latency is measured: the device it would be served on."""
+
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu (default) or cuda")
+    threads: int = Field(1, ge=1, description="CPU intra-op threads of the measurement")
+
+
+class RunConfig(Strict):
+    """One teacher -> student run (``kdray distill``), or a labels-only run when there is no knowledge."""
+
+    plugins: list[str] = PLUGINS_FIELD
+    name: str = "run"
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    teacher: TeacherConfig | None = None
+    student: ModelConfig
+    knowledge: list[dict[str, Any]] = Field(default_factory=list)
+    ce_weight: float = Field(1.0, ge=0, description="w_ce, weight of the cross-entropy on labels")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheme: SchemeConfig = Field(default_factory=SchemeConfig, description="who teaches whom: distill, born_again, dml")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig,
+                                   description="how the student's serving latency is measured (logged per run)")
+    output_dir: str | None = Field(None, description="where the run writes its checkpoints and the final model")
+
+    _plugins = model_validator(mode="before")(import_config_plugins)
+
+    @field_validator("knowledge", mode="before")
+    @classmethod
+    def _knowledge(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise ValueError("expected a list of {type: ..., weight: ...} entries")
+        return validate_knowledge(v)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "RunConfig":
+        if self.knowledge and self.teacher is None:
+            raise ConfigError([("teacher", "knowledge types are configured but no teacher is given")])
+        default_tokenizer(self.dataset, [self.teacher and (self.teacher.name or (
+            self.teacher.train and self.teacher.train.model.name)), self.student.name])
+        if self.student.init_from_teacher and self.teacher is None:
+            raise ConfigError([("student.init_from_teacher", "needs a teacher to copy the weights from")])
+        if self.train.sync_batchnorm and not self.resources.use_gpu:
+            raise ConfigError([("train.sync_batchnorm", "PyTorch's SyncBatchNorm runs on GPUs only; on CPU workers "
+                                "kdray broadcasts rank 0's BatchNorm statistics before each validation instead")])
+        if not self.knowledge and self.ce_weight == 0:
+            raise ConfigError([("ce_weight", "is 0 and there is no knowledge term: nothing to optimise")])
+        if all(k["weight"] == 0 for k in self.knowledge) and self.knowledge and self.ce_weight == 0:
+            raise ConfigError([("knowledge", "every weight is 0: nothing to optimise")])
+        if self.scheme.type == "dml":
+            for field, bad in (("teacher", self.teacher is not None), ("knowledge", bool(self.knowledge)),
+                               ("student.init_from_teacher", bool(self.student.init_from_teacher))):
+                if bad:
+                    raise ConfigError([(field, "scheme dml trains its peers from scratch, teaching each other: "
+                                               "it takes no teacher and no knowledge terms")])
+        if self.scheme.type == "born_again" and self.student.init_from_teacher:
+            raise ConfigError([("student.init_from_teacher", "scheme born_again teaches generation k+1 with "
+                                "generation k; copying every other layer from it would halve the student each time")])
+        if self.scheme.type == "born_again" and not self.knowledge:
+            raise ConfigError([("knowledge", "scheme born_again passes knowledge from generation to generation: "
+                                             "name the knowledge terms (e.g. kd)")])
+        return self
+
+    @property
+    def knowledge_label(self) -> str:
+        """``none``, ``kd``, ``kd+at``: the knowledge types of this run, as the sweep names them; a scheme comes
+        first (``dml``, ``born_again+kd``)."""
+        label = "+".join(k["type"] for k in self.knowledge) or "none"
+        if self.scheme.type == "dml":
+            return "dml"
+        return f"born_again+{label}" if self.scheme.type == "born_again" else label
+
+
+class TeacherRunConfig(Strict):
+    """``kdray teacher``: train a model on labels alone and save it as a teacher checkpoint."""
+
+    plugins: list[str] = PLUGINS_FIELD
+    name: str = "teacher"
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: str | None = Field(None, description="checkpoint path (default kdray_runs/teachers/<name>.pt)")
+
+    _plugins = model_validator(mode="before")(import_config_plugins)
+
+    @model_validator(mode="after")
+    def _tokenizer(self) -> "TeacherRunConfig":
+        default_tokenizer(self.dataset, [self.model.name])
+        return self
+
+    def as_run(self) -> RunConfig:
+        return RunConfig(
+            plugins=self.plugins, name=self.name, seed=self.seed, dataset=self.dataset, student=self.model,
+                train=self.train,
+            resources=self.resources,
+        )
+
+
+def load_config(path: str | Path, cls: type[BaseModel] = RunConfig) -> Any:
+    """Read and validate ``path`` as ``cls`` (RunConfig, TeacherRunConfig or a search space)."""
+    return validate(cls, read_yaml(path), path)

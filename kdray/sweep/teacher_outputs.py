@@ -1,0 +1,121 @@
+"""The teacher outputs a sweep shares: which teacher layers its trials tap, the one-pass cache for fixed inputs or
+the per-(epoch, sample) cache for augmented ones (:mod:`kdray.cache`), and what the cache did, in the sweep's run."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kdray.config import RunConfig
+from kdray.sweep.space import SearchSpace
+
+
+def cache_summary(cache: Any) -> dict[str, Any] | None:
+    if cache is None:
+        return None
+    return {"samples": len(cache), "features": len(cache.features), "nbytes": cache.nbytes, "note": cache.note}
+
+
+def _build_cache_task(records: list, dataset: dict[str, Any], layers: list[str], max_bytes: int, dtype: str,
+                      use_gpu: bool, summarise: bool = False):
+    """The cache (and, with ``summarise``, its summary as a second return value: what the driver reads)."""
+    import torch
+
+    from kdray.cache import build_cache
+    from kdray.config import DatasetConfig
+    from kdray.data import load_dataset
+    from kdray.ray_setup import resolve_ref
+
+    records = [resolve_ref(r) for r in records]
+    data = load_dataset(DatasetConfig.model_validate(dataset))
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    cache = build_cache(records, data, layers, max_bytes, dtype, device)
+    return (cache, cache_summary(cache)) if summarise else cache
+
+
+def teacher_layers_needed(space: SearchSpace, records: list[dict[str, Any]]) -> list[str]:
+    """Every teacher layer any trial of the space can tap (from its representative points)."""
+    from kdray.knowledge import DistillObjective, ModelLayout
+    from kdray.models import model_from_record
+
+    t_layout = ModelLayout.of(model_from_record(records[0]))
+    layers: list[str] = []
+    for point in space.representative_points():
+        cfg = space.resolve(point)
+        if not cfg.knowledge:
+            continue
+        from kdray.models import MODELS
+
+        s_net = MODELS.get(cfg.student.name)
+        from kdray.data import describe_dataset
+
+        info = describe_dataset(cfg.dataset)
+        student = s_net.build(info.num_classes, info.model_input, **cfg.student.options)
+        obj = DistillObjective.from_specs(cfg.knowledge, t_layout, ModelLayout.of(student))
+        layers.extend(n for n in obj.teacher_layers if n not in layers)
+    return layers
+
+
+def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list, say,
+                  spill_dir: str | None = None) -> tuple[Any, Any]:
+    """Share teacher outputs across the trials, or say why the teacher runs live.
+
+    Returns (what trials get, the per-epoch cache to stop at the end or None): a one-pass cache when training
+    inputs are fixed; teacher outputs per (epoch, sample) (:mod:`kdray.cache`) when they are augmented.
+    """
+    import ray
+
+    if base.teacher is None or base.cache.teacher_outputs == "off":
+        say("teacher-output cache: off" + (" (cache.teacher_outputs: off)" if base.teacher else ""))
+        return None, None
+    from kdray.data import load_dataset
+
+    data = load_dataset(base.dataset)
+    layers = teacher_layers_needed(space, records)
+    t0 = time.time()
+    if not data.deterministic:
+        from kdray.cache import start_view_cache
+
+        r = base.resources
+        view_cache = start_view_cache(records, refs, data, base.dataset.model_dump(mode="json"), base.seed, layers,
+                                      base.cache, space.max_epochs, spill_dir, r.use_gpu,
+                                      trial_gpus=r.num_workers * r.gpus_per_worker if r.use_gpu else 0.0)
+        say(f"teacher-output cache: augmented inputs, outputs shared per (epoch, sample): "
+            f"{view_cache.handle.note}; memory {base.cache.max_bytes / 2**20:.0f} MiB, then spilled to storage")
+        return view_cache.handle, view_cache
+    args = (refs, base.dataset.model_dump(mode="json"), layers, base.cache.max_bytes, base.cache.dtype,
+            base.resources.use_gpu)
+    if base.resources.use_gpu:  # the teacher pass belongs on a GPU node: a Ray task there
+        task = ray.remote(_build_cache_task).options(num_cpus=base.resources.cpus_per_worker,
+                                                     num_gpus=min(1.0, base.resources.gpus_per_worker),
+                                                     num_returns=2)
+        ref, summary_ref = task.remote(*args, summarise=True)
+        summary = ray.get(summary_ref)  # a few numbers: the cache itself (up to max_bytes) stays in the store
+    else:  # on CPU, here: no worker process to start for one pass over the data
+        cache = _build_cache_task(*args)
+        summary = cache_summary(cache)
+        ref = ray.put(cache) if cache is not None else None
+    if summary is None:
+        say("teacher-output cache: nothing fits the memory budget (cache.max_bytes); teachers run live")
+        return None, None
+    say(f"teacher-output cache: {summary['samples']} samples, logits + {summary['features']} feature maps "
+        f"({summary['nbytes'] / 2**20:.1f} MiB, {summary['note']}) built in {time.time() - t0:.1f} s; shared by "
+        "all trials")
+    return ref, None
+
+
+def report_view_cache(view_cache: Any, c: Any, parent_id: str, say) -> None:
+    """What the per-epoch cache did, in the sweep's MLflow run and on the console."""
+    s = view_cache.summary()
+    err = view_cache.producer_error()
+    total = s["rows_by_producer"] + s["rows_by_trials"]
+    for k in ("rows_by_producer", "rows_by_trials", "rows_read", "blocks_spilled", "blocks_reloaded",
+              "blocks_dropped", "peak_bytes", "bytes_per_sample", "mean_truncation_kl"):
+        c.log_metric(parent_id, f"teacher_cache.{k}", float(s[k]))
+    c.set_tag(parent_id, "kdray.teacher_cache", view_cache.handle.note)
+    epochs = s["epochs_computed"]
+    say(f"teacher-output cache: {total} teacher rows computed for epochs "
+        f"{epochs[0] if epochs else 0}-{epochs[-1] if epochs else 0} ({s['rows_by_producer']} by the producer, "
+        f"{s['rows_by_trials']} by trials ahead of it), {s['rows_read']} rows read from the store; peak "
+        f"{s['peak_bytes'] / 2**20:.1f} MiB in memory, {s['blocks_spilled']} blocks spilled"
+        + (f"; mean KL(teacher || top-k) {s['mean_truncation_kl']:.2e} nats" if s["mean_truncation_kl"] else "")
+        + (f"; the producer failed ({err}), trials computed live" if err else ""))

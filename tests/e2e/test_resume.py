@@ -1,0 +1,199 @@
+"""An interrupted sweep (SIGINT, then SIGKILL of the resumed driver) finished with --resume: every trial
+exactly once in MLflow, none lost, each with one value per epoch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from mlflow import MlflowClient
+from sweep_helpers import TINY_SPACE
+
+from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, find_sweep, sweep_children
+
+EPOCHS = 12
+SAMPLES = 5
+
+
+def sweep_cmd(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-u", "-m", "kdray", "sweep", str(tmp / "space.yaml"), "--name", name,
+            "--storage", str(tmp / "runs"), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *extra]
+
+
+def run_until(tmp: Path, env: dict, finished_wanted: int, sig: int, *extra: str) -> tuple[int, int, list[str]]:
+    """Run the sweep CLI and send ``sig`` once ``finished_wanted`` trials have finished in this process."""
+    proc = subprocess.Popen(sweep_cmd(tmp, "r", *extra), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    finished, log = 0, []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        log.append(line)
+        if "finished: val_accuracy" in line:
+            finished += 1
+            if finished == finished_wanted:
+                proc.send_signal(sig)
+        if time.time() > deadline:
+            proc.kill()
+            break
+    return proc.wait(timeout=120), finished, log
+
+
+def test_a_sweep_interrupted_then_killed_resumes_with_every_trial_exactly_once(tmp_path):
+    """SIGINT after two trials, --resume, SIGKILL of that driver after one more trial, --resume again."""
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space["num_samples"] = SAMPLES
+    space["base"]["train"]["epochs"] = EPOCHS
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+
+    rc, finished, log = run_until(tmp_path, env, 2, signal.SIGINT)
+    assert finished >= 2, "".join(log[-30:])
+    assert rc == 130 and any("--resume --name r" in line for line in log), "".join(log[-20:])
+    before = {r.data.tags[TAG_TRIAL] for r in sweep_children(c, find_sweep(c, "r"))}
+    assert 2 <= len(before) < SAMPLES
+
+    rc, finished, log = run_until(tmp_path, env, 1, signal.SIGKILL, "--resume")
+    assert finished >= 1 and rc == -signal.SIGKILL, "".join(log[-30:])
+    assert any("resuming sweep r" in line for line in log), "".join(log[-30:])
+
+    r = subprocess.run(sweep_cmd(tmp_path, "r", "--resume"), cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "champion:" in r.stdout
+
+    parent = find_sweep(c, "r")
+    assert parent.info.status == "FINISHED" and parent.data.tags[TAG_STATUS] == "completed"
+    children = sweep_children(c, parent, kind="trial")
+    ids = [ch.data.tags[TAG_TRIAL] for ch in children]
+    assert len(ids) == len(set(ids)) == SAMPLES, ids  # none lost, none twice
+    assert {ch.data.tags["kdray.trial_number"] for ch in children} == {str(i) for i in range(1, SAMPLES + 1)}
+    for ch in children:
+        assert ch.info.status == "FINISHED" and ch.data.tags[TAG_STATUS] == "completed", (  # why, if not
+            ch.data.tags.get("mlflow.runName"), ch.data.tags.get(TAG_STATUS), ch.data.tags.get("kdray.failure"),
+            r.stdout[-2000:])
+        steps = sorted(m.step for m in c.get_metric_history(ch.info.run_id, "val_accuracy"))
+        assert steps == list(range(1, EPOCHS + 1)), (ch.data.tags["kdray.trial_number"], steps)
+
+
+def test_a_driver_killed_while_the_saved_state_lags_its_checkpoints_resumes_every_trial(tmp_path):
+    """The window Tune's own retention leaves: a trial's new checkpoint has registered (Tune's num_to_keep deletes
+    the oldest then) while the experiment state on storage still restores it from a checkpoint two epochs older.
+    The driver dies exactly there (a deterministic fault hook); the resumed sweep must restore that trial."""
+    from kdray.sweep.retention import FAULT_ENV
+
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space["num_samples"] = 3
+    space["base"]["train"]["epochs"] = EPOCHS
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    killed = subprocess.run(sweep_cmd(tmp_path, "lag"), cwd=tmp_path, capture_output=True, text=True,
+                            env={**env, FAULT_ENV: "2"}, timeout=300)
+    assert killed.returncode == 77 and "test fault: killing the driver" in killed.stdout, (
+        killed.stdout[-3000:] + killed.stderr[-3000:])
+    r = subprocess.run(sweep_cmd(tmp_path, "lag", "--resume"), cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    children = sweep_children(c, find_sweep(c, "lag"), kind="trial")
+    assert len(children) == 3
+    for ch in children:
+        assert ch.data.tags[TAG_STATUS] == "completed", (ch.data.tags.get("kdray.failure"), r.stdout[-3000:])
+        steps = sorted(m.step for m in c.get_metric_history(ch.info.run_id, "val_accuracy"))
+        assert steps == list(range(1, EPOCHS + 1)), steps
+    # Retention still holds: each trial keeps its newest train.keep_checkpoints (2), deleted behind saved state.
+    kept = {d.name: sorted(x.name for x in d.glob("checkpoint_*")) for d in (tmp_path / "runs" / "lag").iterdir()
+            if d.is_dir() and d.name.startswith("run_trial")}
+    assert len(kept) == 3 and all(len(v) == 2 for v in kept.values()), kept
+
+
+def test_a_sweep_resumed_with_another_tracking_store_writes_every_trial_there_and_nothing_to_the_old_one(tmp_path):
+    """"Finish an interrupted sweep from S3 on any machine" usually means a new head and a new tracking server:
+    the resuming command's store gets every trial exactly once and the champion, the first store nothing more."""
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space["num_samples"] = 4
+    space["base"]["train"]["epochs"] = 6
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    rc, finished, log = run_until(tmp_path, env, 2, signal.SIGINT)
+    assert rc == 130 and finished >= 2, "".join(log[-30:])
+    a = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def contents(c):
+        runs = sweep_children(c, find_sweep(c, "r"))
+        return sorted((r.info.run_id, r.info.status, len(c.get_metric_history(r.info.run_id, "val_accuracy")),
+                       tuple(sorted(r.data.tags.items()))) for r in runs)
+
+    before = contents(a)
+    b_uri = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    (tmp_path / "other").mkdir()
+    cmd = [b_uri if x == f"sqlite:///{tmp_path / 'mlflow.db'}" else x for x in sweep_cmd(tmp_path, "r", "--resume")]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    b = MlflowClient(b_uri)
+    parent = find_sweep(b, "r")
+    assert parent is not None and parent.data.tags[TAG_STATUS] == "completed"
+    children = sweep_children(b, parent, kind="trial")
+    assert sorted(int(ch.data.tags["kdray.trial_number"]) for ch in children) == [1, 2, 3, 4]
+    for ch in children:
+        assert ch.data.tags[TAG_STATUS] == "completed", (ch.data.tags.get("kdray.failure"), r.stdout[-2000:])
+        steps = sorted(m.step for m in b.get_metric_history(ch.info.run_id, "val_accuracy"))
+        assert steps == list(range(1, 7)), steps
+    champion = b.get_model_version_by_alias("kdray-tiny", "champion")
+    assert b.get_run(champion.run_id).data.tags.get("kdray.sweep") == "r"  # a run of B, logged for this sweep
+    assert contents(a) == before  # the first store got nothing new
+
+
+def test_a_sweep_on_s3_killed_then_resumed_in_a_fresh_working_directory_keeps_its_optuna_study(tmp_path, monkeypatch):
+    """The Optuna study lives beside the driver (SQLite in the working directory when storage is remote) and is
+    uploaded as Tune saves its state; a resume on another machine (here: the first folder deleted) after a SIGKILL
+    restores the searcher from the uploaded copy and finishes with every trial told to one study."""
+    import shutil
+
+    import optuna
+    from cluster_driver import BUCKET, start_s3
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    s3, endpoint = start_s3(tmp_path)
+    storage = f"s3://{BUCKET}/runs?endpoint_override=127.0.0.1:{endpoint.rsplit(':', 1)[1]}&scheme=http"
+    space = yaml.safe_load(yaml.safe_dump(TINY_SPACE))
+    space["num_samples"] = 4
+    space["base"]["train"]["epochs"] = 6
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    cmd = [sys.executable, "-u", "-m", "kdray", "sweep", str(tmp_path / "space.yaml"), "--name", "s3r", "--storage",
+           storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    first, second = tmp_path / "machine-1", tmp_path / "machine-2"
+    first.mkdir(), second.mkdir()
+    try:
+        proc = subprocess.Popen(cmd, cwd=first, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        finished, log = 0, []
+        for line in proc.stdout:
+            log.append(line)
+            finished += "finished: val_accuracy" in line
+            if finished == 2:
+                proc.kill()
+                break
+        assert proc.wait(timeout=60) == -signal.SIGKILL and finished == 2, "".join(log[-30:])
+        shutil.rmtree(first)  # another machine: nothing of the first driver's folder is left
+        r = subprocess.run([*cmd, "--resume"], cwd=second, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    finally:
+        s3.terminate()
+        s3.wait(10)
+    study = optuna.load_study(study_name="s3r", storage=f"sqlite:///{second / 'kdray_runs' / 's3r' / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 4, states  # the trials before the kill are in it, told once
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ran = {(s["knowledge"], s["train.lr"]) for s in (json.loads(ch.data.tags["kdray.searched"])
+                                                       for ch in sweep_children(c, find_sweep(c, "s3r"), kind="trial"))}
+    told = {(t.params["knowledge"], t.params["train.lr"]) for t in study.trials if t.state.name == "COMPLETE"}
+    assert len(ran) == 4 and told == ran  # the study holds exactly the trials the sweep ran
