@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kdray.cache import build_cache  # noqa: E402
 from kdray.config import DatasetConfig, RunConfig  # noqa: E402
 from kdray.data import load_dataset  # noqa: E402
 from kdray.models import Teacher, build_model, model_from_record  # noqa: E402
-from kdray.cache import build_cache  # noqa: E402
 from kdray.train.loop import STUDENT_FILE, train_run  # noqa: E402
 from kdray.train.session import Session  # noqa: E402
 
