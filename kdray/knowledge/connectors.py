@@ -33,6 +33,7 @@ class Regressor(nn.Module):
             self.proj = nn.Linear(math.prod(s), math.prod(t))
 
     def forward(self, f_s: Tensor) -> Tensor:
+        """(B, *student shape) tap -> (B, *teacher shape)."""
         if self.kind == "conv1x1":
             return resize_to(self.proj(f_s), self.teacher_shape[1:])
         if self.kind == "linear":
@@ -88,6 +89,7 @@ class ConvRegressor(nn.Module):
         return self.conv_kind
 
     def forward(self, f_s: Tensor) -> Tensor:
+        """(B, C_s, *spatial) tap -> (B, C_t, *spatial)."""
         return self.proj(f_s)
 
 

@@ -173,6 +173,7 @@ class Embed(torch.nn.Module):
         self.linear = torch.nn.Linear(dim_in, dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, *) features -> (B, D) unit-length embeddings."""
         return F.normalize(self.linear(x.flatten(1)), p=2, dim=1)
 
 
@@ -311,7 +312,7 @@ class CRD(Knowledge):
         return torch.cat([idx.reshape(-1, 1), neg], 1)
 
     def forward(self, f_s: Tensor, f_t: Tensor, idx: Tensor, contrast_idx: Tensor | None = None) -> Tensor:
-        """The loss for embeddings ``f_s``, ``f_t`` of the samples ``idx`` (positions in the training split).
+        """(B, D_s) and (B, D_t) embeddings, (B,) positions ``idx`` in the training split -> scalar.
 
         ``contrast_idx`` (B, K+1), column 0 = ``idx``: the bank rows to score (default: :meth:`sample_contrast`).
         In training mode the banks are updated after scoring (under DDP with all ranks' rows)."""

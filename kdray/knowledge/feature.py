@@ -248,6 +248,7 @@ class NST(LayerPairsKnowledge):
     """
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        """(B, C_s, *spatial) and (B, C_t, *spatial) maps (or lists of them, one per layer pair) -> scalar."""
         f_s, f_t = layer_pairs(f_s, f_t)
         total = f_s[0].new_zeros(())
         for s, t in zip(f_s, f_t):
@@ -325,6 +326,7 @@ class FSP(LayerPairsKnowledge):
                     [teacher_features[n] for n in self.teacher_layers])
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        """(B, C_i, *spatial) student and teacher maps, one list entry per tapped layer in order -> scalar."""
         f_s, f_t = layer_pairs(f_s, f_t)
         if len(f_s) != len(self.teacher_layers):
             raise ValueError(f"fsp was built for {len(self.teacher_layers)} layers, got {len(f_s)}")
@@ -351,6 +353,7 @@ class ABConnector(nn.Module):
         self.bn = batch_norm(teacher_shape[0], len(teacher_shape))
 
     def forward(self, f_s: Tensor) -> Tensor:
+        """(B, C_s, *spatial) student map -> (B, C_t, *spatial)."""
         return self.bn(self.proj(f_s))
 
 
@@ -408,6 +411,7 @@ class AB(LayerPairsKnowledge):
                       [teacher_features[n] for n in self.teacher_layers])
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        """(B, C_s, *spatial) and (B, C_t, *spatial) pre-activation maps (or lists, one per layer pair) -> scalar."""
         f_s, f_t = layer_pairs(f_s, f_t)
         if self.connectors is None:  # used directly on tensors: infer the connectors now
             self._connect(f_s, f_t)
@@ -454,6 +458,7 @@ class VIDConnector(nn.Module):
         self.log_scale = nn.Parameter(torch.full((c,), math.log(math.expm1(init_pred_var - eps))))
 
     def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        """(B, C_s[, *spatial]) student and (B, C_t[, *spatial]) teacher taps of one layer pair -> scalar."""
         if self.same_rank:
             if f_s.dim() > 2:
                 f_s, f_t = common_size(f_s, f_t)
@@ -518,6 +523,7 @@ class VID(LayerPairsKnowledge):
                       [teacher_features[n] for n in self.teacher_layers])
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        """(B, C_s[, *spatial]) and (B, C_t[, *spatial]) taps (or lists of them, one per layer pair) -> scalar."""
         f_s, f_t = layer_pairs(f_s, f_t)
         if self.connectors is None:  # used directly on tensors: infer the connectors now
             self._connect(f_s, f_t)

@@ -130,6 +130,7 @@ class MLKD(Knowledge):
     def forward(
         self, z_s: Tensor, z_t: Tensor, z_s_strong: Tensor | None = None, z_t_strong: Tensor | None = None
     ) -> Tensor:
+        """(B, C) student and teacher logits of the weak view[, (B, C) of the strong view] -> scalar."""
         if (z_s_strong is None) != (z_t_strong is None):
             raise ValueError("give both the student's and the teacher's strong-view logits, or neither")
         # float32 outside autocast: the Gram matrices are matmuls, which autocast would run in bf16/fp16

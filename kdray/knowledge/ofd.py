@@ -75,6 +75,7 @@ class OFDConnector(nn.Module):
         self.bn = batch_norm(t[0], len(t))
 
     def forward(self, f_s: Tensor) -> Tensor:
+        """(B, C_s, *spatial) student map -> (B, C_t, *spatial), batch-normalised."""
         if self.kind == "flatten-linear":
             return self.bn(self.proj(f_s.flatten(1)).view(f_s.shape[0], *self.teacher_shape))
         return self.bn(self.proj(f_s))
@@ -204,6 +205,7 @@ class OFD(LayerPairsKnowledge):
         self._resolve_margins()
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        """(B, C_s, *spatial) and (B, C_t, *spatial) pre-ReLU maps (or lists, one per layer pair) -> scalar."""
         f_s, f_t = layer_pairs(f_s, f_t)
         if self.connectors is None:  # used directly on tensors: infer the connectors now
             self._connect(f_s, f_t)

@@ -211,6 +211,7 @@ class SP(Knowledge):
         return F.normalize(q @ q.t(), dim=1)
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        """(B, *) student and (B, *) teacher activations (or lists of them, one per layer pair) -> scalar."""
         if isinstance(f_s, Tensor):
             f_s, f_t = [f_s], [f_t]
         total = f_s[0].new_zeros((), dtype=torch.float32)
@@ -288,6 +289,7 @@ class PKT(Knowledge):
         # float64 inside (B x B only, returned as float32): the kernels of related embeddings are nearly
         # uniform, p and q ~ 1/B agree to ~1e-4, and float32's rounding of log(q/p) near 0 is a
         # first-order error of a second-order quantity (±2 % on pooled ResNet-like features).
+        """(B, D_s[, *spatial]) student and (B, D_t[, *spatial]) teacher embeddings -> scalar."""
         e_s, e_t = embedding(e_s).double(), embedding(e_t).double()
         p, q = pkt_conditional(e_s, self.eps), pkt_conditional(e_t, self.eps)
         return (q * torch.log((q + self.eps) / (p + self.eps))).mean().float()

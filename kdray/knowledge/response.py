@@ -82,6 +82,7 @@ class KD(Knowledge):
         self.standardize = bool(standardize)
 
     def forward(self, z_s: Tensor, z_t: Tensor) -> Tensor:
+        """(B, C) student and teacher logits -> scalar."""
         t = self.temperature
         z_s, z_t = float_logits(z_s, z_t, self.standardize)
         log_p_s = F.log_softmax(z_s / t, dim=1)
@@ -253,6 +254,7 @@ class DIST(Knowledge):
         self.standardize = bool(standardize)
 
     def forward(self, z_s: Tensor, z_t: Tensor) -> Tensor:
+        """(B, C) student and teacher logits -> scalar."""
         t, dtype = self.temperature, as_float(z_s).dtype
         # float64 inside (see the docstring): probabilities near 1 decide the correlation of a column
         z_s, z_t = float_logits(as_float(z_s).double(), as_float(z_t).double(), self.standardize)
@@ -395,6 +397,7 @@ class CTKD(Knowledge):
         return float(self._temperature(0.0).detach())
 
     def forward(self, z_s: Tensor, z_t: Tensor) -> Tensor:
+        """(B, C) student and teacher logits -> scalar."""
         t = self._temperature(self.grl_lambda())
         log_p_s = F.log_softmax(as_float(z_s) / t, dim=1)
         log_p_t = F.log_softmax(as_float(z_t) / t, dim=1)

@@ -37,6 +37,7 @@ class ABF(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None,
                 out_size: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+        """(B, C_in, H, W) stage map[, deeper stage's (B, C_out, h, w) residual] -> (B, C_out, *out_size) twice."""
         x = self.conv1(x)
         if self.att_conv is not None:
             if residual is None:
@@ -182,6 +183,7 @@ class ReviewKD(LayerPairsKnowledge):
         return outs
 
     def forward(self, f_s: list[Tensor] | Tensor, f_t: list[Tensor] | Tensor) -> Tensor:
+        """(B, C_s, H, W) and (B, C_t, H, W) maps, shallow to deep (lists, one per layer pair) -> scalar."""
         f_s, f_t = layer_pairs(f_s, f_t)
         f_s, f_t = [as_map2d(f) for f in f_s], [as_map2d(f).detach() for f in f_t]
         if self.abfs is None:  # used directly on tensors: infer the connectors now

@@ -101,6 +101,7 @@ class AttentionDistill(Knowledge):
         return cls(t, s)
 
     def forward(self, a_s: list[Tensor] | Tensor, a_t: list[Tensor] | Tensor) -> Tensor:
+        """(B, heads, T, T) student and teacher attention maps (or lists, one per layer pair) -> scalar."""
         if isinstance(a_s, Tensor):
             a_s, a_t = [a_s], [a_t]
         total = a_s[0].new_zeros((), dtype=torch.float32)
@@ -212,6 +213,7 @@ class MiniLM(Knowledge):
         )
 
     def forward(self, a_s: Tensor, a_t: Tensor, v_s: Tensor, v_t: Tensor) -> Tensor:
+        """(B, heads, T, T) attention maps, (B, T, H_s) and (B, T, H_t) value taps -> scalar."""
         a_s, a_t = as_float(a_s), as_float(a_t)
         if a_s.dim() != 4 or a_s.shape[-2:] != a_t.shape[-2:] or a_s.shape[0] != a_t.shape[0]:
             raise ValueError(f"attention maps must be (B, heads, T, T) of one length, got {tuple(a_s.shape)} "
