@@ -233,7 +233,7 @@ def trial_table(uri: str, sweep: str | None):
 
 def knowledge_summary(df) -> list[dict[str, Any]]:
     """Per knowledge type: its best completed trial against the best completed labels-only trial."""
-    from kdray.sweep.fair import budget_by_type
+    from kdray.sweep.budget import budget_by_type
 
     if df.empty:
         return []

@@ -170,24 +170,3 @@ class FailureAwareASHA(ASHAScheduler):
             self._trial_info.pop(trial.trial_id, None)  # forgotten, not recorded
             return
         super().on_trial_complete(tune_controller, trial, result)
-
-
-def budget_by_type(trials: "Any", choices: list[str]) -> "Any":
-    """Per knowledge choice: trials, full-length trials, epochs spent (and their share of the sweep's), and the
-    best validation accuracy of a full-length trial. ``trials``: a table with a row per trial (``knowledge``,
-    ``status``, ``epochs``, ``val_accuracy``): the sweep's leaderboard, or ``kdray compare``'s trials read back
-    from MLflow. Every choice in ``choices`` has a row, tried or not; other types follow, sorted."""
-    import pandas as pd
-
-    if trials.empty:
-        trials = pd.DataFrame(columns=["knowledge", "status", "epochs", "val_accuracy"])
-    rows = []
-    total = int(trials["epochs"].sum()) or 1
-    for c in list(choices) + sorted(set(trials["knowledge"]) - set(choices)):
-        mine = trials[trials["knowledge"] == c]
-        full = mine.loc[mine["status"] == "completed", "val_accuracy"]
-        epochs = int(mine["epochs"].sum())
-        rows.append({"knowledge": c, "trials": len(mine), "full_length": len(full), "epochs": epochs,
-                     "epoch_share": epochs / total,
-                     "best_val_accuracy": float(full.max()) if len(full) else float("nan")})
-    return pd.DataFrame(rows)

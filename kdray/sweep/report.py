@@ -181,7 +181,7 @@ def _history_png(board: pd.DataFrame, path: str) -> None:
 
 def log_budget(c: Any, parent_id: str, board: pd.DataFrame, choices: list[str]) -> pd.DataFrame:
     """The budget each knowledge type got, as ``budget_by_type.csv`` and ``budget.<type>.*`` metrics (one batch)."""
-    from kdray.sweep.fair import budget_by_type
+    from kdray.sweep.budget import budget_by_type
 
     df = budget_by_type(board, choices)
     buf = io.StringIO()

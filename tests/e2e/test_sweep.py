@@ -115,6 +115,27 @@ def test_best_and_compare_read_the_sweep_back(sweep, tmp_path):
     assert {s["knowledge"] for s in data["by_knowledge"]} <= {"none", "kd", "kd+fitnet"}
 
 
+QUERY_IMPORTS = """
+import json, sys
+from kdray.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "heavy": sorted(m for m in ("torch", "ray", "optuna") if m in sys.modules)}),
+      file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", ["best", "compare"])
+def test_the_query_commands_answer_without_importing_torch_ray_or_optuna(sweep, command):
+    """``kdray best/compare --json`` are what scripts poll: they read MLflow and nothing else (each of torch and
+    Ray adds seconds to every call on 2 CPUs; compare imported both through the fair-budget scheduler)."""
+    tmp, _ = sweep
+    r = subprocess.run([sys.executable, "-c", QUERY_IMPORTS, command, "--json", "--tracking-uri",
+                        f"sqlite:///{tmp / 'mlflow.db'}"], capture_output=True, text=True, timeout=120, cwd=tmp)
+    report = json.loads(r.stderr.strip().splitlines()[-1])
+    assert report == {"rc": 0, "heavy": []}, r.stderr[-3000:]
+    assert json.loads(r.stdout)
+
+
 def test_optuna_study_is_persisted_beside_the_run(sweep):
     import optuna
 
