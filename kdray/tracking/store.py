@@ -7,6 +7,7 @@ Layout in MLflow: one experiment per search space; one parent run per sweep (tag
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
 import threading
@@ -169,6 +170,8 @@ def _create_schema_once(uri: str) -> None:
         with open(Path(tempfile.gettempdir()) / f"kdray-mlflow-schema-{name}.lock", "a") as f:
             if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_EX)
+            # MLflow announces the creation and each migration of a store at INFO level, on every new store
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
             try:
                 c = MlflowClient(tracking_uri=uri)  # opens the store: creates the tables, default experiment
                 c.search_experiments(max_results=1)
