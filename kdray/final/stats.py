@@ -16,7 +16,13 @@ def welch(a: list[float], b: list[float]) -> float:
     # 0.9000000000000001, so its std is a rounding error and scipy then returns 6e-31 or NaN.
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         return float("nan") if a[0] != b[0] else 1.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+    def moments(x: list[float]) -> tuple[float, float]:
+        # A constant sample has mean x[0] and no variance exactly (scipy's own moments warn of cancellation).
+        return (float(x[0]), 0.0) if np.ptp(x) == 0 else (float(np.mean(x)), float(np.std(x, ddof=1)))
+
+    (ma, sa), (mb, sb) = moments(a), moments(b)
+    return float(stats.ttest_ind_from_stats(ma, sa, len(a), mb, sb, len(b), equal_var=False).pvalue)
 
 
 MIN_BOOTSTRAP_SEEDS = 3  # two values resample to three distinct means: no interval worth reporting

@@ -247,7 +247,11 @@ def test_welch_and_the_bootstrap_interval_on_degenerate_and_ordinary_samples():
     from kdray.final import bootstrap_ci, welch
 
     a, b = [0.91, 0.93, 0.92, 0.95], [0.90, 0.90, 0.90, 0.90]  # one sample without variance
-    assert welch(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    # By hand: b adds nothing to the standard error, so t = (mean(a) - 0.9) / (s_a / 2) with 3 degrees of freedom
+    # (Welch-Satterthwaite with one variance zero gives n_a - 1).
+    s_a = math.sqrt(sum((x - 0.9275) ** 2 for x in a) / 3)
+    assert welch(a, b) == pytest.approx(2 * stats.t.sf((0.9275 - 0.9) / (s_a / 2), 3), rel=1e-9)
+    assert welch(b, a) == pytest.approx(welch(a, b), rel=1e-12)
     # Two different constants: no variance, so Welch's t is undefined; p = 0 ("significant") claimed a certainty
     # that three seeds cannot give.
     assert math.isnan(welch([0.9] * 3, [0.8] * 3))
