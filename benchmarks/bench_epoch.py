@@ -1,11 +1,13 @@
 """Samples per second of one KD epoch: kdray's training loop against a plain PyTorch loop doing the same work.
 
 Both run in this process, alternately (plain, kdray, plain, kdray, ...), with the same models, data, batch
-size, optimizer (Adam) and thread count; throughput is training samples per second of an epoch, validation
-excluded on both sides, median over the measured epochs (the first epoch of each is a warm-up). kdray's
-side is ``train_run`` with an in-process session: exactly what an inline sweep trial runs (taps, loss dict,
-per-term sums, one metric sync and one checkpoint per epoch). A third column shows kdray reading the teacher
-outputs from the shared cache instead of running the teacher (what a sweep does by default).
+size, optimizer (Adam: torch's default implementation, and a second plain side with the fused kernel that
+kdray uses, so that kdray's loop overhead shows apart from its faster optimizer) and thread count;
+throughput is training samples per second of an epoch, validation excluded on both sides, median over the
+measured epochs (the first epoch of each is a warm-up). kdray's side is ``train_run`` with an in-process
+session: exactly what an inline sweep trial runs (taps, loss dict, per-term sums, one metric sync and one
+checkpoint per epoch). A further column shows kdray reading the teacher outputs from the shared cache
+instead of running the teacher (what a sweep does by default).
 
     python benchmarks/bench_epoch.py [--epochs 8] [--threads 1] [--json out.json]
 """
@@ -47,15 +49,17 @@ def make_teacher(dataset: str, model: str) -> dict:
     return torch.load(s.last_checkpoint / STUDENT_FILE, weights_only=True)
 
 
-def plain_epochs(record: dict, dataset: str, student_name: str, batch: int, epochs: int, t: float = 4.0) -> list[float]:
-    """The textbook KD loop: frozen teacher under no_grad, student forward, CE + T^2 KL, Adam step."""
+def plain_epochs(record: dict, dataset: str, student_name: str, batch: int, epochs: int, t: float = 4.0,
+                 fused: bool = False) -> list[float]:
+    """The textbook KD loop: frozen teacher under no_grad, student forward, CE + T^2 KL, Adam step (torch's
+    default Adam, or ``fused``: the fused kernel kdray uses, so the loop's own overhead shows apart)."""
     data = load_dataset(DatasetConfig(name=dataset))
     x, y = data.train.x, data.train.y
     teacher = model_from_record(record).eval()
     teacher.requires_grad_(False)
     torch.manual_seed(0)
     student = build_model(student_name, data.info.num_classes, data.info.preprocess())
-    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3, fused=fused or None)
     rates = []
     for epoch in range(epochs):
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
@@ -101,20 +105,24 @@ def main() -> None:
         data = load_dataset(DatasetConfig(name=dataset))
         tap = Teacher.from_records([record])
         cache = build_cache([record], data, [], max_bytes=2**30)
-        plain, ours, cached = [], [], []
+        plain, plain_fused, ours, cached = [], [], [], []
         for _ in range(args.rounds):
             plain += plain_epochs(record, dataset, student, batch, args.epochs)
+            plain_fused += plain_epochs(record, dataset, student, batch, args.epochs, fused=True)
             ours += kdray_epochs(record, dataset, student, knowledge, batch, args.epochs, args.threads)
             cached += kdray_epochs(record, dataset, student, knowledge, batch, args.epochs, args.threads, cache)
             torch.set_num_threads(args.threads)
-        p = statistics.median(plain)
+        p, pf = statistics.median(plain), statistics.median(plain_fused)
         k, c = statistics.median(r[0] for r in ours), statistics.median(r[0] for r in cached)
         whole = statistics.median(r[1] for r in ours)
         t_params = sum(q.numel() for q in tap.parameters())
-        rows.append({"pair": name, "teacher_params": t_params, "plain_samples_per_s": p, "kdray_samples_per_s": k,
+        rows.append({"pair": name, "teacher_params": t_params, "plain_samples_per_s": p,
+                     "plain_fused_samples_per_s": pf,
+                     "kdray_samples_per_s": k, "ratio_to_plain_fused": k / pf,
                      "kdray_cached_samples_per_s": c, "ratio": k / p, "ratio_cached": c / p,
                      "kdray_whole_epoch_samples_per_s": whole})
-        print(f"{name:<32} plain {p:9.0f}/s  kdray {k:9.0f}/s ({k / p:.2f}x)  kdray+cache {c:9.0f}/s ({c / p:.2f}x)"
+        print(f"{name:<32} plain {p:9.0f}/s  plain, fused Adam {pf:9.0f}/s  kdray {k:9.0f}/s ({k / p:.2f}x; "
+              f"{k / pf:.2f}x of fused)  kdray+cache {c:9.0f}/s ({c / p:.2f}x)"
               f"  [kdray incl. validation {whole:8.0f}/s]", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

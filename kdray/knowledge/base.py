@@ -81,8 +81,14 @@ _AUTOCAST_DEVICES = _autocast_devices()
 _LOW = (torch.float16, torch.bfloat16)
 
 
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)  # one call instead of one per device type
+
+
 def active_autocast() -> list[str]:
-    """The device types whose autocast is on in this thread."""
+    """The device types whose autocast is on in this thread (asked on every loss call: the common answer,
+    none, costs one call)."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():
+        return []
     return [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
 
 
@@ -93,9 +99,11 @@ def _to_float32(x: Any) -> Any:
     if isinstance(x, TapOutputs):
         return TapOutputs(_to_float32(x.logits), _to_float32(x.features), _to_float32(x.strong))
     if isinstance(x, (list, tuple)):
+        if all(type(v) is Tensor and v.dtype not in _LOW for v in x):  # the common case: nothing to cast
+            return x
         return type(x)(_to_float32(v) for v in x)
     if isinstance(x, dict):
-        return {k: _to_float32(v) for k, v in x.items()}
+        return {k: _to_float32(v) for k, v in x.items()} if x else x
     return x
 
 

@@ -71,6 +71,8 @@ class FeatureTaps:
         return hook
 
     def run(self, model: nn.Module, x: Tensor) -> TapOutputs:
+        if not self._handles:  # nothing tapped (logit-only knowledge): no store to swap, every step
+            return TapOutputs(model(x), {})
         self._store = {}
         logits = model(x)
         feats, self._store = self._store, {}

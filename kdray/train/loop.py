@@ -151,12 +151,14 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], int]:
             optimizer.step()
         if not names:
             names = list(terms)
-        values.append([*(v.detach() for v in terms.values()), (logits.detach().argmax(1) == y).sum()])
+        with torch.no_grad():  # one op for the terms, not a detach each; argmax needs no detach
+            values.append([torch.stack(list(terms.values())), (logits.argmax(1) == y).sum()])
         sizes.append(y.numel())
     if not values:
         return {}, 0
     # One stack per column and one weighted sum per epoch, on the device: each term weighted by its batch's size.
-    table = torch.stack([torch.stack(col).double() for col in zip(*values)], dim=1)  # (steps, terms + 1)
+    table = torch.cat([torch.stack([v[0] for v in values]).double(),
+                       torch.stack([v[1] for v in values]).double()[:, None]], dim=1)  # (steps, terms + 1)
     weights = torch.tensor(sizes, dtype=table.dtype, device=table.device)
     sums = torch.cat([(table[:, :-1] * weights[:, None]).sum(0), table[:, -1:].sum(0)])
     return dict(zip([*names, "_correct"], sums.unbind())), int(sum(sizes))

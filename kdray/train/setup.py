@@ -69,11 +69,17 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torc
 
 
 def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
+    """SGD, Adam or AdamW with PyTorch's fused kernels wherever every parameter allows them (floating point,
+    on a CPU or a CUDA device): the same update as the per-tensor loop, up to float rounding, in one kernel
+    instead of ~10 ops per parameter tensor, which is most of an optimizer step for small students
+    (a 2×100 MLP's Adam step: 59 µs fused, 177 µs as torch's CPU default; ``benchmarks/bench_epoch.py``)."""
+    params = list(params)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     if train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov,
-                               weight_decay=train.weight_decay)
+                               weight_decay=train.weight_decay, fused=fused or None)
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=train.lr, weight_decay=train.weight_decay)
+    return cls(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused or None)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
