@@ -16,20 +16,30 @@ from kdray.models import Teacher
 
 @dataclass
 class TeacherCache:
-    """Teacher logits and feature maps for every sample of one split, indexed by sample index."""
+    """Teacher logits and feature maps for every sample of one split, indexed by sample index. A language model's
+    cache holds ``tokens`` instead of logits (:mod:`kdray.cache.tokens`: per block and position its top-k)."""
 
     key: str
-    logits: np.ndarray
+    logits: np.ndarray | None
     features: dict[str, np.ndarray] = field(default_factory=dict)
     dtype: str = "float32"
     note: str = ""
+    tokens: dict[str, np.ndarray] | None = None  # logp (N, T, k) float16; index (N, T, k), rest (N, T) unless exact
+    vocab: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def top_k(self) -> int:
+        """Tokens stored per position (the vocabulary when exact)."""
+        return int(self.tokens["logp"].shape[-1]) if self.tokens else 0
 
     @property
     def nbytes(self) -> int:
-        return int(self.logits.nbytes + sum(a.nbytes for a in self.features.values()))
+        arrays = [self.logits] if self.logits is not None else list((self.tokens or {}).values())
+        return int(sum(a.nbytes for a in arrays) + sum(a.nbytes for a in self.features.values()))
 
     def __len__(self) -> int:
-        return int(self.logits.shape[0])
+        return int((self.logits if self.logits is not None else self.tokens["logp"]).shape[0])
 
 
 def plan_cache(n: int, shapes: dict[str, tuple[int, ...]], num_classes: int, max_bytes: int, dtype: str = "auto"):

@@ -2,6 +2,7 @@
 live teacher, with the reason in words (:meth:`TeacherOutputs.create`)."""
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from kdray.cache.fixed import TeacherCache
 from kdray.cache.keys import ViewCacheHandle, cache_key, view_cache_key
 from kdray.data import DataBundle
 from kdray.knowledge import TapOutputs
+from kdray.knowledge.token import TopKTokens
 from kdray.models import Teacher
 
 
@@ -26,27 +28,40 @@ class TeacherOutputs:
         self.teacher, self.layers, self.device, self.reason = teacher, list(layers), device, reason
         self.source = "cache" if cache is not None else "live"
         self._logits: Tensor | None = None
+        self._tokens: dict[str, Tensor] = {}
+        self._vocab = 0
         self._feats: dict[str, Tensor] = {}
         if cache is not None:
             # Read-only views of the object-store arrays (zero-copy on the same node; never written, so
             # torch's warning about non-writable arrays does not apply); on a GPU, one copy.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                self._logits = torch.from_numpy(np.asarray(cache.logits))
+                if cache.tokens is not None:  # a language model's top-k per (block, position)
+                    self._tokens = {k: torch.from_numpy(np.asarray(v)) for k, v in cache.tokens.items()}
+                    self._vocab = cache.vocab
+                else:
+                    self._logits = torch.from_numpy(np.asarray(cache.logits))
                 self._feats = {k: torch.from_numpy(np.asarray(cache.features[k])) for k in self.layers}
             if device.type == "cuda" and copy_to_device:  # a whole GPU: one copy, then slices on the device
-                self._logits = self._logits.to(device)
+                if self._logits is not None:
+                    self._logits = self._logits.to(device)
+                self._tokens = {k: v.to(device) for k, v in self._tokens.items()}
                 self._feats = {k: v.to(device) for k, v in self._feats.items()}
             # Trials sharing a GPU (gpus_per_worker < 1) each copy only their batch's rows (__call__).
 
     @classmethod
     def create(cls, teacher: Teacher | None, cache: TeacherCache | None, records: list[dict[str, Any]],
                data: DataBundle, layers: list[str], device: torch.device,
-               copy_to_device: bool = True, seed: int = 0) -> "TeacherOutputs":
-        """The cache when it applies to this trial's teacher, data, seed and layers; else the live teacher
+               copy_to_device: bool = True, seed: int = 0, top_k: int | None = None) -> "TeacherOutputs":
+        """The cache when it applies to this trial's teacher, data, seed and layers (and, for a language model,
+        holds at least the ``top_k`` tokens the trial learns from; None: every token); else the live teacher
         and the reason."""
         if cache is None:
             return cls(teacher, None, layers, device, "no cache was offered")
+        if getattr(cache, "tokens", None) is not None and cache.top_k < min(top_k or cache.vocab, cache.vocab):
+            want = f"the top {top_k}" if top_k else f"all {cache.vocab}"
+            return cls(teacher, None, layers, device, f"the cache holds the teacher's top {cache.top_k} tokens per "
+                                                      f"position; this trial learns from {want}")
         if isinstance(cache, ViewCacheHandle):
             if teacher is None:  # nothing to distil (none, dml): nothing to read
                 return cls(teacher, None, layers, device, "this run has no teacher")
@@ -75,12 +90,29 @@ class TeacherOutputs:
         return {}
 
     def __call__(self, idx: Tensor, x: Tensor) -> TapOutputs:
+        if self._tokens:
+            return self._token_rows(idx)
         if self._logits is None:
             return self.teacher(x)
         i = idx if self._logits.device == idx.device else idx.to(self._logits.device)
         logits = self._logits[i].to(self.device, non_blocking=True)
         feats = {k: v[i].to(self.device, non_blocking=True).float() for k, v in self._feats.items()}
         return TapOutputs(logits, feats)
+
+    def _token_rows(self, idx: Tensor) -> TapOutputs:
+        """A language model's batch of blocks: each position's stored top-k (float16 log-probabilities, ids, the
+        log of the rest), never made dense; every token's log-probability when exact."""
+        t = self._tokens
+        i = idx if t["logp"].device == idx.device else idx.to(t["logp"].device)
+        logp = t["logp"][i].to(self.device, non_blocking=True)
+        if "index" in t:
+            index = t["index"][i].to(self.device, non_blocking=True).to(torch.int64)
+            rest = t["rest"][i].to(self.device, non_blocking=True)
+        else:  # exact: the ids are the positions in the row, nothing remains
+            index = torch.arange(self._vocab, device=self.device).expand(logp.shape)
+            rest = torch.full(logp.shape[:-1], -math.inf, device=self.device)
+        feats = {k: v[i].to(self.device, non_blocking=True).float() for k, v in self._feats.items()}
+        return TapOutputs(TopKTokens(logp, index, rest, self._vocab), feats)
 
 
 @dataclass

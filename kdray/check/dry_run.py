@@ -17,7 +17,9 @@ from kdray.data import describe_dataset
 from kdray.data.loaders import to_float
 from kdray.errors import DatasetUnavailable
 from kdray.knowledge import KNOWLEDGE, Knowledge, ModelLayout, TapOutputs
+from kdray.knowledge.token import TokenStates
 from kdray.models import Classifier, FeatureTaps, LayerNotFound, Teacher, build_model, model_from_record
+from kdray.models.hf_lm import SequenceTooLong
 from kdray.models.taps import check_layers
 from kdray.teachers import load_teacher_records
 
@@ -66,7 +68,7 @@ def _layer_field(i: int, spec: dict[str, Any], missing: list[str], side: str) ->
 
 def student_from_teacher(cfg: RunConfig, teacher: Teacher | None, info, file: str | Path | None = None) -> Classifier:
     """``student.init_from_teacher``: the student built from the teacher's own weights (DistilBERT)."""
-    from kdray.models.hf import init_from_teacher
+    from kdray.models.hf_lm import init_from_teacher
 
     if teacher is None:
         raise ConfigError("needs a teacher", file, "student.init_from_teacher")
@@ -84,6 +86,7 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
             teacher_records: list[dict[str, Any]] | None = None) -> DryRun:
     """Build everything a run needs and push a zero batch through it; raise ``ConfigError`` on failure."""
     info = _data_info(cfg, file)
+    _check_tokenizers(cfg, info, file)
     student = _build(cfg, info, file, cfg.student.name, cfg.student.options, "student")
     report = DryRun(cfg.knowledge_label, None, cfg.student.name,
                     student_params=sum(p.numel() for p in student.parameters()))
@@ -100,6 +103,8 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
 def _data_info(cfg: RunConfig, file: str | Path | None) -> Any:
     try:
         return describe_dataset(cfg.dataset)
+    except ConfigError as e:  # the data set named the field itself
+        raise e.with_file(file) if file else e from None
     except DatasetUnavailable as e:
         raise ConfigError(str(e), file, "dataset.download" if "download" in str(e) else "dataset.options") from None
     except ValueError as e:
@@ -110,6 +115,8 @@ def _build(cfg: RunConfig, info: Any, file: str | Path | None, name: str, option
            where: str) -> Classifier:
     try:
         return build_model(name, info.num_classes, info.preprocess(), options)
+    except SequenceTooLong as e:
+        raise ConfigError(f"model {name!r}: {e}", file, "dataset.seq_len") from None
     except TypeError as e:
         raise ConfigError(f"bad options for model {name!r}: {e}", file, f"{where}.options") from None
     except (ValueError, RuntimeError) as e:
@@ -207,11 +214,12 @@ def _forward(cfg: RunConfig, info: Any, teacher: Teacher | None, student: Classi
     """Two samples through the student (and MLKD's strong view), the teacher, and every loss: shapes, connectors and
     scalar values, as the first training step would see them."""
     x = to_float(info.example_input(2))  # as training batches hold them: 8-bit images as floats in [0, 1]
+    lm = info.causal_lm
     student.eval()
     with torch.no_grad():
         s_taps = FeatureTaps(student.net, [n for k in modules.values() for n in k.student_layers])
         try:
-            s_out = s_taps.run(student, x)
+            s_out = s_taps.run(student, x, states=lm)
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"model {cfg.student.name!r} fails on inputs of shape {tuple(info.model_input)}: {e}",
                               file, "student.name") from None
@@ -219,9 +227,7 @@ def _forward(cfg: RunConfig, info: Any, teacher: Teacher | None, student: Classi
         if x_strong is not None:
             s_out = s_out._replace(strong=s_taps.run(student, x_strong))
         s_taps.remove()
-        if s_out.logits.shape != (2, info.num_classes):
-            raise ConfigError(f"student outputs {tuple(s_out.logits.shape[1:])}, expected ({info.num_classes},)",
-                              file, "student.name")
+        _check_outputs(cfg, info, s_out, file)
         report.student_shapes = {k: tuple(v.shape[1:]) for k, v in s_out.features.items()}
         if teacher is None:
             return
@@ -233,9 +239,63 @@ def _forward(cfg: RunConfig, info: Any, teacher: Teacher | None, student: Classi
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"the teacher fails on inputs of shape {tuple(info.model_input)}: {e}", file,
                               "teacher") from None
+        if lm and modules:
+            _check_vocabularies(cfg, s_out, t_out, file)
         report.teacher_shapes = {k: tuple(v.shape[1:]) for k, v in t_out.features.items()}
         for i, k in modules.items():
             _dry_loss(cfg, i, k, s_out, t_out, file, report)
+
+
+def _check_outputs(cfg: RunConfig, info: Any, s_out: TapOutputs, file: str | Path | None) -> None:
+    """A classifier outputs one logit per class; a causal LM its hidden states per position and a head over at
+    least the tokenizer's ids."""
+    if not info.causal_lm:
+        if s_out.logits.shape != (2, info.num_classes):
+            raise ConfigError(f"student outputs {tuple(s_out.logits.shape[1:])}, expected ({info.num_classes},)",
+                              file, "student.name")
+        return
+    if not isinstance(s_out.logits, TokenStates):
+        raise ConfigError(f"data set {cfg.dataset.name!r} is for causal language models (next-token prediction); "
+                          f"{cfg.student.name!r} is not one (use hf-lm/..., tiny_llama, tiny_qwen3, tiny_gpt2)", file,
+                          "student.name")
+    if s_out.logits.head.vocab < info.num_classes:
+        raise ConfigError(f"the student's vocabulary ({s_out.logits.head.vocab}) is smaller than the tokenizer's "
+                          f"({info.num_classes})", file, "student.name")
+
+
+def _check_vocabularies(cfg: RunConfig, s_out: TapOutputs, t_out: TapOutputs, file: str | Path | None) -> None:
+    s, t = s_out.logits, t_out.logits
+    if not isinstance(t, TokenStates):
+        raise ConfigError("the student is a causal language model but the teacher is not", file, "teacher")
+    if t.head.vocab != s.head.vocab:
+        raise ConfigError(f"the teacher's vocabulary has {t.head.vocab} tokens and the student's {s.head.vocab}: "
+                          "token-level knowledge compares distributions over one vocabulary, so teacher and student "
+                          "need the same tokenizer", file, "teacher")
+
+
+def _check_tokenizers(cfg: RunConfig, info: Any, file: str | Path | None) -> None:
+    """Every ``hf-lm/<folder>`` model that ships a tokenizer must share the data set's vocabulary."""
+    if not info.causal_lm or not info.tokenizer:
+        return
+    from kdray.data.lm import load_tokenizer
+
+    names = [("student.name", cfg.student.name)]
+    if cfg.teacher is not None:
+        names.append(("teacher.name" if cfg.teacher.name else "teacher.train.model.name", cfg.teacher.model_name))
+    data_tok = None
+    for where, name in names:
+        folder = Path(name[len("hf-lm/"):]).expanduser() if str(name).startswith("hf-lm/") else None
+        if folder is None or not (folder / "tokenizer_config.json").is_file():
+            continue
+        if folder.resolve() == Path(str(info.tokenizer)).expanduser().resolve():
+            continue
+        data_tok = data_tok or load_tokenizer(str(info.tokenizer))
+        own = load_tokenizer(str(folder), where)
+        if own.get_vocab() != data_tok.get_vocab():
+            raise ConfigError(f"{name} comes with a tokenizer whose vocabulary differs from the data set's "
+                              f"({len(own)} vs {len(data_tok)} tokens, from {info.tokenizer}): the model would read "
+                              "other tokens than it was trained on; tokenise the data with the model's own "
+                              "(dataset.tokenizer)", file, "dataset.tokenizer")
 
 
 def _strong_view(cfg: RunConfig, modules: dict[int, Knowledge], x: torch.Tensor,
@@ -254,7 +314,8 @@ def _strong_view(cfg: RunConfig, modules: dict[int, Knowledge], x: torch.Tensor,
 
 def _dry_loss(cfg: RunConfig, i: int, k: Knowledge, s_out: TapOutputs, t_out: TapOutputs, file: str | Path | None,
               report: DryRun) -> None:
-    y = torch.zeros(2, dtype=torch.long)
+    y = torch.zeros(2, *(s_out.logits.hidden.shape[1:2] if isinstance(s_out.logits, TokenStates) else ()),
+                    dtype=torch.long)
     try:
         # Without loading the data set its training split's size is unknown: the dry batch stands in (a two-row
         # memory bank for CRD, K capped at 1) and no labels (CRD: uniform negatives).

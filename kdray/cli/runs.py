@@ -196,15 +196,17 @@ def _print_final(record: dict[str, Any], dataset_cfg, seconds: float, what: str)
     import torch
 
     from kdray.data import load_dataset
-    from kdray.data.evaluate import evaluate
+    from kdray.data.evaluate import evaluate_model
     from kdray.models import model_from_record
 
-    val = record["metrics"].get("val_accuracy", float("nan"))
-    msg = f"[kdray] {what} finished in {seconds:.0f} s: validation accuracy {val:.4f}"
+    m = record["metrics"]
+    msg = f"[kdray] {what} finished in {seconds:.0f} s: validation accuracy {m.get('val_accuracy', float('nan')):.4f}"
+    if "val_nll" in m:
+        msg += f", validation NLL {m['val_nll']:.4f} nats/token"
     if what == "teacher":
         # A teacher is not selected on the test split, so reporting it here selects nothing.
-        test = evaluate(model_from_record(record), load_dataset(dataset_cfg).test, 512, torch.device("cpu"))
-        msg += f", test accuracy {test['accuracy']:.4f}"
+        test = evaluate_model(model_from_record(record), load_dataset(dataset_cfg).test, 512, torch.device("cpu"))
+        msg += f", test accuracy {test['accuracy']:.4f}" + (f", test NLL {test['nll']:.4f}" if "nll" in test else "")
     print(msg, flush=True)
 
 
@@ -258,17 +260,23 @@ def cmd_distill(args: argparse.Namespace) -> int:
     save_model(record, out_dir / "student.pt")
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     summary = {"val_accuracy": result.metrics["val_accuracy"], "student": str(out_dir / "student.pt")}
+    if "val_nll" in result.metrics:
+        summary["val_nll"] = result.metrics["val_nll"]
     if args.test:
         import torch
 
-        from kdray.data.evaluate import evaluate
+        from kdray.data.evaluate import evaluate_model
         from kdray.models import model_from_record
 
-        summary["test_accuracy"] = evaluate(model_from_record(record), load_dataset(cfg.dataset).test, 512,
-                                            torch.device("cpu"))["accuracy"]
+        test = evaluate_model(model_from_record(record), load_dataset(cfg.dataset).test, 512, torch.device("cpu"))
+        summary["test_accuracy"] = test["accuracy"]
+        if "nll" in test:
+            summary["test_nll"] = test["nll"]
     (out_dir / "result.json").write_text(json.dumps(summary, indent=2))
     print(f"[kdray] finished in {time.time() - t0:.0f} s: validation accuracy {summary['val_accuracy']:.4f}"
-          + (f", test accuracy {summary['test_accuracy']:.4f}" if "test_accuracy" in summary else ""), flush=True)
+          + (f", validation NLL {summary['val_nll']:.4f}" if "val_nll" in summary else "")
+          + (f", test accuracy {summary['test_accuracy']:.4f}" if "test_accuracy" in summary else "")
+          + (f", test NLL {summary['test_nll']:.4f}" if "test_nll" in summary else ""), flush=True)
     print(f"[kdray] student saved to {out_dir / 'student.pt'}")
     if args.json:
         print(json.dumps(summary))

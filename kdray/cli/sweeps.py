@@ -10,8 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from kdray.errors import ConfigError, KdrayError
+from kdray.goal import ACCURACY, Goal
 from kdray.storage import resolve_storage
-from kdray.tracking.store import TAG_KNOWLEDGE, TAG_STATUS, TAG_TRIAL, client, find_sweep, sweep_children, tracking_uri
+from kdray.tracking.store import (
+    TAG_KNOWLEDGE,
+    TAG_STATUS,
+    TAG_TRIAL,
+    client,
+    find_sweep,
+    sweep_children,
+    sweep_goal,
+    tracking_uri,
+)
 
 REPO_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 
@@ -73,37 +83,39 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         fair = space.min_trials_per_type and space.scheduler.type == "asha"
         print("\nbudget per knowledge type" + (f" (fair budget: {space.min_trials_per_type} full-length trials each "
                                                "before ASHA may abandon a type)" if fair else "") + ":")
-        print(format_budget(result.budget))
+        print(format_budget(result.budget, space.goal))
     if space.multi_objective and "pareto" in result.leaderboard.columns:
         front = result.leaderboard[result.leaderboard["pareto"]]
-        cost = space.objectives[1]
-        print(f"\nPareto front of val_accuracy and {cost}: trials "
-              + ", ".join(f"{int(r.trial)} ({r.val_accuracy:.4f}, {getattr(r, cost):.4g})"
+        cost, metric = space.objectives[1], space.metric
+        print(f"\nPareto front of {metric} and {cost}: trials "
+              + ", ".join(f"{int(r.trial)} ({getattr(r, metric):.4f}, {getattr(r, cost):.4g})"
                           for r in front.sort_values(cost).itertuples()))
         print("  pick the best within a budget: kdray best --sweep " + result.name + " --max-latency-ms MS "
               "[--max-params N]")
     if result.champion:
         ch = result.champion
         print(f"\nchampion: {ch.knowledge} (trial {ch.trial_id}) val_accuracy {ch.val_accuracy:.4f}, "
-              f"test_accuracy {ch.test_accuracy:.4f}")
+              f"test_accuracy {ch.test_accuracy:.4f}"
+              + "".join(f", {k} {v:.4f}" for k, v in sorted(ch.metrics.items())))
         print(f"{ch.note}\n  {ch.model_uri}" + (f" = {ch.alias_uri}" if ch.alias_uri else ""))
         print(f"MLflow UI: mlflow ui --backend-store-uri {uri}")
     return 0
 
 
-def format_budget(df) -> str:
+def format_budget(df, goal: Goal = ACCURACY) -> str:
     view = df.copy()
+    best = f"best_{goal.metric}"
     view["epoch_share"] = view["epoch_share"].map(lambda v: f"{v * 100:.0f}%")
-    view["best_val_accuracy"] = view["best_val_accuracy"].map(lambda v: "-" if v != v else f"{v:.4f}")
+    view[best] = view[best].map(lambda v: "-" if v != v else f"{v:.4f}")
     return view.rename(columns={"full_length": "full-length", "epoch_share": "share",
-                                "best_val_accuracy": "best val_accuracy (full-length)"}).to_string(index=False)
+                                best: f"best {goal.metric} (full-length)"}).to_string(index=False)
 
 
 def _format_board(df, limit: int = 20) -> str:
     if df.empty:
         return "(no trials)"
-    cols = [c for c in ["rank", "trial", "knowledge", "status", "epochs", "val_accuracy", "pareto", "latency_ms",
-                        "student_params"] if c in df.columns]
+    cols = [c for c in ["rank", "trial", "knowledge", "status", "epochs", "val_nll", "val_accuracy", "pareto",
+                        "latency_ms", "student_params"] if c in df.columns]
     extra = [c for c in df.columns if c not in cols and c not in ("trial_id", "run_id")]
     view = df[cols + extra].head(limit).copy()
     for c in view.columns:
@@ -135,7 +147,11 @@ def champion_info(uri: str, sweep: str | None) -> dict[str, Any]:
     metrics = parent.data.metrics
     params = dict(run.data.params)
     searched = json.loads(run.data.tags.get("kdray.searched", "{}"))
+    goal = sweep_goal(parent)
     return {
+        "metric": goal.metric,
+        **({f"{k}": metrics[f"champion_{k}"] for k in ("val_nll", "test_nll", "test_ppl")
+            if f"champion_{k}" in metrics}),
         "sweep": tags.get("kdray.sweep"),
         "experiment_id": parent.info.experiment_id,
         "parent_run_id": parent.info.run_id,
@@ -163,8 +179,11 @@ def cmd_best(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"sweep {info['sweep']}: champion {info['knowledge']} (trial {info['trial_id']}, run {info['run_id']})")
-    print(f"  val_accuracy  {info['val_accuracy']:.4f}   (selection)")
-    print(f"  test_accuracy {info['test_accuracy']:.4f}   (measured once, after selection)")
+    sel = info["metric"]
+    print(f"  {sel:<13} {info[sel]:.4f}   (selection)")
+    for k in ("val_accuracy", "test_nll", "test_ppl", "test_accuracy"):
+        if k != sel and info.get(k) is not None:
+            print(f"  {k:<13} {info[k]:.4f}" + ("   (measured once, after selection)" if k.startswith("test") else ""))
     print(f"  model         {info['model_uri']}  =  {info['alias_uri']}")
     for k, v in sorted(info["searched"].items()):
         print(f"  {k:<28} {v}")
@@ -216,32 +235,37 @@ def trial_table(uri: str, sweep: str | None):
     parent = find_sweep(c, sweep)
     if parent is None:
         raise KdrayError(no_sweep(uri, sweep))
+    goal = sweep_goal(parent)
     rows = []
     for run in sweep_children(c, parent, kind="trial"):
         t = run.data.tags
         row = {"trial": t.get("mlflow.runName", ""), "knowledge": t.get(TAG_KNOWLEDGE, "none"),
                "status": t.get(TAG_STATUS, run.info.status.lower()), "epochs": int(t.get("kdray.epochs", 0) or 0),
-               "val_accuracy": run.data.metrics.get("val_accuracy", float("nan")), "run_id": run.info.run_id,
+               **{m: run.data.metrics.get(m, float("nan")) for m in dict.fromkeys([goal.metric, "val_accuracy"])},
+               "run_id": run.info.run_id,
                **{k: run.data.metrics[k] for k in ("latency_ms", "student_params") if k in run.data.metrics}}
         row.update({k: v for k, v in json.loads(t.get("kdray.searched", "{}")).items() if k != "knowledge"})
         rows.append(row)
     df = pd.DataFrame(rows)
     if not df.empty:
-        df = df.sort_values("val_accuracy", ascending=False, na_position="last").reset_index(drop=True)
+        df = df.sort_values(goal.metric, ascending=not goal.maximise, na_position="last").reset_index(drop=True)
     return parent, df
 
 
-def knowledge_summary(df) -> list[dict[str, Any]]:
-    """Per knowledge type: its best completed trial against the best completed labels-only trial."""
+
+def knowledge_summary(df, goal: Goal = ACCURACY) -> list[dict[str, Any]]:
+    """Per knowledge type: its best completed trial against the best completed labels-only trial (``gain_over_none``
+    is the difference in the sweep's metric: positive is better for accuracy, negative for NLL)."""
     from kdray.sweep.budget import budget_by_type
 
     if df.empty:
         return []
-    budget = budget_by_type(df, []).set_index("knowledge")
+    budget = budget_by_type(df, [], goal).set_index("knowledge")
     budget = budget[budget["full_length"] > 0]
-    best = budget["best_val_accuracy"].sort_values(ascending=False)
+    key = f"best_{goal.metric}"
+    best = budget[key].sort_values(ascending=not goal.maximise)
     base = best.get("none", float("nan"))
-    return [{"knowledge": k, "best_val_accuracy": float(v), "gain_over_none": float(v - base) if base == base else None,
+    return [{"knowledge": k, key: float(v), "gain_over_none": float(v - base) if base == base else None,
              "trials": int(budget.at[k, "trials"]), "full_length": int(budget.at[k, "full_length"]),
              "epochs": int(budget.at[k, "epochs"])} for k, v in best.items()]
 
@@ -249,7 +273,8 @@ def knowledge_summary(df) -> list[dict[str, Any]]:
 def cmd_compare(args: argparse.Namespace) -> int:
     uri = tracking_uri(args.tracking_uri)
     parent, df = trial_table(uri, args.sweep)
-    summary = knowledge_summary(df)
+    goal = sweep_goal(parent)
+    summary = knowledge_summary(df, goal)
     finals = _final_runs(uri, parent)
     if args.json:
         print(json.dumps({"sweep": parent.data.tags.get("kdray.sweep"), "trials": df.to_dict(orient="records"),
@@ -258,19 +283,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.csv:
         df.to_csv(sys.stdout, index=False)
         return 0
-    print(f"sweep {parent.data.tags.get('kdray.sweep')}: {len(df)} trials (sorted by validation accuracy)")
+    m = goal.metric
+    print(f"sweep {parent.data.tags.get('kdray.sweep')}: {len(df)} trials (sorted by validation {goal.label})")
     print(_format_board(df.drop(columns=["run_id"]), limit=len(df)))
     print("\nbest completed trial per knowledge type, against labels only (none):")
     nones = df[df["knowledge"] == "none"] if not df.empty else df
     if not nones.empty and not (nones["status"] == "completed").any():
-        top = nones.sort_values(["val_accuracy", "epochs"], ascending=False).iloc[0]
-        print(f"  (no labels-only trial ran to the end: the best, {top['trial']}, reached {top['val_accuracy']:.4f} "
+        top = nones.sort_values([m, "epochs"], ascending=[not goal.maximise, False]).iloc[0]
+        print(f"  (no labels-only trial ran to the end: the best, {top['trial']}, reached {m} {top[m]:.4f} "
               f"before it was {top['status'].replace('_', ' ')} at epoch {top['epochs']}; "
               "`kdray final` retrains it in full)")
     for s in summary:
         gain = s["gain_over_none"]
-        print(f"  {s['knowledge']:<12} {s['best_val_accuracy']:.4f}   "
-              + (f"{gain * 100:+.2f} points" if gain is not None else "(no completed `none` trial)")
+        diff = (f"{gain * 100:+.2f} points" if goal.percent else f"{gain:+.4f}") if gain is not None else None
+        print(f"  {s['knowledge']:<12} {s[f'best_{m}']:.4f}   "
+              + (diff if diff is not None else "(no completed `none` trial)")
               + f"   ({s['trials']} trials, {s['full_length']} full-length, {s['epochs']} epochs)")
     for f in finals:
         print(f"\nfinal evaluation over {f['seeds']} seeds (test split): {f['summary']}")
@@ -330,6 +357,7 @@ def cmd_final(args: argparse.Namespace) -> int:
         pt = run_final_per_type(uri, args.sweep, args.seeds, resolve_storage(args.storage), say=say)
         if args.json:
             print(json.dumps({"sweep": pt.sweep, "seeds": pt.seeds, "baseline": pt.baseline, "types": pt.table,
+                              "metric": pt.goal.test, "teacher_test": pt.teacher_test,
                               "teacher_test_accuracy": pt.teacher_test_accuracy, "run_id": pt.run_id,
                               "markdown": format_per_type(pt, markdown=True)}, indent=2, default=str))
         else:

@@ -83,22 +83,24 @@ class DatasetConfig(Strict):
 
 def default_tokenizer(dataset: DatasetConfig, models: list[Any]) -> None:
     """A text data set of your own is tokenised with the teacher's tokenizer (else the student's) when the run
-    names a Hugging Face model and the data set names no tokenizer."""
+    names a Hugging Face model (``hf/`` for ``hf`` data, ``hf-lm/`` for ``text``) and the data set names none."""
     opts = dataset.options
-    if dataset.name != "hf" or opts.get("tokenizer") or opts.get("image_column"):
+    prefix = {"hf": "hf/", "text": "hf-lm/"}.get(dataset.name)
+    if prefix is None or opts.get("tokenizer") or opts.get("image_column"):
         return
-    source = next((m for m in models if isinstance(m, str) and m.startswith("hf/")), None)
+    source = next((m for m in models if isinstance(m, str) and m.startswith(prefix)), None)
     if source:
-        opts["tokenizer"] = local_path(source[len("hf/"):])
+        opts["tokenizer"] = local_path(source[len(prefix):])
 
 
 class ModelConfig(Strict):
     name: Annotated[str, BeforeValidator(absolute_hf_name), AfterValidator(MODELS.check)] = Field(
         description="a registered model (kdray list), timm/<timm name> or hf/<hub id or local path>")
     options: dict[str, Any] = Field(default_factory=dict, description="constructor options, e.g. hidden: [64]")
-    init_from_teacher: Literal["every_other_layer"] | None = Field(
+    init_from_teacher: Literal["every_other_layer"] | list[int] | None = Field(
         None, description="a student: start from the teacher's own weights, keeping every other transformer "
-        "layer (DistilBERT's initialisation); the teacher must be a Hugging Face model")
+        "layer (DistilBERT's initialisation) or the teacher layers listed ([0, 2, 5]); the teacher must be a Hugging "
+        "Face model (hf/ or hf-lm/)")
 
 
 class TrainConfig(Strict):
@@ -125,6 +127,11 @@ class TrainConfig(Strict):
                                  "rank 0's BatchNorm statistics are broadcast before every validation")
     deterministic: bool = Field(False, description="deterministic kernels (cudnn.benchmark off, "
                                 "torch.use_deterministic_algorithms): bit-identical reruns on GPUs, slower")
+    grad_accum_steps: int = Field(1, ge=1, description="batches whose gradients are summed before each optimizer "
+                                  "step (an effective batch of batch_size x this x workers); language models "
+                                  "normalise by the target tokens of all of them")
+    token_chunk: int | None = Field(None, ge=16, description="language models: tokens whose logits the loss makes "
+                                    "at once (default: 4 Mi logits / vocabulary size)")
 
     @model_validator(mode="after")
     def _step(self) -> "TrainConfig":
@@ -255,7 +262,12 @@ class CacheConfig(Strict):
         "auto", description="auto: float32 if it fits, else float16 (augmented data: float16)")
     top_k: int | None = Field(None, ge=1, description="augmented data: log-probabilities of the k likeliest classes "
                                                      "are stored, plus the remaining mass (default: every class up "
-                                                     "to 128 classes, exact; else 64)")
+                                                     "to 128 classes, exact; else 64). Language models: the teacher's "
+                                                     "k likeliest tokens per position are what a trial learns from, "
+                                                     "cached or live (default: every token); searchable")
+    tail: Literal["uniform", "tail", "renormalize"] = Field(
+        "uniform", description="language models with top_k: the teacher's remaining mass spread over the other "
+        "tokens (uniform), kept as one outcome on both sides (tail), or dropped (renormalize: refuses rkl)")
     prefetch_epochs: int = Field(1, ge=0, description="augmented data: epochs the producer computes beyond the "
                                                       "furthest trial's")
     producer: bool = Field(True, description="augmented data: a Ray actor computes epochs ahead of the trials "

@@ -19,6 +19,7 @@ from kdray.config.parts import (
 from kdray.config.validation import PLUGINS_FIELD, Strict, import_config_plugins, validate
 from kdray.config.yaml import read_yaml
 from kdray.errors import ConfigError
+from kdray.knowledge.divergences import needs_full_support
 
 
 class SchemeConfig(Strict):
@@ -122,6 +123,14 @@ class RunConfig(Strict):
         if self.scheme.type == "born_again" and self.student.init_from_teacher:
             raise ConfigError([("student.init_from_teacher", "scheme born_again teaches generation k+1 with "
                                 "generation k; copying every other layer from it would halve the student each time")])
+        for i, k in enumerate(self.knowledge):  # a top-k teacher that renormalises has no mass outside its top-k
+            if (k["type"] == "tkd" and self.cache.top_k and self.cache.tail == "renormalize"
+                    and needs_full_support(k["divergence"], k["beta"])):
+                raise ConfigError([(f"knowledge.{i}.divergence",
+                                    f"{k['divergence']}{' with beta 1' if k['divergence'] == 'jsd' else ''} needs the "
+                                    "teacher's probability of every token the student predicts, but cache.top_k "
+                                    f"{self.cache.top_k} with cache.tail renormalize gives 0 outside the top-k (the "
+                                    "divergence is infinite); use cache.tail uniform or tail, or another divergence")])
         if self.scheme.type == "born_again" and not self.knowledge:
             raise ConfigError([("knowledge", "scheme born_again passes knowledge from generation to generation: "
                                              "name the knowledge terms (e.g. kd)")])

@@ -109,10 +109,14 @@ def absolute_dir(value: Any) -> Any:
     return found if found != value else str((Path.cwd() / value).resolve())
 
 
+HF_PREFIXES = ("hf/", "hf-lm/")  # model names whose rest is a hub id or a local folder
+
+
 def absolute_hf_name(name: Any) -> Any:
-    """``hf/./my-bert`` -> ``hf//abs/path/my-bert``: workers build the model from the same folder."""
-    if isinstance(name, str) and name.startswith("hf/"):
-        return "hf/" + local_path(name[len("hf/"):])
+    """``hf/./my-bert`` -> ``hf//abs/path/my-bert`` (also ``hf-lm/``): workers build the model from the same folder."""
+    for prefix in HF_PREFIXES:
+        if isinstance(name, str) and name.startswith(prefix):
+            return prefix + local_path(name[len(prefix):])
     return name
 
 

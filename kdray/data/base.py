@@ -53,10 +53,17 @@ class DatasetInfo:
     std: tuple[float, ...] | float = 1.0
     input_dtype: str = "float32"  # "uint8" images, "int64" token ids (text: passed to the model unchanged)
     pad_token_id: int | None = None  # text: the tokenizer's padding id (the model masks these positions)
+    task: str = "classification"  # or "causal_lm": blocks of tokens, num_classes the vocabulary, y the next tokens
+    tokenizer: str | None = None  # causal_lm: the tokenizer (a folder or hub id) whose ids the blocks hold
+    eos_token_id: int | None = None  # causal_lm: the token that ends a document (what generation stops at)
 
     @property
     def tokens(self) -> bool:
         return self.input_dtype == "int64"
+
+    @property
+    def causal_lm(self) -> bool:
+        return self.task == "causal_lm"
 
     def preprocess(self) -> Preprocess:
         m = list(self.mean) if isinstance(self.mean, tuple) else self.mean
@@ -78,6 +85,7 @@ class Split:
     y: Tensor
     x: Tensor | None = None
     dataset: torch.utils.data.Dataset | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)  # per-sample extras (synthetic_lm: the true log-probs)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

@@ -13,6 +13,7 @@ from kdray.config import RunConfig
 from kdray.errors import FinalError
 from kdray.final.jobs import JobLedger, best_labels_only, final_teacher, labels_only, run_job_set, seed_jobs, trusted
 from kdray.final.stats import bootstrap_ci, describe_interval, describe_p, welch
+from kdray.goal import ACCURACY, Goal
 from kdray.tracking.store import (
     TAG_KIND,
     TAG_PARENT,
@@ -22,6 +23,7 @@ from kdray.tracking.store import (
     find_sweep,
     log_metrics,
     sweep_children,
+    sweep_goal,
 )
 
 
@@ -38,17 +40,24 @@ class FinalResult:
     baseline: str  # which labels-only configuration was retrained, in words
     run_id: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
+    goal: Goal = ACCURACY  # champion / none / teacher hold the test values of the sweep's metric
 
     @property
     def gain(self) -> float:
+        """Champion minus none, in the metric's own direction: positive for more accuracy, negative for less NLL."""
         return float(np.mean(self.champion) - np.mean(self.none))
 
     def summary(self) -> str:
-        c, n = np.array(self.champion), np.array(self.none)
-        return (f"{self.champion_knowledge} {c.mean() * 100:.2f} ± {c.std(ddof=1) * 100:.2f} vs none "
-                f"{n.mean() * 100:.2f} ± {n.std(ddof=1) * 100:.2f} (gain {self.gain * 100:+.2f} points, "
-                f"{describe_interval(self.ci)}, {describe_p(self.p_value).strip()}); "
-                f"teacher {self.teacher_test_accuracy * 100:.2f}")
+        g = self.goal
+        c, n = np.array([g.show(v) for v in self.champion]), np.array([g.show(v) for v in self.none])
+        d = 2 if g.percent else 4
+        scale = g.show(1.0)
+        ci = (self.ci[0] * scale, self.ci[1] * scale)
+        return (f"{self.champion_knowledge} {c.mean():.{d}f} ± {c.std(ddof=1):.{d}f} vs none "
+                f"{n.mean():.{d}f} ± {n.std(ddof=1):.{d}f} ({'gain' if g.percent else 'difference'} "
+                f"{g.show(self.gain):+.{d}f} {'points' if g.percent else 'nats'}, "
+                f"{describe_interval(ci, d)}, {describe_p(self.p_value).strip()}); "
+                f"teacher {g.show(self.teacher_test_accuracy):.{d}f}")
 
 
 def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print, step_hook: Any = None) -> FinalResult:
@@ -66,11 +75,12 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print, 
         raise FinalError(f"no sweep named {sweep!r} in {uri}" if sweep else
                          f"no finished sweep in {uri} (name a running or interrupted one with --sweep)")
     name = parent.data.tags[TAG_SWEEP]
+    goal = sweep_goal(parent)
     champ_id = parent.data.tags.get("kdray.champion_run_id")
     if not champ_id:
         raise FinalError(f"sweep {name} has no champion yet (status {parent.data.tags.get(TAG_STATUS)})")
     # The champion never serves as its own baseline (a labels-only champion against itself measures noise).
-    best_none = best_labels_only(sweep_children(c, parent, kind="trial"), exclude=champ_id)
+    best_none = best_labels_only(sweep_children(c, parent, kind="trial"), exclude=champ_id, goal=goal)
     mlflow.set_tracking_uri(uri)
     try:
         configs = {"champion": trusted(mlflow.artifacts.load_dict(f"runs:/{champ_id}/resolved_config.json"))}
@@ -99,19 +109,19 @@ def run_final(uri: str, sweep: str | None, seeds: int, storage: str, say=print, 
     champ_cfg = RunConfig.model_validate(configs["champion"])
     if champ_is_none and best_none is not None:
         say("the champion is itself a labels-only trial: its 'gain' is measured against the best other none trial")
-    refs, teacher_acc = final_teacher(champ_cfg, storage, uri, say)
+    refs, teacher_acc = final_teacher(champ_cfg, storage, uri, say, goal)
     seed_list = list(range(1, seeds + 1))  # fresh seeds: the sweep's trials all used the space's seed
     jobs = seed_jobs(configs, seed_list)
     say(f"retraining {champ_cfg.knowledge_label} (champion) and none (best labels-only) with seeds {seed_list}: "
         f"{len(jobs)} runs")
     outputs = run_job_set(jobs, refs, storage, JobLedger(c, parent, name), say, step_hook)
     rows = [{"config": j.label, "seed": j.seed, **o} for j, o in zip(jobs, outputs)]
-    champ = [r["test_accuracy"] for r in rows if r["config"] == "champion" and math.isfinite(r["test_accuracy"])]
-    none = [r["test_accuracy"] for r in rows if r["config"] == "none" and math.isfinite(r["test_accuracy"])]
+    champ = [r[goal.test] for r in rows if r["config"] == "champion" and math.isfinite(r.get(goal.test, math.nan))]
+    none = [r[goal.test] for r in rows if r["config"] == "none" and math.isfinite(r.get(goal.test, math.nan))]
     if len(champ) < 2 or len(none) < 2:
         raise FinalError(f"too many retraining runs failed (champion {len(champ)}, none {len(none)} succeeded)")
     res = FinalResult(name, seed_list, champ, none, teacher_acc, champ_cfg.knowledge_label, welch(champ, none),
-                      bootstrap_ci(champ, none), baseline=baseline, rows=rows)
+                      bootstrap_ci(champ, none), baseline=baseline, rows=rows, goal=goal)
     res.run_id = log_final(c, parent, res, configs)
     return res
 
@@ -148,11 +158,15 @@ def log_final(c, parent, res: FinalResult, configs: dict[str, Any]) -> str:
 
 
 def format_table(res: FinalResult) -> str:
-    c, n = np.array(res.champion) * 100, np.array(res.none) * 100
+    g = res.goal
+    scale, d = g.show(1.0), (2 if g.percent else 4)
+    c, n = np.array(res.champion) * scale, np.array(res.none) * scale
+    unit = "points" if g.percent else "nats"
     lines = [f"final evaluation of sweep {res.sweep} on the test split, seeds {res.seeds}",
-             f"  {'':<28}{'test accuracy (%)':>22}",
-             f"  {'teacher':<28}{res.teacher_test_accuracy * 100:>15.2f}",
-             f"  {'labels only (none)':<28}{n.mean():>15.2f} ± {n.std(ddof=1):.2f}   baseline: {res.baseline}",
-             f"  {'champion (' + res.champion_knowledge + ')':<28}{c.mean():>15.2f} ± {c.std(ddof=1):.2f}",
-             f"  gain {res.gain * 100:+.2f} points; {describe_interval(res.ci)}; {describe_p(res.p_value)}"]
+             f"  {'':<28}{'test ' + g.label + (' (%)' if g.percent else ''):>22}",
+             f"  {'teacher':<28}{res.teacher_test_accuracy * scale:>15.{d}f}",
+             f"  {'labels only (none)':<28}{n.mean():>15.{d}f} ± {n.std(ddof=1):.{d}f}   baseline: {res.baseline}",
+             f"  {'champion (' + res.champion_knowledge + ')':<28}{c.mean():>15.{d}f} ± {c.std(ddof=1):.{d}f}",
+             f"  {'gain' if g.percent else 'difference'} {res.gain * scale:+.{d}f} {unit}; "
+             f"{describe_interval((res.ci[0] * scale, res.ci[1] * scale), d)}; {describe_p(res.p_value)}"]
     return "\n".join(lines)

@@ -18,11 +18,13 @@ from typing import Any
 
 from kdray.config import RunConfig
 from kdray.errors import FinalError
+from kdray.goal import ACCURACY, Goal
 from kdray.tracking.store import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, log_metrics, sweep_children
 
 KIND_SEED = "final_seed"
 TAG_JOB = "kdray.final_job"  # the hash of the run config (with its seed): what a rerun looks up
-OUTPUT_METRICS = ("val_accuracy", "test_accuracy", "workers")
+OUTPUT_METRICS = ("val_accuracy", "test_accuracy", "val_nll", "test_nll", "test_ppl", "workers")
+NOT_MEASURED = {"val_accuracy": math.nan, "test_accuracy": math.nan, "failed": 1.0}
 
 
 class FinalJobsFailed(FinalError):
@@ -68,7 +70,7 @@ class JobLedger:
             m = run.data.metrics
             output = {k: float(m.get(k, math.nan)) for k in OUTPUT_METRICS}
             if run.data.tags.get("kdray.diverged"):  # its loss became NaN: a result, as in the first run
-                output.update(val_accuracy=math.nan, test_accuracy=math.nan, failed=1.0)
+                output.update({k: math.nan for k in OUTPUT_METRICS if k != "workers"}, failed=1.0)
             out[key] = output
         return out
 
@@ -129,9 +131,10 @@ def run_jobs(jobs: list[Job], refs: list, storage: str, ledger: JobLedger,
             return
         outputs[i] = output
         ledger.record(job, output)
-        acc = output.get("test_accuracy", math.nan)
+        what = "test_nll" if "test_nll" in output else "test_accuracy"
+        v = output.get(what, math.nan)
         say(f"[{n}/{len(jobs)}] {job.label} seed {job.seed}: "
-            + (f"test accuracy {acc:.4f}" if math.isfinite(acc) else "its loss became non-finite")
+            + (f"{what.replace('_', ' ')} {v:.4f}" if math.isfinite(v) else "its loss became non-finite")
             + f" ({time.time() - t0:.0f} s)")
 
     if not ray.is_initialized():
@@ -179,7 +182,7 @@ def train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "",
     import torch
 
     from kdray.data import load_dataset
-    from kdray.data.evaluate import evaluate
+    from kdray.data.evaluate import evaluate_model
     from kdray.models import load_record, model_from_record
     from kdray.ray_setup import quiet_ray_loggers, resolve_ref
     from kdray.runfiles import STUDENT_FILE
@@ -196,18 +199,20 @@ def train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "",
         result = fit(cfg, records, storage_path=join(storage, "final"), name=new_run_name(f"final-seed{cfg.seed}"),
                      progress=False, extra={"step_hook": step_hook} if step_hook else None)
         if result.failed:
-            return {"val_accuracy": float("nan"), "test_accuracy": float("nan"), "failed": 1.0}
+            return dict(NOT_MEASURED)
         last, record = result.metrics, final_student(result)
     else:
         with tempfile.TemporaryDirectory() as d:
             session = Session(checkpoint_root=d)
             last = train_run({"run": run, "teacher_records": records, "step_hook": step_hook}, session)
             if last.get("failed"):
-                return {"val_accuracy": float("nan"), "test_accuracy": float("nan"), "failed": 1.0}
+                return dict(NOT_MEASURED)
             record = load_record(Path(session.last_checkpoint) / STUDENT_FILE)
     device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
-    test = evaluate(model_from_record(record).to(device), load_dataset(cfg.dataset).test, 512, device)
+    test = evaluate_model(model_from_record(record).to(device), load_dataset(cfg.dataset).test, 512, device)
     return {"val_accuracy": float(last["val_accuracy"]), "test_accuracy": float(test["accuracy"]),
+            **({"val_nll": float(last["val_nll"]), "test_nll": float(test["nll"]), "test_ppl": float(test["ppl"])}
+               if "nll" in test else {}),
             "workers": float(last.get("world_size", 1))}
 
 
@@ -223,17 +228,18 @@ def labels_only(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**cfg, "knowledge": [], "ce_weight": 1.0, "scheme": {"type": "distill"}}
 
 
-def final_teacher(cfg: RunConfig, storage: str, uri: str, say) -> tuple[list, float]:
-    """The teacher records of ``cfg`` (as Ray refs when Ray runs) and the teacher's test accuracy (NaN for an
-    ensemble)."""
+def final_teacher(cfg: RunConfig, storage: str, uri: str, say, goal: Goal = ACCURACY) -> tuple[list, float]:
+    """The teacher records of ``cfg`` (as Ray refs when Ray runs) and the teacher's test value of the sweep's metric
+    (accuracy, or a language model's NLL; NaN for an ensemble)."""
     import ray
 
     from kdray.teachers import teacher_records
-    from kdray.tracking.champion import test_accuracy
+    from kdray.tracking.champion import test_metrics
 
     records = teacher_records(cfg, storage, log=say, inline=True, tracking_uri=uri)
-    acc = test_accuracy(records[0], cfg.dataset.model_dump(mode="json")) if len(records) == 1 else float("nan")
-    return ([ray.put(r) for r in records] if ray.is_initialized() else records), acc
+    value = (test_metrics(records[0], cfg.dataset.model_dump(mode="json")).get(goal.test, float("nan"))
+             if len(records) == 1 else float("nan"))
+    return ([ray.put(r) for r in records] if ray.is_initialized() else records), value
 
 
 def seed_jobs(configs: dict[str, dict[str, Any]], seeds: list[int]) -> list[Job]:
@@ -252,23 +258,24 @@ def run_job_set(jobs: list[Job], refs: list, storage: str, ledger: JobLedger, sa
     return run_jobs(jobs, refs, storage, ledger, train_and_test, say, step_hook)
 
 
-def best_of_type(trials: list, knowledge: str, exclude: str | None = None) -> Any | None:
-    """The sweep's best trial run of one knowledge choice: completed ones first, else the best stopped early
-    (ties: the one that got further). Failed trials never serve. None when the choice has no such trial."""
+def best_of_type(trials: list, knowledge: str, exclude: str | None = None, goal: Goal = ACCURACY) -> Any | None:
+    """The sweep's best trial run of one knowledge choice on the sweep's metric: completed ones first, else the best
+    stopped early (ties: the one that got further). Failed trials never serve. None when the choice has no such
+    trial."""
     mine = [t for t in trials if t.data.tags.get("kdray.knowledge") == knowledge and t.info.run_id != exclude
             and t.data.tags.get(TAG_STATUS) in ("completed", "stopped_early")]
     if not mine:
         return None
     return max(mine, key=lambda r: (r.data.tags.get(TAG_STATUS) == "completed",
-                                    r.data.metrics.get("val_accuracy", -1.0),
+                                    goal.key(r.data.metrics.get(goal.metric, math.nan)),
                                     int(r.data.tags.get("kdray.epochs", 0) or 0)))
 
 
-def best_labels_only(trials: list, exclude: str | None = None) -> Any | None:
+def best_labels_only(trials: list, exclude: str | None = None, goal: Goal = ACCURACY) -> Any | None:
     """The sweep's best labels-only (``none``) trial run: completed ones first, else the best stopped early.
 
     ASHA stops ``none`` trials as readily as any other weak configuration, so a sweep may end without a
     completed one; the trial that got furthest still holds a searched configuration, and ``final``
     retrains it for the full budget anyway. Failed trials never serve. None when there is no such trial.
     """
-    return best_of_type(trials, "none", exclude)
+    return best_of_type(trials, "none", exclude, goal)

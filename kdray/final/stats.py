@@ -41,10 +41,14 @@ def bootstrap_ci(a: list[float], b: list[float], n: int = 10000, seed: int = 0) 
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def describe_interval(ci: tuple[float, float]) -> str:
+def describe_interval(ci: tuple[float, float], digits: int | None = None) -> str:
+    """The interval of an accuracy gain in points (``digits`` None: the fractions times 100), or of values already in
+    their unit (``digits`` decimals)."""
     if not all(map(math.isfinite, ci)):
         return f"bootstrap interval needs at least {MIN_BOOTSTRAP_SEEDS} seeds per configuration"
-    return f"bootstrap 95% interval [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
+    if digits is None:
+        return f"bootstrap 95% interval [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
+    return f"bootstrap 95% interval [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
 
 
 def describe_p(p: float) -> str:

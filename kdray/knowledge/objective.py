@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdray.knowledge.base import KNOWLEDGE, Knowledge, ModelLayout, TapOutputs, active_autocast, as_float
+from kdray.knowledge.token import TeacherView, TokenStates, token_sums
 
 
 class DistillObjective(nn.Module):
@@ -19,6 +20,11 @@ class DistillObjective(nn.Module):
     weighted sum under ``loss``, so each term can be logged on its own. The learnable connectors of
     the knowledge types (FitNets' regressor) live in this module, which the training loop wraps in
     DDP together with the student.
+
+    For a causal LM (the student's ``TapOutputs.logits`` are :class:`~kdray.knowledge.token.TokenStates`) the
+    cross-entropy is on the next tokens and the token-level terms (family ``token``) are computed with it in one
+    chunked pass (:func:`~kdray.knowledge.token.token_sums`); ``teacher_view`` says how they see the teacher (its
+    top-k and tail rule), ``token_chunk`` how many tokens a chunk holds.
     """
 
     def __init__(
@@ -27,12 +33,16 @@ class DistillObjective(nn.Module):
         weights: Mapping[str, float] | None = None,
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        teacher_view: TeacherView = TeacherView(),
+        token_chunk: int | None = None,
     ) -> None:
         super().__init__()
         self.knowledge = nn.ModuleDict(dict(knowledge or {}))
         self.weights = {k: float((weights or {}).get(k, 1.0)) for k in self.knowledge}
         self.ce_weight = float(ce_weight)
         self.label_smoothing = float(label_smoothing)
+        self.teacher_view = teacher_view
+        self.token_chunk = token_chunk
 
     @classmethod
     def from_specs(
@@ -42,6 +52,8 @@ class DistillObjective(nn.Module):
         student: ModelLayout,
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        teacher_view: TeacherView = TeacherView(),
+        token_chunk: int | None = None,
     ) -> "DistillObjective":
         """Build from config entries ``{"type": "kd", "weight": 0.9, "temperature": 4, ...}``."""
         modules, weights = {}, {}
@@ -54,7 +66,7 @@ class DistillObjective(nn.Module):
             params = cls_.Params(**spec)
             modules[kind] = cls_.from_params(params, teacher, student)
             weights[kind] = params.weight
-        return cls(modules, weights, ce_weight, label_smoothing)
+        return cls(modules, weights, ce_weight, label_smoothing, teacher_view, token_chunk)
 
     # -- what the training loop needs to know ------------------------------------------------------
     @property
@@ -99,12 +111,15 @@ class DistillObjective(nn.Module):
 
     # -- the loss ----------------------------------------------------------------------------------
     def forward(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
-                index: Tensor | None = None) -> dict[str, Tensor]:
+                index: Tensor | None = None, token_scale: Tensor | None = None,
+                mean_scale: float = 1.0) -> dict[str, Tensor]:
         """Every term in float32, outside autocast: casting the inputs is not enough, since autocast casts
         the matmuls inside a loss back to bf16/fp16 (RKD 61 % off in bf16, SP NaN in fp16).
 
         ``index``: the batch's positions in the training split (the loop's ``idx``), passed on to the types
-        with ``uses_index`` only."""
+        with ``uses_index`` only. A causal LM's terms: see :meth:`_lm_terms` (``token_scale``, ``mean_scale``)."""
+        if isinstance(student.logits, TokenStates):
+            return self._lm_terms(student, teacher, target, token_scale, mean_scale)
         on = active_autocast()
         if not on:  # fp32: nothing to turn off (this runs every step)
             return self._terms(student, teacher, target, index)
@@ -133,6 +148,42 @@ class DistillObjective(nn.Module):
                     terms[name] = k.compute(student, teacher, target)
                 total = total + _weighted(self.weights[name], terms[name])
         terms["loss"] = total
+        return terms
+
+
+    def _lm_terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
+                  token_scale: Tensor | None, mean_scale: float) -> dict[str, Tensor]:
+        """A causal LM's terms: the next-token cross-entropy ``ce`` and each token term per target token of this
+        batch (for the logs), their weighted sum ``loss``, and ``_backward``, what to differentiate: the token sums
+        times ``token_scale`` (world size / target tokens over every rank and accumulation step: DDP's mean over
+        ranks then gives the gradient of one process on the whole batch; default 1 / this batch's tokens) plus the
+        other terms (hidden-state hints: per-batch means) times ``mean_scale`` (1 / accumulation steps). Also
+        ``_correct`` (top-1 next-token hits) and ``_count`` (target tokens)."""
+        token = [(n, k) for n, k in self.knowledge.items() if k.family == "token"]
+        if token and teacher is None:
+            raise ValueError("knowledge terms need teacher outputs")
+        sums, correct, count = token_sums(student.logits, teacher.logits if token else None, target,
+                                          [k for _, k in token], self.teacher_view, self.token_chunk)
+        per = 1.0 / count.clamp_min(1)
+        scale = token_scale if token_scale is not None else per
+        terms = {"ce": sums[0] * per}
+        backward = _weighted(self.ce_weight, sums[0])
+        logged = _weighted(self.ce_weight, terms["ce"])
+        for (name, _), s in zip(token, sums[1:]):
+            terms[name] = s * per
+            backward = backward + _weighted(self.weights[name], s)
+            logged = logged + _weighted(self.weights[name], terms[name])
+        backward = backward * scale
+        with contextlib.ExitStack() as stack:
+            for device in active_autocast():
+                stack.enter_context(torch.autocast(device, enabled=False))
+            for name, k in self.knowledge.items():
+                if k.family != "token":
+                    terms[name] = k.compute(student, teacher, target)
+                    backward = backward + _weighted(self.weights[name] * mean_scale, terms[name])
+                    logged = logged + _weighted(self.weights[name], terms[name])
+        terms["loss"] = logged
+        terms["_backward"], terms["_correct"], terms["_count"] = backward, correct, count
         return terms
 
 

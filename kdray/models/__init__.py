@@ -2,7 +2,7 @@
 
 Importing this package registers every architecture.
 """
-from kdray.models import cifar, hf, small, timm_zoo, torchvision_zoo  # noqa: F401  (registers the architectures)
+from kdray.models import cifar, hf, hf_lm, small, timm_zoo, torchvision_zoo  # noqa: F401  (registers the architectures)
 from kdray.models.checkpoint import (
     Teacher,
     load_record,

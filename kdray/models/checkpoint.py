@@ -116,11 +116,11 @@ def model_from_record(record: dict[str, Any]) -> Classifier:
     preprocess = Preprocess(tuple(pre["shape"]), mean if len(mean) > 1 else mean[0], std if len(std) > 1 else std[0],
                             passthrough=bool(pre.get("passthrough", False)))
     options = record.get("model_options") or {}
-    if str(record["model"]).startswith("hf/") and "hf_config" in options:
+    if "hf_config" in options:
         # a Hugging Face model rebuilds from its record alone: no folder, no hub (the name is only a label)
-        from kdray.models.hf import build
+        from kdray.models.hf_lm import rebuild
 
-        net = build(None, record["num_classes"], tuple(pre["shape"]), **options)
+        net = rebuild(record["num_classes"], tuple(pre["shape"]), options)
         net.kd_model_name = record["model"]
         model = Classifier(preprocess, net)
     else:
@@ -147,13 +147,17 @@ class Teacher(nn.Module):
     """The frozen teacher: eval mode, no gradients, never wrapped in DDP.
 
     An ensemble of checkpoints averages its members' logits (Hinton et al.'s original setting);
-    feature taps read the first member, whose layer names the config refers to.
+    feature taps read the first member, whose layer names the config refers to. A causal LM teacher is one model;
+    its outputs are its hidden states and head, from which the loss makes logits a chunk at a time.
     """
 
     def __init__(self, members: list[Classifier]) -> None:
         super().__init__()
         if not members:
             raise ValueError("a teacher needs at least one model")
+        self.causal_lm = bool(getattr(members[0], "causal_lm", False))
+        if self.causal_lm and len(members) > 1:
+            raise ValueError("an ensemble of language-model teachers is not supported: give one checkpoint")
         self.members = nn.ModuleList(members)
         self.requires_grad_(False)
         self.eval()
@@ -172,7 +176,8 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> TapOutputs:
-        out = self.taps.run(self.members[0], x)
+        """Logits and taps; a causal LM's ``logits`` are its hidden states and head (TokenStates)."""
+        out = self.taps.run(self.members[0], x, states=self.causal_lm)
         if len(self.members) == 1:
             return out
         logits = out.logits.float()

@@ -34,7 +34,7 @@ Hidden states and attentions are only requested from the HF model while one of t
 so plain training pays nothing. Text inputs are masked with ``attention_mask = (x != pad_token_id)``,
 the pad id from the HF config (0 where it has none; override with ``config: {pad_token_id: ...}``).
 
-``init_from_teacher`` gives DistilBERT's student initialisation (every other layer of the teacher).
+``init_from_teacher`` gives DistilBERT's student initialisation (every other layer of the teacher, or a list).
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ import contextvars
 import inspect
 import json
 import logging
-import math
 import os
 import sys
 from typing import Any, Iterator
@@ -400,25 +399,39 @@ class HFClassifier(nn.Module):
 
 
 # -- DistilBERT's initialisation ---------------------------------------------------------------------
-def init_from_teacher(teacher: nn.Module, mode: str = "every_other_layer") -> HFClassifier:
-    """A student with the teacher's config but ceil(L/2) layers, layer j copied from teacher layer 2j and
-    every other weight (embeddings, pooler, classifier) copied as is: DistilBERT's initialisation
-    (Sanh et al., 2019, arXiv:1910.01108). ``teacher`` is a kdray Classifier or an HFClassifier."""
+def teacher_layer_choice(mode: str | list[int], n: int) -> list[int]:
+    """The teacher layers a student keeps: ``every_other_layer`` (0, 2, 4, ...: ceil(n/2) layers, DistilBERT's) or
+    an explicit list of indices."""
+    if isinstance(mode, str):
+        if mode != "every_other_layer":
+            raise ValueError(f"unknown init_from_teacher mode {mode!r}; known: 'every_other_layer' or a list of "
+                             "teacher layer indices")
+        return list(range(0, n, 2))
+    layers = [int(i) for i in mode]
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise ValueError(f"init_from_teacher layers {layers} must be indices of the teacher's {n} layers (0..{n - 1})")
+    return layers
+
+
+def init_from_teacher(teacher: nn.Module, mode: str | list[int] = "every_other_layer") -> HFClassifier:
+    """A student with the teacher's config but only some of its layers (``every_other_layer``: ceil(L/2) layers,
+    layer j copied from teacher layer 2j; or an explicit list of teacher layers), every other weight (embeddings,
+    pooler, classifier) copied as is: DistilBERT's initialisation (Sanh et al., 2019, arXiv:1910.01108). ``teacher``
+    is a kdray Classifier or an HFClassifier; :func:`kdray.models.hf_lm.init_from_teacher` takes causal LMs too."""
     from kdray.models.zoo import unwrap
 
-    if mode != "every_other_layer":
-        raise ValueError(f"unknown init_from_teacher mode {mode!r}; known: 'every_other_layer'")
     net = unwrap(teacher)
     net = getattr(net, "net", net)
     if not isinstance(net, HFClassifier):
-        raise ValueError(f"init_from_teacher needs a Hugging Face teacher (hf/...), got {type(net).__name__}")
+        raise ValueError(f"init_from_teacher needs a Hugging Face teacher (hf/... or hf-lm/...), got "
+                         f"{type(net).__name__}")
     t_model = net.hf
     prefix, t_layers = _layer_list(t_model) or (None, None)
     if t_layers is None:
         raise ValueError(f"cannot find the layer list of this {t_model.config.model_type} teacher")
-    n = len(t_layers)
+    layers = teacher_layer_choice(mode, len(t_layers))
     cfg = config_from_dict(config_dict(t_model.config))
-    cfg.num_hidden_layers = math.ceil(n / 2)
+    cfg.num_hidden_layers = len(layers)
     input_shape = (1,) if net.text else (getattr(cfg, "num_channels", 3), *_image_input(cfg)[1:])
     student = build(None, int(cfg.num_labels), input_shape, hf_config=config_dict(cfg))
     if not net.text:
@@ -429,7 +442,7 @@ def init_from_teacher(teacher: nn.Module, mode: str = "every_other_layer") -> HF
         src = key
         if key.startswith(prefix + "."):
             j, rest = key[len(prefix) + 1:].split(".", 1)
-            src = f"{prefix}.{2 * int(j)}.{rest}"
+            src = f"{prefix}.{layers[int(j)]}.{rest}"
         mapped[key] = t_state[src]
     student.hf.load_state_dict(mapped)
     student.kd_model_name = getattr(net, "kd_model_name", "hf")  # type: ignore[assignment]

@@ -70,11 +70,14 @@ class FeatureTaps:
 
         return hook
 
-    def run(self, model: nn.Module, x: Tensor) -> TapOutputs:
+    def run(self, model: nn.Module, x: Tensor, states: bool = False) -> TapOutputs:
+        """``model(x)`` and the tapped outputs; with ``states``, a causal LM's ``model.states(x)`` (hidden states and
+        head, :class:`~kdray.knowledge.token.TokenStates`) in place of the logits."""
+        forward = model.states if states else model
         if not self._handles:  # nothing tapped (logit-only knowledge): no store to swap, every step
-            return TapOutputs(model(x), {})
+            return TapOutputs(forward(x), {})
         self._store = {}
-        logits = model(x)
+        logits = forward(x)
         feats, self._store = self._store, {}
         return TapOutputs(logits, feats)
 

@@ -40,12 +40,15 @@ MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register_model(
-    name: str, family: str, example_input: tuple[int, ...], description: str = "", **defaults: Any
+    name: str, family: str, example_input: tuple[int, ...], description: str = "", *, example_dtype: str = "float32",
+    **defaults: Any
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: register a model factory; ``defaults`` are bound options (e.g. a depth)."""
+    """Decorator: register a model factory; ``defaults`` are bound options (e.g. a depth); ``example_dtype`` is
+    ``int64`` for models that take token ids."""
 
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS.register(name, ModelSpec(name, factory, family, tuple(example_input), description, dict(defaults)))
+        MODELS.register(name, ModelSpec(name, factory, family, tuple(example_input), description, dict(defaults),
+                                        example_dtype))
         return factory
 
     return decorator
@@ -101,6 +104,15 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(self.preprocess(x))
+
+    @property
+    def causal_lm(self) -> bool:
+        """A causal language model (``states`` gives its hidden states and head; ``forward`` its logits (B, T, V))."""
+        return bool(getattr(self.net, "kd_causal_lm", False))
+
+    def states(self, x: Tensor) -> Any:
+        """A causal LM's last hidden states and output head (:class:`~kdray.knowledge.token.TokenStates`)."""
+        return self.net.states(self.preprocess(x))
 
 
 def build_model(

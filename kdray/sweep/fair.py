@@ -108,9 +108,10 @@ class FairASHA(FIFOScheduler):
     """ASHA with a fair budget per knowledge type (see the module docstring), as a Tune scheduler."""
 
     def __init__(self, *, metric: str, max_t: int, grace_period: int, reduction_factor: float,
-                 min_trials_per_type: int, time_attr: str = "epoch") -> None:
+                 min_trials_per_type: int, time_attr: str = "epoch", mode: str = "max") -> None:
         super().__init__()
         self._metric, self.time_attr, self.max_t = metric, time_attr, int(max_t)
+        self._sign = 1.0 if mode == "max" else -1.0  # the rungs keep "higher is better" values
         self.rungs = FairRungs(max_t, grace_period, reduction_factor, min_trials_per_type)
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
@@ -133,7 +134,7 @@ class FairASHA(FIFOScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if result.get("failed") or self.time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
-        go = self.rungs.decide(trial.trial_id, int(result[self.time_attr]), float(result[self._metric]))
+        go = self.rungs.decide(trial.trial_id, int(result[self.time_attr]), self._sign * float(result[self._metric]))
         return TrialScheduler.CONTINUE if go else TrialScheduler.STOP
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
@@ -157,8 +158,8 @@ class FairASHA(FIFOScheduler):
 
 class FailureAwareASHA(ASHAScheduler):
     """Ray's ASHA (fair budget off) that records no failure report at its rungs: a trial whose loss became NaN ends
-    with ``val_accuracy: 0.0`` and ``failed`` set, a value that is no measurement and would lower every later
-    trial's cutoff (FairASHA ignores them the same way)."""
+    with ``val_accuracy: 0.0`` (``val_nll: inf``) and ``failed`` set, a value that is no measurement and would move
+    every later trial's cutoff (FairASHA ignores them the same way)."""
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if result.get("failed"):

@@ -10,11 +10,12 @@ from typing import Any
 
 import pandas as pd
 
+from kdray.goal import ACCURACY, Goal
 from kdray.storage import is_remote
 from kdray.sweep.front import COSTS
 from kdray.sweep.request import SweepRequest, local_state_dir
 from kdray.sweep.space import NONE, SearchSpace
-from kdray.tracking.champion import TrialOutcome
+from kdray.tracking.champion import TrialOutcome, outcome_value
 from kdray.tracking.store import log_metrics, metric_key
 
 
@@ -55,8 +56,9 @@ def trial_outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[s
         ckpt = _checkpoint_of(r, storage)
         number = tag_number(m.get("experiment_tag"))
         costs = {k: float(m[k]) for k in COSTS if isinstance(m.get(k), (int, float))}
+        extra = {space.metric: float(m[space.metric])} if isinstance(m.get(space.metric), (int, float)) else {}
         out.append(TrialOutcome(tid, run_ids.get(tid), params.get("knowledge", NONE), status, int(m.get("epoch", 0)),
-                                float(m.get("val_accuracy", float("nan"))), params, ckpt, number, costs))
+                                float(m.get("val_accuracy", float("nan"))), params, ckpt, number, costs, extra))
     return out
 
 
@@ -77,27 +79,30 @@ def checkpoint_uri(checkpoint: Any, storage: str) -> str | None:
     return str(path)
 
 
-def leaderboard(outcomes: list[TrialOutcome], front_cost: str | None = None) -> pd.DataFrame:
-    """Every trial, best first, with its student's costs; with ``front_cost`` a ``pareto`` column marks the
-    completed trials on the front of validation accuracy against that cost."""
+def leaderboard(outcomes: list[TrialOutcome], front_cost: str | None = None, goal: Goal = ACCURACY) -> pd.DataFrame:
+    """Every trial, best first by the sweep's metric, with its student's costs; with ``front_cost`` a ``pareto``
+    column marks the completed trials on the front of the metric against that cost."""
     from kdray.sweep.front import pareto_front
     from kdray.tracking.tracker import searched_params
 
     rows = []
     for o in outcomes:
         row = {"trial": o.number, "trial_id": o.trial_id, "run_id": o.run_id, "knowledge": o.knowledge,
-               "status": o.status, "epochs": o.epochs, "val_accuracy": o.val_accuracy, **o.costs}
+               "status": o.status, "epochs": o.epochs, "val_accuracy": o.val_accuracy, **o.metrics, **o.costs}
         row.update({k: v for k, v in searched_params(o.params).items() if k != "knowledge"})
         rows.append(row)
     df = pd.DataFrame(rows)
     if not df.empty and front_cost:
         done = [i for i, o in enumerate(outcomes) if o.status == "completed"]
-        pts = [(outcomes[i].val_accuracy, outcomes[i].costs.get(front_cost, float("nan"))) for i in done]
+        pts = [(goal.key(outcome_value(outcomes[i], goal)), outcomes[i].costs.get(front_cost, float("nan")))
+               for i in done]
         on = {done[k] for k in pareto_front(pts)}
         df.insert(7, "pareto", [i in on for i in range(len(outcomes))])
     if not df.empty:
-        # Same order as the champion's selection: accuracy, then the earlier trial on ties.
-        df = df.sort_values(["val_accuracy", "trial"], ascending=[False, True],
+        # Same order as the champion's selection: the metric, then the earlier trial on ties.
+        if goal.metric not in df:
+            df[goal.metric] = float("nan")
+        df = df.sort_values([goal.metric, "trial"], ascending=[not goal.maximise, True],
                             na_position="last").reset_index(drop=True)
         df.insert(0, "rank", range(1, len(df) + 1))
     return df
@@ -139,7 +144,7 @@ def log_search_plots(c, parent_id: str, req: SweepRequest, board: pd.DataFrame, 
                 except Exception as e:  # noqa: BLE001 - a plot is a bonus, never a failure
                     say(f"plot {name} skipped: {e}")
         if not board.empty:
-            _history_png(board, f"{d}/val_accuracy_by_trial.png")
+            _history_png(board, f"{d}/{req.space.metric}_by_trial.png", req.space.goal)
         if "pareto" in board.columns and req.space.multi_objective:
             from kdray.sweep.front import front_png
 
@@ -158,35 +163,38 @@ def import_plot_libraries() -> None:
     import sklearn  # noqa: F401 - the champion's data loading imports it in this thread meanwhile
 
 
-def _history_png(board: pd.DataFrame, path: str) -> None:
+def _history_png(board: pd.DataFrame, path: str, goal: Goal = ACCURACY) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     df = board.copy().rename(columns={"trial": "n"}).sort_values("n")
+    col = goal.metric
     fig, ax = plt.subplots(figsize=(7, 4))
     for k, g in df.groupby("knowledge"):
-        ax.scatter(g["n"], g["val_accuracy"], label=k, s=24)
+        ax.scatter(g["n"], g[col], label=k, s=24)
     done = df[df["status"] == "completed"]
     if not done.empty:
-        ax.plot(done["n"], done["val_accuracy"].cummax(), color="black", lw=1, label="best completed so far")
+        best = done[col].cummax() if goal.maximise else done[col].cummin()
+        ax.plot(done["n"], best, color="black", lw=1, label="best completed so far")
     ax.set_xlabel("trial")
-    ax.set_ylabel("validation accuracy (last epoch)")
+    ax.set_ylabel(f"validation {goal.label} (last epoch)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def log_budget(c: Any, parent_id: str, board: pd.DataFrame, choices: list[str]) -> pd.DataFrame:
+def log_budget(c: Any, parent_id: str, board: pd.DataFrame, choices: list[str], goal: Goal = ACCURACY
+               ) -> pd.DataFrame:
     """The budget each knowledge type got, as ``budget_by_type.csv`` and ``budget.<type>.*`` metrics (one batch)."""
     from kdray.sweep.budget import budget_by_type
 
-    df = budget_by_type(board, choices)
+    df = budget_by_type(board, choices, goal)
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     c.log_text(parent_id, buf.getvalue(), "budget_by_type.csv")
-    log_metrics(c, parent_id, {f"budget.{metric_key(r.knowledge)}.{k}": float(getattr(r, k)) for r in df.itertuples()
-                               for k in ("trials", "full_length", "epochs", "epoch_share", "best_val_accuracy")})
+    log_metrics(c, parent_id, {f"budget.{metric_key(r['knowledge'])}.{k}": float(r[k]) for r in df.to_dict("records")
+                               for k in ("trials", "full_length", "epochs", "epoch_share", f"best_{goal.metric}")})
     return df

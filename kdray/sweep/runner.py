@@ -53,7 +53,7 @@ from kdray.tracking.champion import (
     raw_example,
     read_checkpoint_record,
     register,
-    remote_test_accuracy,
+    remote_test_metrics,
     select,
 )
 from kdray.tracking.store import TAG_STATUS, TAG_TRIAL, client, probe, sweep_children
@@ -78,6 +78,7 @@ class _Sweep:
     refs: list = field(default_factory=list)
     cache_ref: Any = None
     view_cache: Any = None
+    cache_stats: dict = field(default_factory=dict)  # what the one-pass teacher cache measured (logged to the run)
     tracker: Any = None
     parent_id: str = ""
     c: Any = None
@@ -201,7 +202,8 @@ def _teacher_and_outputs(sw: _Sweep) -> None:
     t0 = time.time()
     if sw.records:
         sw.cache_ref, sw.view_cache = prepare_cache(sw.space, sw.base, sw.refs, sw.records, sw.say,
-                                                    storage.join(req.storage, f"{req.name}-teacher-outputs"))
+                                                    storage.join(req.storage, f"{req.name}-teacher-outputs"),
+                                                    sw.cache_stats)
     sw.timings["cache_s"] = time.time() - t0
     if sw.view_cache is not None and sw.view_cache.producer_gpus and sw.most is not None and not (
             req.max_concurrent or sw.space.max_concurrent):  # the producer's GPU is not the trials'
@@ -277,11 +279,11 @@ def _finish(sw: _Sweep, results: Any) -> SweepResult:
     outcomes = trial_outcomes(results, space, space.max_epochs, run_ids, req.storage)
     if req.resume:
         discard_orphans(c, parent_id, {o.trial_id for o in outcomes}, sw.say)
-    board = leaderboard(outcomes, space.objectives[1] if space.multi_objective else None)
+    board = leaderboard(outcomes, space.objectives[1] if space.multi_objective else None, space.goal)
     buf = io.StringIO()
     board.to_csv(buf, index=False)
     c.log_text(parent_id, buf.getvalue(), "leaderboard.csv")
-    budget = log_budget(c, parent_id, board, list(space.choices))
+    budget = log_budget(c, parent_id, board, list(space.choices), space.goal)
     for o in outcomes:  # where each full-length student is: `kdray best --max-latency-ms` may pick any of them
         uri = checkpoint_uri(o.checkpoint, req.storage) if o.status == "completed" and o.run_id else None
         if uri:
@@ -308,6 +310,8 @@ def _finish(sw: _Sweep, results: Any) -> SweepResult:
     wall = time.time() - sw.t_start
     for k, v in sw.timings.items():
         c.log_metric(parent_id, f"time.{k}", v)
+    for k, v in sw.cache_stats.items():
+        c.log_metric(parent_id, f"teacher_cache.{k}", v)
     c.log_metric(parent_id, "time.wall_s", wall)
     return SweepResult(req.name, parent_id, outcomes, champion, board, wall, interrupted, sw.timings, budget)
 
@@ -318,7 +322,7 @@ def _champion(sw: _Sweep, outcomes: list) -> Champion | None:
     from kdray.data import load_dataset
 
     req, space, c, parent_id = sw.req, sw.space, sw.c, sw.parent_id
-    best = select(outcomes)
+    best = select(outcomes, space.goal)
     if best is None:
         c.set_tag(parent_id, TAG_STATUS, "no_champion")
         c.set_terminated(parent_id, "FAILED")
@@ -330,10 +334,10 @@ def _champion(sw: _Sweep, outcomes: list) -> Champion | None:
         t0 = time.time()
         record = read_checkpoint_record(best.checkpoint)
         own = space.resolve(best.params)  # its own data set and resources: dataset.* may be searched
-        test_acc = remote_test_accuracy(record, own.dataset.model_dump(mode="json"), own.resources.gpus_per_worker)
+        test = remote_test_metrics(record, own.dataset.model_dump(mode="json"), own.resources.gpus_per_worker)
         example = raw_example(load_dataset(own.dataset).train)  # the test split is read only for the evaluation
-        champion = register(req.tracking_uri, best, record, test_acc, sweep=req.name, model_name=space.model_name,
-                            parent_run_id=parent_id, raw_example=example)
+        champion = register(req.tracking_uri, best, record, test, sweep=req.name, model_name=space.model_name,
+                            parent_run_id=parent_id, raw_example=example, goal=space.goal)
         sw.timings["champion_s"] = time.time() - t0
     c.set_tag(parent_id, TAG_STATUS, "completed")
     return champion

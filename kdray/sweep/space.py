@@ -41,9 +41,12 @@ from kdray.config import (
     pydantic_errors,
     read_yaml,
 )
+from kdray.goal import GOALS, Goal, goal_of
 from kdray.knowledge import KNOWLEDGE
 
 NONE = "none"
+# Cache settings a language-model trial may search: what it reads of the sweep's top-k cache (kdray.cache.tokens).
+SEARCHABLE_CACHE = ("cache.top_k", "cache.tail")
 # Schemes that may stand in a knowledge choice's name: `dml` (peers teach each other, no teacher; its peers in
 # `scheme.peers`), `born_again+kd` (generations of kd, `scheme.generations` of them).
 SCHEMES = ("dml", "born_again")
@@ -150,11 +153,13 @@ class SearchSpace(Strict):
     plugins: list[str] = PLUGINS_FIELD
     name: str = Field(description="the MLflow experiment of this space (one experiment per search space)")
     description: str = ""
-    metric: Literal["val_accuracy"] = "val_accuracy"
-    mode: Literal["max"] = "max"
-    objectives: list[Literal["val_accuracy", "latency_ms", "latency_b64_ms", "student_params"]] = Field(
-        default_factory=lambda: ["val_accuracy"],
-        description="[val_accuracy] or [val_accuracy, <cost>]: with a cost (latency_ms at batch 1, latency_b64_ms, "
+    metric: Literal["val_accuracy", "val_nll"] = Field(
+        "val_accuracy", description="what selects: val_accuracy (maximised) or, for language models, val_nll "
+                                    "(nats per target token, minimised)")
+    mode: Literal["max", "min"] | None = Field(None, description="the metric's direction (default: its own)")
+    objectives: list[Literal["val_accuracy", "val_nll", "latency_ms", "latency_b64_ms", "student_params"]] = Field(
+        default_factory=list,
+        description="[metric] or [metric, <cost>]: with a cost (latency_ms at batch 1, latency_b64_ms, "
                     "student_params; minimised) the search is multi-objective and the sweep reports the Pareto front")
     min_trials_per_type: int = Field(
         2, ge=0, description="fair budget: full-length trials every knowledge choice gets before ASHA may abandon "
@@ -212,16 +217,31 @@ class SearchSpace(Strict):
         """Knowledge choice (``none``, ``kd``, ``kd+at``) -> its sub-space."""
         return self._choices
 
-    @field_validator("objectives")
-    @classmethod
-    def _objectives(cls, v: list[str]) -> list[str]:
-        if not v or v[0] != "val_accuracy":
-            raise ValueError("the first objective is val_accuracy (maximised); a second one is a cost (minimised)")
+    @model_validator(mode="after")
+    def _objectives(self) -> "SearchSpace":
+        own = goal_of(self.metric).mode
+        if self.mode is None:
+            self.mode = own
+        elif self.mode != own:
+            raise ConfigError([("mode", f"{self.metric} is {'maximised' if own == 'max' else 'minimised'}: mode "
+                                        f"{own}, not {self.mode}")])
+        v = self.objectives or [self.metric]
+        if v[0] != self.metric:
+            raise ConfigError([("objectives", f"the first objective is the metric, {self.metric}; a second one is a "
+                                              "cost (minimised)")])
         if len(v) > 2:
-            raise ValueError(f"at most two objectives (accuracy and one cost), got {len(v)}")
+            raise ConfigError([("objectives", f"at most two objectives (the metric and one cost), got {len(v)}")])
         if len(set(v)) != len(v):
-            raise ValueError(f"an objective appears twice: {v}")
-        return v
+            raise ConfigError([("objectives", f"an objective appears twice: {v}")])
+        if len(v) == 2 and v[1] in GOALS:
+            raise ConfigError([("objectives", f"the second objective is a cost (latency_ms, latency_b64_ms, "
+                                              f"student_params), not {v[1]}")])
+        self.objectives = list(v)
+        return self
+
+    @property
+    def goal(self) -> Goal:
+        return goal_of(self.metric)
 
     @property
     def multi_objective(self) -> bool:
@@ -229,8 +249,8 @@ class SearchSpace(Strict):
 
     @property
     def modes(self) -> list[str]:
-        """Optuna's direction of every objective: accuracy up, costs down."""
-        return ["max"] + ["min"] * (len(self.objectives) - 1)
+        """Optuna's direction of every objective: the metric's own, costs down."""
+        return [self.goal.mode] + ["min"] * (len(self.objectives) - 1)
 
     @field_validator("name")
     @classmethod
@@ -319,6 +339,8 @@ class SearchSpace(Strict):
             if key.split(".", 1)[0] == "resources":
                 errors.append((field, "resources are fixed for a whole sweep (Tune reserves them and sizes its "
                                       "concurrency from them); set them in base.resources"))
+            elif key in SEARCHABLE_CACHE and self._language_model():
+                continue  # what a trial reads of the shared top-k cache (it holds the largest k any trial needs)
             elif key.split(".", 1)[0] == "cache":
                 errors.append((field, "the teacher-output cache is one for the whole sweep (built before any trial, "
                                       "shared by all), so a trial's own cache settings would be ignored; set them in "
@@ -329,6 +351,16 @@ class SearchSpace(Strict):
                                       "cannot be searched with scheduler asha; use scheduler: {type: fifo} or fix "
                                       f"{key} in base"))
         return errors
+
+    def _language_model(self) -> bool:
+        """Whether the base data set is for causal language models (token-level cache settings are per trial)."""
+        from kdray.config import DatasetConfig
+        from kdray.data import describe_dataset
+
+        try:
+            return describe_dataset(DatasetConfig.model_validate(self.base.get("dataset") or {})).causal_lm
+        except Exception:  # noqa: BLE001 - an unreadable data set is reported where the trials are validated
+            return False
 
     # -- trials ------------------------------------------------------------------------------------
     @property

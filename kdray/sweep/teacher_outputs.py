@@ -9,15 +9,18 @@ from kdray.config import RunConfig
 from kdray.sweep.space import SearchSpace
 
 
-def cache_summary(cache: Any) -> dict[str, Any] | None:
+def cache_summary(cache: Any, why_not: str = "") -> dict[str, Any] | None:
     if cache is None:
-        return None
-    return {"samples": len(cache), "features": len(cache.features), "nbytes": cache.nbytes, "note": cache.note}
+        return {"none": why_not} if why_not else None
+    return {"samples": len(cache), "features": len(cache.features), "nbytes": cache.nbytes, "note": cache.note,
+            "stats": dict(cache.stats), "tokens": cache.tokens is not None}
 
 
 def _build_cache_task(records: list, dataset: dict[str, Any], layers: list[str], max_bytes: int, dtype: str,
-                      use_gpu: bool, summarise: bool = False):
-    """The cache (and, with ``summarise``, its summary as a second return value: what the driver reads)."""
+                      use_gpu: bool, summarise: bool = False, tokens: dict[str, Any] | None = None):
+    """The cache (and, with ``summarise``, its summary as a second return value: what the driver reads). A language
+    model's (``tokens``: the top-k to keep, the tail rule, the k whose truncation is measured) holds each
+    position's top-k (:mod:`kdray.cache.tokens`)."""
     import torch
 
     from kdray.cache import build_cache
@@ -27,9 +30,28 @@ def _build_cache_task(records: list, dataset: dict[str, Any], layers: list[str],
 
     records = [resolve_ref(r) for r in records]
     data = load_dataset(DatasetConfig.model_validate(dataset))
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    cache = build_cache(records, data, layers, max_bytes, dtype, device)
-    return (cache, cache_summary(cache)) if summarise else cache
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    why_not = ""
+    if tokens is not None:
+        from kdray.cache.tokens import build_token_cache
+
+        cache, why_not = build_token_cache(records, data, layers, max_bytes, device, **tokens)
+        why_not = "" if cache is not None else why_not
+    else:
+        cache = build_cache(records, data, layers, max_bytes, dtype, device)
+    return (cache, cache_summary(cache, why_not)) if summarise else cache
+
+
+def token_request(space: SearchSpace, base: RunConfig) -> dict[str, Any] | None:
+    """What a language model's cache keeps: the largest top-k any trial reads (every token if one reads all), the
+    base's tail rule, and the k whose truncation cost is measured. None for a classifier's sweep."""
+    from kdray.data import describe_dataset
+
+    if not describe_dataset(base.dataset).causal_lm:
+        return None
+    ks = [space.resolve(p).cache.top_k for p in space.representative_points()]
+    return {"want_k": None if any(k is None for k in ks) else max(ks), "tail": base.cache.tail,
+            "truncation_ks": tuple(sorted({k for k in ks if k}))}
 
 
 def teacher_layers_needed(space: SearchSpace, records: list[dict[str, Any]]) -> list[str]:
@@ -56,11 +78,12 @@ def teacher_layers_needed(space: SearchSpace, records: list[dict[str, Any]]) -> 
 
 
 def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list, say,
-                  spill_dir: str | None = None) -> tuple[Any, Any]:
+                  spill_dir: str | None = None, stats: dict[str, float] | None = None) -> tuple[Any, Any]:
     """Share teacher outputs across the trials, or say why the teacher runs live.
 
     Returns (what trials get, the per-epoch cache to stop at the end or None): a one-pass cache when training
-    inputs are fixed; teacher outputs per (epoch, sample) (:mod:`kdray.cache`) when they are augmented.
+    inputs are fixed; teacher outputs per (epoch, sample) (:mod:`kdray.cache`) when they are augmented. ``stats``
+    receives what the one-pass cache measured (a language model's bytes per token and truncation KL per k and T).
     """
     import ray
 
@@ -84,22 +107,30 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
         return view_cache.handle, view_cache
     args = (refs, base.dataset.model_dump(mode="json"), layers, base.cache.max_bytes, base.cache.dtype,
             base.resources.use_gpu)
+    tokens = token_request(space, base)
     if base.resources.use_gpu:  # the teacher pass belongs on a GPU node: a Ray task there
         task = ray.remote(_build_cache_task).options(num_cpus=base.resources.cpus_per_worker,
                                                      num_gpus=min(1.0, base.resources.gpus_per_worker),
                                                      num_returns=2)
-        ref, summary_ref = task.remote(*args, summarise=True)
+        ref, summary_ref = task.remote(*args, summarise=True, tokens=tokens)
         summary = ray.get(summary_ref)  # a few numbers: the cache itself (up to max_bytes) stays in the store
     else:  # on CPU, here: no worker process to start for one pass over the data
-        cache = _build_cache_task(*args)
-        summary = cache_summary(cache)
+        cache, summary = _build_cache_task(*args, summarise=True, tokens=tokens)
         ref = ray.put(cache) if cache is not None else None
-    if summary is None:
-        say("teacher-output cache: nothing fits the memory budget (cache.max_bytes); teachers run live")
+    if summary is None or "none" in summary:
+        say("teacher-output cache: " + (summary["none"] if summary else "nothing fits the memory budget "
+                                        "(cache.max_bytes)") + "; teachers run live")
         return None, None
-    say(f"teacher-output cache: {summary['samples']} samples, logits + {summary['features']} feature maps "
+    what = "blocks, each position's teacher tokens" if summary["tokens"] else "samples, logits"
+    say(f"teacher-output cache: {summary['samples']} {what} + {summary['features']} feature maps "
         f"({summary['nbytes'] / 2**20:.1f} MiB, {summary['note']}) built in {time.time() - t0:.1f} s; shared by "
         "all trials")
+    trunc = {k: v for k, v in summary.get("stats", {}).items() if k.startswith("truncation_kl")}
+    if trunc:
+        say("teacher-output cache: mean KL(teacher || its top-k) per token (nats), " + ", ".join(
+            f"{k.removeprefix('truncation_kl.')} {v:.2e}" for k, v in sorted(trunc.items())))
+    if stats is not None:
+        stats.update(summary.get("stats") or {})
     return ref, None
 
 

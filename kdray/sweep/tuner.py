@@ -74,9 +74,9 @@ def make_scheduler(space: SearchSpace, max_epochs: int, say) -> Any:
     if space.scheduler.type == "asha" and space.min_trials_per_type:
         say(f"fair budget: each knowledge type's first {space.min_trials_per_type} trials run all "
             f"{max_epochs} epochs; until a type has them, ASHA compares its trials with its own")
-        return FairASHA(metric=space.metric, max_t=max_epochs, grace_period=grace,
+        return FairASHA(metric=space.metric, mode=space.mode, max_t=max_epochs, grace_period=grace,
                         reduction_factor=space.scheduler.reduction_factor,
-                            min_trials_per_type=space.min_trials_per_type)
+                        min_trials_per_type=space.min_trials_per_type)
     if space.scheduler.type == "asha":
         return FailureAwareASHA(time_attr="epoch", metric=space.metric, mode=space.mode, max_t=max_epochs,
                                 grace_period=grace, reduction_factor=space.scheduler.reduction_factor)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kdray.errors import KdrayError
+from kdray.goal import ACCURACY, Goal
 from kdray.models import load_record, model_from_record, save_model
 from kdray.tracking.store import TAG_STATUS, client, retrying
 
@@ -38,6 +39,7 @@ class TrialOutcome:
     checkpoint: Any  # a ray.train.Checkpoint (local or cloud storage) or a local path
     number: int = 0
     costs: dict[str, float] = field(default_factory=dict)  # student_params, latency_ms, latency_b64_ms
+    metrics: dict[str, float] = field(default_factory=dict)  # the sweep's metric when it is not accuracy (val_nll)
 
 
 @dataclass
@@ -56,15 +58,21 @@ class Champion:
     alias_moved: bool = True  # False: registered, but the alias stays on a better version
     alias_version: str = ""  # the version @champion points at after this registration
     note: str = ""  # "registered as version N; @champion ..." in words
+    metrics: dict[str, float] = field(default_factory=dict)  # a language model's val_nll, test_nll, test_ppl
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def select(outcomes: list[TrialOutcome]) -> TrialOutcome | None:
-    """Best completed trial by validation accuracy (ties: the earlier trial)."""
+def outcome_value(o: TrialOutcome, goal: Goal = ACCURACY) -> float:
+    """A trial's value of the sweep's metric."""
+    return o.val_accuracy if goal.metric == "val_accuracy" else o.metrics.get(goal.metric, math.nan)
+
+
+def select(outcomes: list[TrialOutcome], goal: Goal = ACCURACY) -> TrialOutcome | None:
+    """Best completed trial by the sweep's validation metric (ties: the earlier trial)."""
     done = [o for o in outcomes if o.status == "completed" and o.checkpoint]
-    return max(done, key=lambda o: (o.val_accuracy, -o.number), default=None)
+    return max(done, key=lambda o: (goal.key(outcome_value(o, goal)), -o.number), default=None)
 
 
 def read_checkpoint_record(checkpoint: Any) -> dict[str, Any]:
@@ -81,25 +89,32 @@ def read_checkpoint_record(checkpoint: Any) -> dict[str, Any]:
         return load_record(Path(d) / STUDENT_FILE)
 
 
-def test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: bool = False) -> float:
-    """Accuracy of a student record on the test split (the one place kdray reads it)."""
+def test_metrics(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: bool = False) -> dict[str, float]:
+    """A student record on the test split (the one place kdray reads it): ``test_accuracy``, and for a language
+    model ``test_nll`` and ``test_ppl`` (per target token)."""
     from kdray.config import DatasetConfig
     from kdray.data import load_dataset
-    from kdray.data.evaluate import evaluate
+    from kdray.data.evaluate import evaluate_model
 
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     data = load_dataset(DatasetConfig.model_validate(dataset_cfg))
-    return evaluate(model_from_record(record).to(device), data.test, 512, device)["accuracy"]
+    out = evaluate_model(model_from_record(record).to(device), data.test, 512, device)
+    return {f"test_{k}": float(out[k]) for k in ("accuracy", "nll", "ppl") if k in out}
 
 
-def remote_test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], gpus: float = 0.0) -> float:
+def test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: bool = False) -> float:
+    """Accuracy of a student record on the test split."""
+    return test_metrics(record, dataset_cfg, use_gpu)["test_accuracy"]
+
+
+def remote_test_metrics(record: dict[str, Any], dataset_cfg: dict[str, Any], gpus: float = 0.0) -> dict[str, float]:
     """The test evaluation: a Ray task on a GPU node when the trials use GPUs, else in this process."""
     import ray
 
     if not ray.is_initialized() or gpus == 0:  # on CPU, here: no worker process to start for one pass
-        return test_accuracy(record, dataset_cfg, False)
-    task = ray.remote(test_accuracy).options(num_cpus=1, num_gpus=min(gpus, 1.0))
-    return float(ray.get(task.remote(record, dataset_cfg, gpus > 0)))
+        return test_metrics(record, dataset_cfg, False)
+    task = ray.remote(test_metrics).options(num_cpus=1, num_gpus=min(gpus, 1.0))
+    return dict(ray.get(task.remote(record, dataset_cfg, gpus > 0)))
 
 
 def raw_example(split: Any) -> torch.Tensor:
@@ -108,23 +123,26 @@ def raw_example(split: Any) -> torch.Tensor:
     return split.head(5 if split.in_memory else 1)
 
 
-def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: float, *, sweep: str,
-             model_name: str, parent_run_id: str, raw_example: torch.Tensor, metric: str = "val_accuracy",
-             mode: str = "max") -> Champion:
-    """Log the champion with ``mlflow.pytorch`` (signature + input example) as a new model version, and
-    point ``@champion`` at it only if it beats the version the alias points at now on ``metric``.
+def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test: dict[str, float] | float, *, sweep: str,
+             model_name: str, parent_run_id: str, raw_example: torch.Tensor, goal: Goal = ACCURACY) -> Champion:
+    """Log the champion as a new model version (a classifier with ``mlflow.pytorch``, signature + input example; a
+    language model as a Hugging Face folder with its tokenizer, ``mlflow.transformers``), and point ``@champion`` at
+    it only if it beats the version the alias points at now on the sweep's metric.
 
     Several sweeps share one registered model (one per search space); a sweep that found a worse
     student registers it, but the alias stays where it is. The version carries its metric as tags
     (``kdray.metric``, ``kdray.<metric>``); versions are compared only on the same metric.
     """
+    test = test if isinstance(test, dict) else {"test_accuracy": float(test)}
+    metric, mode = goal.metric, goal.mode
     c = client(uri)
-    version = log_version(uri, outcome.run_id, record, test_acc, model_name, raw_example, {"kdray.champion": "true"})
-    value = float(getattr(outcome, metric))
+    version = log_version(uri, outcome.run_id, record, test, model_name, raw_example, {"kdray.champion": "true"})
+    value = float(outcome_value(outcome, goal))
+    extra = {k: v for k, v in {**outcome.metrics, **test}.items() if k not in ("val_accuracy", "test_accuracy")}
     # The metric first: a concurrent registration compares against it (versions without it are not compared).
     for k, v in {"kdray.sweep": sweep, "kdray.metric": metric, "kdray.mode": mode, f"kdray.{metric}": f"{value:.6f}",
-                 "val_accuracy": f"{outcome.val_accuracy:.6f}", "test_accuracy": f"{test_acc:.6f}",
-                 "knowledge": outcome.knowledge}.items():
+                 "val_accuracy": f"{outcome.val_accuracy:.6f}", "test_accuracy": f"{test['test_accuracy']:.6f}",
+                 **{k: f"{v:.6f}" for k, v in extra.items()}, "knowledge": outcome.knowledge}.items():
         retrying(c.set_model_version_tag, model_name, version, k, v, what="tagging the model version")
     holder, why, before = settle_alias(c, model_name, version, metric, mode)
     moved = holder == version
@@ -132,40 +150,47 @@ def register(uri: str, outcome: TrialOutcome, record: dict[str, Any], test_acc: 
         f"moved to it ({why})" if moved else
         f"stays on version {holder} ({why})" if holder == before else f"is on version {holder} ({why})")
     champion = Champion(sweep, outcome.run_id, outcome.trial_id, outcome.knowledge, outcome.val_accuracy,
-                        test_acc, f"models:/{model_name}/{version}", model_name, version, outcome.params,
-                        f"models:/{model_name}@{CHAMPION_ALIAS}" if moved else "", moved, holder, note)
+                        test["test_accuracy"], f"models:/{model_name}/{version}", model_name, version, outcome.params,
+                        f"models:/{model_name}@{CHAMPION_ALIAS}" if moved else "", moved, holder, note, extra)
     for k, v in {"kdray.champion_run_id": champion.run_id, "kdray.champion_model_uri": champion.model_uri,
                  "kdray.champion_knowledge": champion.knowledge, "kdray.registered_model": model_name,
                  "kdray.champion_version": version, "kdray.champion_alias": note}.items():
         retrying(c.set_tag, parent_run_id, k, v, what="tagging the sweep run")
-    retrying(c.log_metric, parent_run_id, "champion_val_accuracy", champion.val_accuracy, what="logging a metric")
-    retrying(c.log_metric, parent_run_id, "champion_test_accuracy", champion.test_accuracy, what="logging a metric")
+    for k, v in {"val_accuracy": champion.val_accuracy, "test_accuracy": champion.test_accuracy, **extra}.items():
+        retrying(c.log_metric, parent_run_id, f"champion_{k}", v, what="logging a metric")
     retrying(c.log_text, parent_run_id, json.dumps(champion.as_dict(), indent=2, default=str), "champion.json",
              what="logging champion.json")
     return champion
 
 
-def log_version(uri: str, run_id: str, record: dict[str, Any], test_acc: float, model_name: str,
+def log_version(uri: str, run_id: str, record: dict[str, Any], test: dict[str, float] | float, model_name: str,
                 raw_example: torch.Tensor, run_tags: dict[str, str]) -> str:
-    """Log a trial's student in its run with ``mlflow.pytorch`` (signature + input example) and the kdray record,
-    register it as a new version of ``model_name`` and return that version."""
+    """Log a trial's student in its run and the kdray record, register it as a new version of ``model_name`` and
+    return that version: a classifier with ``mlflow.pytorch`` (signature + input example), a causal LM as a Hugging
+    Face folder with its tokenizer (:func:`kdray.tracking.lm.log_lm`)."""
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(uri)
+    test = test if isinstance(test, dict) else {"test_accuracy": float(test)}
     model = model_from_record(record).eval()
-    example = raw_example[:5]  # as stored: uint8 images stay uint8 (the model scales them itself)
-    with torch.no_grad():
-        out = model(example)
-    signature = infer_signature(example.numpy(), out.numpy())
     with mlflow.start_run(run_id=run_id):
-        # MLflow 3 saves PyTorch models as "pt2" (torch.export): loading runs no pickled code.
-        info = mlflow.pytorch.log_model(
-            model, name="student", signature=signature, input_example=example.numpy(),
-            registered_model_name=model_name, pip_requirements=_requirements(),
-        )
-        mlflow.log_metric("test_accuracy", test_acc)
+        if model.causal_lm:
+            from kdray.tracking.lm import log_lm
+
+            info = log_lm(model, record, model_name)
+        else:
+            example = raw_example[:5]  # as stored: uint8 images stay uint8 (the model scales them itself)
+            with torch.no_grad():
+                out = model(example)
+            signature = infer_signature(example.numpy(), out.numpy())
+            # MLflow 3 saves PyTorch models as "pt2" (torch.export): loading runs no pickled code.
+            info = mlflow.pytorch.log_model(
+                model, name="student", signature=signature, input_example=example.numpy(),
+                registered_model_name=model_name, pip_requirements=_requirements(),
+            )
+        mlflow.log_metrics(test)
         mlflow.set_tags(run_tags)
         # The kdray record too (weights_only-loadable, rebuildable as a module): what --export reads.
         with tempfile.TemporaryDirectory() as d:
@@ -278,6 +303,8 @@ def export_record(record: dict[str, Any], out_dir: str | os.PathLike,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model_from_record(record).eval()
+    if model.causal_lm:
+        return export_lm(record, model, out, source)
     raw = record.get("raw_input") or {"shape": list(model.preprocess.shape), "dtype": "float32"}
     shape, dtype = tuple(raw["shape"]), getattr(torch, raw["dtype"])
     example = torch.zeros((2, *shape), dtype=dtype)
@@ -312,6 +339,21 @@ def export_record(record: dict[str, Any], out_dir: str | os.PathLike,
         ".run(None, {'x': x})[0].\n"
     )
     return written
+
+
+def export_lm(record: dict[str, Any], model: Any, out: Path, source: str = "") -> dict[str, str]:
+    """A causal LM: the Hugging Face folder (``save_pretrained``: config, weights, generation settings) with its
+    tokenizer, which ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load."""
+    from kdray.tracking.lm import save_hf_folder
+
+    save_hf_folder(record, out, model)
+    (out / "README.txt").write_text(
+        f"kdray champion{' of ' + source if source else ''}: {record['model']} trained on "
+        f"{record['dataset'].get('name')}, a causal language model of {record['num_classes']} tokens.\n"
+        "Load it with transformers: AutoModelForCausalLM.from_pretrained(this folder) and "
+        "AutoTokenizer.from_pretrained(this folder); model.generate(**tokenizer(text, return_tensors='pt')).\n"
+        "student.pt: the kdray record, kdray.models.model_from_record(kdray.models.load_record(path)).\n")
+    return {"hf_folder": str(out)}
 
 
 def outcome_status(tags: dict[str, str]) -> str:

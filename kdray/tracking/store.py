@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.errors import TrackingUnavailable
+from kdray.goal import TAG_METRIC, Goal, goal_of
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -201,6 +202,11 @@ def find_sweep(c, sweep: str | None = None, experiment: str | None = None):
 
 
 TAG_ORPHANED = "kdray.orphaned"
+
+
+def sweep_goal(parent: Any) -> Goal:
+    """What a sweep selected on, as its MLflow run recorded it (older sweeps: validation accuracy)."""
+    return goal_of(parent.data.tags.get(TAG_METRIC) or parent.data.params.get("space.metric"))
 
 
 def sweep_children(c, parent, kind: str | None = None) -> list:

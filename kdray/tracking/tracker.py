@@ -28,6 +28,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from kdray.goal import TAG_METRIC
 from kdray.runfiles import ran_all_epochs
 from kdray.tracking.store import (
     TAG_KIND,
@@ -51,7 +52,9 @@ from kdray.version import __version__
 # Per-epoch metrics that are logged (strings such as teacher_source become tags).
 METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "lr", "epoch_time_s", "train_time_s",
            "samples_per_s", "report_latency_s", "checkpoint_write_s", "resumed_from_epoch", "generation", "best_peer",
-           "teacher_cached_fraction", "student_params", "latency_ms", "latency_b64_ms")
+           "teacher_cached_fraction", "student_params", "latency_ms", "latency_b64_ms",
+           # language models: per target token, at T = 1 (kdray.data.evaluate.evaluate_lm)
+           "val_nll", "val_ppl", "val_kl_teacher", "val_rkl_teacher", "val_top1_agree", "val_kl_true", "tokens_per_s")
 # Families of metrics: every loss term, each dml peer's accuracy, each born-again generation's last accuracy.
 METRIC_PREFIXES = ("loss_", "val_accuracy_peer", "val_accuracy_gen")
 
@@ -211,7 +214,7 @@ class SweepTracker(Callback):
                     "dataset": str(base.get("dataset", {}).get("name", "mnist1d")),
                     "student": str(base.get("student", {}).get("name", "")),
                     "teacher": _teacher_name(base), "mlflow.note.content": self.space.description,
-                    "kdray.model_name": self.space.model_name}
+                    "kdray.model_name": self.space.model_name, TAG_METRIC: self.space.metric}
             run = c.create_run(self.experiment_id, tags=tags, run_name=self.sweep)
             self.parent_id = run.info.run_id
             self._created_parent = True
@@ -357,8 +360,10 @@ class SweepTracker(Callback):
             self._w.put({"kind": "log", "tid": tid, "metrics": metrics, "tags": tags})
         if result.get("generation"):
             self._generation(trial, tid, result, step, metrics, ts)
-        val = result.get("val_accuracy")
-        if isinstance(val, (int, float)) and (self._best is None or val > self._best[0]) and not result.get("failed"):
+        goal = self.space.goal
+        val = result.get(goal.metric)
+        if (isinstance(val, (int, float)) and (self._best is None or goal.better(val, self._best[0]))
+                and not result.get("failed")):
             self._best = (float(val), f"trial {trial_number(trial)} ({trial.config.get('knowledge')})")
         self._status(trials)
 
@@ -376,9 +381,10 @@ class SweepTracker(Callback):
                                         "kdray.epochs": str(epoch)})
             if last.get("generation"):  # ASHA stopped it inside a generation
                 self._end_generation(f"{tid}/gen{last['generation']}", "FINISHED", "stopped_early")
-            val = last.get("val_accuracy", float("nan"))
+            metric = self.space.metric
+            val = last.get(metric, float("nan"))
             self._say(f"trial {n} {'stopped early by ASHA at epoch ' + str(epoch) if early else 'finished'}: "
-                      f"val_accuracy {val:.4f} ({_describe(trial.config)})")
+                      f"{metric} {val:.4f} ({_describe(trial.config)})")
         self._done += 1
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -423,7 +429,7 @@ class SweepTracker(Callback):
             return
         self._last_status = now
         running = sum(1 for t in trials if t.status == "RUNNING")
-        best = f", best val_accuracy {self._best[0]:.4f} ({self._best[1]})" if self._best else ""
+        best = f", best {self.space.metric} {self._best[0]:.4f} ({self._best[1]})" if self._best else ""
         waiting = self._w.outage()
         self._say(f"{self._done}/{self.total} trials done, {running} running{best}"
                   + (f" (MLflow unreachable: {waiting} records buffered)" if waiting else ""))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from kdray.config import RunConfig
-from kdray.data.evaluate import evaluate
+from kdray.data.evaluate import evaluate, evaluate_lm
 from kdray.data.views import ViewKey, strong_view
 from kdray.models import model_record, unwrap
 from kdray.models.checkpoint import atomic_torch_save
@@ -40,6 +41,9 @@ from kdray.train.setup import (  # noqa: F401 (re-exported: the loop's public he
     seed_everything,
     seeded_init,
 )
+
+# What a causal LM's validation adds (as val_<name>): per target token, at T = 1.
+LM_METRICS = ("nll", "ppl", "kl_teacher", "rkl_teacher", "top1_agree", "kl_true")
 
 
 def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
@@ -103,12 +107,41 @@ def restore(st: RunState) -> None:
             print(f"[kdray] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
 
-def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], int]:
+def _groups(batches: Any, size: int) -> Any:
+    """The epoch's batches in groups of ``size`` (gradient accumulation; the last group may be shorter)."""
+    if size == 1:
+        for b in batches:
+            yield (b,)
+        return
+    group: list = []
+    for b in batches:
+        group.append(b)
+        if len(group) == size:
+            yield tuple(group)
+            group = []
+    if group:
+        yield tuple(group)
+
+
+def _token_scale(st: RunState, group: tuple) -> Tensor:
+    """World size / the target tokens of a group of batches over every rank: a causal LM's loss sums times this
+    is, after DDP's mean over ranks, the mean over every target token of the effective batch."""
+    from kdray.knowledge.token import IGNORE
+
+    n = torch.stack([(y != IGNORE).sum() for _, _, y in group]).sum().double()
+    if st.world > 1:
+        n = st.session.all_reduce_sum(n)
+    return (st.world / n.clamp_min(1.0)).float()
+
+
+def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
     """One pass over this rank's shard of the training split. Returns each loss term's sum (weighted by batch
-    size) and the correct predictions, as device tensors, and the number of samples seen.
+    size, or by target tokens for a causal LM) and the correct predictions, as device tensors, and the number of
+    samples (target tokens) seen.
 
     Every per-run choice was made in :func:`build_run`; a step runs only what this run uses, and keeps its
-    values on the device (no ``.item()``): they are summed once, at the end."""
+    values on the device (no ``.item()``): they are summed once, at the end. With ``train.grad_accum_steps`` A,
+    the gradients of A batches are summed (DDP syncs only the last) before one optimizer step."""
     cfg, objective, teacher_out = st.cfg, st.objective, st.teacher_out
     objective.set_epoch(epoch)
     st.train_batches.set_epoch(epoch)
@@ -119,49 +152,65 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], int]:
     st.step_module.train()
     strong, hook, channels_last, clip = objective.wants_strong_view, st.step_hook, st.channels_last, cfg.train.grad_clip
     scaled = st.scaler.is_enabled()
-    optimizer, step_module = st.optimizer, st.step_module
+    optimizer, step_module, lm, accum = st.optimizer, st.step_module, st.lm, cfg.train.grad_accum_steps
+    ddp = isinstance(step_module, nn.parallel.DistributedDataParallel)
     values: list[list[Tensor]] = []  # per step: every term, then the correct predictions
-    sizes: list[int] = []
+    sizes: list[Any] = []
     names: list[str] = []
-    for step, (idx, x, y) in enumerate(st.train_batches):
-        if hook is not None:
-            hook(epoch, step)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        t_out = teacher_out(idx, x) if distil else None
-        x_strong = None
-        if strong:  # the teacher's outputs on this second view are not cached: it runs live on it
-            x_strong = strong_view(x, idx, ViewKey(cfg.seed, epoch))
-            with st.autocast():
-                t_out = t_out._replace(strong=st.teacher(x_strong))
-        with st.autocast():
-            terms, logits = step_module(x, y, t_out, idx, x_strong)
+    step = 0
+    for group in _groups(st.train_batches, accum):
         optimizer.zero_grad(set_to_none=True)
+        token_scale = _token_scale(st, group) if lm else None
+        last = len(group) - 1
+        for m, (idx, x, y) in enumerate(group):
+            if hook is not None:
+                hook(epoch, step)
+            step += 1
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            t_out = teacher_out(idx, x) if distil else None
+            x_strong = None
+            if strong:  # the teacher's outputs on this second view are not cached: it runs live on it
+                x_strong = strong_view(x, idx, ViewKey(cfg.seed, epoch))
+                with st.autocast():
+                    t_out = t_out._replace(strong=st.teacher(x_strong))
+            with step_module.no_sync() if ddp and m < last else nullcontext():
+                with st.autocast():
+                    if lm:
+                        terms, logits = step_module(x, y, t_out, idx, x_strong, token_scale, 1.0 / len(group))
+                    else:
+                        terms, logits = step_module(x, y, t_out, idx, x_strong)
+                loss = terms.pop("_backward") if lm else terms["loss"]
+                if len(group) > 1 and not lm:  # the mean over the group's batches (an LM's scale has it)
+                    loss = loss / len(group)
+                (st.scaler.scale(loss) if scaled else loss).backward()
+            with torch.no_grad():  # one op for the terms, not a detach each; argmax needs no detach
+                if lm:
+                    correct, count = terms.pop("_correct"), terms.pop("_count")
+                else:
+                    correct, count = (logits.argmax(1) == y).sum(), y.numel()
+                if not names:
+                    names = list(terms)
+                values.append([torch.stack(list(terms.values())), correct])
+            sizes.append(count)
         if scaled:  # fp16: loss scaling
-            st.scaler.scale(terms["loss"]).backward()
             if clip:
                 st.scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(st.params, clip)
             st.scaler.step(optimizer)
             st.scaler.update()
         else:
-            terms["loss"].backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(st.params, clip)
             optimizer.step()
-        if not names:
-            names = list(terms)
-        with torch.no_grad():  # one op for the terms, not a detach each; argmax needs no detach
-            values.append([torch.stack(list(terms.values())), (logits.argmax(1) == y).sum()])
-        sizes.append(y.numel())
     if not values:
         return {}, 0
     # One stack per column and one weighted sum per epoch, on the device: each term weighted by its batch's size.
     table = torch.cat([torch.stack([v[0] for v in values]).double(),
                        torch.stack([v[1] for v in values]).double()[:, None]], dim=1)  # (steps, terms + 1)
-    weights = torch.tensor(sizes, dtype=table.dtype, device=table.device)
+    weights = (torch.stack(sizes) if lm else torch.tensor(sizes)).to(dtype=table.dtype, device=table.device)
     sums = torch.cat([(table[:, :-1] * weights[:, None]).sum(0), table[:, -1:].sum(0)])
-    return dict(zip([*names, "_correct"], sums.unbind())), int(sum(sizes))
+    return dict(zip([*names, "_correct"], sums.unbind())), (weights.sum() if lm else int(sum(sizes)))
 
 
 def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, lr: float,
@@ -171,7 +220,7 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
     cfg, device = st.cfg, st.device
     names = [k for k in sums if k != "_correct"]
     packed = torch.stack([*(sums[k] for k in names), sums["_correct"],
-                          torch.tensor(float(seen), dtype=torch.float64, device=device)]) if sums else \
+                          torch.as_tensor(seen, dtype=torch.float64, device=device)]) if sums else \
         torch.zeros(2, dtype=torch.float64, device=device)
     packed = st.session.all_reduce_sum(packed)
     vals = packed.tolist()
@@ -183,23 +232,29 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
         reason = (f"loss term{'s' if len(bad) > 1 else ''} {', '.join(bad)} became non-finite "
                   f"(NaN or inf) in epoch {epoch}")
         # the costs too: a two-objective search needs every objective in every report, a failed one included
-        return {"epoch": epoch, "val_accuracy": 0.0, "failed": reason, "lr": lr, **st.costs[0]}
+        return {"epoch": epoch, **failed_values(st), "failed": reason, "lr": lr, **st.costs[0]}
     peer_vals = []
     for m in st.peers:
         st.session.broadcast_buffers(m)  # validate exactly what rank 0 checkpoints
-        peer_vals.append(evaluate(m, st.data.val, max(cfg.train.batch_size, 256), device, st.session,
-                                  st.channels_last, st.amp))
+        if st.lm:
+            peer_vals.append(evaluate_lm(m, st.data.val, cfg.train.batch_size, device, st.session, st.amp,
+                                         st.teacher, cfg.train.token_chunk))
+        else:
+            peer_vals.append(evaluate(m, st.data.val, max(cfg.train.batch_size, 256), device, st.session,
+                                      st.channels_last, st.amp))
     best = max(range(len(st.peers)), key=lambda k: peer_vals[k]["accuracy"])  # the peer a checkpoint keeps
     val, distil = peer_vals[best], st.objective.needs_teacher
     metrics = {
         "epoch": epoch, PLANNED_EPOCHS: cfg.train.epochs, "world_size": st.world,
         "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+        **({f"val_{k}": val[k] for k in LM_METRICS if k in val} if st.lm else {}),
         "train_accuracy": vals[-2] / total, "train_loss": means.pop("loss", float("nan")),
         **{f"loss_{k}": v for k, v in means.items()},
         **({"best_peer": best, **{f"val_accuracy_peer{k}": v["accuracy"] for k, v in enumerate(peer_vals)}}
            if len(st.peers) > 1 else {}),
         "lr": lr, "epoch_time_s": time.perf_counter() - t0, "train_time_s": train_time,
-        "samples_per_s": total / train_time if train_time > 0 else 0.0,
+        "samples_per_s": total / train_time if train_time > 0 else 0.0,  # a causal LM: target tokens per second
+        **({"tokens_per_s": total / train_time if train_time > 0 else 0.0} if st.lm else {}),
         "teacher_source": st.teacher_out.source if distil else "none",
         # may change mid-run: a lost teacher-output store turns a trial live
         **({"teacher_reason": st.teacher_out.reason, **st.teacher_out.epoch_stats()} if distil else {}),
@@ -209,9 +264,17 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
     if st.resumed_from:
         metrics["resumed_from_epoch"] = st.resumed_from
     if not math.isfinite(metrics["val_loss"]):
-        metrics.update(failed=f"validation loss became non-finite in epoch {epoch}", val_accuracy=0.0)
+        metrics.update(failed=f"validation loss became non-finite in epoch {epoch}", **failed_values(st))
         metrics.pop("_best")
     return metrics
+
+
+def failed_values(st: RunState) -> dict[str, float]:
+    """What a failed run reports for the metrics a sweep may select on: the worst value of each (0 accuracy, an
+    infinite NLL), so every searcher metric is in the report and no failure ranks above a measurement."""
+    from kdray.goal import GOALS
+
+    return {g.metric: g.worst for g in GOALS.values() if g.metric == "val_accuracy" or st.lm}
 
 
 def report_epoch(st: RunState, epoch: int, metrics: dict[str, Any]) -> float:
@@ -231,9 +294,12 @@ def report_epoch(st: RunState, epoch: int, metrics: dict[str, Any]) -> float:
     latency = time.perf_counter() - t_report
     every = max(1, cfg.train.epochs // 20)
     if st.progress and (epoch % every == 0 or epoch in (st.start_epoch, cfg.train.epochs)):
-        print(f"[kdray] epoch {epoch}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
-              f"val_acc {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-              f"({metrics['epoch_time_s']:.1f} s, {metrics['samples_per_s']:.0f} samples/s)", flush=True)
+        what = (f"val_nll {metrics['val_nll']:.4f}  val_ppl {metrics['val_ppl']:.2f}  "
+                f"val_acc {metrics['val_accuracy']:.4f}" if st.lm else
+                f"val_acc {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}")
+        speed = f"{metrics['tokens_per_s']:.0f} tokens/s" if st.lm else f"{metrics['samples_per_s']:.0f} samples/s"
+        print(f"[kdray] epoch {epoch}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  {what}  "
+              f"({metrics['epoch_time_s']:.1f} s, {speed})", flush=True)
     return latency
 
 

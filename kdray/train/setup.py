@@ -23,6 +23,7 @@ from kdray.config import RunConfig, TrainConfig
 from kdray.data import Batches, DataBundle, load_dataset
 from kdray.data.loaders import to_float
 from kdray.knowledge import DistillObjective, ModelLayout, TapOutputs
+from kdray.knowledge.token import TeacherView
 from kdray.models import Classifier, FeatureTaps, Teacher, build_model
 from kdray.models.cost import student_cost
 from kdray.ray_setup import resolve_ref
@@ -38,11 +39,18 @@ class DistillStep(nn.Module):
         self.student = student
         self.objective = objective
         self.taps = taps
+        self.lm = student.causal_lm
 
     def forward(self, x: Tensor, y: Tensor, teacher_out: TapOutputs | None, idx: Tensor | None = None,
-                x_strong: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+                x_strong: Tensor | None = None, token_scale: Tensor | None = None,
+                mean_scale: float = 1.0) -> tuple[dict[str, Tensor], Tensor | None]:
         """``idx``: the batch's positions in the training split, for the terms that need them (CRD);
-        ``x_strong``: a strongly augmented view of the batch, for the terms that align it too (MLKD)."""
+        ``x_strong``: a strongly augmented view of the batch, for the terms that align it too (MLKD).
+        A causal LM's step returns no logits (they are never made whole): its terms carry ``_correct`` and
+        ``_count``; ``token_scale`` and ``mean_scale`` normalise its loss (:meth:`DistillObjective._lm_terms`)."""
+        if self.lm:
+            s_out = self.taps.run(self.student, x, states=True)
+            return self.objective(s_out, teacher_out, y, token_scale=token_scale, mean_scale=mean_scale), None
         s_out = self.taps.run(self.student, x)
         if x_strong is not None:
             s_out = s_out._replace(strong=self.taps.run(self.student, x_strong))
@@ -173,6 +181,11 @@ class RunState:
     resumed_from: int = 0
 
     @property
+    def lm(self) -> bool:
+        """A causal language model: loss and metrics per target token."""
+        return self.data.info.causal_lm
+
+    @property
     def rank(self) -> int:
         return self.session.rank
 
@@ -217,6 +230,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     objective = DistillObjective.from_specs(
         cfg.knowledge, ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), ""),
         ModelLayout.of(student), cfg.ce_weight, cfg.train.label_smoothing,
+        TeacherView(cfg.cache.top_k, cfg.cache.tail), cfg.train.token_chunk,
     )
     s_taps = FeatureTaps(student.net, objective.student_layers)
     if teacher is not None:
@@ -231,7 +245,8 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
                                 num_workers=cfg.resources.loader_workers)
     teacher_out = TeacherOutputs.create(teacher, resolve_ref(config.get("teacher_cache")), records, data,
                                         objective.teacher_layers, device,
-                                        copy_to_device=cfg.resources.gpus_per_worker >= 1, seed=cfg.seed)
+                                        copy_to_device=cfg.resources.gpus_per_worker >= 1, seed=cfg.seed,
+                                        top_k=cfg.cache.top_k if data.info.causal_lm else None)
     _bind(objective, data, teacher, student, s_taps, device)
     step_module: nn.Module = DistillStep(student, objective, s_taps) if len(peers) == 1 else MutualStep(
         peers, mutual_weight=cfg.scheme.mutual_weight, temperature=cfg.scheme.temperature,
@@ -268,7 +283,7 @@ def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
             raise ValueError("this run has knowledge terms but was given no teacher")
         teacher = Teacher.from_records(records).to(device)
     if cfg.student.init_from_teacher:  # the same on every rank: copied from the same teacher weights
-        from kdray.models.hf import init_from_teacher
+        from kdray.models.hf_lm import init_from_teacher
 
         with seeded_init(cfg.seed):
             student = Classifier(info.preprocess(), init_from_teacher(teacher.members[0],
@@ -298,6 +313,6 @@ def _bind(objective: DistillObjective, data: DataBundle, teacher: Teacher | None
         student.eval()
         with torch.no_grad():
             objective.bind_models(teacher.members[0].net, student.net)  # before the pass: OFD watches it
-            objective.bind(teacher(x0).features, s_taps.run(student, x0).features)
+            objective.bind(teacher(x0).features, s_taps.run(student, x0, states=student.causal_lm).features)
         student.train()
     objective.to(device)

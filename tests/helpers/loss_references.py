@@ -431,3 +431,38 @@ def crd_reference(e_s: Tensor, e_t: Tensor, w_s, b_s, w_t, b_t, m_s: Tensor, m_t
                  + torch.log(noise / (h[:, 1:] + noise + eps)).sum()) / h.shape[0]
 
     return nce(out_s) + nce(out_t)
+
+
+# -- token-level divergences (tkd) ------------------------------------------------------------------------------
+def _kl_probs(p: Tensor, q: Tensor) -> Tensor:
+    """Σ p log(p / q) per row, from probabilities (0 log 0 = 0), float64."""
+    return torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros((), dtype=p.dtype)).sum(-1)
+
+
+def divergence_rows(kind: str, p: Tensor, q: Tensor, beta: float = 0.5, alpha: float = 0.1) -> Tensor:
+    """The divergences of TRL's GKD and DistiLLM per row, written on probabilities (the mixtures formed in probability
+    space, as the authors do): teacher ``p``, student ``q``, float64."""
+    if kind == "fkl" or (kind == "jsd" and beta == 0.0):
+        return _kl_probs(p, q)
+    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
+        return _kl_probs(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * _kl_probs(p, m) + (1 - beta) * _kl_probs(q, m)
+    if kind == "skew_fkl":
+        return _kl_probs(p, alpha * p + (1 - alpha) * q)
+    if kind == "skew_rkl":
+        return _kl_probs(q, alpha * q + (1 - alpha) * p)
+    if kind == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(kind)
+
+
+def tkd_reference(z_s: Tensor, z_t: Tensor, kind: str, t: float, beta: float = 0.5, alpha: float = 0.1,
+                  mask: Tensor | None = None) -> Tensor:
+    """T² · mean over the (masked) rows of the divergence of softmax(z_t / T) and softmax(z_s / T), float64."""
+    p, q = log_softmax(f64(z_t) / t).exp(), log_softmax(f64(z_s) / t).exp()
+    d = divergence_rows(kind, p, q, beta, alpha)
+    if mask is not None:
+        d = d[mask]
+    return t * t * d.mean()

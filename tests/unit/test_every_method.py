@@ -19,7 +19,10 @@ SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 TYPES = sorted(n for n, _ in KNOWLEDGE.items() if KNOWLEDGE.origin(n) == "kdray")
 # Types whose default layers are a transformer's attention taps: a CNN pair has none, and they say so.
 NEEDS_ATTENTION = {"attn", "minilm"}
-CNN_TYPES = [n for n in TYPES if n not in NEEDS_ATTENTION]
+# Token-level types (language models) also run on a classifier's logits (one token per sample), so the CNN pairs
+# dry-run them; the space that offers them is the language-model one.
+TOKEN_TYPES = [n for n in TYPES if KNOWLEDGE.get(n).family == "token"]
+CNN_TYPES = [n for n in TYPES if n not in NEEDS_ATTENTION and n not in TOKEN_TYPES]
 PAIRS = [("resnet32x4", "resnet8x4"), ("resnet18", "mobilenet_v2")]
 # (teacher, student, type) -> words the refusal must contain: the pair's shapes cannot be combined.
 REFUSES = {
@@ -86,6 +89,7 @@ def test_list_shows_the_paper_of_every_type(capsys):
 # -- checked: a dry run of every type on real CNN pairs -------------------------------------------------------
 def test_the_attention_only_types_are_registered():
     assert NEEDS_ATTENTION <= set(TYPES)
+    assert TOKEN_TYPES == ["tkd"]
     assert {"kd", "dkd", "dist", "ctkd", "fitnet", "at", "nst", "fsp", "ab", "vid", "rkd", "sp", "pkt",
             "cc"} <= set(CNN_TYPES)
 

@@ -41,6 +41,7 @@ from loss_references import (
     rkd_reference,
     sp_reference,
     squares_atol,
+    tkd_reference,
     vid_reference,
     zscore,
 )
@@ -431,6 +432,24 @@ def test_minilm_at_the_extremes_matches_float64(case):
     got = k.compute(taps(a=a_s, v=v_s), taps(a=a_t, v=v_t), None)
     want = minilm_reference(a_s, a_t, v_s, v_t, lengths, heads=a_t.shape[1])
     assert_close(got, want, atol=2 * kl_resolution(a_t.shape[-1]))
+
+
+@covers("tkd")
+@SETTINGS
+@given(case=logit_cases, kind=st.sampled_from(["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"]),
+       beta=st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+@example(case=CONFIDENT, kind="jsd", beta=0.5)
+@example(case=CONFIDENT, kind="rkl", beta=0.5)
+@example(case=HOT_BF16, kind="skew_rkl", beta=0.5)
+def test_tkd_at_the_extremes_matches_float64(case, kind, beta):
+    """tkd on a classifier's logits (each sample one token), every divergence against the float64 formulas on
+    probabilities (mixtures in probability space); absolute tolerance T² · ``kl_resolution`` as KD's (two confident
+    distributions), and T² · C · 2^-24 for tvd (a sum of C rounded probability differences)."""
+    z_s, z_t, y = make_logits(case)
+    t = case.temperature
+    got = build("tkd", {}, {}, divergence=kind, temperature=t, beta=beta).compute(taps(z_s), taps(z_t), y)
+    atol = t * t * (case.classes * EPS32 if kind == "tvd" else kl_resolution(case.classes))
+    assert_close(got, tkd_reference(z_s, z_t, kind, t, beta), atol=atol)
 
 
 # -- every registered type -----------------------------------------------------------------------------------

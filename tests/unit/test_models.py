@@ -23,14 +23,16 @@ from kdray.models import (
 @pytest.mark.parametrize("name", MODELS.names())
 def test_every_model_runs_and_taps_its_default_layers(name):
     spec = MODELS.get(name)
-    model = build_model(name, 7, Preprocess(spec.example_input)).eval()
+    tokens = spec.example_dtype == "int64"  # a causal LM: token ids in, next-token logits at every position out
+    model = build_model(name, 7, Preprocess(spec.example_input, passthrough=tokens)).eval()
     net = model.net
     layers = list(net.kd_feature_layers) + [net.kd_embedding_layer]
     assert net.kd_feature_layers, f"{name} declares no default hint layers"
     taps = FeatureTaps(net, layers)
+    x = torch.randint(0, 7, (2, *spec.example_input)) if tokens else torch.randn(2, *spec.example_input)
     with torch.no_grad():
-        out = taps.run(model, torch.randn(2, *spec.example_input))
-    assert out.logits.shape == (2, 7)
+        out = taps.run(model, x)
+    assert out.logits.shape == ((2, *spec.example_input, 7) if tokens else (2, 7))
     assert set(out.features) == set(layers)
     assert all(v.shape[0] == 2 and torch.isfinite(v).all() for v in out.features.values())
 

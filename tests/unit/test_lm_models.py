@@ -1,0 +1,154 @@
+"""Causal language models by name: ``hf-lm/<folder>`` for three families, their heads (scaling, soft-capping) against
+the Hugging Face forward, records that rebuild without the folder, initialisation from the teacher's layers, and the
+inputs ``kdray check`` refuses (blocks longer than the positions, another vocabulary)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from kdray.check import dry_run
+from kdray.config import ConfigError, DatasetConfig, RunConfig
+from kdray.data.lm_builtin import synthetic_tokenizer
+from kdray.models import Preprocess, build_model, model_from_record, model_record
+from kdray.models.hf_lm import HFCausalLM, init_from_teacher
+
+PRE = Preprocess((12,), passthrough=True)
+SIZES = {"layers": 4, "hidden": 32, "heads": 2}
+
+
+def folder_of(tmp_path, family: str, vocab: int = 64, with_tokenizer: bool = True, **config):
+    """A Hugging Face causal-LM folder written by save_pretrained (kdray's tiny model of that family), with the
+    synthetic language's tokenizer when asked."""
+    torch.manual_seed(0)
+    model = build_model(f"tiny_{family}", vocab, PRE, {**SIZES, "config": config or None})
+    path = tmp_path / family
+    model.net.hf.save_pretrained(path)
+    if with_tokenizer:
+        from kdray.data.lm import load_tokenizer
+
+        load_tokenizer(str(synthetic_tokenizer(DatasetConfig(name="synthetic_lm", data_dir=str(tmp_path)), vocab))
+                       ).save_pretrained(path)
+    return path, model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_hf_lm_folders_build_and_match_the_hugging_face_forward(tmp_path, family):
+    path, _ = folder_of(tmp_path, family)
+    model = build_model(f"hf-lm/{path}", 64, PRE).eval()
+    assert isinstance(model.net, HFCausalLM)
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.net.hf(input_ids=x).logits.float()
+        torch.testing.assert_close(model(x), want)
+        s = model.states(x)
+        torch.testing.assert_close(s.head.logits(s.hidden), want)
+
+
+def test_a_soft_capping_family_keeps_its_cap_in_the_chunked_head(tmp_path):
+    """Gemma 2 caps its logits (c · tanh(z / c)): the head kdray computes chunk by chunk does the same."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gemma2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                               final_logit_softcapping=2.0, max_position_embeddings=64)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gemma")
+    model = build_model(f"hf-lm/{tmp_path / 'gemma'}", 64, PRE).eval()
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        s = model.states(x)
+        z = s.head.logits(s.hidden)
+        torch.testing.assert_close(z, model.net.hf(input_ids=x).logits.float(), rtol=1e-5, atol=1e-5)
+    assert s.head.softcap == 2.0 and z.abs().max() <= 2.0
+
+
+def test_a_record_rebuilds_without_the_folder(tmp_path):
+    path, _ = folder_of(tmp_path, "llama")
+    name = f"hf-lm/{path}"
+    model = build_model(name, 64, PRE).eval()
+    rec = model_record(model, model_name=name, model_options={}, num_classes=64, dataset={"name": "synthetic_lm"})
+    buf = io.BytesIO()
+    torch.save(rec, buf)
+    import shutil
+
+    shutil.rmtree(path)
+    again = model_from_record(torch.load(io.BytesIO(buf.getvalue()), weights_only=True)).eval()
+    x = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert again.causal_lm
+
+
+@pytest.mark.parametrize("mode,layers", [("every_other_layer", [0, 2]), ([0, 2, 3], [0, 2, 3]), ([3], [3])])
+def test_init_from_teacher_keeps_the_chosen_layers(mode, layers):
+    torch.manual_seed(0)
+    teacher = build_model("tiny_llama", 64, PRE, SIZES)
+    student = init_from_teacher(teacher, mode)
+    assert student.hf.config.num_hidden_layers == len(layers)
+    t_state, s_state = teacher.net.hf.state_dict(), student.hf.state_dict()
+    for j, i in enumerate(layers):
+        for key in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+            assert torch.equal(s_state[f"model.layers.{j}.{key}"], t_state[f"model.layers.{i}.{key}"])
+    assert torch.equal(s_state["model.embed_tokens.weight"], t_state["model.embed_tokens.weight"])
+    assert torch.equal(s_state["model.norm.weight"], t_state["model.norm.weight"])
+
+
+def test_init_from_teacher_refuses_layers_the_teacher_does_not_have():
+    teacher = build_model("tiny_llama", 64, PRE, SIZES)
+    with pytest.raises(ValueError, match=r"indices of the teacher's 4 layers"):
+        init_from_teacher(teacher, [0, 4])
+
+
+def run_cfg(**over):
+    base = {"dataset": {"name": "synthetic_lm"}, "student": {"name": "tiny_llama", "options": {"layers": 1,
+                                                                                              "hidden": 32,
+                                                                                              "heads": 2}}}
+    return RunConfig.model_validate({**base, **over})
+
+
+def test_blocks_longer_than_the_models_positions_fail_at_check_naming_seq_len():
+    cfg = run_cfg(dataset={"name": "synthetic_lm", "seq_len": 256},
+                  student={"name": "tiny_llama", "options": {"layers": 1, "hidden": 32, "heads": 2,
+                                                             "max_positions": 128}})
+    with pytest.raises(ConfigError) as e:
+        dry_run(cfg, file="run.yaml")
+    assert e.value.fields == ["dataset.seq_len"] and "128 positions" in str(e.value)
+
+
+def test_a_teacher_with_another_vocabulary_fails_at_check(tmp_path):
+    path, _ = folder_of(tmp_path, "llama", vocab=80, with_tokenizer=False)
+    cfg = run_cfg(teacher={"name": f"hf-lm/{path}"}, knowledge=[{"type": "tkd"}])
+    with pytest.raises(ConfigError) as e:
+        dry_run(cfg, file="run.yaml")
+    assert e.value.fields == ["teacher"] and "80 tokens" in str(e.value)
+
+
+def test_a_model_whose_tokenizer_differs_from_the_datas_fails_at_check(tmp_path):
+    """A checkpoint's own tokenizer with other ids than the data's would read other tokens than it learnt."""
+    path, _ = folder_of(tmp_path, "llama")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    other = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w0"))
+    other.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=other, unk_token="w0").save_pretrained(path)
+    cfg = run_cfg(teacher={"name": f"hf-lm/{path}"}, knowledge=[{"type": "tkd"}])
+    with pytest.raises(ConfigError) as e:
+        dry_run(cfg, file="run.yaml")
+    assert e.value.fields == ["dataset.tokenizer"] and "vocabulary differs" in str(e.value)
+
+
+def test_a_classifier_student_on_language_model_data_fails_at_check():
+    with pytest.raises(ConfigError) as e:
+        dry_run(run_cfg(student={"name": "mlp"}), file="run.yaml")
+    assert e.value.fields[0] in ("student.name",)
+
+
+def test_text_data_takes_the_hf_lm_teachers_tokenizer_by_default(tmp_path):
+    path, _ = folder_of(tmp_path, "llama")
+    cfg = RunConfig.model_validate({"dataset": {"name": "text", "path": str(tmp_path / "x.jsonl")},
+                                    "teacher": {"name": f"hf-lm/{path}"}, "student": {"name": "tiny_llama"},
+                                    "knowledge": [{"type": "tkd"}]})
+    assert cfg.dataset.options["tokenizer"] == str(path)
