@@ -88,10 +88,13 @@ def build_token_cache(records: list[dict[str, Any]], data: DataBundle, layers: l
         lp_rows, id_rows, rest_rows = [], [], []
         for a in range(0, h.shape[0], size):
             lp = torch.log_softmax(out.logits.head.logits(h[a:a + size]), dim=-1)
-            vals, ids, r = top_k_of(lp, k)
-            lp_rows.append(vals.clamp_min(-6e4).half())
-            id_rows.append(ids)
-            rest_rows.append(r)
+            if exact:  # every token, in vocabulary order (no ids stored)
+                lp_rows.append(lp.clamp_min(-6e4).half())
+            else:  # the top k, largest first, their ids and the log of the rest
+                vals, ids, r = top_k_of(lp, k)
+                lp_rows.append(vals.clamp_min(-6e4).half())
+                id_rows.append(ids)
+                rest_rows.append(r)
             _truncation(trunc, lp, tail, vocab)
         logp[i] = torch.cat(lp_rows).reshape(len(i), t, k).cpu().numpy()
         if not exact:

@@ -115,8 +115,10 @@ def _teacher_chunk(teacher: TokenStates | TopKTokens, rows: slice, view: Teacher
         lp, idx, rest = (as_float(teacher.logp.reshape(-1, teacher.logp.shape[-1])[rows]),
                          teacher.index.reshape(-1, teacher.index.shape[-1])[rows].long(),
                          as_float(teacher.rest.reshape(-1)[rows]))
-        if view.top_k:
-            lp, idx, rest = truncate(lp, idx, rest, view.top_k)
+        if view.top_k and view.top_k < lp.shape[-1]:
+            # every token stored (in vocabulary order): its top-k; a stored top-K (sorted): its first k
+            lp, idx, rest = top_k_of(lp, view.top_k) if lp.shape[-1] >= teacher.vocab else truncate(
+                lp, idx, rest, view.top_k)
         return lp, idx, rest
     with torch.no_grad():
         h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])[rows]
@@ -148,9 +150,11 @@ def _retemper(lp: Tensor, t: float) -> Tensor:
     return lp.clamp_min(-1e30) / t
 
 
-def _chunk_sums(h: Tensor, y: Tensor, head: LMHead, t_chunk: Any, terms: Sequence["TKD"], view: TeacherView,
-                vocab: int) -> Tensor:
-    """One chunk: [Σ −log q(y), Σ term for each term, correct] over its target tokens (float32)."""
+def _chunk_sums(h: Tensor, y: Tensor, head: LMHead, teacher: Any, rows: slice, terms: Sequence["TKD"],
+                view: TeacherView, vocab: int) -> Tensor:
+    """One chunk: [Σ −log q(y), Σ term for each term, correct] over its target tokens (float32). The teacher's side
+    of the chunk is made here, so a checkpointed chunk keeps none of it between its forward and its backward."""
+    t_chunk = _teacher_chunk(teacher, rows, view) if terms else None
     z = head.logits(h)
     with _no_autocast():
         valid = y != IGNORE
@@ -186,8 +190,7 @@ def token_sums(student: TokenStates, teacher: TokenStates | TopKTokens | None, t
     ckpt = torch.is_grad_enabled() and len(spans) > 1
     total = None
     for rows in spans:
-        t_chunk = _teacher_chunk(teacher, rows, view) if terms else None
-        args = (h[rows], y[rows], student.head, t_chunk, terms, view, vocab)
+        args = (h[rows], y[rows], student.head, teacher, rows, terms, view, vocab)
         part = checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False) if ckpt else \
             _chunk_sums(*args)
         total = part if total is None else total + part

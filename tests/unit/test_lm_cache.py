@@ -26,6 +26,8 @@ def setting(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("tiny_llama", 64, Preprocess((16,), passthrough=True), {"layers": 1, "hidden": 32,
                                                                                "heads": 2})
+    with torch.no_grad():  # a confident teacher (logits x 6), as a trained one is: no near-ties among its top tokens
+        model.net.hf.model.norm.weight.mul_(6.0)
     rec = model_record(model, model_name="tiny_llama", model_options={"layers": 1, "hidden": 32, "heads": 2},
                        num_classes=64, dataset=cfg.model_dump(mode="json"))
     return data, rec
@@ -113,6 +115,25 @@ def test_a_trial_reads_its_own_top_k_from_a_larger_cache_and_learns_what_its_liv
     live = TeacherOutputs.create(teacher, None, [rec], data, [], torch.device("cpu"))
     torch.testing.assert_close(loss_of(student, x, y, out, view), loss_of(student, x, y, live(idx, x), view),
                                rtol=2e-3, atol=2e-3)  # float16 storage
+
+
+def test_a_trial_cuts_an_exact_cache_to_its_own_top_k(setting):
+    """Every token stored (in vocabulary order, not sorted): a trial with top_k 4 learns from the teacher's 4 likeliest
+    tokens, as live, not from the first 4 ids of the vocabulary."""
+    data, rec = setting
+    cache, _ = build_token_cache([rec], data, [], 2**30, torch.device("cpu"), want_k=None)
+    teacher = Teacher.from_records([rec])
+    idx = torch.tensor([3, 1])
+    x, y = data.train.x[idx], data.train.y[idx]
+    out = TeacherOutputs.create(teacher, cache, [rec], data, [], torch.device("cpu"), top_k=4)(idx, x)
+    assert out.logits.logp.shape[-1] == 64
+    torch.manual_seed(2)
+    student = build_model("tiny_llama", 64, Preprocess((16,), passthrough=True), {"layers": 1, "hidden": 16,
+                                                                                 "heads": 2})
+    view = TeacherView(top_k=4, tail="uniform")
+    live = TeacherOutputs.create(teacher, None, [rec], data, [], torch.device("cpu"))
+    torch.testing.assert_close(loss_of(student, x, y, out, view), loss_of(student, x, y, live(idx, x), view),
+                               rtol=2e-3, atol=2e-3)
 
 
 def test_a_trial_that_wants_more_tokens_than_are_stored_runs_its_teacher_live(setting):
