@@ -47,6 +47,11 @@ class FitNet(Knowledge):
     regressor). Deliberate differences: 1-D and 3-D maps may use conv_bn_relu too; the rule's unsupported
     case (a student map smaller than the teacher's but not half of it) is refused in ``bind``, naming the
     layers, instead of failing in the first step.
+
+    ``distance: cosine`` replaces the squared error by :math:`1 - \cos(r(F_s), F_t)` along the channels (a
+    transformer's hidden size), averaged over the positions: the hidden-state loss of DistilBERT (Sanh et al.
+    2019, arXiv:1910.01108; Hugging Face ``examples/research_projects/distillation/distiller.py``,
+    ``nn.CosineEmbeddingLoss`` with target 1, which averages over the tokens it selects).
     """
 
     class Params(KnowledgeParams):
@@ -55,13 +60,19 @@ class FitNet(Knowledge):
         regressor: Literal["auto", "conv_bn_relu", "linear"] = Field(
             "auto", description="r(.): conv_bn_relu (RepDistiller's ConvReg), linear (1x1 conv / linear map), "
                                 "auto (conv_bn_relu between image maps, else linear)")
+        distance: Literal["mse", "cosine"] = Field(
+            "mse", description="mse (FitNets) or cosine: 1 - cos along the channels, averaged over positions "
+                               "(DistilBERT's hidden-state loss)")
 
-    def __init__(self, teacher_layer: str, student_layer: str, regressor: str = "auto") -> None:
+    def __init__(self, teacher_layer: str, student_layer: str, regressor: str = "auto", distance: str = "mse") -> None:
         super().__init__()
         if regressor not in REGRESSORS:
             raise ValueError(f"unknown regressor {regressor!r}; choose one of {', '.join(REGRESSORS)}")
+        if distance not in ("mse", "cosine"):
+            raise ValueError(f"unknown distance {distance!r}; choose mse or cosine")
         self.teacher_layers, self.student_layers = [teacher_layer], [student_layer]
         self.regressor_kind = regressor
+        self.distance = distance
         self.regressor: nn.Module | None = None
 
     @classmethod
@@ -69,7 +80,7 @@ class FitNet(Knowledge):
         return cls(
             kwargs.get("teacher_layer") or middle(teacher.feature_layers, "teacher_layer"),
             kwargs.get("student_layer") or middle(student.feature_layers, "student_layer"),
-            kwargs.get("regressor", "auto"),
+            kwargs.get("regressor", "auto"), kwargs.get("distance", "mse"),
         )
 
     def bind(self, teacher_features: dict[str, Tensor], student_features: dict[str, Tensor]) -> None:
@@ -88,7 +99,10 @@ class FitNet(Knowledge):
         if self.regressor is None:  # used directly on tensors: infer the connector now
             self.regressor = make_regressor(self.regressor_kind, tuple(f_s.shape[1:]),
                                             tuple(f_t.shape[1:])).to(f_s.device)
-        return F.mse_loss(self.regressor(as_float(f_s)), as_float(f_t))  # fp32 connector on bf16 taps
+        r_s, f_t = self.regressor(as_float(f_s)), as_float(f_t)  # fp32 connector on bf16 taps
+        if self.distance == "cosine":
+            return (1.0 - F.cosine_similarity(r_s, f_t, dim=1)).mean()
+        return F.mse_loss(r_s, f_t)
 
     def compute(self, student: TapOutputs, teacher: TapOutputs, target: Tensor) -> Tensor:
         return self(student.features[self.student_layers[0]], teacher.features[self.teacher_layers[0]])

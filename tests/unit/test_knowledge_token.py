@@ -225,3 +225,41 @@ def test_token_states_carry_the_models_own_logits():
     with torch.no_grad():
         torch.testing.assert_close(s.head.logits(s.hidden), model.net.hf(input_ids=x).logits.float())
     assert log_softmax(f64(model(x))).shape == (2, 7, 40)
+
+
+def test_hidden_states_of_two_language_models_match_through_fitnet_with_the_cosine_distance():
+    """fitnet on ``hidden.i`` taps (B, H, T), linear connector; ``distance: cosine`` is 1 - cos along H, averaged
+    over the tokens (DistilBERT's hidden-state loss), against float64 by hand."""
+    from kdray.models import FeatureTaps
+
+    student, teacher = lm(0, hidden=16), lm(1, hidden=24)
+    obj = DistillObjective.from_specs([{"type": "fitnet", "teacher_layer": "hidden.1", "student_layer": "hidden.1",
+                                        "distance": "cosine"}], ModelLayout.of(teacher), ModelLayout.of(student))
+    x = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(18))
+    s_taps, t_taps = FeatureTaps(student.net, ["hidden.1"]), FeatureTaps(teacher.net, ["hidden.1"])
+    s_out, t_out = s_taps.run(student, x, states=True), t_taps.run(teacher, x, states=True)
+    assert s_out.features["hidden.1"].shape == (3, 16, 7) and t_out.features["hidden.1"].shape == (3, 24, 7)
+    fit = obj.knowledge["fitnet"]
+    fit.bind(t_out.features, s_out.features)
+    got = fit.compute(s_out, t_out, None)
+    w, b = fit.regressor.proj.weight.double(), fit.regressor.proj.bias.double()
+    r = torch.einsum("oi,bit->bot", w[..., 0] if w.dim() == 3 else w, f64(s_out.features["hidden.1"])) + b[:, None]
+    t = f64(t_out.features["hidden.1"])
+    cos = (r * t).sum(1) / (r.norm(dim=1) * t.norm(dim=1))
+    assert got.item() == pytest.approx((1 - cos).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_chunked_loss_stays_float32_under_autocast(dtype):
+    """On a GPU the student runs under bf16/fp16 autocast: the head's matmul takes that precision (as the model's own
+    head would), every log-softmax and divergence runs in float32 (CPU autocast follows the same rules)."""
+    student, teacher = lm(0), lm(1)
+    x = torch.randint(0, 40, (4, 7), generator=torch.Generator().manual_seed(19))
+    y = x.roll(-1, 1)
+    term = TKD("jsd", 2.0, beta=0.3)
+    with torch.no_grad():
+        ref, _, _ = token_sums(student.states(x), teacher.states(x), y, [term])
+        with torch.autocast("cpu", dtype=dtype):
+            low, _, _ = token_sums(student.states(x), teacher.states(x), y, [term])
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    torch.testing.assert_close(low, ref, rtol=0.02, atol=0.0)
