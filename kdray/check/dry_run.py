@@ -125,7 +125,9 @@ def _build(cfg: RunConfig, info: Any, file: str | Path | None, name: str, option
 
 
 def _check_peers(cfg: RunConfig, info: Any, file: str | Path | None, report: DryRun) -> None:
-    """dml: every peer must build and run on this data."""
+    """dml: every peer must build and run on this data (classifiers: peers exchange their class distributions)."""
+    if cfg.scheme.type == "dml" and info.causal_lm:
+        raise ConfigError("dml is for classifiers; a language model's peers are not supported", file, "scheme.type")
     for j, peer in enumerate(cfg.scheme.peers):
         net = _build(cfg, info, file, peer.name, peer.options, f"scheme.peers.{j}")
         try:
@@ -184,8 +186,13 @@ def _knowledge(cfg: RunConfig, teacher: Teacher | None, student: Classifier, fil
     t_layout = ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), "")
     s_layout = ModelLayout.of(student)
     modules = {}
+    lm = bool(getattr(student, "causal_lm", False))
     for i, spec in enumerate(cfg.knowledge):
         cls = KNOWLEDGE.get(spec["type"])
+        if lm and cls.family == "response":
+            raise ConfigError(f"{spec_name(cfg, i)} distils a classifier's logits; a language model's next-token "
+                              "distributions are distilled per token by tkd (divergence fkl is KD per token)", file,
+                              f"knowledge.{i}.type")
         try:
             k = cls.from_params({p: v for p, v in spec.items() if p != "type"}, t_layout, s_layout)
         except ValueError as e:

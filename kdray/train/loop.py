@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from kdray.config import RunConfig
 from kdray.data.evaluate import evaluate, evaluate_lm
 from kdray.data.views import ViewKey, strong_view
+from kdray.knowledge.token import IGNORE
 from kdray.models import model_record, unwrap
 from kdray.models.checkpoint import atomic_torch_save
 from kdray.ray_setup import resolve_ref  # noqa: F401 (re-exported)
@@ -126,8 +127,6 @@ def _groups(batches: Any, size: int) -> Any:
 def _token_scale(st: RunState, group: tuple) -> Tensor:
     """World size / the target tokens of a group of batches over every rank: a causal LM's loss sums times this
     is, after DDP's mean over ranks, the mean over every target token of the effective batch."""
-    from kdray.knowledge.token import IGNORE
-
     n = torch.stack([(y != IGNORE).sum() for _, _, y in group]).sum().double()
     if st.world > 1:
         n = st.session.all_reduce_sum(n)

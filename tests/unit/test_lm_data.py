@@ -147,3 +147,23 @@ def test_plain_text_files_are_one_document_each(tmp_path):
                                       options={"path": str(folder), "tokenizer": str(tok_dir), "seq_len": 8}))
     total = sum(int((s.y != IGNORE).sum()) for s in (data.train, data.val, data.test))
     assert math.isclose(total, 12 * 21, rel_tol=0.2)  # 21 tokens a document (20 + end of text), minus partial blocks
+
+
+@pytest.mark.parametrize("form", ["parquet", "save_to_disk"])
+def test_text_reads_parquet_and_saved_data_sets(tmp_path, form):
+    import datasets
+
+    from kdray.data.lm_builtin import synthetic_tokenizer
+
+    tok_dir = synthetic_tokenizer(DatasetConfig(name="synthetic_lm", data_dir=str(tmp_path)), 64)
+    rows = {"body": [" ".join(f"t{(i * 7 + j) % 60 + 1}" for j in range(30)) for i in range(20)]}
+    d = datasets.Dataset.from_dict(rows)
+    path = tmp_path / ("docs.parquet" if form == "parquet" else "saved")
+    d.to_parquet(str(path)) if form == "parquet" else d.save_to_disk(str(path))
+    data = load_dataset(DatasetConfig(name="text", data_dir=str(tmp_path), options={
+        "path": str(path), "text_column": "body", "tokenizer": str(tok_dir), "seq_len": 16}))
+    assert data.info.num_classes == 64
+    # 20 documents of 30 tokens + the end of text, split by document (test 2, validation 2, train 16), each part
+    # packed into blocks of 16 tokens and their 16 next tokens
+    blocks = [(n * 31 - 1) // 16 for n in (16, 2, 2)]
+    assert [len(data.train), len(data.val), len(data.test)] == blocks

@@ -152,3 +152,34 @@ def test_text_data_takes_the_hf_lm_teachers_tokenizer_by_default(tmp_path):
                                     "teacher": {"name": f"hf-lm/{path}"}, "student": {"name": "tiny_llama"},
                                     "knowledge": [{"type": "tkd"}]})
     assert cfg.dataset.options["tokenizer"] == str(path)
+
+
+def test_logit_knowledge_and_dml_are_refused_for_language_models_naming_the_field():
+    with pytest.raises(ConfigError) as e:
+        dry_run(run_cfg(teacher={"train": {"model": {"name": "tiny_llama"}}}, knowledge=[{"type": "kd"}]),
+                file="run.yaml")
+    assert e.value.fields == ["knowledge.0.type"] and "tkd" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        dry_run(run_cfg(scheme={"type": "dml", "peers": [{"name": "tiny_llama"}]}), file="run.yaml")
+    assert e.value.fields == ["scheme.type"]
+
+
+def test_attention_taps_give_clean_causal_maps_and_the_fast_kernel_returns_after():
+    """``attention.i`` of a causal LM: (B, heads, T, T) probabilities, rows summing to 1, nothing above the diagonal;
+    the model switches to an attention function that returns maps only while such a tap is hooked."""
+    from kdray.models import FeatureTaps
+
+    torch.manual_seed(0)
+    model = build_model("tiny_llama", 64, PRE, SIZES)
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+    taps = FeatureTaps(model.net, ["attention.1"])
+    with torch.no_grad():
+        out = taps.run(model, x, states=True)
+    a = out.features["attention.1"]
+    assert a.shape == (2, 2, 12, 12)
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 2, 12))
+    assert (a.triu(1) == 0).all()
+    taps.remove()
+    with torch.no_grad():
+        model.states(x)
+    assert model.net.hf.config._attn_implementation == "sdpa"
