@@ -348,13 +348,15 @@ def cmd_final(args: argparse.Namespace) -> int:
     info = champion_info(uri, args.sweep)  # fails clearly before Ray starts if there is nothing to evaluate
     if args.seeds < 2:
         raise KdrayError("--seeds must be at least 2")
+    if args.by and not args.per_type:
+        raise ConfigError("--by goes with --per-type", field="--by")
     say = lambda m: print(f"[kdray] {m}", flush=True, file=sys.stderr if args.json else sys.stdout)  # noqa: E731
     _check_champion_plugins(uri, info["run_id"], say)  # before Ray starts: its workers must import them too
     init_ray(args.address)
     if args.per_type:
         from kdray.final import format_per_type, run_final_per_type
 
-        pt = run_final_per_type(uri, args.sweep, args.seeds, resolve_storage(args.storage), say=say)
+        pt = run_final_per_type(uri, args.sweep, args.seeds, resolve_storage(args.storage), say=say, by=args.by)
         if args.json:
             print(json.dumps({"sweep": pt.sweep, "seeds": pt.seeds, "baseline": pt.baseline, "types": pt.table,
                               "metric": pt.goal.test, "teacher_test": pt.teacher_test,
@@ -442,5 +444,8 @@ def add_sweep_commands(sub, common: argparse.ArgumentParser) -> None:
                    "std, the paired difference with a 95%% interval, paired t-test p-values with Holm's correction, "
                    "and a box/strip plot in MLflow")
     s.add_argument("--markdown", action="store_true", help="with --per-type, print the table as Markdown")
+    s.add_argument("--by", metavar="PARAM", help="with --per-type, also split each knowledge type by a searched "
+                   "parameter (e.g. tkd.divergence): the best configuration of every value is retrained and compared "
+                   "with none")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(fn=cmd_final)

@@ -258,11 +258,25 @@ def run_job_set(jobs: list[Job], refs: list, storage: str, ledger: JobLedger, sa
     return run_jobs(jobs, refs, storage, ledger, train_and_test, say, step_hook)
 
 
-def best_of_type(trials: list, knowledge: str, exclude: str | None = None, goal: Goal = ACCURACY) -> Any | None:
-    """The sweep's best trial run of one knowledge choice on the sweep's metric: completed ones first, else the best
-    stopped early (ties: the one that got further). Failed trials never serve. None when the choice has no such
-    trial."""
-    mine = [t for t in trials if t.data.tags.get("kdray.knowledge") == knowledge and t.info.run_id != exclude
+def group_label(run: Any, by: str | None = None) -> str:
+    """A trial run's knowledge choice, and with ``by`` (a searched parameter, e.g. ``tkd.divergence``) its value too:
+    ``tkd[divergence=rkl]``. Trials that did not search ``by`` keep their choice alone (``none``)."""
+    kind = run.data.tags.get("kdray.knowledge", "none")
+    if not by:
+        return kind
+    searched = json.loads(run.data.tags.get("kdray.searched", "{}"))
+    if by not in searched:
+        return kind
+    short = by.split(".", 1)[1] if by.startswith(f"{kind}.") else by
+    return f"{kind}[{short}={searched[by]}]"
+
+
+def best_of_type(trials: list, knowledge: str, exclude: str | None = None, goal: Goal = ACCURACY,
+                 by: str | None = None) -> Any | None:
+    """The sweep's best trial run of one knowledge choice (or, with ``by``, of one :func:`group_label`) on the sweep's
+    metric: completed ones first, else the best stopped early (ties: the one that got further). Failed trials never
+    serve. None when the choice has no such trial."""
+    mine = [t for t in trials if group_label(t, by) == knowledge and t.info.run_id != exclude
             and t.data.tags.get(TAG_STATUS) in ("completed", "stopped_early")]
     if not mine:
         return None

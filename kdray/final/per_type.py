@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 
 from kdray.errors import FinalError
-from kdray.final.jobs import JobLedger, best_of_type, final_teacher, labels_only, run_job_set, seed_jobs, trusted
+from kdray.final.jobs import (
+    JobLedger,
+    best_of_type,
+    final_teacher,
+    group_label,
+    labels_only,
+    run_job_set,
+    seed_jobs,
+    trusted,
+)
 from kdray.final.stats import holm, paired
 from kdray.goal import ACCURACY, Goal
 from kdray.tracking.store import (
@@ -53,9 +62,10 @@ def student_label(student: dict[str, Any] | None) -> str:
 
 
 def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, say=print,
-                       step_hook: Any = None) -> PerTypeResult:
+                       step_hook: Any = None, by: str | None = None) -> PerTypeResult:
     """Retrain the best configuration of every knowledge type over the same ``seeds`` seeds, test each run once,
-    and compare every type with ``none`` seed by seed (paired t-test, Holm-corrected over the types).
+    and compare every type with ``none`` seed by seed (paired t-test, Holm-corrected over the types). With ``by`` (a
+    searched parameter such as ``tkd.divergence``) every value of it counts as a type of its own.
 
     Each (configuration, seed) is recorded as it ends; a rerun retrains only the runs not recorded yet."""
     import mlflow
@@ -69,8 +79,11 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
     name = parent.data.tags[TAG_SWEEP]
     goal = sweep_goal(parent)
     trials = sweep_children(c, parent, kind="trial")
-    kinds = list(dict.fromkeys(t.data.tags.get("kdray.knowledge", "none") for t in sorted(
+    kinds = list(dict.fromkeys(group_label(t, by) for t in sorted(
         trials, key=lambda r: int(r.data.tags.get("kdray.trial_number", 0) or 0))))
+    if by and not any("[" in k for k in kinds):
+        raise FinalError(f"no trial of sweep {name} searched {by!r}; the searched parameters are named as in "
+                         "`kdray compare` (e.g. tkd.divergence, train.lr)")
     usable = [t for t in trials if t.data.tags.get(TAG_STATUS) in ("completed", "stopped_early")]
     if not usable:
         raise FinalError(f"sweep {name} has no trial that ran (completed or stopped early) to retrain")
@@ -90,7 +103,7 @@ def run_final_per_type(uri: str, sweep: str | None, seeds: int, storage: str, sa
                                             goal.key(r.data.metrics.get(goal.metric, math.nan)))).info.run_id
     ref_student = cfg_of[ref_id].get("student")
     same = [t for t in usable if cfg_of[t.info.run_id].get("student") == ref_student]
-    best = {k: best_of_type(same, k, goal=goal) or best_of_type(usable, k, goal=goal) for k in kinds}
+    best = {k: best_of_type(same, k, goal=goal, by=by) or best_of_type(usable, k, goal=goal, by=by) for k in kinds}
     best = {k: r for k, r in best.items() if r is not None}
     configs = {k: cfg_of[r.info.run_id] for k, r in best.items()}
     if "none" in best and configs["none"].get("student") == ref_student:

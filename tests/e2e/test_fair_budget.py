@@ -65,6 +65,28 @@ def test_a_late_type_is_protected_then_judged_by_its_own_kind_until_it_has_its_f
     assert r.decide("a6", 1, 0.95) and r.decide("a6", 1, 0.0)
 
 
+def test_fair_asha_stops_the_trials_whose_nll_is_high_when_the_metric_is_minimised():
+    """A language model's sweep minimises val_nll: at a rung the trials with the *highest* values stop (plain ASHA's
+    rule on the negated metric), and the protected trials go on whatever their value."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from kdray.sweep.fair import FairASHA
+
+    sched = FairASHA(metric="val_nll", mode="min", max_t=8, grace_period=1, reduction_factor=2,
+                     min_trials_per_type=2)
+    trials = {t: Trial(trainable_name="__fake", config={"knowledge": "tkd"}, trial_id=t, stub=True)
+              for t in ("p1", "p2", "low", "high")}
+    for t in trials.values():
+        sched.on_trial_add(None, t)
+    result = lambda v: {"epoch": 1, "val_nll": v}  # noqa: E731
+    assert sched.on_trial_result(None, trials["p1"], result(3.0)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, trials["p2"], result(5.0)) == TrialScheduler.CONTINUE  # protected
+    # the cutoff is the median of 3.0 and 5.0 (4.0): lower NLL goes on, higher stops
+    assert sched.on_trial_result(None, trials["low"], result(3.5)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, trials["high"], result(4.5)) == TrialScheduler.STOP
+
+
 # -- cost, front and budget -------------------------------------------------------------------------------------
 def test_student_cost_counts_parameters_and_times_a_copy_on_cpu():
     from kdray.config import DatasetConfig
