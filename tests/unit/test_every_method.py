@@ -151,3 +151,10 @@ def test_cifar_spaces_offer_every_cnn_type_around_its_reference_weight(file):
             d = space.choices[choice][key]
             assert d.log and d.high / d.low >= 10, (choice, key)
             assert math.isclose(math.sqrt(d.low * d.high), default, rel_tol=1e-9), (choice, key, d)
+
+
+def test_the_language_model_space_offers_every_token_type():
+    from kdray.sweep.space import load_space
+
+    space = load_space(SPACES / "tiny_lm.yaml")
+    assert set(TOKEN_TYPES) <= set(space.choices) and space.metric == "val_nll" and space.mode == "min"
