@@ -1,6 +1,6 @@
 """Every benchmark, one after another, each in its own process; results as JSON under benchmarks/results/.
 
-    make benchmark        (about 45 minutes on 2 CPUs; run nothing else meanwhile: timings are compared)
+    make benchmark        (about 65 minutes on 2 CPUs; run nothing else meanwhile: timings are compared)
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ RUNS = [
     ["bench_cache.py", "--epochs", "30", "--json", "results/cache.json"],
     ["bench_aug_cache.py", "--epochs", "4", "--json", "results/aug_cache.json"],
     ["bench_search.py", "--epochs", "40", "--seeds", "2"],
+    ["bench_token_loss.py", "--json", "results/token_loss.json"],
+    ["bench_lm_epoch.py", "--json", "results/lm_epoch.json"],
+    ["bench_lm_sweep.py", "--json", "results/lm_sweep.json"],
 ]
 
 if __name__ == "__main__":
