@@ -4,12 +4,13 @@
 #   make test-fast  the unit tests only (< 2 min): for iteration
 #   make lint   ruff, and import-linter's layer and no-cycle contracts (pyproject.toml)
 #   make results  the README's results tables (sweeps + kdray final --per-type over 5 seeds, ~15 min)
+#   make gpu-proof  the GPU path proved on one GPU in <= 8 min (benchmarks/gpu_proof.py; results/gpu_proof.json)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kdray-installed
 
-.PHONY: install demo test test-fast lint benchmark results clean
+.PHONY: install demo test test-fast lint benchmark results gpu-proof clean
 
 install: $(STAMP)
 
@@ -49,6 +50,9 @@ benchmark: install
 
 results: install
 	$(PY) benchmarks/results_table.py
+
+gpu-proof: install
+	$(PY) benchmarks/gpu_proof.py
 
 clean:
 	rm -rf $(VENV) kdray_runs mlflow.db mlartifacts
