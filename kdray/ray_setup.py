@@ -88,7 +88,7 @@ def init_ray(
             # The dashboard stays on: Ray Train's placement-group cleaner needs its State API to free the
             # workers of an early-stopped trial (FIELD-NOTES).
             # address="local": a new Ray of its own, never a cluster some `ray start` left on this machine
-            with loopback_only(), _quiet(AUTH_LOGGER):
+            with loopback_only(), quiet_logger(AUTH_LOGGER):
                 ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                          resources={DRIVER_RESOURCE: driver_slots}, _node_ip_address=LOOPBACK,
                          dashboard_host=LOOPBACK, **kwargs)
@@ -102,7 +102,7 @@ AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 @contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
+def quiet_logger(name: str) -> Iterator[None]:
     """Warnings of logger ``name`` are not shown while inside (errors are)."""
     log = logging.getLogger(name)
     before = log.level

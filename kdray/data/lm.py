@@ -121,9 +121,9 @@ def load_tokenizer(name: str, field: str = "dataset.tokenizer") -> Any:
         raise DatasetUnavailable("text data sets need transformers: pip install transformers") from None
     path = Path(str(name)).expanduser()
     try:
-        from kdray.models.hf import _quiet
+        from kdray.models.hf import quiet_transformers
 
-        with _quiet():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(path) if path.is_dir() else str(name))
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot load tokenizer {name!r} ({field}): {str(e).strip().splitlines()[0]}") from None

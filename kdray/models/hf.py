@@ -56,11 +56,11 @@ _INSTALL = "pip install transformers (or kdray[hub])"
 _VALUE_SUFFIXES = ("value", "v_lin", "v_proj")
 _CLEAN_ATTENTION_IMPL = "kdray_eager"
 # True while an HFClassifier whose attention is tapped runs its forward: kdray_eager then returns clean maps.
-_CLEAN_ATTENTION: contextvars.ContextVar[bool] = contextvars.ContextVar("kdray_clean_attention", default=False)
+CLEAN_ATTENTION: contextvars.ContextVar[bool] = contextvars.ContextVar("kdray_clean_attention", default=False)
 
 
 # -- transformers, lazily ----------------------------------------------------------------------------
-def _transformers():
+def transformers_module():
     try:
         import transformers
     except ImportError:
@@ -69,7 +69,7 @@ def _transformers():
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports locally ("newly initialized weights" for the new head...)."""
     from transformers.utils import logging as hf_logging
 
@@ -92,14 +92,14 @@ def _clean_eager(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, a
     Attention is computed twice only in training, with dropout, while an attention tap is hooked.
     """
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
-    if not (dropout and module.training and _CLEAN_ATTENTION.get()):
+    if not (dropout and module.training and CLEAN_ATTENTION.get()):
         return eager(module, query, key, value, attention_mask, *args, dropout=dropout, **kwargs)
     _, probs = eager(module, query, key, value, attention_mask, *args, dropout=0.0, **kwargs)
     out, _ = eager(module, query, key, value, attention_mask, *args, dropout=dropout, **kwargs)
     return out, probs
 
 
-def _attention_impl(auto_cls: Any, config: Any) -> str:
+def attention_impl(auto_cls: Any, config: Any) -> str:
     """``kdray_eager`` where the model's attention dispatches through transformers' AttentionInterface
     with a module-level eager function (BERT, RoBERTa, DistilBERT, ViT... in transformers 5), else ``eager``."""
     try:
@@ -121,14 +121,14 @@ def _attention_impl(auto_cls: Any, config: Any) -> str:
 
 
 # -- configs -----------------------------------------------------------------------------------------
-def _looks_local(rest: str) -> bool:
+def looks_local(rest: str) -> bool:
     return rest.startswith(("/", "./", "../", "~")) or os.path.exists(rest)
 
 
 def load_config(rest: str) -> Any:
     """The HF config of a hub id or local folder, or a ``ValueError`` that says why not."""
-    transformers = _transformers()
-    if _looks_local(rest):
+    transformers = transformers_module()
+    if looks_local(rest):
         path = os.path.expanduser(rest)
         if not os.path.isdir(path):
             raise ValueError(f"hf/{rest}: there is no folder {path} (a local Hugging Face model is a folder "
@@ -138,11 +138,11 @@ def load_config(rest: str) -> Any:
     else:
         path = rest
     try:
-        with _quiet():
+        with quiet_transformers():
             return transformers.AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, unknown model type: all say why
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        where = ("" if _looks_local(rest) else
+        where = ("" if looks_local(rest) else
                  "; a hub id needs network access or the local Hugging Face cache, a local folder is "
                  "written hf/./relative/path or hf//absolute/path")
         raise ValueError(
@@ -155,7 +155,7 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def config_from_dict(d: dict[str, Any]) -> Any:
-    transformers = _transformers()
+    transformers = transformers_module()
     d = dict(d)
     model_type = d.pop("model_type", None)
     if not model_type:
@@ -206,7 +206,7 @@ MODELS.add_source("hf", resolve, "Hugging Face transformers: hf/<hub id> or hf/.
 
 
 # -- building ----------------------------------------------------------------------------------------
-def _apply_overrides(config: Any, overrides: dict[str, Any]) -> None:
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> None:
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"the {config.model_type} config has no field {key!r}")
@@ -221,7 +221,7 @@ def build(source: str | None, num_classes: int, input_shape: tuple[int, ...], *,
     A ``config`` override that changes the shape of pretrained tensors (``hidden_size``, ``intermediate_size``...)
     makes transformers re-initialise them at random: refused, naming them, unless ``allow_reinit`` (then named in a
     warning). The classification head, made for ``num_classes``, is new by design and not counted."""
-    transformers = _transformers()
+    transformers = transformers_module()
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) not in (1, 3):
         raise ValueError(
@@ -233,7 +233,7 @@ def build(source: str | None, num_classes: int, input_shape: tuple[int, ...], *,
         raise ValueError("a Hugging Face model needs a source or hf_config")
     else:
         cfg = load_config(source)
-    _apply_overrides(cfg, dict(config or {}))
+    apply_overrides(cfg, dict(config or {}))
     kind = _kind(cfg)
     if (kind == "text") != text:
         raise ValueError(f"{cfg.model_type} is {'a text' if kind == 'text' else 'an image'} model but the data set "
@@ -252,22 +252,22 @@ def build(source: str | None, num_classes: int, input_shape: tuple[int, ...], *,
         elif c != input_shape[0]:
             raise ValueError(f"{cfg.model_type} takes {c}-channel images, the data set gives {input_shape[0]} channels")
     auto = transformers.AutoModelForSequenceClassification if text else transformers.AutoModelForImageClassification
-    impl = _attention_impl(auto, cfg)
-    with _quiet():
+    impl = attention_impl(auto, cfg)
+    with quiet_transformers():
         if pretrained:
-            model, info = auto.from_pretrained(os.path.expanduser(source) if _looks_local(source) else source,
+            model, info = auto.from_pretrained(os.path.expanduser(source) if looks_local(source) else source,
                                                config=cfg, ignore_mismatched_sizes=True, attn_implementation=impl,
                                                output_loading_info=True)
         else:
             model = auto.from_config(cfg, attn_implementation=impl)
     if pretrained:
-        _check_reinitialised(model, info, source, dict(config or {}), allow_reinit)
+        check_reinitialised(model, info, source, dict(config or {}), allow_reinit)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()  # fp32 master weights; kdray's autocast picks the compute precision
     return HFClassifier(model, input_shape)
 
 
-def _check_reinitialised(model: nn.Module, info: dict[str, Any], source: str, overrides: dict[str, Any],
+def check_reinitialised(model: nn.Module, info: dict[str, Any], source: str, overrides: dict[str, Any],
                          allow: bool) -> None:
     """Refuse (or, with ``allow``, name in a warning) pretrained tensors of the base model that transformers had to
     re-initialise: their shapes changed (``mismatched_keys``) or they are missing. The new classification head
@@ -288,7 +288,7 @@ def _check_reinitialised(model: nn.Module, info: dict[str, Any], source: str, ov
     logging.getLogger("kdray").warning("%s (allow_reinit: true)", what)
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The encoder's layers: the first ModuleList of ``num_hidden_layers`` modules of one class."""
     n = getattr(model.config, "num_hidden_layers", None)
     if not n:
@@ -310,7 +310,7 @@ def _value_modules(layers: nn.ModuleList) -> list[nn.Module]:
     return found
 
 
-def _hooked(modules) -> bool:
+def hooked(modules) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
@@ -343,7 +343,7 @@ class HFClassifier(nn.Module):
         self.text = len(input_shape) == 1
         pad = getattr(cfg, "pad_token_id", None)
         self.pad_token_id = int(pad) if pad is not None else 0
-        found = _layer_list(model)
+        found = layer_list(model)
         layers = found[1] if found else None
         is_transformer = getattr(cfg, "num_attention_heads", None) is not None and layers is not None
         depth = len(layers) if layers is not None else int(
@@ -366,8 +366,8 @@ class HFClassifier(nn.Module):
         self.kd_record_options = {"hf_config": config_dict(cfg), "pretrained": False}
 
     def forward(self, x: Tensor) -> Tensor:
-        want_hidden = _hooked(self.hidden) or _hooked([self.pooled])
-        want_attention = _hooked(self.attention)
+        want_hidden = hooked(self.hidden) or hooked([self.pooled])
+        want_attention = hooked(self.attention)
         if self.text:
             if x.dtype not in (torch.int64, torch.int32):
                 x = x.long()
@@ -380,12 +380,12 @@ class HFClassifier(nn.Module):
             kwargs["output_hidden_states"] = True
         if want_attention:
             kwargs["output_attentions"] = True
-        token = _CLEAN_ATTENTION.set(True) if want_attention else None
+        token = CLEAN_ATTENTION.set(True) if want_attention else None
         try:
             out = self.hf(**kwargs)
         finally:
             if token is not None:
-                _CLEAN_ATTENTION.reset(token)
+                CLEAN_ATTENTION.reset(token)
         if want_hidden:
             states = out.hidden_states
             for tap, h in zip(self.hidden, states):
@@ -426,7 +426,7 @@ def init_from_teacher(teacher: nn.Module, mode: str | list[int] = "every_other_l
         raise ValueError(f"init_from_teacher needs a Hugging Face teacher (hf/... or hf-lm/...), got "
                          f"{type(net).__name__}")
     t_model = net.hf
-    prefix, t_layers = _layer_list(t_model) or (None, None)
+    prefix, t_layers = layer_list(t_model) or (None, None)
     if t_layers is None:
         raise ValueError(f"cannot find the layer list of this {t_model.config.model_type} teacher")
     layers = teacher_layer_choice(mode, len(t_layers))
@@ -436,14 +436,20 @@ def init_from_teacher(teacher: nn.Module, mode: str | list[int] = "every_other_l
     student = build(None, int(cfg.num_labels), input_shape, hf_config=config_dict(cfg))
     if not net.text:
         student._interpolate = net._interpolate
-    t_state = t_model.state_dict()
+    copy_layers(student.hf, t_model, prefix, layers)
+    student.kd_model_name = getattr(net, "kd_model_name", "hf")  # type: ignore[assignment]
+    return student
+
+
+def copy_layers(student: nn.Module, teacher: nn.Module, prefix: str, layers: list[int]) -> None:
+    """Load ``student`` (a Hugging Face model with ``len(layers)`` layers under ``prefix``) from ``teacher``: student
+    layer j from teacher layer ``layers[j]``, every other tensor (embeddings, norms, heads) as it is."""
+    t_state = teacher.state_dict()
     mapped = {}
-    for key in student.hf.state_dict():
+    for key in student.state_dict():
         src = key
         if key.startswith(prefix + "."):
             j, rest = key[len(prefix) + 1:].split(".", 1)
             src = f"{prefix}.{layers[int(j)]}.{rest}"
         mapped[key] = t_state[src]
-    student.hf.load_state_dict(mapped)
-    student.kd_model_name = getattr(net, "kd_model_name", "hf")  # type: ignore[assignment]
-    return student
+    student.load_state_dict(mapped)

@@ -25,17 +25,25 @@ from torch import Tensor, nn
 
 from kdray.knowledge.token import LMHead, TokenStates
 from kdray.models.hf import (
+    CLEAN_ATTENTION,
     HFClassifier,
-    _apply_overrides,
-    _check_reinitialised,
-    _looks_local,
-    _quiet,
-    _transformers,
+    apply_overrides,
+    attention_impl,
+    build,
+    check_reinitialised,
     config_dict,
     config_from_dict,
+    copy_layers,
+    hooked,
+    layer_list,
     load_config,
+    looks_local,
+    quiet_transformers,
+    teacher_layer_choice,
+    transformers_module,
 )
-from kdray.models.zoo import MODELS, ModelSpec, register_model
+from kdray.models.hf import init_from_teacher as init_classifier
+from kdray.models.zoo import MODELS, ModelSpec, register_model, unwrap
 
 _FAST_ATTENTION = "sdpa"
 
@@ -91,7 +99,7 @@ def build_lm(source: str | None, num_classes: int, input_shape: tuple[int, ...],
 
     The model's vocabulary must hold the data's (a tokenizer's ids index its embedding) and its positions the
     block length; a model built from a config without a vocabulary size takes the data's."""
-    transformers = _transformers()
+    transformers = transformers_module()
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 1:
         raise ValueError(f"a causal LM takes blocks of token ids (T,), not inputs of shape {input_shape}")
@@ -101,7 +109,7 @@ def build_lm(source: str | None, num_classes: int, input_shape: tuple[int, ...],
         raise ValueError("a causal LM needs a source or hf_config")
     else:
         cfg = load_config(source)
-    _apply_overrides(cfg, dict(config or {}))
+    apply_overrides(cfg, dict(config or {}))
     _kind_lm(cfg)
     vocab = vocab_of(cfg)
     if vocab < num_classes:
@@ -113,9 +121,9 @@ def build_lm(source: str | None, num_classes: int, input_shape: tuple[int, ...],
     auto = transformers.AutoModelForCausalLM
 
     def load(impl: str) -> Any:
-        with _quiet():
+        with quiet_transformers():
             if pretrained:
-                return auto.from_pretrained(os.path.expanduser(source) if _looks_local(source) else source,
+                return auto.from_pretrained(os.path.expanduser(source) if looks_local(source) else source,
                                             config=cfg, attn_implementation=impl, output_loading_info=True)
             return auto.from_config(cfg, attn_implementation=impl), None
 
@@ -126,7 +134,7 @@ def build_lm(source: str | None, num_classes: int, input_shape: tuple[int, ...],
             raise
         model, info = load("eager")
     if pretrained:
-        _check_reinitialised(model, info, source, dict(config or {}), allow_reinit)
+        check_reinitialised(model, info, source, dict(config or {}), allow_reinit)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()
     return HFCausalLM(model, input_shape)
@@ -161,21 +169,17 @@ class HFCausalLM(HFClassifier):
     def _attention(self, want: bool) -> None:
         """Attention maps need an eager attention function (kdray's clean one where the family allows it): switched
         on while an attention tap is hooked, back to the fast kernel otherwise."""
-        from kdray.models.hf import _attention_impl
-
         current = self.hf.config._attn_implementation
         if want and self._eager is None:
-            self._eager = _attention_impl(_transformers().AutoModelForCausalLM, self.hf.config)
+            self._eager = attention_impl(transformers_module().AutoModelForCausalLM, self.hf.config)
         target = self._eager if want else self._fast
         if target and current != target:
             self.hf.set_attn_implementation(target)
 
     def states(self, x: Tensor) -> TokenStates:
         """(B, T) token ids -> the last hidden states (B, T, H) and the head; feeds the hooked taps."""
-        from kdray.models.hf import _CLEAN_ATTENTION, _hooked
-
-        want_hidden = _hooked(self.hidden) or _hooked([self.pooled])
-        want_attention = _hooked(self.attention)
+        want_hidden = hooked(self.hidden) or hooked([self.pooled])
+        want_attention = hooked(self.attention)
         self._attention(want_attention)
         if x.dtype not in (torch.int64, torch.int32):
             x = x.long()
@@ -185,12 +189,12 @@ class HFCausalLM(HFClassifier):
             kwargs["output_hidden_states"] = True
         if want_attention:
             kwargs["output_attentions"] = True
-        token = _CLEAN_ATTENTION.set(True) if want_attention else None
+        token = CLEAN_ATTENTION.set(True) if want_attention else None
         try:
             out = base(**kwargs)
         finally:
             if token is not None:
-                _CLEAN_ATTENTION.reset(token)
+                CLEAN_ATTENTION.reset(token)
         last = out.last_hidden_state
         if want_hidden:
             for tap, h in zip(self.hidden, out.hidden_states):
@@ -208,8 +212,6 @@ class HFCausalLM(HFClassifier):
 
 def rebuild(num_classes: int, input_shape: tuple[int, ...], options: dict[str, Any]) -> nn.Module:
     """A Hugging Face network (classifier or causal LM) from a record's options, which carry its whole config."""
-    from kdray.models.hf import build
-
     if not options.get("causal_lm"):
         return build(None, num_classes, input_shape, **options)
     return build_lm(None, num_classes, input_shape, hf_config=options["hf_config"])
@@ -264,15 +266,11 @@ def tiny_gpt2(num_classes: int, input_shape: tuple[int, ...], layers: int = 4, h
 def init_from_teacher(teacher: nn.Module, mode: str | list[int] = "every_other_layer") -> nn.Module:
     """``student.init_from_teacher``: a student made of some of a Hugging Face teacher's layers, every other weight
     copied; a classifier's (:func:`kdray.models.hf.init_from_teacher`) or a causal LM's."""
-    from kdray.models.hf import _layer_list, teacher_layer_choice
-    from kdray.models.hf import init_from_teacher as init_classifier
-    from kdray.models.zoo import unwrap
-
     net = unwrap(teacher)
     net = getattr(net, "net", net)
     if not isinstance(net, HFCausalLM):
         return init_classifier(teacher, mode)
-    found = _layer_list(net.hf)
+    found = layer_list(net.hf)
     if found is None:
         raise ValueError(f"cannot find the layer list of this {net.hf.config.model_type} teacher")
     return init_lm_from_teacher(net, teacher_layer_choice(mode, len(found[1])))
@@ -282,10 +280,8 @@ def init_lm_from_teacher(net: HFCausalLM, layers: list[int]) -> HFCausalLM:
     """A student with the teacher's config but only the teacher layers ``layers`` (student layer j is teacher layer
     ``layers[j]``), every other weight (embeddings, final norm, head) copied: Minitron's / DistilBERT's depth
     pruning (:func:`kdray.models.hf.init_from_teacher` checks the indices)."""
-    from kdray.models.hf import _layer_list
-
     t_model = net.hf
-    prefix, _ = _layer_list(t_model)
+    prefix, _ = layer_list(t_model)
     d = config_dict(t_model.config)
     for key in ("num_hidden_layers", "n_layer"):
         if key in d:
@@ -293,15 +289,7 @@ def init_lm_from_teacher(net: HFCausalLM, layers: list[int]) -> HFCausalLM:
     if "layer_types" in d and isinstance(d["layer_types"], list):
         d["layer_types"] = [d["layer_types"][i] for i in layers]
     student = build_lm(None, net.vocab, (1,), hf_config=d)
-    t_state = t_model.state_dict()
-    mapped = {}
-    for key in student.hf.state_dict():
-        src = key
-        if key.startswith(prefix + "."):
-            j, rest = key[len(prefix) + 1:].split(".", 1)
-            src = f"{prefix}.{layers[int(j)]}.{rest}"
-        mapped[key] = t_state[src]
-    student.hf.load_state_dict(mapped)
+    copy_layers(student.hf, t_model, prefix, layers)
     student.kd_model_name = getattr(net, "kd_model_name", "hf-lm")  # type: ignore[assignment]
     return student
 

@@ -7,12 +7,11 @@ text with ``model.generate``.
 """
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kdray.models import model_from_record
+from kdray.ray_setup import quiet_logger
 
 
 def record_tokenizer(record: dict[str, Any]) -> Any:
@@ -40,24 +39,12 @@ def save_hf_folder(record: dict[str, Any], out_dir: str | Path, model: Any = Non
         hf.config.eos_token_id = eos
         hf.generation_config.eos_token_id = eos
         hf.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eos
-    from kdray.models.hf import _quiet
+    from kdray.models.hf import quiet_transformers
 
-    with _quiet():  # no progress bars for one small folder
+    with quiet_transformers():  # no progress bars for one small folder
         hf.save_pretrained(out)
         tok.save_pretrained(out)
     return out
-
-
-@contextmanager
-def _quiet_mlflow_transformers() -> Iterator[None]:
-    """The flavour looks for a model card and a license on the hub: neither exists for a student trained here."""
-    log = logging.getLogger("mlflow.transformers")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 def log_lm(model: Any, record: dict[str, Any], model_name: str) -> Any:
@@ -65,14 +52,15 @@ def log_lm(model: Any, record: dict[str, Any], model_name: str) -> Any:
     and register it as a new version of ``model_name``; the model info."""
     import mlflow
 
-    from kdray.models.hf import _quiet
+    from kdray.models.hf import quiet_transformers
 
     tok = record_tokenizer(record)
     hf = model.net.hf
     if tok.eos_token_id is not None:
         hf.generation_config.eos_token_id = tok.eos_token_id
         hf.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    with _quiet_mlflow_transformers(), _quiet():
+    # the flavour looks for a model card and a license on the hub: neither exists for a student trained here
+    with quiet_logger("mlflow.transformers"), quiet_transformers():
         return mlflow.transformers.log_model(
             transformers_model={"model": hf, "tokenizer": tok}, name="student", task="text-generation",
             registered_model_name=model_name)

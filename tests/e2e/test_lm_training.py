@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from host_syncs import count_host_syncs
 
 from kdray.config import DatasetConfig, RunConfig
 from kdray.data import load_dataset
@@ -138,23 +139,7 @@ def test_a_language_model_step_never_waits_for_the_device(monkeypatch, tmp_path,
     run["train"]["epochs"] = 2
     data = load_dataset(DatasetConfig.model_validate(dataset))
     cache = build_token_cache([rec], data, [], 2**30, torch.device("cpu"), want_k=8)[0] if cached else None
-    calls, where = [], [None]
-
-    def counting(name):
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, **k):
-            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
-            if "torch/optim" not in caller and "/transformers/" not in caller:
-                calls.append((name, where[0]))
-            return original(self, *a, **k)
-        return wrapper
-
-    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__bool__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-
-    def hook(epoch: int, step: int) -> None:
-        where[0] = (epoch, step)
+    calls, hook, where = count_host_syncs(monkeypatch, exempt=("torch/optim", "/transformers/"))
 
     session = Session()
     train_run({"run": run, "teacher_records": [rec], "teacher_cache": cache, "step_hook": hook}, session)

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
+from host_syncs import count_host_syncs
 from sweep_helpers import straight_and_resumed
 
 from kdray.config import RunConfig
@@ -179,26 +179,9 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch, blobs_teacher, 
     cfg = blobs_cfg(teacher={"checkpoint": "unused.pt"}, train={"epochs": 2, "batch_size": 16, "grad_clip": 1.0},
                     knowledge=[{"type": "kd", "temperature": 2.0}, {"type": "fitnet"}, {"type": "dkd"}])
     cache = build_cache([blobs_teacher], load_dataset(cfg.dataset), ["block2", "block1"], 2**30) if cached else None
-    calls: list[tuple[str, tuple[int, int] | None]] = []
-    where: list[tuple[int, int] | None] = [None]
-
-    def counting(name):
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, **k):
-            # torch's optimizers read their own step counters, kept on the CPU (not a device sync, and the plain
-            # PyTorch loop does the same): only what kdray's code asks for counts.
-            caller = sys._getframe(1).f_code.co_filename
-            if "torch/optim" not in caller.replace("\\", "/"):
-                calls.append((name, where[0]))
-            return original(self, *a, **k)
-        return wrapper
-
-    for name in ("item", "tolist", "numpy", "cpu", "__float__", "__bool__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-
-    def hook(epoch: int, step: int) -> None:
-        where[0] = (epoch, step)
+    # torch's optimizers read their own step counters, kept on the CPU (not a device sync, and the plain PyTorch loop
+    # does the same): only what kdray's code asks for counts.
+    calls, hook, where = count_host_syncs(monkeypatch)
 
     session = Session()
     train_run({"run": cfg.model_dump(mode="json"), "teacher_records": [blobs_teacher], "teacher_cache": cache,
