@@ -265,6 +265,9 @@ def _check_outputs(cfg: RunConfig, info: Any, s_out: TapOutputs, file: str | Pat
         raise ConfigError(f"data set {cfg.dataset.name!r} is for causal language models (next-token prediction); "
                           f"{cfg.student.name!r} is not one (use hf-lm/..., tiny_llama, tiny_qwen3, tiny_gpt2)", file,
                           "student.name")
+    if cfg.train.label_smoothing:
+        raise ConfigError("label smoothing is for classifiers; a language model's next-token loss has none here",
+                          file, "train.label_smoothing")
     if s_out.logits.head.vocab < info.num_classes:
         raise ConfigError(f"the student's vocabulary ({s_out.logits.head.vocab}) is smaller than the tokenizer's "
                           f"({info.num_classes})", file, "student.name")

@@ -69,7 +69,7 @@ def evaluate_lm(
         h, yy = s.hidden.reshape(-1, s.hidden.shape[-1]), y.reshape(-1)
         th = t.hidden.reshape(-1, t.hidden.shape[-1]) if t is not None else None
         tl = true[idx.to(true.device)].reshape(-1, true.shape[-1]) if true is not None else None
-        size = chunk_tokens(s.head.vocab, chunk)
+        size = chunk_tokens(s.head.vocab, chunk, device)
         for a in range(0, len(yy), size):
             rows = slice(a, a + size)
             with torch.autocast(device.type, dtype=amp) if amp else nullcontext():

@@ -229,18 +229,25 @@ def _file_state(path: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _tokenize(rows: list[dict[str, str]], tok: Any, opts: dict[str, Any]) -> tuple[list[np.ndarray], list | None]:
+def _tokenize(rows: list[dict[str, str]], tok: Any, opts: dict[str, Any]) -> tuple[list[np.ndarray], list]:
+    """Each document's ids and which of them are targets: a tokenizer with its own beginning-of-text token (Llama,
+    Gemma) starts every document with it (not a target: nothing predicts the start of a document); with prompt and
+    completion columns only the completion's tokens are targets."""
+    bos = tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else None
+    head = [bos] if bos is not None else []
+    docs, masks = [], []
     if opts["prompt_column"]:
-        docs, masks = [], []
         for r in rows:
-            p = tok(str(r[opts["prompt_column"]]), add_special_tokens=False)["input_ids"]
+            p = head + tok(str(r[opts["prompt_column"]]), add_special_tokens=False)["input_ids"]
             c = tok(str(r[opts["completion_column"]]), add_special_tokens=False)["input_ids"]
             docs.append(np.asarray(p + c, np.int64))
             masks.append(np.r_[np.zeros(len(p), bool), np.ones(len(c), bool)])
         return docs, masks
     col = opts["text_column"]
-    ids = tok([str(r[col]) for r in rows], add_special_tokens=False)["input_ids"]
-    return [np.asarray(i, np.int64) for i in ids], None
+    for ids in tok([str(r[col]) for r in rows], add_special_tokens=False)["input_ids"]:
+        docs.append(np.asarray(head + ids, np.int64))
+        masks.append(np.r_[np.zeros(len(head), bool), np.ones(len(ids), bool)])
+    return docs, masks
 
 
 def _columns(opts: dict[str, Any]) -> list[str]:

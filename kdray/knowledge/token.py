@@ -40,7 +40,10 @@ from kdray.knowledge.divergences import (
 )
 
 IGNORE = -100  # a target that is not trained on (a prompt token, padding)
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 4 Mi floats (16 MiB in float32), as many tokens as V allows
+# Logits per chunk, as many tokens as V allows: 4 Mi floats (16 MiB in float32) on a CPU, 32 Mi (128 MiB) on a GPU,
+# where a chunk's fixed cost (its kernel launches) is worth more tokens.
+CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS_CUDA = 1 << 25
 
 
 @dataclass
@@ -86,11 +89,25 @@ class TopKTokens(NamedTuple):
     vocab: int
 
 
-def chunk_tokens(vocab: int, requested: int | None = None) -> int:
-    """Tokens per chunk: ``requested``, else as many as fit :data:`CHUNK_ELEMENTS` logits (at least 16)."""
+def chunk_tokens(vocab: int, requested: int | None = None, device: torch.device | None = None) -> int:
+    """Tokens per chunk: ``requested``, else as many as fit :data:`CHUNK_ELEMENTS` (a GPU's:
+    :data:`CHUNK_ELEMENTS_CUDA`) logits, at least 16."""
     if requested:
         return int(requested)
-    return max(16, CHUNK_ELEMENTS // max(1, int(vocab)))
+    elements = CHUNK_ELEMENTS_CUDA if device is not None and device.type == "cuda" else CHUNK_ELEMENTS
+    return max(16, elements // max(1, int(vocab)))
+
+
+def _cast_once(head: LMHead, device: torch.device) -> LMHead:
+    """The head with its weight cast to the active autocast dtype once for the whole batch: autocast would cast the
+    V x H weight again in every chunk and every recomputation (its cast cache lives only inside one autocast region);
+    the cast is differentiable, so gradients reach the float32 weight as before."""
+    if not torch.is_autocast_enabled(device.type):
+        return head
+    dtype = torch.get_autocast_dtype(device.type)
+    if head.weight.dtype == dtype:
+        return head
+    return LMHead(head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype), head.scale, head.softcap)
 
 
 @contextlib.contextmanager
@@ -185,7 +202,10 @@ def token_sums(student: TokenStates, teacher: TokenStates | TopKTokens | None, t
         raise ValueError("token-level knowledge needs the teacher's outputs")
     if isinstance(teacher, TokenStates) and teacher.head.vocab != vocab:
         raise ValueError(f"the teacher's vocabulary ({teacher.head.vocab}) differs from the student's ({vocab})")
-    size = chunk_tokens(vocab, chunk)
+    student = student._replace(head=_cast_once(student.head, h.device))
+    if isinstance(teacher, TokenStates):
+        teacher = teacher._replace(head=_cast_once(teacher.head, h.device))
+    size = chunk_tokens(vocab, chunk, h.device)
     spans = [slice(a, min(a + size, n)) for a in range(0, n, size)]
     ckpt = torch.is_grad_enabled() and len(spans) > 1
     total = None

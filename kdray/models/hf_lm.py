@@ -137,7 +137,44 @@ def build_lm(source: str | None, num_classes: int, input_shape: tuple[int, ...],
         check_reinitialised(model, info, source, dict(config or {}), allow_reinit)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()
-    return HFCausalLM(model, input_shape)
+    net = HFCausalLM(model, input_shape, num_classes)
+    check_head(net)
+    return net
+
+
+_CHECKED: set[str] = set()  # the families whose head and causality were probed in this process
+
+
+@torch.no_grad()
+def check_head(net: "HFCausalLM") -> None:
+    """Probe a family once per process: the logits kdray makes from its hidden states and head must be the model's
+    own (a family whose head does more than kdray reproduces, a BERT-style decoder's transform, would train silently
+    wrong), and a position's logits must not depend on later tokens (a decoder built without ``is_decoder``)."""
+    cfg = net.hf.config
+    key = f"{cfg.model_type}:{getattr(cfg, 'is_decoder', None)}"
+    if key in _CHECKED:
+        return
+    was = net.training
+    net.eval()
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, net.vocab, (2, 8), generator=g)
+        s = net.states(x)
+        ours = s.head.logits(s.hidden)
+        theirs = net.hf(input_ids=x, use_cache=False).logits.float()[..., :net.vocab]
+        if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max().clamp_min(1.0))):
+            raise ValueError(f"the {cfg.model_type} family computes its logits in a way kdray does not reproduce from "
+                             f"its hidden states and output head (largest difference "
+                             f"{float((ours - theirs).abs().max()):.3g}): it cannot be distilled token by token here")
+        later = x.clone()
+        later[:, -1] = (x[:, -1] + 1) % net.vocab
+        s2 = net.states(later)
+        if not torch.allclose(s2.hidden[:, :-1], s.hidden[:, :-1], atol=1e-4):
+            raise ValueError(f"the {cfg.model_type} model is not causal here (a position sees later tokens; a "
+                             "BERT-style model needs is_decoder: true): it cannot be trained on next tokens")
+    finally:
+        net.train(was)
+    _CHECKED.add(key)
 
 
 class HFCausalLM(HFClassifier):
@@ -145,26 +182,36 @@ class HFCausalLM(HFClassifier):
 
     kd_causal_lm = True
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], vocab: int | None = None) -> None:
         super().__init__(model, input_shape)
         self._fast = model.config._attn_implementation  # sdpa, or eager for a family that has no other
         self._eager: str | None = None  # the attention function that returns maps, once an attention tap is hooked
         self.kd_record_options = {**self.kd_record_options, "causal_lm": True}  # what rebuild() reads
+        rows = int(model.get_output_embeddings().weight.shape[0])
+        # the tokenizer's ids: a model's vocabulary may be padded (Qwen2.5-7B has 152 064 rows, its tokenizer 151 665
+        # ids); the loss is over the ids a tokenizer can produce, so teachers and students padded apart still match
+        self.vocab_used = min(int(vocab or rows), rows)
 
     @property
     def vocab(self) -> int:
-        return int(self.hf.get_output_embeddings().weight.shape[0])
+        """The tokens the loss is over: the data's tokenizer's ids (at most the model's output rows)."""
+        return self.vocab_used
 
     def head(self) -> LMHead:
-        """The output head as the family computes its logits: Cohere's ``logit_scale`` multiplies, Granite's
-        ``logits_scaling`` divides, Gemma's ``final_logit_softcapping`` caps c·tanh(z/c)."""
+        """The output head as the family computes its logits, over the tokenizer's ids: Cohere's ``logit_scale``
+        multiplies, Granite's ``logits_scaling`` divides, Gemma's ``final_logit_softcapping`` caps c·tanh(z/c)
+        (:func:`check_head` refuses a family whose logits differ from these)."""
         out = self.hf.get_output_embeddings()
         cfg = self.hf.config
         scale = float(getattr(cfg, "logit_scale", None) or 1.0)
         if getattr(cfg, "logits_scaling", None):
             scale /= float(cfg.logits_scaling)
         cap = getattr(cfg, "final_logit_softcapping", None)
-        return LMHead(out.weight, getattr(out, "bias", None), scale, float(cap) if cap else None)
+        n = self.vocab_used
+        weight, bias = out.weight, getattr(out, "bias", None)
+        if n < weight.shape[0]:
+            weight, bias = weight[:n], (bias[:n] if bias is not None else None)
+        return LMHead(weight, bias, scale, float(cap) if cap else None)
 
     def _attention(self, want: bool) -> None:
         """Attention maps need an eager attention function (kdray's clean one where the family allows it): switched

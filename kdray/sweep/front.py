@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from kdray.errors import BudgetError
+from kdray.goal import ACCURACY, Goal
 
 COSTS = ("student_params", "latency_ms", "latency_b64_ms")
 
@@ -32,15 +33,17 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def within_budget(rows: list[dict[str, Any]], max_latency_ms: float | None = None,
-                  max_params: float | None = None) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The most accurate completed row meeting every budget (ties: the earlier trial), and the rows that met it.
+                  max_params: float | None = None, goal: Goal = ACCURACY) -> tuple[dict[str, Any] | None,
+                                                                          list[dict[str, Any]]]:
+    """The best completed row on the sweep's metric meeting every budget (ties: the earlier trial), and the rows that
+    met it.
 
-    ``rows``: dicts with ``status``, ``val_accuracy``, ``trial`` (its number) and the costs.
+    ``rows``: dicts with ``status``, the metric (``val_accuracy``, ``val_nll``), ``trial`` (its number) and the costs.
     """
-    fits = [r for r in rows if r.get("status") == "completed" and math.isfinite(r.get("val_accuracy", math.nan))
+    fits = [r for r in rows if r.get("status") == "completed" and math.isfinite(r.get(goal.metric, math.nan))
             and (max_latency_ms is None or r.get("latency_ms", math.inf) <= max_latency_ms)
             and (max_params is None or r.get("student_params", math.inf) <= max_params)]
-    best = max(fits, key=lambda r: (r["val_accuracy"], -int(r.get("trial") or 0)), default=None)
+    best = max(fits, key=lambda r: (goal.key(r[goal.metric]), -int(r.get("trial") or 0)), default=None)
     return best, fits
 
 
@@ -92,8 +95,8 @@ def register_within_budget(uri: str, sweep: str | None, max_latency_ms: float | 
 
     from kdray.config import DatasetConfig
     from kdray.data import load_dataset
-    from kdray.tracking.champion import log_version, raw_example, read_checkpoint_record, test_accuracy
-    from kdray.tracking.store import TAG_STATUS, client, find_sweep, retrying, sweep_children
+    from kdray.tracking.champion import log_version, raw_example, read_checkpoint_record, test_metrics
+    from kdray.tracking.store import TAG_STATUS, client, find_sweep, retrying, sweep_children, sweep_goal
 
     if max_latency_ms is None and max_params is None:
         raise BudgetError("give --max-latency-ms and/or --max-params")
@@ -105,17 +108,19 @@ def register_within_budget(uri: str, sweep: str | None, max_latency_ms: float | 
     model_name = parent.data.tags.get("kdray.registered_model") or parent.data.tags.get("kdray.model_name")
     if not model_name:
         raise BudgetError(f"sweep {name} names no registered model (a sweep made by an older kdray)")
+    goal = sweep_goal(parent)
     runs = {}
     rows = []
     for run in sweep_children(c, parent, kind="trial"):
         t, m = run.data.tags, run.data.metrics
         rows.append({"run_id": run.info.run_id, "trial": int(t.get("kdray.trial_number", 0) or 0),
                      "knowledge": t.get("kdray.knowledge", "none"), "status": t.get(TAG_STATUS),
-                     "val_accuracy": m.get("val_accuracy", math.nan), **{k: m[k] for k in COSTS if k in m}})
+                     **{k: m.get(k, math.nan) for k in dict.fromkeys(["val_accuracy", goal.metric])},
+                     **{k: m[k] for k in COSTS if k in m}})
         runs[run.info.run_id] = run
     budget = " and ".join(([f"latency_ms <= {max_latency_ms:g}"] if max_latency_ms is not None else [])
                           + ([f"student_params <= {max_params:g}"] if max_params is not None else []))
-    best, fits = within_budget(rows, max_latency_ms, max_params)
+    best, fits = within_budget(rows, max_latency_ms, max_params, goal)
     if best is None:
         done = [r for r in rows if r["status"] == "completed"]
         lightest = min(done, key=lambda r: r.get("latency_ms", math.inf), default=None)
@@ -131,12 +136,13 @@ def register_within_budget(uri: str, sweep: str | None, max_latency_ms: float | 
     mlflow.set_tracking_uri(uri)
     cfg = mlflow.artifacts.load_dict(f"runs:/{best['run_id']}/resolved_config.json")
     dataset = DatasetConfig.model_validate(cfg["dataset"])
-    test_acc = test_accuracy(record, dataset.model_dump(mode="json"))
+    test = test_metrics(record, dataset.model_dump(mode="json"))
     example = raw_example(load_dataset(dataset).train)
     alias = budget_alias(max_latency_ms, max_params)
-    version = log_version(uri, best["run_id"], record, test_acc, model_name, example, {"kdray.within_budget": budget})
+    version = log_version(uri, best["run_id"], record, test, model_name, example, {"kdray.within_budget": budget})
     for k, v in {"kdray.sweep": name, "kdray.budget": budget, "val_accuracy": f"{best['val_accuracy']:.6f}",
-                 "test_accuracy": f"{test_acc:.6f}", "knowledge": best["knowledge"],
+                 **{k: f"{best[k]:.6f}" for k in (goal.metric,) if k != "val_accuracy"},
+                 **{k: f"{v:.6f}" for k, v in test.items()}, "knowledge": best["knowledge"],
                  **{k: f"{best[k]:.6g}" for k in COSTS if k in best}}.items():
         retrying(c.set_model_version_tag, model_name, version, k, v, what="tagging the model version")
     retrying(c.set_registered_model_alias, model_name, alias, version, what="setting the budget alias")
@@ -144,7 +150,8 @@ def register_within_budget(uri: str, sweep: str | None, max_latency_ms: float | 
              what="tagging the sweep run")
     return {"sweep": name, "budget": budget, "run_id": best["run_id"], "trial": best["trial"],
             "knowledge": best["knowledge"], "student": json.dumps(cfg.get("student")),
-            "val_accuracy": best["val_accuracy"], "test_accuracy": test_acc,
+            "metric": goal.metric, "val_accuracy": best["val_accuracy"], **test,
+            **({goal.metric: best[goal.metric]} if goal.metric != "val_accuracy" else {}),
             **{k: best[k] for k in COSTS if k in best}, "candidates": len(fits), "registered_model": model_name,
             "version": version, "model_uri": f"models:/{model_name}/{version}",
             "alias_uri": f"models:/{model_name}@{alias}"}

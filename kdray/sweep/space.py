@@ -154,8 +154,8 @@ class SearchSpace(Strict):
     name: str = Field(description="the MLflow experiment of this space (one experiment per search space)")
     description: str = ""
     metric: Literal["val_accuracy", "val_nll"] = Field(
-        "val_accuracy", description="what selects: val_accuracy (maximised) or, for language models, val_nll "
-                                    "(nats per target token, minimised)")
+        "val_accuracy", description="what selects: val_accuracy (maximised; classifiers' default) or val_nll (nats "
+                                    "per target token, minimised; language models' default)")
     mode: Literal["max", "min"] | None = Field(None, description="the metric's direction (default: its own)")
     objectives: list[Literal["val_accuracy", "val_nll", "latency_ms", "latency_b64_ms", "student_params"]] = Field(
         default_factory=list,
@@ -219,6 +219,12 @@ class SearchSpace(Strict):
 
     @model_validator(mode="after")
     def _objectives(self) -> "SearchSpace":
+        lm = self._language_model()
+        if "metric" not in self.model_fields_set and lm:
+            self.metric = "val_nll"  # a language model's sweep selects on validation NLL unless told otherwise
+        if self.metric == "val_nll" and not lm:
+            raise ConfigError([("metric", "val_nll is a language model's metric (next-token NLL); this space's data "
+                                          "set is a classifier's: use val_accuracy")])
         own = goal_of(self.metric).mode
         if self.mode is None:
             self.mode = own

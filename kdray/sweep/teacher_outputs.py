@@ -49,9 +49,19 @@ def token_request(space: SearchSpace, base: RunConfig) -> dict[str, Any] | None:
 
     if not describe_dataset(base.dataset).causal_lm:
         return None
-    ks = [space.resolve(p).cache.top_k for p in space.representative_points()]
+    from kdray.sweep.space import NONE, Distribution
+
+    def values(v: Any) -> list:
+        if isinstance(v, Distribution):
+            return list(v.choices) if v.type == "categorical" else [int(v.high)]
+        return [v]
+
+    where = [space.params] + [sub for c, sub in space.choices.items() if c != NONE]  # none reads no teacher
+    ks = [k for sub in where if "cache.top_k" in sub for k in values(sub["cache.top_k"])]
+    if "cache.top_k" not in space.params and not all("cache.top_k" in sub for sub in where[1:]):
+        ks.append(base.cache.top_k)  # some trial keeps the base's value
     return {"want_k": None if any(k is None for k in ks) else max(ks), "tail": base.cache.tail,
-            "truncation_ks": tuple(sorted({k for k in ks if k}))}
+            "truncation_ks": tuple(sorted({int(k) for k in ks if k}))}
 
 
 def teacher_layers_needed(space: SearchSpace, records: list[dict[str, Any]]) -> list[str]:

@@ -167,7 +167,11 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
             step += 1
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            t_out = teacher_out(idx, x) if distil else None
+            if distil:  # under the run's autocast, as the student (the losses take float32 from it)
+                with st.autocast():
+                    t_out = teacher_out(idx, x)
+            else:
+                t_out = None
             x_strong = None
             if strong:  # the teacher's outputs on this second view are not cached: it runs live on it
                 x_strong = strong_view(x, idx, ViewKey(cfg.seed, epoch))

@@ -65,6 +65,16 @@ def test_a_late_type_is_protected_then_judged_by_its_own_kind_until_it_has_its_f
     assert r.decide("a6", 1, 0.95) and r.decide("a6", 1, 0.0)
 
 
+def test_the_best_within_a_budget_follows_the_sweeps_metric():
+    from kdray.goal import GOALS
+    from kdray.sweep.front import within_budget
+
+    rows = [{"status": "completed", "trial": i, "val_accuracy": a, "val_nll": n, "latency_ms": 1.0}
+            for i, (a, n) in enumerate([(0.30, 3.9), (0.20, 3.7), (0.25, 3.8)], start=1)]
+    assert within_budget(rows, max_latency_ms=2.0)[0]["trial"] == 1  # the most accurate
+    assert within_budget(rows, max_latency_ms=2.0, goal=GOALS["val_nll"])[0]["trial"] == 2  # the lowest NLL
+
+
 def test_fair_asha_stops_the_trials_whose_nll_is_high_when_the_metric_is_minimised():
     """A language model's sweep minimises val_nll: at a rung the trials with the *highest* values stop (plain ASHA's
     rule on the negated metric), and the protected trials go on whatever their value."""

@@ -167,3 +167,23 @@ def test_text_reads_parquet_and_saved_data_sets(tmp_path, form):
     # packed into blocks of 16 tokens and their 16 next tokens
     blocks = [(n * 31 - 1) // 16 for n in (16, 2, 2)]
     assert [len(data.train), len(data.val), len(data.test)] == blocks
+
+
+def test_a_tokenizer_with_its_own_beginning_token_starts_every_document_with_it(tmp_path):
+    """Llama- and Gemma-style tokenizers: each document starts with <bos>, which is not a target."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t0", bos_token="t63").save_pretrained(
+        tmp_path / "tok")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i}.txt").write_text(" ".join(f"t{j + 1}" for j in range(10)))
+    data = load_dataset(DatasetConfig(name="text", data_dir=str(tmp_path),
+                                      options={"path": str(folder), "tokenizer": str(tmp_path / "tok"), "seq_len": 8}))
+    stream = data.train.x.reshape(-1)  # the blocks are consecutive windows of one stream
+    assert stream[0] == 63 and stream[:13].tolist() == [63, *range(1, 11), 0, 63]  # <bos> t1..t10 <eos> <bos>
+    assert not (data.train.y == 63).any()  # <bos> is never a target

@@ -117,12 +117,37 @@ def test_blocks_longer_than_the_models_positions_fail_at_check_naming_seq_len():
     assert e.value.fields == ["dataset.seq_len"] and "128 positions" in str(e.value)
 
 
-def test_a_teacher_with_another_vocabulary_fails_at_check(tmp_path):
+def test_a_teacher_padded_to_more_rows_is_cut_to_the_tokenizers_ids_and_a_smaller_one_is_refused(tmp_path):
+    """Models of one tokenizer are often padded apart (Qwen2.5-7B: 152 064 output rows, 0.5B: 151 936): the loss is over
+    the tokenizer's ids, so an 80-row teacher distils into a 64-token student; a 48-row one cannot read the data."""
     path, _ = folder_of(tmp_path, "llama", vocab=80, with_tokenizer=False)
-    cfg = run_cfg(teacher={"name": f"hf-lm/{path}"}, knowledge=[{"type": "tkd"}])
+    report = dry_run(run_cfg(teacher={"name": f"hf-lm/{path}"}, knowledge=[{"type": "tkd"}]), file="run.yaml")
+    assert report.teacher == f"hf-lm/{path}"
+    teacher = build_model(f"hf-lm/{path}", 64, PRE)
+    assert teacher.net.vocab == 64 and teacher.states(torch.zeros(1, 12, dtype=torch.long)).head.vocab == 64
+    small, _ = folder_of(tmp_path / "s", "llama", vocab=48, with_tokenizer=False)
     with pytest.raises(ConfigError) as e:
-        dry_run(cfg, file="run.yaml")
-    assert e.value.fields == ["teacher"] and "80 tokens" in str(e.value)
+        dry_run(run_cfg(teacher={"name": f"hf-lm/{small}"}, knowledge=[{"type": "tkd"}]), file="run.yaml")
+    assert e.value.fields == ["teacher.name"] and "48 tokens" in str(e.value)
+
+
+def test_a_model_whose_logits_kdray_cannot_reproduce_or_that_sees_later_tokens_is_refused(tmp_path):
+    """A BERT-style model as a causal LM: its head transforms the hidden states before the decoder, and without
+    is_decoder its attention sees later tokens; kdray's probe refuses it instead of training it silently wrong."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("bert", vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError) as e:
+        dry_run(run_cfg(student={"name": f"hf-lm/{tmp_path / 'bert'}"}), file="run.yaml")
+    assert e.value.fields == ["student.name"] and "bert" in str(e.value)
+
+
+def test_label_smoothing_is_refused_for_a_language_model():
+    with pytest.raises(ConfigError) as e:
+        dry_run(run_cfg(train={"label_smoothing": 0.1}), file="run.yaml")
+    assert e.value.fields == ["train.label_smoothing"]
 
 
 def test_a_model_whose_tokenizer_differs_from_the_datas_fails_at_check(tmp_path):
@@ -183,3 +208,15 @@ def test_attention_taps_give_clean_causal_maps_and_the_fast_kernel_returns_after
     with torch.no_grad():
         model.states(x)
     assert model.net.hf.config._attn_implementation == "sdpa"
+
+
+def test_a_language_model_sweep_selects_on_nll_by_default_and_a_classifiers_cannot():
+    from kdray.sweep.space import SearchSpace
+
+    lm = SearchSpace.model_validate({"name": "x", "base": {"dataset": {"name": "synthetic_lm"},
+                                                         "student": {"name": "tiny_llama"}}})
+    assert (lm.metric, lm.mode, lm.objectives) == ("val_nll", "min", ["val_nll"])
+    with pytest.raises(ConfigError) as e:
+        SearchSpace.model_validate({"name": "x", "metric": "val_nll", "base": {"dataset": {"name": "mnist1d"},
+                                                                               "student": {"name": "mnist1d_mlp"}}})
+    assert e.value.fields == ["metric"]
