@@ -266,7 +266,13 @@ def _flush(sw: _Sweep, results: Any) -> None:
     if sw.space.searcher.type != "grid" and not was_interrupted(results):
         from kdray.sweep.searcher import close_abandoned
 
-        close_abandoned(f"sqlite:///{study}", req.name)
+        ended = {m["trial_id"]: (None if r.error is not None else m)
+                 for r in results for m in [dict(r.metrics or {})] if m.get("trial_id")}
+        metric = sw.space.objectives if sw.space.multi_objective else sw.space.metric
+        settled = close_abandoned(f"sqlite:///{study}", req.name, ended, metric, sw.space.max_epochs)
+        if settled["told"]:
+            sw.say(f"Optuna study: {settled['told']} trial(s) that ended before the interruption told their results "
+                   "(the study copy saved with Tune's state was older than that state)")
     if sw.space.searcher.type != "grid" and is_remote(req.storage) and study.is_file():
         storage.write_bytes(storage.join(sw.experiment_dir, "optuna.db"), study.read_bytes())
 

@@ -40,6 +40,7 @@ def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers
                                           n_startup_trials=n_startup_trials)
 
 
+TUNE_ID_ATTR = "kdray.trial_id"  # user attribute of each Optuna trial: Tune's id of the trial (MLflow's kdray.trial_id)
 SNAPSHOT_FILE = "optuna-snapshot.db"  # beside Tune's state: the study as of Tune's last state save
 # Where each sweep's study lives in *this* process, set by the driver before Tune restores a searcher: the
 # pickled searcher names the SQLite path of the machine that started the sweep.
@@ -116,21 +117,35 @@ class KdraySearch(OptunaSearch):
                 # COMPLETE just before the kill is re-run from its checkpoint. Optuna already has its result.
                 self._completed_trials.add(trial_id)
 
+    def suggest(self, trial_id: str) -> dict | None:
+        """Ray's suggestion, with Tune's trial id written on the Optuna trial: the key by which a study that lags
+        Tune's state (see :func:`close_abandoned`) is told the results it missed, and by which a trial in
+        optuna-dashboard is found in MLflow (``kdray.trial_id``)."""
+        fresh = trial_id not in self._ot_trials
+        config = super().suggest(trial_id)
+        if fresh and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TUNE_ID_ATTR, trial_id)
+        return config
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
-        value, state = None, TrialState.FAIL
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        if not error and result and not result.get("failed") and all(m in result for m in metrics):
-            if not ran_all_epochs(result, self.max_epochs):
-                state = TrialState.PRUNED
-            else:
-                values = [float(result[m]) for m in metrics]
-                value, state = (values if isinstance(self.metric, list) else values[0]), TrialState.COMPLETE
+        value, state = verdict(result, self.metric, self.max_epochs, error)
         # skip_if_finished: a trial told before an interruption (see on_trial_result) keeps its first verdict
-        self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
+        self._ot_study.tell(self._ot_trials[trial_id], value, state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
+
+
+def verdict(result: dict | None, metric: str | list[str], max_epochs: int,
+            error: bool = False) -> tuple[float | list[float] | None, TrialState]:
+    """What Optuna is told of an ended trial (the module's docstring): COMPLETE with its value(s), PRUNED, or FAIL."""
+    metrics = metric if isinstance(metric, list) else [metric]
+    if error or not result or result.get("failed") or not all(m in result for m in metrics):
+        return None, TrialState.FAIL
+    if not ran_all_epochs(result, max_epochs):
+        return None, TrialState.PRUNED
+    values = [float(result[m]) for m in metrics]
+    return (values if isinstance(metric, list) else values[0]), TrialState.COMPLETE
 
 
 class ElasticLimiter(ConcurrencyLimiter):
@@ -205,13 +220,27 @@ class GridSearch(Searcher):
         self.points, self.next = state["points"], state["next"]
 
 
-def close_abandoned(storage_url: str, study_name: str) -> int:
-    """Mark the study's RUNNING trials FAIL once the sweep is over: after a SIGKILL, trials asked for after
-    Tune's last state save were re-proposed under new ids, and their old Optuna twins would otherwise
-    stay RUNNING forever in optuna-dashboard."""
+def close_abandoned(storage_url: str, study_name: str, ended: dict[str, dict | None], metric: str | list[str],
+                    max_epochs: int) -> dict[str, int]:
+    """Settle the study's RUNNING trials once the sweep is over; returns how many were told (``told``) and how
+    many marked FAIL (``abandoned``).
+
+    * A trial Tune ran to its end (``ended``: Tune's trial id -> last result, None if it erred) is told its
+      verdict. Its twin can still be RUNNING after a resume: Tune uploads its state files one by one in a
+      background thread while the next save rewrites them (``tune/execution/experiment_state.py`` and
+      ``train/_internal/syncer.py`` skip a sync while one is in flight), so the stored state can hold a trial
+      as finished while the stored study copy is older than its verdict, and Tune does not run it again.
+    * A trial Tune does not know was asked after Tune's last state save and re-proposed under a new id after a
+      SIGKILL: FAIL, or its old twin would stay RUNNING forever in optuna-dashboard."""
     study = optuna.load_study(study_name=study_name, storage=storage_url)
-    n = 0
+    out = {"told": 0, "abandoned": 0}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        n += 1
-    return n
+        tid = t.user_attrs.get(TUNE_ID_ATTR)
+        if tid in ended:
+            value, state = verdict(ended[tid], metric, max_epochs, error=ended[tid] is None)
+            out["told"] += 1
+        else:
+            value, state = None, TrialState.FAIL
+            out["abandoned"] += 1
+        study.tell(t.number, value, state=state, skip_if_finished=True)
+    return out
