@@ -174,6 +174,10 @@ def _preflight(req: SweepRequest) -> _Sweep:
             + (" (the autoscaler adds them on demand)" if sw.most is not None and req.address else ""))
     sw.state_dir = local_state_dir(req)
     sw.state_dir.mkdir(parents=True, exist_ok=True)
+    if is_remote(req.storage) and space.searcher.type != "grid":  # the study's copy beside Tune's state, kept current
+        from kdray.sweep.searcher import PUBLISH_URIS, SNAPSHOT_FILE
+
+        PUBLISH_URIS[req.name] = storage.join(sw.experiment_dir, SNAPSHOT_FILE)
     if req.resume and space.searcher.type != "grid":
         restore_study(req, sw.experiment_dir, sw.state_dir, say)
     return sw
@@ -240,6 +244,8 @@ def _tuner(sw: _Sweep) -> Any:
         use_live_tracker(tuner, sw.tracker)
         return tuner
     search = make_search(space, req, sw.state_dir, sw.num_samples, space.max_epochs, sw.say)
+    if hasattr(search, "publish"):
+        search.publish()  # the new study (and its queued fair start) is on storage before Tune saves any state
     scheduler = make_scheduler(space, space.max_epochs, sw.say)
     if not sw.fixed:  # concurrency follows the workers that join (Tune's own limit is fixed at start)
         search = ElasticLimiter(search, sw.num_samples, sw.base.resources)

@@ -41,7 +41,10 @@ def make_sampler(kind: str, seed: int, n_startup_trials: int) -> optuna.samplers
 
 
 TUNE_ID_ATTR = "kdray.trial_id"  # user attribute of each Optuna trial: Tune's id of the trial (MLflow's kdray.trial_id)
-SNAPSHOT_FILE = "optuna-snapshot.db"  # beside Tune's state: the study as of Tune's last state save
+SNAPSHOT_FILE = "optuna-snapshot.db"  # beside Tune's state (remote storage): the study as of its last ask or tell
+# With remote storage: where each sweep's study copy is published (``optuna-snapshot.db`` beside Tune's state), set by
+# the driver for new and resumed sweeps alike.
+PUBLISH_URIS: dict[str, str] = {}
 # Where each sweep's study lives in *this* process, set by the driver before Tune restores a searcher: the
 # pickled searcher names the SQLite path of the machine that started the sweep.
 STUDY_URLS: dict[str, str] = {}
@@ -77,32 +80,34 @@ def snapshot_sqlite(url: str, dest: str) -> None:
 
 
 class KdraySearch(OptunaSearch):
-    """``OptunaSearch`` that reports early-stopped trials as PRUNED and NaN trials as FAIL, and saves a copy of its
-    study with Tune's state."""
+    """``OptunaSearch`` that reports early-stopped trials as PRUNED and NaN trials as FAIL, and (remote storage)
+    publishes a copy of its study beside Tune's state at every ask and tell."""
 
     def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_epochs = int(max_epochs)
-        self._snapshot_of: tuple[float, int] | None = None
 
-    def save(self, checkpoint_path: str) -> None:
-        """Tune calls this at every state save, into the folder it then uploads to the sweep's storage: a copy of
-        the study goes with it (``optuna-snapshot.db``), so a resume on another machine after a SIGKILL finds
-        the study as of that state. Copied only when the database has changed since the last copy."""
-        import os
-
+    def publish(self) -> None:
+        """With remote storage, upload a copy of the study (``optuna-snapshot.db``) now, before Tune can save a state
+        that reflects this ask or tell: a resume on another machine after a SIGKILL then never finds a study older
+        than Tune's stored state. Tune's own upload of its state folder cannot promise that: it copies the files one
+        by one in a background thread while its next save rewrites them, and skips a sync while one is in flight
+        (``tune/execution/experiment_state.py``, ``train/_internal/syncer.py``), which twice left a trial Tune had
+        finished RUNNING or WAITING in the stored copy. Called on every ask and tell (two small uploads per trial),
+        not on intermediate values, which a resumed trial reports again."""
+        uri = PUBLISH_URIS.get(self._study_name)
         url = getattr(self._storage, "url", "") if self._storage is not None else ""
-        if url.startswith("sqlite:///"):
-            db = url.removeprefix("sqlite:///")
-            try:
-                stamp = (os.stat(db).st_mtime, os.stat(db).st_size)
-            except OSError:
-                stamp = None
-            dest = os.path.join(os.path.dirname(checkpoint_path), SNAPSHOT_FILE)
-            if stamp is not None and (stamp != self._snapshot_of or not os.path.exists(dest)):
-                snapshot_sqlite(url, dest)
-                self._snapshot_of = stamp
-        super().save(checkpoint_path)  # pickled after the copy: the searcher never knows more than the copy
+        if not uri or not url.startswith("sqlite:///"):
+            return
+        from kdray import storage
+
+        tmp = url.removeprefix("sqlite:///") + ".publish"
+        try:
+            snapshot_sqlite(url, tmp)
+            with open(tmp, "rb") as f:
+                storage.write_bytes(uri, f.read())
+        except OSError as e:  # the storage is down: the sweep goes on; the end of the sweep settles the study
+            warnings.warn(f"could not upload the Optuna study to {uri}: {e}", stacklevel=2)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._ot_trials or result.get("failed"):
@@ -125,6 +130,7 @@ class KdraySearch(OptunaSearch):
         config = super().suggest(trial_id)
         if fresh and trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(TUNE_ID_ATTR, trial_id)
+            self.publish()
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -134,6 +140,7 @@ class KdraySearch(OptunaSearch):
         # skip_if_finished: a trial told before an interruption (see on_trial_result) keeps its first verdict
         self._ot_study.tell(self._ot_trials[trial_id], value, state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
+        self.publish()
 
 
 def verdict(result: dict | None, metric: str | list[str], max_epochs: int,

@@ -183,16 +183,30 @@ def unfinished_copy(db: bytes, tmp: Path) -> bytes:
     return path.read_bytes()
 
 
+def copy_states(db: bytes, tmp: Path) -> dict[str, str]:
+    """Tune trial id -> state of each trial in a stored copy of the study."""
+    import sqlite3
+
+    path = tmp / "copy.db"
+    path.write_bytes(db)
+    with sqlite3.connect(path) as con:
+        rows = con.execute("SELECT a.value_json, t.state FROM trials t JOIN trial_user_attributes a "
+                           "ON a.trial_id = t.trial_id WHERE a.key = 'kdray.trial_id'").fetchall()
+    con.close()
+    return {json.loads(v): state for v, state in rows}
+
+
 def test_a_sweep_on_s3_killed_then_resumed_in_a_fresh_working_directory_keeps_its_optuna_study(tmp_path, monkeypatch):
     """The Optuna study lives beside the driver (SQLite in the working directory when storage is remote) and is
     uploaded as Tune saves its state; a resume on another machine (here: the first folder deleted) after a SIGKILL
     restores the searcher from the uploaded copy and finishes with every trial told to one study.
 
-    The uploaded copy can lag the uploaded Tune state: Tune uploads its files one by one in a background thread
-    while its next save rewrites them, so a trial Tune's state holds as finished (and will not run again) may be
-    RUNNING in the study copy. Seen once in CI (['COMPLETE', 'FAIL', 'COMPLETE', 'COMPLETE']); here forced: the
-    driver is killed once the stored state holds a finished trial, and the stored copy is one from before every
-    verdict."""
+    A copy uploaded with Tune's state folder could lag that state: Tune uploads its files one by one in a background
+    thread while its next save rewrites them, so a trial Tune's stored state holds as finished (and will not run
+    again) was RUNNING (CI: ['COMPLETE', 'FAIL', 'COMPLETE', 'COMPLETE']) or WAITING in the copy. The driver is killed
+    once the stored state holds a finished trial; the copy must know every trial of that state (kdray uploads it at
+    every ask and tell). Then the copy is replaced by one from before every verdict (a failed upload): the end of the
+    sweep settles it from Tune's results."""
     import shutil
 
     import optuna
@@ -227,7 +241,13 @@ def test_a_sweep_on_s3_killed_then_resumed_in_a_fresh_working_directory_keeps_it
                 break
         assert proc.wait(timeout=60) == -signal.SIGKILL, "".join(log[-30:])
         shutil.rmtree(first)  # another machine: nothing of the first driver's folder is left
+        # The stored copy is never older than Tune's stored state: it knows every trial, and each Tune finished.
         snapshot = kstorage.join(experiment, "optuna-snapshot.db")
+        stored, copy = stored_trial_statuses(experiment), copy_states(kstorage.read_bytes(snapshot), tmp_path)
+        assert set(stored) <= set(copy), (stored, copy)
+        assert all(copy[t] in ("COMPLETE", "PRUNED", "FAIL") for t, s in stored.items() if s == "TERMINATED"), (
+            stored, copy)
+        # The end of the sweep still settles a copy that lags (an upload that failed while the storage was down).
         kstorage.write_bytes(snapshot, unfinished_copy(kstorage.read_bytes(snapshot), tmp_path))
         r = subprocess.run([*cmd, "--resume"], cwd=second, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
