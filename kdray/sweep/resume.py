@@ -33,8 +33,8 @@ def stored_size(sweep_file: str, fallback: int, req: SweepRequest, say) -> int:
 
 
 def restore_study(req: SweepRequest, experiment_dir: str, state_dir: Path, say) -> None:
-    """Where a resumed sweep's Optuna study is: the local copy if this machine has it, else the copy saved with
-    Tune's last state (``optuna-snapshot.db``), else the one uploaded at the end of a run (``optuna.db``). The
+    """Where a resumed sweep's Optuna study is: the local copy if this machine has it, else the copy uploaded at its
+    last ask or tell (``optuna-snapshot.db``), else the one uploaded at the end of a run (``optuna.db``). The
     searcher Tune unpickles is pointed at it (``STUDY_URLS``), wherever the sweep was started."""
     import optuna
 
