@@ -28,6 +28,7 @@ PRUNE_EVERY_S = 2.0
 # Test fault injection (never set in normal use): SIGKILL-like exit of the driver right after a trial's checkpoint
 # registers while the state on storage restores that trial from a checkpoint this many epochs older.
 FAULT_ENV = "KDRAY_TEST_KILL_WHEN_STATE_LAGS"
+PACE_S = 0.3  # with the fault set: the driver's pause after each registered checkpoint
 
 
 def checkpoint_index(path: str | None) -> int | None:
@@ -148,6 +149,10 @@ class KillWhenStateLags(Callback):
             print(f"[kdray] test fault: killing the driver (checkpoint {now} registered, stored state restores "
                   f"from {restores_from})", flush=True)
             os._exit(77)
+        # Pace the driver: a test trial's epochs take ~20 ms, so all its checkpoints could register between two
+        # of Tune's state saves (TUNE_GLOBAL_CHECKPOINT_S=1) and the window would open only by chance (it did not,
+        # once in a loaded CI run). At this pace saves interleave with checkpoints, and the window always opens.
+        time.sleep(PACE_S)
 
 
 def fault_callbacks() -> list[Callback]:
