@@ -278,7 +278,7 @@ def _flush(sw: _Sweep, results: Any) -> None:
         settled = close_abandoned(f"sqlite:///{study}", req.name, ended, metric, sw.space.max_epochs)
         if settled["told"]:
             sw.say(f"Optuna study: {settled['told']} trial(s) that ended before the interruption told their results "
-                   "(the study copy saved with Tune's state was older than that state)")
+                   "(the study's stored copy was older than Tune's stored state)")
     if sw.space.searcher.type != "grid" and is_remote(req.storage) and study.is_file():
         storage.write_bytes(storage.join(sw.experiment_dir, "optuna.db"), study.read_bytes())
 

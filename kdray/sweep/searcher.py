@@ -14,6 +14,7 @@ and steers away from regions that were merely stopped early. kdray tells Optuna 
 """
 from __future__ import annotations
 
+import os
 import pickle
 import time
 import warnings
@@ -69,7 +70,6 @@ def _reopen_study(study_name: str, url: str) -> StudyStorage:
 def snapshot_sqlite(url: str, dest: str) -> None:
     """A consistent copy of a SQLite database (SQLite's online backup: safe while the study is written)."""
     import contextlib
-    import os
     import sqlite3
 
     tmp = dest + ".tmp"
@@ -108,6 +108,9 @@ class KdraySearch(OptunaSearch):
                 storage.write_bytes(uri, f.read())
         except OSError as e:  # the storage is down: the sweep goes on; the end of the sweep settles the study
             warnings.warn(f"could not upload the Optuna study to {uri}: {e}", stacklevel=2)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._ot_trials or result.get("failed"):
@@ -233,10 +236,8 @@ def close_abandoned(storage_url: str, study_name: str, ended: dict[str, dict | N
     many marked FAIL (``abandoned``).
 
     * A trial Tune ran to its end (``ended``: Tune's trial id -> last result, None if it erred) is told its
-      verdict. Its twin can still be RUNNING after a resume: Tune uploads its state files one by one in a
-      background thread while the next save rewrites them (``tune/execution/experiment_state.py`` and
-      ``train/_internal/syncer.py`` skip a sync while one is in flight), so the stored state can hold a trial
-      as finished while the stored study copy is older than its verdict, and Tune does not run it again.
+      verdict. Its twin can still be RUNNING after a resume when the stored study copy is older than Tune's
+      stored state (an upload in :meth:`KdraySearch.publish` that failed): Tune does not run that trial again.
     * A trial Tune does not know was asked after Tune's last state save and re-proposed under a new id after a
       SIGKILL: FAIL, or its old twin would stay RUNNING forever in optuna-dashboard."""
     study = optuna.load_study(study_name=study_name, storage=storage_url)
