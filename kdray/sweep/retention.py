@@ -36,14 +36,10 @@ def checkpoint_index(path: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def stored_latest(fs: Any, experiment_path: str) -> dict[str, int | None] | None:
-    """For each trial of the experiment state on storage: the index of the checkpoint it restores from.
-
-    The newest ``experiment_state-*.json`` is chosen by name, as Tune's own restore does. None when there is no
-    state yet or it cannot be read now (an upload in progress): callers try again later. The file is the
-    sweep's own (trusted) state; its checkpoint manager is a cloudpickle blob, which Tune reads the same way."""
+def stored_state(fs: Any, experiment_path: str) -> dict | None:
+    """The newest ``experiment_state-*.json`` on storage (what ``--resume`` restores), chosen by name as Tune's own
+    restore does; None when there is none yet or it cannot be read now (an upload in progress)."""
     import pyarrow.fs
-    from ray.tune.utils.serialization import _loads_with_cloudpickle
 
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(experiment_path, allow_not_found=True))
@@ -51,7 +47,22 @@ def stored_latest(fs: Any, experiment_path: str) -> dict[str, int | None] | None
         if not names:
             return None
         with fs.open_input_stream(f"{experiment_path}/{max(names)}") as f:
-            state = json.loads(f.readall())
+            return json.loads(f.readall())
+    except (OSError, ValueError):  # mid-upload
+        return None
+
+
+def stored_latest(fs: Any, experiment_path: str) -> dict[str, int | None] | None:
+    """For each trial of the experiment state on storage: the index of the checkpoint it restores from.
+
+    None when there is no state yet or it cannot be read now: callers try again later. The file is the sweep's own
+    (trusted) state; its checkpoint manager is a cloudpickle blob, which Tune reads the same way."""
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    state = stored_state(fs, experiment_path)
+    if state is None:
+        return None
+    try:
         out: dict[str, int | None] = {}
         for trial_json, meta_json in state["trial_data"]:
             trial_id = json.loads(trial_json)["trial_id"]
@@ -59,7 +70,7 @@ def stored_latest(fs: Any, experiment_path: str) -> dict[str, int | None] | None
             latest = getattr(manager, "latest_checkpoint_result", None)
             out[trial_id] = checkpoint_index(latest.checkpoint.path) if latest is not None else None
         return out
-    except (OSError, ValueError, KeyError, TypeError, EOFError):  # mid-upload, or a layout this code does not know
+    except (ValueError, KeyError, TypeError, EOFError):  # a layout this code does not know
         return None
 
 

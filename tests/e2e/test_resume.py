@@ -153,20 +153,11 @@ def test_a_sweep_resumed_with_another_tracking_store_writes_every_trial_there_an
 
 def stored_trial_statuses(experiment_uri: str) -> dict[str, str]:
     """Tune's trial statuses in the newest experiment state on storage (what ``--resume`` restores)."""
-    import fnmatch
-
     import pyarrow.fs
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(experiment_uri)
-    names = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-             if fnmatch.fnmatch(i.base_name, "experiment_state-*.json")]
-    if not names:
-        return {}
-    try:
-        with fs.open_input_stream(f"{path}/{max(names)}") as f:
-            state = json.loads(f.readall())
-    except (OSError, ValueError):  # mid-upload
-        return {}
+    from kdray.sweep.retention import stored_state
+
+    state = stored_state(*pyarrow.fs.FileSystem.from_uri(experiment_uri)) or {"trial_data": []}
     return {t["trial_id"]: t["status"] for t in (json.loads(tj) for tj, _ in state["trial_data"])}
 
 
