@@ -1,6 +1,7 @@
 """What a sweep optimises: one validation metric and its direction, and the test metric ``final`` compares.
 
-Classifiers maximise ``val_accuracy``; language models minimise ``val_nll`` (nats per target token). Every place that
+Classifiers maximise ``val_accuracy``; language models minimise ``val_nll`` (nats per target token), or, on tasks with
+exact answers, maximise ``val_exact_match``. Every place that
 ranks trials (the leaderboard, the champion, ASHA's rungs, the budget per type, ``compare``, ``best``, ``final``) asks
 the sweep's :class:`Goal` instead of assuming "higher is better". A sweep records its metric on its MLflow run
 (``kdray.metric``), so the commands that read a sweep back rank it the same way.
@@ -44,22 +45,25 @@ class Goal:
     @property
     def worst(self) -> float:
         """What a trial that measured nothing reports (a failure): below (above) every real value."""
-        return 0.0 if self.metric == "val_accuracy" else math.inf
+        return 0.0 if self.maximise else math.inf
 
     @property
     def label(self) -> str:
-        return {"accuracy": "accuracy", "nll": "NLL (nats/token)"}.get(self.name, self.name)
+        return {"accuracy": "accuracy", "nll": "NLL (nats/token)", "exact_match": "exact match"}.get(self.name,
+                                                                                                     self.name)
 
     @property
     def percent(self) -> bool:
         """Accuracies are shown in percent; NLL as it is."""
-        return self.name == "accuracy"
+        return self.name in ("accuracy", "exact_match")
 
     def show(self, value: float) -> float:
         return value * 100.0 if self.percent else value
 
 
-GOALS = {"val_accuracy": Goal("val_accuracy", "max"), "val_nll": Goal("val_nll", "min")}
+GOALS = {"val_accuracy": Goal("val_accuracy", "max"), "val_nll": Goal("val_nll", "min"),
+         # rows of prompt + answer (lm_tasks): the fraction answered exactly by greedy generation
+         "val_exact_match": Goal("val_exact_match", "max")}
 ACCURACY = GOALS["val_accuracy"]
 
 

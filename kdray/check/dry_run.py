@@ -95,9 +95,29 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
     if cfg.student.init_from_teacher:
         student = student_from_teacher(cfg, teacher, info, file)
         report.student_params = sum(p.numel() for p in student.parameters())
+    _check_on_policy(cfg, info, student, file)
     modules = _knowledge(cfg, teacher, student, file, report)
     _forward(cfg, info, teacher, student, modules, file, report)
     return report
+
+
+def _check_on_policy(cfg: RunConfig, info: Any, student: Classifier, file: str | Path | None) -> None:
+    """``scheme: on_policy`` completes the data's prompts: it needs prompt/answer rows, and the student's positions
+    must hold a prompt and its ``max_new_tokens``."""
+    from kdray.models.hf_lm import max_positions
+    from kdray.train.on_policy import prompt_rows_error
+
+    why = prompt_rows_error(cfg, info)
+    if why:
+        raise ConfigError(why, file, "scheme.type")
+    if cfg.scheme.type != "on_policy" or not cfg.scheme.max_new_tokens:
+        return
+    hf = getattr(student.net, "hf", None)
+    limit = max_positions(hf.config) if hf is not None else None
+    length = info.prompt_len + cfg.scheme.max_new_tokens - 1
+    if limit is not None and length > limit:
+        raise ConfigError(f"a prompt of {info.prompt_len} tokens and {cfg.scheme.max_new_tokens} new ones make "
+                          f"{length} positions; the student has {limit}", file, "scheme.max_new_tokens")
 
 
 def _data_info(cfg: RunConfig, file: str | Path | None) -> Any:

@@ -22,19 +22,41 @@ from kdray.errors import ConfigError
 from kdray.knowledge.divergences import needs_full_support
 
 
+class SamplingConfig(Strict):
+    """How the student samples its on-policy completions: apart from the loss temperature (training at the sampling
+    temperature by mistake cost TRL's GKD trainer a 15 % loss gap)."""
+
+    temperature: float = Field(1.0, ge=0, description="on_policy: the student's sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="on_policy: nucleus sampling, the smallest set of tokens whose "
+                                                     "mass reaches top_p (1: every token)")
+
+
+ON_POLICY_FIELDS = ("lmbda", "max_new_tokens", "sampling")
+
+
 class SchemeConfig(Strict):
     """Who teaches whom. ``distill`` (default): the teacher teaches one student. ``born_again``: the run is
     repeated ``generations`` times with the same student architecture and knowledge terms, generation k+1
     taught by generation k's final student (Furlanello et al., ICML 2018); the teacher teaches generation 1.
     ``dml``: deep mutual learning (Zhang et al., CVPR 2018): ``student`` and every model in ``peers`` train
-    together from scratch, each on labels plus the KL to the others' predictions; no pretrained teacher."""
+    together from scratch, each on labels plus the KL to the others' predictions; no pretrained teacher.
+    ``on_policy`` (language models on prompt/answer rows): with probability ``lmbda`` a batch's completions are the
+    student's own samples, scored by the live teacher (GKD, Agarwal et al., ICLR 2024; on-policy distillation as
+    Thinking Machines published it in 2025); the other batches are the data's answers."""
 
-    type: Literal["distill", "born_again", "dml"] = Field("distill", description="distill | born_again | dml")
+    type: Literal["distill", "born_again", "dml", "on_policy"] = Field(
+        "distill", description="distill | born_again | dml | on_policy")
     generations: int = Field(1, ge=1, description="born_again: how many generations to train (1 = plain distill)")
     peers: list[ModelConfig] = Field(default_factory=list,
                                      description="dml: the models that learn together with `student`")
     mutual_weight: float = Field(1.0, ge=0, description="dml: weight of the KL to the other peers (1 in the paper)")
     temperature: float = Field(1.0, gt=0, description="dml: softmax temperature of the mutual KL (1 in the paper)")
+    lmbda: float = Field(0.5, ge=0, le=1, description="on_policy: the probability that a batch's completions are the "
+                                                       "student's own samples (GKD's λ; 1: every batch)")
+    max_new_tokens: int | None = Field(None, ge=1, description="on_policy: tokens the student generates per prompt "
+                                                               "(default: the data's answer length)")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig,
+                                     description="on_policy: the student's sampling temperature and top_p")
 
     @classmethod
     def catalogue(cls) -> dict[str, dict[str, Any]]:
@@ -43,7 +65,9 @@ class SchemeConfig(Strict):
         papers = {"dml": ("Zhang et al. 2018", "deep mutual learning: the student and its peers learn together "
                                                "from scratch, each on labels + KL to the others; no teacher"),
                   "born_again": ("Furlanello et al. 2018", "born-again networks: generation k+1 of the same "
-                                                            "student is taught by generation k")}
+                                                            "student is taught by generation k"),
+                  "on_policy": ("Agarwal et al. 2024 (GKD); Thinking Machines 2025", "with probability lmbda the "
+                                "student completes the batch's prompts itself and the live teacher scores its tokens")}
         out = {}
         for name, (paper, summary) in papers.items():
             params = {f: info.description.split(":", 1)[1].strip() for f, info in cls.model_fields.items()
@@ -59,6 +83,10 @@ class SchemeConfig(Strict):
             raise ConfigError([("scheme.peers", "dml needs at least one peer besides `student`")])
         if self.type != "dml" and self.peers:
             raise ConfigError([("scheme.peers", f"is for type dml, not {self.type}")])
+        if self.type != "on_policy":  # a value other than the default (a dumped config carries every field)
+            for name in ON_POLICY_FIELDS:
+                if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
+                    raise ConfigError([(f"scheme.{name}", f"is for type on_policy, not {self.type}")])
         return self
 
 
@@ -83,7 +111,8 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    scheme: SchemeConfig = Field(default_factory=SchemeConfig, description="who teaches whom: distill, born_again, dml")
+    scheme: SchemeConfig = Field(default_factory=SchemeConfig,
+                                 description="who teaches whom: distill, born_again, dml, on_policy")
     latency: LatencyConfig = Field(default_factory=LatencyConfig,
                                    description="how the student's serving latency is measured (logged per run)")
     output_dir: str | None = Field(None, description="where the run writes its checkpoints and the final model")
@@ -131,10 +160,35 @@ class RunConfig(Strict):
                                     "teacher's probability of every token the student predicts, but cache.top_k "
                                     f"{self.cache.top_k} with cache.tail renormalize gives 0 outside the top-k (the "
                                     "divergence is infinite); use cache.tail uniform or tail, or another divergence")])
+        self._check_on_policy()
         if self.scheme.type == "born_again" and not self.knowledge:
             raise ConfigError([("knowledge", "scheme born_again passes knowledge from generation to generation: "
                                              "name the knowledge terms (e.g. kd)")])
         return self
+
+    def _check_on_policy(self) -> None:
+        """``on_policy`` needs a token-level term to train its samples on; ``rkl_sampled`` estimates from samples
+        drawn from the student's own distribution at the term's temperature, so it needs on_policy and that
+        sampling (a sample from another distribution, or one cut by top_p, makes the estimate biased)."""
+        from kdray.knowledge import KNOWLEDGE
+
+        scheme = self.scheme
+        if scheme.type == "on_policy" and not any(KNOWLEDGE.get(k["type"]).family == "token" for k in self.knowledge):
+            raise ConfigError([("knowledge", "scheme on_policy trains the student on its own samples scored by the "
+                                             "teacher: it needs a token-level term (tkd)")])
+        for i, k in enumerate(self.knowledge):
+            if k["type"] != "tkd" or k["divergence"] != "rkl_sampled":
+                continue
+            if scheme.type != "on_policy":
+                raise ConfigError([(f"knowledge.{i}.divergence", "rkl_sampled estimates from the student's own "
+                                    "samples: it needs scheme on_policy (on the data's tokens use rkl)")])
+            if scheme.sampling.temperature != k["temperature"]:
+                raise ConfigError([("scheme.sampling.temperature",
+                                    f"is {scheme.sampling.temperature} but rkl_sampled estimates KL at the term's "
+                                    f"temperature {k['temperature']} from samples drawn at it: make them equal")])
+            if scheme.sampling.top_p < 1:
+                raise ConfigError([("scheme.sampling.top_p", "rkl_sampled needs samples from the student's whole "
+                                                             "distribution: top_p 1")])
 
     @property
     def knowledge_label(self) -> str:
@@ -143,7 +197,7 @@ class RunConfig(Strict):
         label = "+".join(k["type"] for k in self.knowledge) or "none"
         if self.scheme.type == "dml":
             return "dml"
-        return f"born_again+{label}" if self.scheme.type == "born_again" else label
+        return f"{self.scheme.type}+{label}" if self.scheme.type in ("born_again", "on_policy") else label
 
 
 class TeacherRunConfig(Strict):

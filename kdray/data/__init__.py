@@ -2,7 +2,7 @@
 
 Importing this package registers every data set.
 """
-from kdray.data import hub, lm, lm_builtin, offline, tables, vision  # noqa: F401  (registers the data sets)
+from kdray.data import hub, lm, lm_builtin, lm_tasks, offline, tables, vision  # noqa: F401  (registers the data sets)
 from kdray.data.base import (
     DATASETS,
     DataBundle,

@@ -56,6 +56,7 @@ class DatasetInfo:
     task: str = "classification"  # or "causal_lm": blocks of tokens, num_classes the vocabulary, y the next tokens
     tokenizer: str | None = None  # causal_lm: the tokenizer (a folder or hub id) whose ids the blocks hold
     eos_token_id: int | None = None  # causal_lm: the token that ends a document (what generation stops at)
+    prompt_len: int | None = None  # causal_lm rows of prompt + answer (lm_tasks): every prompt's length in tokens
 
     @property
     def tokens(self) -> bool:
@@ -86,6 +87,7 @@ class Split:
     x: Tensor | None = None
     dataset: torch.utils.data.Dataset | None = None
     aux: dict[str, Tensor] = field(default_factory=dict)  # per-sample extras (synthetic_lm: the true log-probs)
+    prompt_len: int | None = None  # rows of prompt + answer: x[:, :prompt_len] is each row's prompt
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

@@ -44,7 +44,7 @@ def evaluate(
     return {"accuracy": correct / max(count, 1), "loss": loss / max(count, 1), "count": count}
 
 
-LM_SUMS = ("nll", "correct", "count", "kl_teacher", "rkl_teacher", "agree", "kl_true")
+LM_SUMS = ("nll", "correct", "count", "kl_teacher", "rkl_teacher", "agree", "kl_true", "exact", "rows")
 
 
 @torch.no_grad()
@@ -56,12 +56,15 @@ def evaluate_lm(
     ``accuracy`` (top-1 next token), ``loss`` = ``nll`` (nats), ``ppl``; with a ``teacher`` (a frozen
     :class:`~kdray.models.Teacher`), ``kl_teacher`` = KL(teacher ‖ student) and ``rkl_teacher`` = KL(student ‖
     teacher) at T = 1 and ``top1_agree``; where the split carries the true next-token log-probabilities
-    (``synthetic_lm``), ``kl_true`` = KL(truth ‖ student). Sums over every rank exactly once."""
+    (``synthetic_lm``), ``kl_true`` = KL(truth ‖ student); on rows of prompt + answer (``split.prompt_len``,
+    ``lm_tasks``), ``exact_match``: the fraction of rows whose greedy completion of the prompt is the answer and its
+    end token, exactly. Sums over every rank exactly once."""
     rank, world = (session.rank, session.world_size) if session else (0, 1)
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(LM_SUMS), dtype=torch.float64, device=device)
     true = split.aux.get("true_logp")
+    prompt = split.prompt_len
     for idx, x, y in Batches(split, batch_size, train=False, rank=rank, world=world, device=device):
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             s = model.states(x)
@@ -90,6 +93,9 @@ def evaluate_lm(
             if tl is not None:
                 lt = tl[rows].to(device=device, dtype=lq.dtype)
                 sums[6] += pick((lt.exp() * (lt - lq)).sum(-1))
+        if prompt:
+            sums[7] += exact_matches(model, x, y, prompt, amp)
+            sums[8] += x.shape[0]
     if session is not None:
         session.all_reduce_sum(sums)
     model.train(was_training)
@@ -101,7 +107,23 @@ def evaluate_lm(
         out.update(kl_teacher=v["kl_teacher"] / n, rkl_teacher=v["rkl_teacher"] / n, top1_agree=v["agree"] / n)
     if true is not None:
         out["kl_true"] = v["kl_true"] / n
+    if prompt:
+        out["exact_match"] = v["exact"] / max(v["rows"], 1.0)
     return out
+
+
+def exact_matches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prompt_len: int,
+                  amp: torch.dtype | None = None) -> torch.Tensor:
+    """How many rows of (B, T) inputs ``x`` / targets ``y`` the model completes exactly from their first
+    ``prompt_len`` tokens, greedily: every target of the answer (``y[:, prompt_len - 1:]``, -100 after its end) is
+    the token generated at its position (a device tensor: no host sync)."""
+    from kdray.models.generate import complete
+
+    target = y[:, prompt_len - 1:]
+    device = x.device
+    with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+        tokens, _ = complete(model, x[:, :prompt_len], target.shape[1])
+    return ((tokens == target) | (target == IGNORE)).all(1).sum()
 
 
 def evaluate_model(model: nn.Module, split: Split, batch_size: int, device: torch.device, **kwargs: Any

@@ -69,9 +69,10 @@ def pack(docs: list[np.ndarray], masks: list[np.ndarray] | None, seq_len: int, e
     return x, y
 
 
-def lm_info(seq_len: int, vocab: int, tokenizer: str | None, eos: int | None = None) -> DatasetInfo:
+def lm_info(seq_len: int, vocab: int, tokenizer: str | None, eos: int | None = None,
+            prompt_len: int | None = None) -> DatasetInfo:
     return DatasetInfo((int(seq_len),), int(vocab), (int(seq_len),), input_dtype="int64", task=CAUSAL_LM,
-                       tokenizer=tokenizer, eos_token_id=eos)
+                       tokenizer=tokenizer, eos_token_id=eos, prompt_len=prompt_len)
 
 
 def lm_bundle(name: str, info: DatasetInfo, arrays: dict[str, np.ndarray], cfg: "DatasetSpec",
@@ -83,7 +84,7 @@ def lm_bundle(name: str, info: DatasetInfo, arrays: dict[str, np.ndarray], cfg: 
         x = torch.from_numpy(arrays[f"x_{part}"].astype(np.int64))
         y = torch.from_numpy(arrays[f"y_{part}"].astype(np.int64))
         aux = {"true_logp": torch.from_numpy(arrays[f"true_logp_{part}"])} if f"true_logp_{part}" in arrays else {}
-        splits[part] = Split(y, x, aux=aux)
+        splits[part] = Split(y, x, aux=aux, prompt_len=info.prompt_len)
     h = hashlib.sha256()
     for part in ("train", "val"):
         h.update(arrays[f"x_{part}"].tobytes())

@@ -92,11 +92,11 @@ def synthetic_tokenizer(cfg: "DatasetSpec", vocab: int) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins the tokens with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t0", pad_token="t0")
-    _save_tokenizer(fast, folder)
+    save_tokenizer(fast, folder)
     return folder
 
 
-def _save_tokenizer(fast: Any, folder: Path) -> None:
+def save_tokenizer(fast: Any, folder: Path) -> None:
     """Write a tokenizer folder whole or not at all (a concurrent writer's copy is the same)."""
     import tempfile
 
@@ -212,7 +212,7 @@ def python_docs_tokenizer(cfg: "DatasetSpec") -> Path:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator((d for i, d in enumerate(docs) if i not in held), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, unk_token=EOT, pad_token=EOT)
-    _save_tokenizer(fast, folder)
+    save_tokenizer(fast, folder)
     return folder
 
 
@@ -253,4 +253,4 @@ def load_python_docs(cfg: "DatasetSpec") -> DataBundle:
     return lm_bundle("python_docs", info, arrays, cfg, {"corpus": digest})
 
 
-__all__ = ["HiddenMarkovLanguage", "python_docs_corpus", "python_docs_tokenizer"]
+__all__ = ["HiddenMarkovLanguage", "python_docs_corpus", "python_docs_tokenizer", "save_tokenizer"]

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+# Estimated from the student's own sampled tokens on on-policy batches (kdray.knowledge.token); elsewhere it is rkl.
+SAMPLED = "rkl_sampled"
 TAIL_RULES = ("uniform", "tail", "renormalize")
 _FAR = -1e30  # a stand-in for log 0 inside products with 0 (0 · −inf would be NaN)
 
@@ -42,7 +44,7 @@ _FAR = -1e30  # a stand-in for log 0 inside products with 0 (0 · −inf would b
 def needs_full_support(divergence: str, beta: float = 0.5) -> bool:
     """True for the divergences that are infinite where the teacher's probability is 0 and the student's is not:
     they need the teacher's probabilities outside its top-k (a ``renormalize`` tail rule cannot serve them)."""
-    return divergence == "rkl" or (divergence == "jsd" and beta >= 1.0)
+    return divergence in ("rkl", SAMPLED) or (divergence == "jsd" and beta >= 1.0)
 
 
 def _plogp_ratio(lp: Tensor, lm: Tensor) -> Tensor:
@@ -53,6 +55,8 @@ def _plogp_ratio(lp: Tensor, lm: Tensor) -> Tensor:
 
 def contributions(divergence: str, lp: Tensor, lq: Tensor, beta: float = 0.5, alpha: float = 0.1) -> Tensor:
     """Each vocabulary entry's contribution to ``divergence`` (same shape as the broadcast of ``lp`` and ``lq``)."""
+    if divergence == SAMPLED:  # its exact value where the whole teacher distribution is at hand
+        divergence = "rkl"
     if divergence == "jsd" and beta <= 0.0:
         divergence = "fkl"
     elif divergence == "jsd" and beta >= 1.0:
@@ -151,5 +155,5 @@ def truncate(logp: Tensor, index: Tensor, rest_logp: Tensor, k: int) -> tuple[Te
     return logp[..., :k], index[..., :k], torch.logaddexp(rest_logp, dropped)
 
 
-__all__ = ["DIVERGENCES", "TAIL_RULES", "SparseTeacher", "contributions", "needs_full_support", "sparse_divergence",
-           "sparse_teacher", "top_k_of", "truncate"]
+__all__ = ["DIVERGENCES", "SAMPLED", "TAIL_RULES", "SparseTeacher", "contributions", "needs_full_support",
+           "sparse_divergence", "sparse_teacher", "top_k_of", "truncate"]

@@ -112,14 +112,15 @@ class DistillObjective(nn.Module):
     # -- the loss ----------------------------------------------------------------------------------
     def forward(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
                 index: Tensor | None = None, token_scale: Tensor | None = None,
-                mean_scale: float = 1.0) -> dict[str, Tensor]:
+                mean_scale: float = 1.0, sampled: bool = False) -> dict[str, Tensor]:
         """Every term in float32, outside autocast: casting the inputs is not enough, since autocast casts
         the matmuls inside a loss back to bf16/fp16 (RKD 61 % off in bf16, SP NaN in fp16).
 
         ``index``: the batch's positions in the training split (the loop's ``idx``), passed on to the types
-        with ``uses_index`` only. A causal LM's terms: see :meth:`_lm_terms` (``token_scale``, ``mean_scale``)."""
+        with ``uses_index`` only. A causal LM's terms: see :meth:`_lm_terms` (``token_scale``, ``mean_scale``,
+        ``sampled``)."""
         if isinstance(student.logits, TokenStates):
-            return self._lm_terms(student, teacher, target, token_scale, mean_scale)
+            return self._lm_terms(student, teacher, target, token_scale, mean_scale, sampled)
         on = active_autocast()
         if not on:  # fp32: nothing to turn off (this runs every step)
             return self._terms(student, teacher, target, index)
@@ -152,23 +153,26 @@ class DistillObjective(nn.Module):
 
 
     def _lm_terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
-                  token_scale: Tensor | None, mean_scale: float) -> dict[str, Tensor]:
+                  token_scale: Tensor | None, mean_scale: float, sampled: bool = False) -> dict[str, Tensor]:
         """A causal LM's terms: the next-token cross-entropy ``ce`` and each token term per target token of this
         batch (for the logs), their weighted sum ``loss``, and ``_backward``, what to differentiate: the token sums
         times ``token_scale`` (world size / target tokens over every rank and accumulation step: DDP's mean over
         ranks then gives the gradient of one process on the whole batch; default 1 / this batch's tokens) plus the
         other terms (hidden-state hints: per-batch means) times ``mean_scale`` (1 / accumulation steps). Also
-        ``_correct`` (top-1 next-token hits) and ``_count`` (target tokens)."""
+        ``_correct`` (top-1 next-token hits) and ``_count`` (target tokens). ``sampled``: the targets are the student's
+        own samples (an on-policy batch): the cross-entropy is logged but not trained on (it would teach the student
+        its own samples), as in GKD, where on-policy batches train on the divergence alone."""
         token = [(n, k) for n, k in self.knowledge.items() if k.family == "token"]
         if token and teacher is None:
             raise ValueError("knowledge terms need teacher outputs")
         sums, correct, count = token_sums(student.logits, teacher.logits if token else None, target,
-                                          [k for _, k in token], self.teacher_view, self.token_chunk)
+                                          [k for _, k in token], self.teacher_view, self.token_chunk, sampled)
         per = 1.0 / count.clamp_min(1)
         scale = token_scale if token_scale is not None else per
         terms = {"ce": sums[0] * per}
-        backward = _weighted(self.ce_weight, sums[0])
-        logged = _weighted(self.ce_weight, terms["ce"])
+        ce_weight = 0.0 if sampled else self.ce_weight
+        backward = _weighted(ce_weight, sums[0])
+        logged = _weighted(ce_weight, terms["ce"])
         for (name, _), s in zip(token, sums[1:]):
             terms[name] = s * per
             backward = backward + _weighted(self.weights[name], s)

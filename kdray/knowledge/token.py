@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from kdray.knowledge.base import Knowledge, KnowledgeParams, TapOutputs, active_autocast, as_float, register_knowledge
 from kdray.knowledge.divergences import (
     DIVERGENCES,
+    SAMPLED,
     TAIL_RULES,
     contributions,
     sparse_divergence,
@@ -148,11 +149,16 @@ def _teacher_chunk(teacher: TokenStates | TopKTokens, rows: slice, view: Teacher
 
 
 def _divergence_sum(term: "TKD", z: Tensor, lq1: Tensor, t_chunk: Any, vocab: int, view: TeacherView,
-                    valid: Tensor) -> Tensor:
+                    valid: Tensor, y: Tensor, sampled: bool) -> Tensor:
     """T² · Σ over the chunk's target tokens of the term's divergence."""
     t = term.temperature
     lq = lq1 if t == 1.0 else torch.log_softmax(z / t, dim=-1)
-    if isinstance(t_chunk, tuple):
+    if sampled and term.divergence == SAMPLED:
+        if isinstance(t_chunk, tuple):
+            raise ValueError("rkl_sampled on the student's own tokens needs the live teacher's log-probabilities")
+        lp = t_chunk if t == 1.0 else torch.log_softmax(_retemper(t_chunk, t), dim=-1)
+        per_token = sampled_reverse_kl(lq, lp, y.clamp_min(0))
+    elif isinstance(t_chunk, tuple):
         teacher = sparse_teacher(*t_chunk, vocab=vocab, temperature=t, rule=view.tail)
         per_token = sparse_divergence(term.divergence, teacher, lq, term.beta, term.alpha)
     else:
@@ -162,13 +168,22 @@ def _divergence_sum(term: "TKD", z: Tensor, lq1: Tensor, t_chunk: Any, vocab: in
     return (t * t) * torch.where(valid, per_token, zero).sum()
 
 
+def sampled_reverse_kl(lq: Tensor, lp: Tensor, tokens: Tensor) -> Tensor:
+    """(n, V) student and teacher log-probabilities and (n,) the tokens the student sampled -> (n,) per token:
+    the value k = log q(y) − log p(y), a one-sample estimate of KL(Q ‖ P), with the gradient k·∇log q(y) (the
+    policy gradient of the reverse KL whose per-token advantage is −k; no credit to later tokens)."""
+    lq_y = lq.gather(-1, tokens[:, None]).squeeze(-1)
+    k = (lq_y - lp.gather(-1, tokens[:, None]).squeeze(-1).to(lq_y.dtype)).detach()
+    return k + k * (lq_y - lq_y.detach())
+
+
 def _retemper(lp: Tensor, t: float) -> Tensor:
     """Log-probabilities at T = 1 -> logits at temperature t (a per-token shift does not matter to the softmax)."""
     return lp.clamp_min(-1e30) / t
 
 
 def _chunk_sums(h: Tensor, y: Tensor, head: LMHead, teacher: Any, rows: slice, terms: Sequence["TKD"],
-                view: TeacherView, vocab: int) -> Tensor:
+                view: TeacherView, vocab: int, sampled: bool = False) -> Tensor:
     """One chunk: [Σ −log q(y), Σ term for each term, correct] over its target tokens (float32). The teacher's side
     of the chunk is made here, so a checkpointed chunk keeps none of it between its forward and its backward."""
     t_chunk = _teacher_chunk(teacher, rows, view) if terms else None
@@ -180,7 +195,7 @@ def _chunk_sums(h: Tensor, y: Tensor, head: LMHead, teacher: Any, rows: slice, t
         zero = torch.zeros((), dtype=nll.dtype, device=nll.device)
         out = [torch.where(valid, nll, zero).sum()]
         for term in terms:
-            out.append(_divergence_sum(term, z, lq1, t_chunk, vocab, view, valid))
+            out.append(_divergence_sum(term, z, lq1, t_chunk, vocab, view, valid, y, sampled))
         with torch.no_grad():
             correct = ((z.argmax(-1) == y) & valid).sum().to(nll.dtype)
         return torch.cat([torch.stack(out), correct[None]])
@@ -188,13 +203,15 @@ def _chunk_sums(h: Tensor, y: Tensor, head: LMHead, teacher: Any, rows: slice, t
 
 def token_sums(student: TokenStates, teacher: TokenStates | TopKTokens | None, target: Tensor,
                terms: Sequence["TKD"] = (), view: TeacherView = TeacherView(), chunk: int | None = None,
-               ) -> tuple[Tensor, Tensor, Tensor]:
+               sampled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The next-token cross-entropy and every token term, summed over the target tokens of a batch, a chunk at a time.
 
     ``student.hidden`` (B, T, H) with ``target`` (B, T) (the next token at each position, -100 where not trained);
     ``teacher``: live states or cached top-k (needed when ``terms``). Returns (sums (1 + len(terms),): the summed
     negative log-likelihood, then each term's T²-scaled divergence sum; correct top-1 predictions; target tokens).
-    In training (grad enabled, several chunks) each chunk is checkpointed: its backward recomputes its logits."""
+    In training (grad enabled, several chunks) each chunk is checkpointed: its backward recomputes its logits.
+    ``sampled``: the targets are the student's own samples (an on-policy batch): ``rkl_sampled`` estimates from
+    them, from the live teacher's whole distribution (never cut to a top-k)."""
     h = student.hidden.reshape(-1, student.hidden.shape[-1])
     y = target.reshape(-1)
     n, vocab = h.shape[0], student.head.vocab
@@ -202,6 +219,8 @@ def token_sums(student: TokenStates, teacher: TokenStates | TopKTokens | None, t
         raise ValueError("token-level knowledge needs the teacher's outputs")
     if isinstance(teacher, TokenStates) and teacher.head.vocab != vocab:
         raise ValueError(f"the teacher's vocabulary ({teacher.head.vocab}) differs from the student's ({vocab})")
+    if sampled and any(t.divergence == SAMPLED for t in terms) and isinstance(teacher, TokenStates):
+        view = view._replace(top_k=None)
     student = student._replace(head=_cast_once(student.head, h.device))
     if isinstance(teacher, TokenStates):
         teacher = teacher._replace(head=_cast_once(teacher.head, h.device))
@@ -210,7 +229,7 @@ def token_sums(student: TokenStates, teacher: TokenStates | TopKTokens | None, t
     ckpt = torch.is_grad_enabled() and len(spans) > 1
     total = None
     for rows in spans:
-        args = (h[rows], y[rows], student.head, teacher, rows, terms, view, vocab)
+        args = (h[rows], y[rows], student.head, teacher, rows, terms, view, vocab, sampled)
         part = checkpoint(_chunk_sums, *args, use_reentrant=False, preserve_rng_state=False) if ckpt else \
             _chunk_sums(*args)
         total = part if total is None else total + part
@@ -219,8 +238,10 @@ def token_sums(student: TokenStates, teacher: TokenStates | TopKTokens | None, t
 
 
 class TKDParams(KnowledgeParams):
-    divergence: Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"] = Field(
-        "fkl", description="fkl KL(P‖Q), rkl KL(Q‖P), jsd (with beta), skew_fkl / skew_rkl (with alpha), tvd")
+    divergence: Literal["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "rkl_sampled"] = Field(
+        "fkl", description="fkl KL(P‖Q), rkl KL(Q‖P), jsd (with beta), skew_fkl / skew_rkl (with alpha), tvd, "
+                           "rkl_sampled (on-policy batches: log q(y) − log p(y) on the student's sampled tokens, "
+                           "by policy gradient; elsewhere rkl)")
     temperature: float = Field(1.0, gt=0, description="T: both distributions at softmax(z/T); the term is scaled by T²")
     beta: float = Field(0.5, ge=0, le=1, description="jsd: the mixture weight of the teacher, M = βP + (1−β)Q; "
                                                      "0 is exactly fkl, 1 exactly rkl")
@@ -228,13 +249,14 @@ class TKDParams(KnowledgeParams):
 
     @model_validator(mode="after")
     def _known(self) -> "TKDParams":
-        if self.divergence not in DIVERGENCES:  # pragma: no cover - the Literal refuses it first
+        if self.divergence not in (*DIVERGENCES, SAMPLED):  # pragma: no cover - the Literal refuses it first
             raise ValueError(f"unknown divergence {self.divergence!r}")
         return self
 
 
 @register_knowledge("tkd", "token",
-                    "token-level divergence of next-token distributions: fkl, rkl, jsd (beta), skew_fkl/skew_rkl, tvd")
+                    "token-level divergence of next-token distributions: fkl, rkl, jsd (beta), skew_fkl/skew_rkl, tvd, "
+                    "rkl_sampled (on-policy)")
 class TKD(Knowledge):
     r"""Token-level knowledge distillation with the divergence as a choice.
 
@@ -265,6 +287,13 @@ class TKD(Knowledge):
       (at :math:`T = 1`, the default, there is no difference).
     * As in TRL, ``jsd`` at β = 0 and β = 1 is exactly forward and reverse KL; between them the general formula,
       which tends to 0 at both ends (the loss is not continuous in β at 0 and 1).
+    * ``rkl_sampled`` (on-policy batches, ``scheme: on_policy``): per sampled token y the estimate
+      :math:`k = \log q(y) - \log p(y)` of KL(Q ‖ P) with the gradient :math:`k \nabla \log q(y)`
+      (:func:`sampled_reverse_kl`), as Thinking Machines' on-policy distillation (tinker-cookbook
+      ``tinker_cookbook/distillation/train_on_policy.py`` ``incorporate_kl_penalty``: advantage −(sampled log-prob −
+      teacher log-prob), ``kl_discount_factor`` 0 by default) and MiniLLM's single-step term. Differences: kdray
+      samples from the weights it trains (tinker's importance ratio is 1 here); the logged value is the estimate k,
+      not the surrogate; on batches that are not the student's samples it is the exact ``rkl``.
     * Computed a chunk of tokens at a time (:func:`token_sums`), as Liger-Kernel's fused linear losses do
       (``liger_kernel/chunked_loss/fused_linear_distillation.py``); kdray recomputes each chunk in the backward
       (activation checkpointing) where Liger computes the gradients during the forward.
@@ -276,8 +305,8 @@ class TKD(Knowledge):
     def __init__(self, divergence: str = "fkl", temperature: float = 1.0, beta: float = 0.5,
                  alpha: float = 0.1) -> None:
         super().__init__()
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {divergence!r}; known: {', '.join(DIVERGENCES)}")
+        if divergence not in (*DIVERGENCES, SAMPLED):
+            raise ValueError(f"unknown divergence {divergence!r}; known: {', '.join((*DIVERGENCES, SAMPLED))}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.divergence, self.temperature = divergence, float(temperature)
@@ -320,4 +349,4 @@ def naive_token_loss(student_logits: Tensor, teacher_logits: Tensor, target: Ten
 
 
 __all__ = ["IGNORE", "LMHead", "TAIL_RULES", "TKD", "TeacherView", "TokenStates", "TopKTokens", "chunk_tokens",
-           "naive_token_loss", "token_sums"]
+           "naive_token_loss", "sampled_reverse_kl", "token_sums"]

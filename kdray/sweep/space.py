@@ -48,8 +48,9 @@ NONE = "none"
 # Cache settings a language-model trial may search: what it reads of the sweep's top-k cache (kdray.cache.tokens).
 SEARCHABLE_CACHE = ("cache.top_k", "cache.tail")
 # Schemes that may stand in a knowledge choice's name: `dml` (peers teach each other, no teacher; its peers in
-# `scheme.peers`), `born_again+kd` (generations of kd, `scheme.generations` of them).
-SCHEMES = ("dml", "born_again")
+# `scheme.peers`), `born_again+kd` (generations of kd, `scheme.generations` of them), `on_policy+tkd` (a language
+# model's own samples, `scheme.lmbda` of the batches).
+SCHEMES = ("dml", "born_again", "on_policy")
 
 
 class Distribution(BaseModel):
@@ -153,11 +154,13 @@ class SearchSpace(Strict):
     plugins: list[str] = PLUGINS_FIELD
     name: str = Field(description="the MLflow experiment of this space (one experiment per search space)")
     description: str = ""
-    metric: Literal["val_accuracy", "val_nll"] = Field(
-        "val_accuracy", description="what selects: val_accuracy (maximised; classifiers' default) or val_nll (nats "
-                                    "per target token, minimised; language models' default)")
+    metric: Literal["val_accuracy", "val_nll", "val_exact_match"] = Field(
+        "val_accuracy", description="what selects: val_accuracy (maximised; classifiers' default), val_nll (nats "
+                                    "per target token, minimised; language models' default) or val_exact_match "
+                                    "(greedy answers exactly right, maximised; data sets of prompt/answer rows)")
     mode: Literal["max", "min"] | None = Field(None, description="the metric's direction (default: its own)")
-    objectives: list[Literal["val_accuracy", "val_nll", "latency_ms", "latency_b64_ms", "student_params"]] = Field(
+    objectives: list[Literal["val_accuracy", "val_nll", "val_exact_match", "latency_ms", "latency_b64_ms",
+                             "student_params"]] = Field(
         default_factory=list,
         description="[metric] or [metric, <cost>]: with a cost (latency_ms at batch 1, latency_b64_ms, "
                     "student_params; minimised) the search is multi-objective and the sweep reports the Pareto front")
@@ -225,6 +228,9 @@ class SearchSpace(Strict):
         if self.metric == "val_nll" and not lm:
             raise ConfigError([("metric", "val_nll is a language model's metric (next-token NLL); this space's data "
                                           "set is a classifier's: use val_accuracy")])
+        if self.metric == "val_exact_match" and not self._prompt_rows():
+            raise ConfigError([("metric", "val_exact_match needs a data set of prompt/answer rows (lm_tasks): this "
+                                          "space's data set has no fixed prompt to complete")])
         own = goal_of(self.metric).mode
         if self.mode is None:
             self.mode = own
@@ -302,6 +308,13 @@ class SearchSpace(Strict):
                     errors.append((where, "born_again passes knowledge between generations: combine it with "
                                           "knowledge types, e.g. born_again+kd"))
                     continue
+                if types == ["on_policy"]:
+                    errors.append((where, "on_policy trains on the student's samples scored by the teacher: "
+                                          "combine it with a token-level type, e.g. on_policy+tkd"))
+                    continue
+                if len([t for t in types if t in SCHEMES]) > 1:
+                    errors.append((where, "one scheme per choice: " + ", ".join(t for t in types if t in SCHEMES)))
+                    continue
             sub = sub or {}
             if not isinstance(sub, dict):
                 errors.append((where, "expected a mapping of parameters (or {} for defaults)"))
@@ -357,6 +370,16 @@ class SearchSpace(Strict):
                                       "cannot be searched with scheduler asha; use scheduler: {type: fifo} or fix "
                                       f"{key} in base"))
         return errors
+
+    def _prompt_rows(self) -> bool:
+        """Whether the base data set is rows of prompt + answer (``val_exact_match`` is measured on it)."""
+        from kdray.config import DatasetConfig
+        from kdray.data import describe_dataset
+
+        try:
+            return bool(describe_dataset(DatasetConfig.model_validate(self.base.get("dataset") or {})).prompt_len)
+        except Exception:  # noqa: BLE001 - an unreadable data set is reported where the trials are validated
+            return False
 
     def _language_model(self) -> bool:
         """Whether the base data set is for causal language models (token-level cache settings are per trial)."""
@@ -418,8 +441,8 @@ class SearchSpace(Strict):
         if "dml" in types:  # peers teach each other: no teacher
             data.pop("teacher", None)
             data["scheme"] = {**(data.get("scheme") or {}), "type": "dml"}
-        elif "born_again" in types:
-            data["scheme"] = {**(data.get("scheme") or {}), "type": "born_again"}
+        elif "born_again" in types or "on_policy" in types:
+            data["scheme"] = {**(data.get("scheme") or {}), "type": next(t for t in types if t in SCHEMES)}
         types = [t for t in types if t not in SCHEMES]
         kparams: dict[str, dict[str, Any]] = {t: {} for t in types}
         values = {k: v for k, v in params.items() if k != "knowledge"}

@@ -44,7 +44,7 @@ from kdray.train.setup import (  # noqa: F401 (re-exported: the loop's public he
 )
 
 # What a causal LM's validation adds (as val_<name>): per target token, at T = 1.
-LM_METRICS = ("nll", "ppl", "kl_teacher", "rkl_teacher", "top1_agree", "kl_true")
+LM_METRICS = ("nll", "ppl", "kl_teacher", "rkl_teacher", "top1_agree", "kl_true", "exact_match")
 
 
 def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
@@ -133,6 +133,20 @@ def _token_scale(st: RunState, group: tuple) -> Tensor:
     return (st.world / n.clamp_min(1.0)).float()
 
 
+def _on_policy_group(st: RunState, group: tuple, epoch: int, step: int) -> tuple[tuple, tuple[bool, ...]]:
+    """The group's batches with each on-policy one (the draw at its step) replaced by the student's own rows."""
+    out, sampled = [], []
+    for m, (idx, x, y) in enumerate(group):
+        if st.on_policy.draw(epoch, step + m):
+            with st.autocast():
+                x, y = st.on_policy.rows(st.student, x, epoch, step + m)
+            sampled.append(True)
+        else:
+            sampled.append(False)
+        out.append((idx, x, y))
+    return tuple(out), tuple(sampled)
+
+
 def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
     """One pass over this rank's shard of the training split. Returns each loss term's sum (weighted by batch
     size, or by target tokens for a causal LM) and the correct predictions, as device tensors, and the number of
@@ -157,8 +171,14 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
     sizes: list[Any] = []
     names: list[str] = []
     step = 0
+    on_policy = st.on_policy
+    if on_policy is not None:
+        on_policy.reset()
     for group in _groups(st.train_batches, accum):
         optimizer.zero_grad(set_to_none=True)
+        sampled = (False,) * len(group)
+        if on_policy is not None:  # before the token count: the student's rows have their own targets
+            group, sampled = _on_policy_group(st, group, epoch, step)
         token_scale = _token_scale(st, group) if lm else None
         last = len(group) - 1
         for m, (idx, x, y) in enumerate(group):
@@ -168,8 +188,8 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             if distil:  # under the run's autocast, as the student (the losses take float32 from it)
-                with st.autocast():
-                    t_out = teacher_out(idx, x)
+                with st.autocast():  # the student's own rows are in no cache: the teacher scores them live
+                    t_out = st.teacher(x) if sampled[m] else teacher_out(idx, x)
             else:
                 t_out = None
             x_strong = None
@@ -180,7 +200,8 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
             with step_module.no_sync() if ddp and m < last else nullcontext():
                 with st.autocast():
                     if lm:
-                        terms, logits = step_module(x, y, t_out, idx, x_strong, token_scale, 1.0 / len(group))
+                        terms, logits = step_module(x, y, t_out, idx, x_strong, token_scale, 1.0 / len(group),
+                                                    sampled[m])
                     else:
                         terms, logits = step_module(x, y, t_out, idx, x_strong)
                 loss = terms.pop("_backward") if lm else terms["loss"]
@@ -261,7 +282,7 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
         "teacher_source": st.teacher_out.source if distil else "none",
         # may change mid-run: a lost teacher-output store turns a trial live
         **({"teacher_reason": st.teacher_out.reason, **st.teacher_out.epoch_stats()} if distil else {}),
-        **st.costs[best], **st.where,
+        **st.costs[best], **st.where, **on_policy_metrics(st),
         "_best": best,
     }
     if st.resumed_from:
@@ -270,6 +291,17 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
         metrics.update(failed=f"validation loss became non-finite in epoch {epoch}", **failed_values(st))
         metrics.pop("_best")
     return metrics
+
+
+def on_policy_metrics(st: RunState) -> dict[str, float]:
+    """``scheme: on_policy``: the epoch's on-policy batches (their fraction, on rank 0: every rank draws the same)
+    and the tokens the student generated over every rank (its answers up to their end tokens)."""
+    op = st.on_policy
+    if op is None:
+        return {}
+    steps = max(1, len(st.train_batches))
+    tokens = st.session.all_reduce_sum(op.tokens.clone())
+    return {"on_policy_fraction": op.batches / steps, "generated_tokens": float(tokens)}
 
 
 def failed_values(st: RunState) -> dict[str, float]:

@@ -28,6 +28,7 @@ from kdray.models import Classifier, FeatureTaps, Teacher, build_model
 from kdray.models.cost import student_cost
 from kdray.ray_setup import resolve_ref
 from kdray.train.mutual import MutualStep
+from kdray.train.on_policy import OnPolicyBatches, on_policy_batches
 from kdray.train.session import Session
 
 
@@ -43,14 +44,16 @@ class DistillStep(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor, teacher_out: TapOutputs | None, idx: Tensor | None = None,
                 x_strong: Tensor | None = None, token_scale: Tensor | None = None,
-                mean_scale: float = 1.0) -> tuple[dict[str, Tensor], Tensor | None]:
+                mean_scale: float = 1.0, sampled: bool = False) -> tuple[dict[str, Tensor], Tensor | None]:
         """``idx``: the batch's positions in the training split, for the terms that need them (CRD);
         ``x_strong``: a strongly augmented view of the batch, for the terms that align it too (MLKD).
         A causal LM's step returns no logits (they are never made whole): its terms carry ``_correct`` and
-        ``_count``; ``token_scale`` and ``mean_scale`` normalise its loss (:meth:`DistillObjective._lm_terms`)."""
+        ``_count``; ``token_scale`` and ``mean_scale`` normalise its loss, ``sampled`` says the targets are the
+        student's own samples (:meth:`DistillObjective._lm_terms`)."""
         if self.lm:
             s_out = self.taps.run(self.student, x, states=True)
-            return self.objective(s_out, teacher_out, y, token_scale=token_scale, mean_scale=mean_scale), None
+            return self.objective(s_out, teacher_out, y, token_scale=token_scale, mean_scale=mean_scale,
+                                  sampled=sampled), None
         s_out = self.taps.run(self.student, x)
         if x_strong is not None:
             s_out = s_out._replace(strong=self.taps.run(self.student, x_strong))
@@ -175,6 +178,7 @@ class RunState:
     channels_last: bool
     progress: bool
     step_hook: Callable[[int, int], None] | None = None
+    on_policy: OnPolicyBatches | None = None  # scheme on_policy: which batches are the student's samples
     raw_input: dict[str, Any] = field(default_factory=dict)  # what one stored sample is: exports trace it
     where: dict[str, str] = field(default_factory=dict)  # the node, and any teacher split mismatch
     start_epoch: int = 1
@@ -265,7 +269,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
                   raw_input={"shape": list(data.info.input_shape),
                              "dtype": str(data.train.x.dtype).removeprefix("torch.") if data.train.in_memory
                              else "float32"},
-                  where=node_info())
+                  where=node_info(), on_policy=on_policy_batches(cfg, data.info, device, session.rank))
     if objective.needs_teacher:
         split = sorted({d for r in records for d in cfg.dataset.split_differences(r.get("dataset") or {})})
         if split:  # only reachable with teacher.allow_split_mismatch (checked before the run)
