@@ -272,11 +272,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
         summary["test_accuracy"] = test["accuracy"]
         if "nll" in test:
             summary["test_nll"] = test["nll"]
+        if "exact_match" in test:
+            summary["test_exact_match"] = test["exact_match"]
+    if "val_exact_match" in result.metrics:
+        summary["val_exact_match"] = result.metrics["val_exact_match"]
     (out_dir / "result.json").write_text(json.dumps(summary, indent=2))
     print(f"[kdray] finished in {time.time() - t0:.0f} s: validation accuracy {summary['val_accuracy']:.4f}"
           + (f", validation NLL {summary['val_nll']:.4f}" if "val_nll" in summary else "")
           + (f", test accuracy {summary['test_accuracy']:.4f}" if "test_accuracy" in summary else "")
-          + (f", test NLL {summary['test_nll']:.4f}" if "test_nll" in summary else ""), flush=True)
+          + (f", test NLL {summary['test_nll']:.4f}" if "test_nll" in summary else "")
+          + (f", test exact match {summary['test_exact_match']:.4f}" if "test_exact_match" in summary else ""),
+          flush=True)
     print(f"[kdray] student saved to {out_dir / 'student.pt'}")
     if args.json:
         print(json.dumps(summary))

@@ -150,7 +150,8 @@ def champion_info(uri: str, sweep: str | None) -> dict[str, Any]:
     goal = sweep_goal(parent)
     return {
         "metric": goal.metric,
-        **({f"{k}": metrics[f"champion_{k}"] for k in ("val_nll", "test_nll", "test_ppl")
+        **({f"{k}": metrics[f"champion_{k}"] for k in ("val_nll", "test_nll", "test_ppl", "val_exact_match",
+                                                       "test_exact_match")
             if f"champion_{k}" in metrics}),
         "sweep": tags.get("kdray.sweep"),
         "experiment_id": parent.info.experiment_id,
@@ -181,7 +182,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     print(f"sweep {info['sweep']}: champion {info['knowledge']} (trial {info['trial_id']}, run {info['run_id']})")
     sel = info["metric"]
     print(f"  {sel:<13} {info[sel]:.4f}   (selection)")
-    for k in ("val_accuracy", "test_nll", "test_ppl", "test_accuracy"):
+    for k in ("val_accuracy", "val_nll", "test_exact_match", "test_nll", "test_ppl", "test_accuracy"):
         if k != sel and info.get(k) is not None:
             print(f"  {k:<13} {info[k]:.4f}" + ("   (measured once, after selection)" if k.startswith("test") else ""))
     print(f"  model         {info['model_uri']}  =  {info['alias_uri']}")

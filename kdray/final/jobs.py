@@ -23,7 +23,8 @@ from kdray.tracking.store import TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, lo
 
 KIND_SEED = "final_seed"
 TAG_JOB = "kdray.final_job"  # the hash of the run config (with its seed): what a rerun looks up
-OUTPUT_METRICS = ("val_accuracy", "test_accuracy", "val_nll", "test_nll", "test_ppl", "workers")
+OUTPUT_METRICS = ("val_accuracy", "test_accuracy", "val_nll", "test_nll", "test_ppl", "val_exact_match",
+                  "test_exact_match", "workers")
 NOT_MEASURED = {"val_accuracy": math.nan, "test_accuracy": math.nan, "failed": 1.0}
 
 
@@ -131,7 +132,7 @@ def run_jobs(jobs: list[Job], refs: list, storage: str, ledger: JobLedger,
             return
         outputs[i] = output
         ledger.record(job, output)
-        what = "test_nll" if "test_nll" in output else "test_accuracy"
+        what = next(m for m in ("test_exact_match", "test_nll", "test_accuracy") if m in output)
         v = output.get(what, math.nan)
         say(f"[{n}/{len(jobs)}] {job.label} seed {job.seed}: "
             + (f"{what.replace('_', ' ')} {v:.4f}" if math.isfinite(v) else "its loss became non-finite")
@@ -213,6 +214,8 @@ def train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "",
     return {"val_accuracy": float(last["val_accuracy"]), "test_accuracy": float(test["accuracy"]),
             **({"val_nll": float(last["val_nll"]), "test_nll": float(test["nll"]), "test_ppl": float(test["ppl"])}
                if "nll" in test else {}),
+            **({"val_exact_match": float(last["val_exact_match"]), "test_exact_match": float(test["exact_match"])}
+               if "exact_match" in test else {}),
             "workers": float(last.get("world_size", 1))}
 
 

@@ -91,7 +91,7 @@ def read_checkpoint_record(checkpoint: Any) -> dict[str, Any]:
 
 def test_metrics(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: bool = False) -> dict[str, float]:
     """A student record on the test split (the one place kdray reads it): ``test_accuracy``, and for a language
-    model ``test_nll`` and ``test_ppl`` (per target token)."""
+    model ``test_nll`` and ``test_ppl`` (per target token), and on prompt/answer rows ``test_exact_match``."""
     from kdray.config import DatasetConfig
     from kdray.data import load_dataset
     from kdray.data.evaluate import evaluate_model
@@ -99,7 +99,7 @@ def test_metrics(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: b
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     data = load_dataset(DatasetConfig.model_validate(dataset_cfg))
     out = evaluate_model(model_from_record(record).to(device), data.test, 512, device)
-    return {f"test_{k}": float(out[k]) for k in ("accuracy", "nll", "ppl") if k in out}
+    return {f"test_{k}": float(out[k]) for k in ("accuracy", "nll", "ppl", "exact_match") if k in out}
 
 
 def test_accuracy(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: bool = False) -> float:

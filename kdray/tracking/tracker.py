@@ -54,7 +54,9 @@ METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "lr", "ep
            "samples_per_s", "report_latency_s", "checkpoint_write_s", "resumed_from_epoch", "generation", "best_peer",
            "teacher_cached_fraction", "student_params", "latency_ms", "latency_b64_ms",
            # language models: per target token, at T = 1 (kdray.data.evaluate.evaluate_lm)
-           "val_nll", "val_ppl", "val_kl_teacher", "val_rkl_teacher", "val_top1_agree", "val_kl_true", "tokens_per_s")
+           "val_nll", "val_ppl", "val_kl_teacher", "val_rkl_teacher", "val_top1_agree", "val_kl_true", "tokens_per_s",
+           # prompt/answer rows (lm_tasks): greedy answers exactly right; on_policy: what the student generated
+           "val_exact_match", "on_policy_fraction", "generated_tokens")
 # Families of metrics: every loss term, each dml peer's accuracy, each born-again generation's last accuracy.
 METRIC_PREFIXES = ("loss_", "val_accuracy_peer", "val_accuracy_gen")
 

@@ -1,0 +1,157 @@
+"""On-policy distillation as users run it: 2 gloo ranks draw the same on-policy steps and learn what one process learns
+on the whole batch; a sweep over off- and on-policy choices (λ, the divergence) on the generated task set selects on
+validation exact match, and the registered champion, loaded with Hugging Face's own classes and completing the test
+prompts with ``generate``, scores the test exact match kdray recorded."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from sweep_helpers import request
+from test_lm_training import run_group
+
+from kdray.config import DatasetConfig, RunConfig
+from kdray.data import load_dataset
+from kdray.data.lm_tasks import END, PAD, decode
+from kdray.knowledge.token import IGNORE
+from kdray.models import Preprocess, build_model, model_record
+from kdray.tracking.store import TAG_STATUS, find_sweep, sweep_children
+
+TINY = {"layers": 1, "hidden": 32, "heads": 2}
+
+
+def whole_batches(tmp_path, multiple: int = 8) -> dict:
+    """A task set whose training split is a whole number of ``multiple`` rows (no partial batch on either side)."""
+    for n in range(200, 400):
+        spec = {"name": "lm_tasks", "options": {"train_examples": n, "test_examples": 50}, "data_dir": str(tmp_path)}
+        if len(load_dataset(DatasetConfig.model_validate(spec)).train) % multiple == 0:
+            return spec
+    raise AssertionError("no example count gives whole batches")
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_take_the_same_on_policy_steps_and_learn_what_one_process_learns(tmp_path):
+    """λ = 0.5 with greedy completions: a rank that drew another branch than the other at some step would train on
+    other rows than the one process does there, and the weights would part. Normalised by the target tokens of both
+    ranks (the student's own, on an on-policy step), one SGD epoch ends at the same weights and the same count of
+    generated tokens."""
+    dataset = whole_batches(tmp_path)
+    torch.manual_seed(1)
+    info = load_dataset(DatasetConfig.model_validate(dataset)).info
+    teacher = build_model("tiny_llama", info.num_classes, Preprocess(info.input_shape, passthrough=True),
+                          {**TINY, "layers": 2})
+    rec = model_record(teacher, model_name="tiny_llama", model_options={**TINY, "layers": 2},
+                       num_classes=info.num_classes, dataset=dataset)
+
+    def run(batch: int, workers: int) -> dict:
+        return RunConfig.model_validate({
+            "dataset": dataset, "teacher": {"checkpoint": "unused.pt"},
+            "student": {"name": "tiny_llama", "options": TINY},
+            "knowledge": [{"type": "tkd", "divergence": "jsd", "beta": 0.5}], "ce_weight": 0.5,
+            "scheme": {"type": "on_policy", "lmbda": 0.5, "sampling": {"temperature": 0.0}},
+            "train": {"epochs": 1, "batch_size": batch, "optimizer": "sgd", "momentum": 0.0, "lr": 0.5,
+                      "scheduler": "none"},
+            "resources": {"num_workers": workers}}).model_dump(mode="json")
+
+    one = run_group(1, run(8, 1), [rec], tmp_path / "one")
+    two = run_group(2, run(4, 2), [rec], tmp_path / "two")
+    for k, v in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][k], v, rtol=1e-4, atol=1e-5)
+    a, b = one["reports"][-1], two["reports"][-1]
+    assert 0.2 < a["on_policy_fraction"] < 0.8 and a["on_policy_fraction"] == b["on_policy_fraction"]
+    assert a["generated_tokens"] == b["generated_tokens"] > 0
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert a["val_exact_match"] == b["val_exact_match"]
+
+
+SPACE = {
+    "name": "tasks-lm", "metric": "val_exact_match", "num_samples": 6, "seed": 0, "min_trials_per_type": 1,
+    "base": {
+        "dataset": {"name": "lm_tasks", "options": {"tasks": ["copy", "sort"], "items": 4, "train_examples": 1500,
+                                                    "test_examples": 100}},
+        "teacher": {"train": {"model": {"name": "tiny_llama", "options": {**TINY, "layers": 2, "hidden": 64}},
+                              "train": {"epochs": 6, "batch_size": 32, "optimizer": "adamw", "lr": 0.003}}},
+        "student": {"name": "tiny_llama", "options": TINY},
+        "train": {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 0.003},
+    },
+    "scheduler": {"type": "fifo"},
+    "searcher": {"type": "tpe", "n_startup_trials": 6},
+    "space": {"knowledge": {
+        "none": {},
+        "tkd": {"divergence": {"type": "categorical", "choices": ["fkl", "rkl"]}},
+        "on_policy+tkd": {"divergence": {"type": "categorical", "choices": ["rkl", "rkl_sampled"]},
+                          "scheme.lmbda": {"type": "float", "low": 0.3, "high": 1.0}}}},
+}
+
+
+@pytest.fixture(scope="module")
+def task_sweep(tmp_path_factory, ray_cluster):
+    from kdray.sweep.runner import run_sweep
+
+    tmp = tmp_path_factory.mktemp("tasksweep")
+    path = tmp / "tasks-lm.yaml"
+    path.write_text(yaml.safe_dump(SPACE, sort_keys=False))
+    return tmp, run_sweep(request(tmp, path, "tasks"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_over_lambda_and_divergence_ranks_on_exact_match_and_logs_what_was_generated(task_sweep):
+    tmp, result = task_sweep
+    board = result.leaderboard
+    assert list(board["val_exact_match"]) == sorted(board["val_exact_match"], reverse=True)  # higher first
+    c = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    parent = find_sweep(c, "tasks")
+    assert parent.data.tags["kdray.metric"] == "val_exact_match"
+    trials = [t for t in sweep_children(c, parent, kind="trial") if t.data.tags.get(TAG_STATUS) == "completed"]
+    train = load_dataset(DatasetConfig.model_validate(SPACE["base"]["dataset"])).train
+    kinds = {t.data.tags["kdray.knowledge"] for t in trials}
+    assert kinds == {"none", "tkd", "on_policy+tkd"}
+    for t in trials:
+        m, searched = t.data.metrics, json.loads(t.data.tags["kdray.searched"])
+        if t.data.tags["kdray.knowledge"] == "on_policy+tkd":
+            lmbda = searched["scheme.lmbda"]
+            assert 0.3 <= lmbda <= 1.0 and m["generated_tokens"] > 0
+            history = c.get_metric_history(t.info.run_id, "on_policy_fraction")
+            assert len(history) == 3
+            mean = sum(h.value for h in history) / len(history)
+            draws = 3 * -(-len(train) // 32)  # epochs x batches, each on-policy with probability λ
+            assert abs(mean - lmbda) <= 4 * (lmbda * (1 - lmbda) / draws) ** 0.5
+        else:
+            assert "generated_tokens" not in m
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_champion_loaded_by_hugging_face_answers_the_test_prompts_as_kdray_recorded(task_sweep, tmp_path):
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp, result = task_sweep
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    p = subprocess.run([sys.executable, "-m", "kdray", "best", "--sweep", "tasks", "--json", "--tracking-uri", uri],
+                       capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert p.returncode == 0, p.stderr[-2000:]
+    info = json.loads(p.stdout)
+    assert info["metric"] == "val_exact_match"
+    mlflow.set_tracking_uri(uri)
+    folder = mlflow.artifacts.download_artifacts("models:/kdray-tasks-lm@champion", dst_path=str(tmp_path / "reg"))
+    model = AutoModelForCausalLM.from_pretrained(f"{folder}/model").eval()
+    tok = AutoTokenizer.from_pretrained(f"{folder}/components/tokenizer")
+    data = load_dataset(DatasetConfig.model_validate(SPACE["base"]["dataset"]))
+    p_len = data.info.prompt_len
+    right = 0
+    for x, y in zip(data.test.x, data.test.y):
+        prompt = decode(x[:p_len])
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        assert ids[0].tolist() == x[:p_len].tolist()  # the tokenizer gives the rows' own ids
+        out = model.generate(ids, max_new_tokens=x.shape[0] - p_len + 1, do_sample=False, eos_token_id=END,
+                             pad_token_id=PAD)
+        answer = decode([t for t in y.tolist() if t != IGNORE])  # the answer and its end token
+        right += tok.decode(out[0, p_len:]).startswith(answer)
+    assert right / len(data.test.x) == pytest.approx(info["test_exact_match"], abs=1e-9)
