@@ -35,7 +35,9 @@ def trained_teacher_path(cfg: RunConfig, storage_path: str, data_fingerprint: st
     """Where the teacher trained for ``cfg`` lives in the run storage (a folder or a URI): keyed by its
     config *and* the data's content, so changed data (a re-exported image folder) trains a new teacher."""
     tcfg = teacher_run_config(cfg)
-    key = teacher_key({"model": tcfg.model.model_dump(), "train": tcfg.train.model_dump(), "seed": tcfg.seed,
+    # `peft` is a student's (refused for teachers): left out, so teachers stored before it existed keep their name
+    key = teacher_key({"model": tcfg.model.model_dump(exclude={"peft"}), "train": tcfg.train.model_dump(),
+                       "seed": tcfg.seed,
                        "dataset": tcfg.dataset.model_dump(), "data": data_fingerprint})
     return storage.join(storage_path, "teachers", f"{tcfg.model.name}-{key}.pt")
 

@@ -88,6 +88,7 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
     info = _data_info(cfg, file)
     _check_tokenizers(cfg, info, file)
     student = _build(cfg, info, file, cfg.student.name, cfg.student.options, "student")
+    _check_lora(cfg, student, file)
     report = DryRun(cfg.knowledge_label, None, cfg.student.name,
                     student_params=sum(p.numel() for p in student.parameters()))
     _check_peers(cfg, info, file, report)
@@ -99,6 +100,19 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
     modules = _knowledge(cfg, teacher, student, file, report)
     _forward(cfg, info, teacher, student, modules, file, report)
     return report
+
+
+def _check_lora(cfg: RunConfig, student: Classifier, file: str | Path | None) -> None:
+    """``student.peft``: the adapters must find their layers in this student."""
+    if cfg.student.peft is None:
+        return
+    from kdray.models.lora import LoraUnavailable, apply_lora
+
+    try:
+        apply_lora(student.net, **cfg.student.peft.model_dump())
+    except LoraUnavailable as e:
+        field = "student.peft.target_modules" if "target" in str(e).lower() else "student.peft"
+        raise ConfigError(str(e), file, field) from None
 
 
 def _check_on_policy(cfg: RunConfig, info: Any, student: Classifier, file: str | Path | None) -> None:

@@ -93,6 +93,18 @@ def default_tokenizer(dataset: DatasetConfig, models: list[Any]) -> None:
         opts["tokenizer"] = local_path(source[len(prefix):])
 
 
+class PeftConfig(Strict):
+    """LoRA adapters on a Hugging Face student (Hu et al. 2022, with peft): only the adapters train; the champion is
+    the merged model, which loads without peft."""
+
+    r: int = Field(8, ge=1, description="the adapters' rank (searchable: student.peft.r)")
+    alpha: float = Field(16.0, gt=0, description="LoRA's alpha: the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="the linear layers that get adapters: names (q_proj, v_proj, ...) or all-linear "
+                                  "(every linear layer but the output head)")
+
+
 class ModelConfig(Strict):
     name: Annotated[str, BeforeValidator(absolute_hf_name), AfterValidator(MODELS.check)] = Field(
         description="a registered model (kdray list), timm/<timm name> or hf/<hub id or local path>")
@@ -101,6 +113,8 @@ class ModelConfig(Strict):
         None, description="a student: start from the teacher's own weights, keeping every other transformer "
         "layer (DistilBERT's initialisation) or the teacher layers listed ([0, 2, 5]); the teacher must be a Hugging "
         "Face model (hf/ or hf-lm/)")
+    peft: PeftConfig | None = Field(None, description="a student: train LoRA adapters instead of every weight "
+                                                      "(r, alpha, dropout, target_modules)")
 
 
 class TrainConfig(Strict):

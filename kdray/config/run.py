@@ -134,6 +134,12 @@ class RunConfig(Strict):
             raise ConfigError([("teacher", "knowledge types are configured but no teacher is given")])
         default_tokenizer(self.dataset, [self.teacher and (self.teacher.name or (
             self.teacher.train and self.teacher.train.model.name)), self.student.name])
+        for j, peer in enumerate(self.scheme.peers):
+            if peer.peft is not None:
+                raise ConfigError([(f"scheme.peers.{j}.peft", "LoRA adapters are for the student")])
+        if self.teacher is not None and self.teacher.train is not None and self.teacher.train.model.peft is not None:
+            raise ConfigError([("teacher.train.model.peft", "a teacher kdray trains is trained whole: LoRA adapters "
+                                                            "are for the student")])
         if self.student.init_from_teacher and self.teacher is None:
             raise ConfigError([("student.init_from_teacher", "needs a teacher to copy the weights from")])
         if self.train.sync_batchnorm and not self.resources.use_gpu:
@@ -211,6 +217,12 @@ class TeacherRunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: str | None = Field(None, description="checkpoint path (default kdray_runs/teachers/<name>.pt)")
+
+    @model_validator(mode="after")
+    def _whole(self) -> "TeacherRunConfig":
+        if self.model.peft is not None:
+            raise ConfigError([("model.peft", "a teacher is trained whole: LoRA adapters are for the student")])
+        return self
 
     _plugins = model_validator(mode="before")(import_config_plugins)
 

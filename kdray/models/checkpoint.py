@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kdray.knowledge.base import TapOutputs
+from kdray.models.lora import has_lora, merged_state_dict
 from kdray.models.taps import FeatureTaps
 from kdray.models.zoo import Classifier, Preprocess, build_model, unwrap
 
@@ -52,7 +53,9 @@ def model_record(
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
         "config": config or {},
         "raw_input": dict(raw_input) if raw_input else {"shape": list(pre.shape), "dtype": "float32"},
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        # a LoRA student's adapters merged: the record loads into the plain model, without peft
+        "state_dict": {k: v.detach().cpu() for k, v in (merged_state_dict(model) if has_lora(model)
+                                                         else model.state_dict()).items()},
     }
 
 

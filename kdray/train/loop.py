@@ -26,6 +26,7 @@ from kdray.data.views import ViewKey, strong_view
 from kdray.knowledge.token import IGNORE
 from kdray.models import model_record, unwrap
 from kdray.models.checkpoint import atomic_torch_save
+from kdray.models.lora import has_lora, trainable_state
 from kdray.ray_setup import resolve_ref  # noqa: F401 (re-exported)
 from kdray.runfiles import PLANNED_EPOCHS, STATE_FILE, STUDENT_FILE, ran_all_epochs  # noqa: F401 (re-exported)
 from kdray.train.generations import run_generations
@@ -91,6 +92,8 @@ def restore(st: RunState) -> None:
         if len(st.peers) > 1:  # student.pt holds the best peer; every peer's weights are in the state
             for m, sd in zip(st.peers, state["peers"]):
                 m.load_state_dict(sd)
+        elif "student" in state:  # a LoRA student: student.pt holds it merged, the state its adapters apart
+            st.student.load_state_dict(state["student"])
         else:
             record = torch.load(Path(ckpt_dir) / STUDENT_FILE, map_location=st.device, weights_only=True)
             st.student.load_state_dict(record["state_dict"])
@@ -353,6 +356,7 @@ def write_checkpoint(d: str, st: RunState, epoch: int, metrics: dict[str, Any], 
     atomic_torch_save(
         {"epoch": epoch, "objective": step.objective.state_dict(), "optimizer": st.optimizer.state_dict(),
          "scaler": st.scaler.state_dict(), "scheduler": st.scheduler.state_dict(),
-         **({"peers": [unwrap(m).state_dict() for m in peers]} if len(peers) > 1 else {})},
+         **({"peers": [unwrap(m).state_dict() for m in peers]} if len(peers) > 1 else {}),
+         **({"student": trainable_state(unwrap(peers[0]))} if has_lora(peers[0]) else {})},
         Path(d) / STATE_FILE,
     )

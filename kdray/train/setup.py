@@ -26,6 +26,7 @@ from kdray.knowledge import DistillObjective, ModelLayout, TapOutputs
 from kdray.knowledge.token import TeacherView
 from kdray.models import Classifier, FeatureTaps, Teacher, build_model
 from kdray.models.cost import student_cost
+from kdray.models.lora import has_lora, merged_copy
 from kdray.ray_setup import resolve_ref
 from kdray.train.mutual import MutualStep
 from kdray.train.on_policy import OnPolicyBatches, on_policy_batches
@@ -225,7 +226,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
     if session.rank == 0:
         samples = data.train.head(64)
-        costs = [student_cost(m, samples, cfg.latency.device, cfg.latency.threads) for m in peers]
+        costs = [student_cost(deliverable(m), samples, cfg.latency.device, cfg.latency.threads) for m in peers]
     else:
         costs = [{} for _ in peers]
     if session.world_size > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
@@ -277,6 +278,11 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     return st
 
 
+def deliverable(model: nn.Module) -> nn.Module:
+    """The model a run delivers: a LoRA student with its adapters merged (what is served, so what is measured)."""
+    return merged_copy(model) if has_lora(model) else model
+
+
 def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
             device: torch.device) -> tuple[Teacher | None, Classifier, list[nn.Module], list[Any]]:
     """The frozen teacher (when the run distils or starts from it), the student and dml's peers."""
@@ -297,6 +303,11 @@ def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
     else:
         with seeded_init(cfg.seed):
             student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options)
+    if cfg.student.peft is not None:  # the adapters' random halves: the same on every rank
+        from kdray.models.lora import apply_lora
+
+        with seeded_init(cfg.seed):
+            apply_lora(student.net, **cfg.student.peft.model_dump())
     student = student.to(device)
     # Deep mutual learning: the student and its peers, each from its own generator seeded by (seed, k).
     peer_cfgs = [cfg.student, *cfg.scheme.peers] if cfg.scheme.type == "dml" else [cfg.student]
