@@ -42,10 +42,12 @@ class SchemeConfig(Strict):
     together from scratch, each on labels plus the KL to the others' predictions; no pretrained teacher.
     ``on_policy`` (language models on prompt/answer rows): with probability ``lmbda`` a batch's completions are the
     student's own samples, scored by the live teacher (GKD, Agarwal et al., ICLR 2024; on-policy distillation as
-    Thinking Machines published it in 2025); the other batches are the data's answers."""
+    Thinking Machines published it in 2025); the other batches are the data's answers. ``seq_kd`` (the same data):
+    the student trains on the teacher's greedy answers to the training prompts (Kim & Rush, EMNLP 2016), made once
+    per sweep."""
 
-    type: Literal["distill", "born_again", "dml", "on_policy"] = Field(
-        "distill", description="distill | born_again | dml | on_policy")
+    type: Literal["distill", "born_again", "dml", "on_policy", "seq_kd"] = Field(
+        "distill", description="distill | born_again | dml | on_policy | seq_kd")
     generations: int = Field(1, ge=1, description="born_again: how many generations to train (1 = plain distill)")
     peers: list[ModelConfig] = Field(default_factory=list,
                                      description="dml: the models that learn together with `student`")
@@ -67,7 +69,9 @@ class SchemeConfig(Strict):
                   "born_again": ("Furlanello et al. 2018", "born-again networks: generation k+1 of the same "
                                                             "student is taught by generation k"),
                   "on_policy": ("Agarwal et al. 2024 (GKD); Thinking Machines 2025", "with probability lmbda the "
-                                "student completes the batch's prompts itself and the live teacher scores its tokens")}
+                                "student completes the batch's prompts itself and the live teacher scores its tokens"),
+                  "seq_kd": ("Kim & Rush 2016", "sequence-level KD: the student trains on the teacher's greedy "
+                             "answers to the training prompts, made once per sweep")}
         out = {}
         for name, (paper, summary) in papers.items():
             params = {f: info.description.split(":", 1)[1].strip() for f, info in cls.model_fields.items()
@@ -167,6 +171,9 @@ class RunConfig(Strict):
                                     f"{self.cache.top_k} with cache.tail renormalize gives 0 outside the top-k (the "
                                     "divergence is infinite); use cache.tail uniform or tail, or another divergence")])
         self._check_on_policy()
+        if self.scheme.type == "seq_kd" and self.teacher is None:
+            raise ConfigError([("teacher", "scheme seq_kd trains the student on the teacher's answers: it needs a "
+                                           "teacher")])
         if self.scheme.type == "born_again" and not self.knowledge:
             raise ConfigError([("knowledge", "scheme born_again passes knowledge from generation to generation: "
                                              "name the knowledge terms (e.g. kd)")])
@@ -203,6 +210,8 @@ class RunConfig(Strict):
         label = "+".join(k["type"] for k in self.knowledge) or "none"
         if self.scheme.type == "dml":
             return "dml"
+        if self.scheme.type == "seq_kd":  # the teacher's answers are its knowledge, with or without token terms
+            return "seq_kd" + ("" if label == "none" else f"+{label}")
         return f"{self.scheme.type}+{label}" if self.scheme.type in ("born_again", "on_policy") else label
 
 

@@ -46,7 +46,7 @@ from kdray.sweep.resume import (
     was_interrupted,
 )
 from kdray.sweep.space import NONE
-from kdray.sweep.teacher_outputs import prepare_cache, report_view_cache
+from kdray.sweep.teacher_outputs import prepare_cache, prepare_generations, report_view_cache
 from kdray.sweep.tuner import concurrency, describe_need, make_scheduler, make_search, make_trainable, new_tuner
 from kdray.tracking.champion import (
     Champion,
@@ -77,6 +77,7 @@ class _Sweep:
     records: list = field(default_factory=list)
     refs: list = field(default_factory=list)
     cache_ref: Any = None
+    generations_ref: Any = None  # seq_kd: the teacher's answers to the training prompts, made once
     view_cache: Any = None
     cache_stats: dict = field(default_factory=dict)  # what the one-pass teacher cache measured (logged to the run)
     tracker: Any = None
@@ -208,6 +209,7 @@ def _teacher_and_outputs(sw: _Sweep) -> None:
         sw.cache_ref, sw.view_cache = prepare_cache(sw.space, sw.base, sw.refs, sw.records, sw.say,
                                                     storage.join(req.storage, f"{req.name}-teacher-outputs"),
                                                     sw.cache_stats)
+        sw.generations_ref = prepare_generations(sw.space, sw.base, sw.refs, sw.say)
     sw.timings["cache_s"] = time.time() - t0
     if sw.view_cache is not None and sw.view_cache.producer_gpus and sw.most is not None and not (
             req.max_concurrent or sw.space.max_concurrent):  # the producer's GPU is not the trials'
@@ -228,7 +230,7 @@ def _tuner(sw: _Sweep) -> Any:
 
     req, space = sw.req, sw.space
     trainable = make_trainable(space, sw.base, sw.refs, sw.cache_ref, storage.join(req.storage, f"{req.name}-train"),
-                               sw.execution)
+                               sw.execution, sw.generations_ref)
     sw.tracker = SweepTracker(req.tracking_uri, space.name, req.name, space, max_epochs=space.max_epochs,
                               space_yaml=req.space_yaml, total=sw.num_samples, quiet=req.quiet).make_live()
     sw.warm.join()

@@ -49,8 +49,8 @@ NONE = "none"
 SEARCHABLE_CACHE = ("cache.top_k", "cache.tail")
 # Schemes that may stand in a knowledge choice's name: `dml` (peers teach each other, no teacher; its peers in
 # `scheme.peers`), `born_again+kd` (generations of kd, `scheme.generations` of them), `on_policy+tkd` (a language
-# model's own samples, `scheme.lmbda` of the batches).
-SCHEMES = ("dml", "born_again", "on_policy")
+# model's own samples, `scheme.lmbda` of the batches), `seq_kd` or `seq_kd+tkd` (the teacher's answers as the data).
+SCHEMES = ("dml", "born_again", "on_policy", "seq_kd")
 
 
 class Distribution(BaseModel):
@@ -371,6 +371,11 @@ class SearchSpace(Strict):
                                       f"{key} in base"))
         return errors
 
+    def uses_scheme(self, scheme: str) -> bool:
+        """Whether some trial of this space runs ``scheme`` (a choice names it, or the base sets it)."""
+        return (self.base.get("scheme") or {}).get("type") == scheme or any(
+            scheme in str(c).split("+") for c in self.choices)
+
     def _prompt_rows(self) -> bool:
         """Whether the base data set is rows of prompt + answer (``val_exact_match`` is measured on it)."""
         from kdray.config import DatasetConfig
@@ -441,7 +446,7 @@ class SearchSpace(Strict):
         if "dml" in types:  # peers teach each other: no teacher
             data.pop("teacher", None)
             data["scheme"] = {**(data.get("scheme") or {}), "type": "dml"}
-        elif "born_again" in types or "on_policy" in types:
+        elif any(t in SCHEMES for t in types):  # born_again, on_policy, seq_kd
             data["scheme"] = {**(data.get("scheme") or {}), "type": next(t for t in types if t in SCHEMES)}
         types = [t for t in types if t not in SCHEMES]
         kparams: dict[str, dict[str, Any]] = {t: {} for t in types}

@@ -160,3 +160,42 @@ def report_view_cache(view_cache: Any, c: Any, parent_id: str, say) -> None:
         f"{s['peak_bytes'] / 2**20:.1f} MiB in memory, {s['blocks_spilled']} blocks spilled"
         + (f"; mean KL(teacher || top-k) {s['mean_truncation_kl']:.2e} nats" if s["mean_truncation_kl"] else "")
         + (f"; the producer failed ({err}), trials computed live" if err else ""))
+
+
+def _generations_task(records: list, dataset: dict[str, Any], use_gpu: bool) -> dict[str, Any]:
+    """The teacher's greedy answers to the training prompts (:mod:`kdray.train.seq_kd`)."""
+    import torch
+
+    from kdray.config import DatasetConfig
+    from kdray.data import load_dataset
+    from kdray.models import model_from_record
+    from kdray.ray_setup import resolve_ref
+    from kdray.train.seq_kd import teacher_rows
+
+    data = load_dataset(DatasetConfig.model_validate(dataset))
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    teacher = model_from_record(resolve_ref(records[0])).to(device).eval()
+    info = data.info
+    return teacher_rows(teacher, data.train, info.prompt_len, info.eos_token_id, info.pad_token_id or 0,
+                        device=device)
+
+
+def prepare_generations(space: SearchSpace, base: RunConfig, refs: list, say) -> Any:
+    """``seq_kd`` trials: the teacher's answers to the training prompts, made once (a Ray task on a GPU node when the
+    trials use GPUs) and shared through the object store; None when no trial needs them."""
+    import ray
+
+    if not refs or not space.uses_scheme("seq_kd"):
+        return None
+    t0 = time.time()
+    args = (refs, base.dataset.model_dump(mode="json"), base.resources.use_gpu)
+    if base.resources.use_gpu:
+        ref = ray.remote(_generations_task).options(num_cpus=base.resources.cpus_per_worker,
+                                                    num_gpus=min(1.0, base.resources.gpus_per_worker)).remote(*args)
+        rows = ray.get(ref)
+    else:
+        rows = _generations_task(*args)
+        ref = ray.put(rows)
+    say(f"teacher generations (seq_kd): the teacher's answers to {len(rows['x'])} training prompts made in "
+        f"{time.time() - t0:.1f} s; shared by the seq_kd trials")
+    return ref

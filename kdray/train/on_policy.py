@@ -73,10 +73,11 @@ class OnPolicyBatches:
 
 
 def prompt_rows_error(cfg: RunConfig, info: DatasetInfo) -> str | None:
-    """Why this run's data cannot serve ``scheme: on_policy`` (None: it can): it needs rows of prompt + answer."""
-    if cfg.scheme.type == "on_policy" and (not info.causal_lm or not info.prompt_len):
-        return (f"on_policy completes the data's prompts, but data set {cfg.dataset.name!r} has no prompt/answer "
-                "rows (a fixed prompt length); use lm_tasks")
+    """Why this run's data cannot serve ``scheme: on_policy`` or ``seq_kd`` (None: it can): both complete the data's
+    prompts, so they need rows of prompt + answer."""
+    if cfg.scheme.type in ("on_policy", "seq_kd") and (not info.causal_lm or not info.prompt_len):
+        return (f"{cfg.scheme.type} completes the data's prompts, but data set {cfg.dataset.name!r} has no "
+                "prompt/answer rows (a fixed prompt length); use lm_tasks")
     return None
 
 

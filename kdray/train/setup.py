@@ -222,6 +222,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     move_small_splits(data, device)
     records = [resolve_ref(r) for r in config.get("teacher_records") or []]
     teacher, student, peers, peer_cfgs = _models(cfg, data, records, device)
+    generations = _seq_kd(config, cfg, data, teacher, device)
     # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
     if session.rank == 0:
@@ -248,7 +249,9 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     train_batches = Batches(data.train, cfg.train.batch_size, train=True, rank=session.rank, world=session.world_size,
                             seed=cfg.seed, device=device, augment=data.augment,
                                 num_workers=cfg.resources.loader_workers)
-    teacher_out = TeacherOutputs.create(teacher, resolve_ref(config.get("teacher_cache")), records, data,
+    # seq_kd trains on the teacher's rows: the shared cache holds the data's, so its token terms score them live
+    cache = None if cfg.scheme.type == "seq_kd" else resolve_ref(config.get("teacher_cache"))
+    teacher_out = TeacherOutputs.create(teacher, cache, records, data,
                                         objective.teacher_layers, device,
                                         copy_to_device=cfg.resources.gpus_per_worker >= 1, seed=cfg.seed,
                                         top_k=cfg.cache.top_k if data.info.causal_lm else None)
@@ -270,12 +273,39 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
                   raw_input={"shape": list(data.info.input_shape),
                              "dtype": str(data.train.x.dtype).removeprefix("torch.") if data.train.in_memory
                              else "float32"},
-                  where=node_info(), on_policy=on_policy_batches(cfg, data.info, device, session.rank))
+                  where={**node_info(), **generations},
+                  on_policy=on_policy_batches(cfg, data.info, device, session.rank))
     if objective.needs_teacher:
         split = sorted({d for r in records for d in cfg.dataset.split_differences(r.get("dataset") or {})})
         if split:  # only reachable with teacher.allow_split_mismatch (checked before the run)
             st.where["teacher_split_mismatch"] = "; ".join(split)
     return st
+
+
+def _seq_kd(config: dict[str, Any], cfg: RunConfig, data: DataBundle, teacher: Teacher | None,
+            device: torch.device) -> dict[str, str]:
+    """``scheme: seq_kd``: the training split becomes the teacher's answers to its prompts (the sweep's, made once
+    and shared, else made here). Returns what the run reports about them."""
+    if cfg.scheme.type != "seq_kd":
+        return {}
+    from kdray.train.on_policy import prompt_rows_error
+    from kdray.train.seq_kd import as_split, teacher_rows
+
+    why = prompt_rows_error(cfg, data.info)
+    if why:
+        raise ValueError(f"scheme.type: {why}")
+    rows = resolve_ref(config.get("teacher_generations"))
+    shared = rows is not None
+    if rows is None:
+        info = data.info
+        rows = teacher_rows(teacher.members[0], data.train, info.prompt_len, info.eos_token_id,
+                            info.pad_token_id or 0, device=device)
+    if len(rows["x"]) != len(data.train):
+        raise ValueError(f"the teacher's answers cover {len(rows['x'])} prompts, the training split has "
+                         f"{len(data.train)}: they were made for other data")
+    data.train = as_split(rows, data.info.prompt_len)
+    move_small_splits(data, device)
+    return {"teacher_generations": "shared" if shared else "made here"}
 
 
 def deliverable(model: nn.Module) -> nn.Module:
@@ -288,7 +318,7 @@ def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
     """The frozen teacher (when the run distils or starts from it), the student and dml's peers."""
     info = data.info
     teacher = None
-    if cfg.knowledge or cfg.student.init_from_teacher:
+    if cfg.knowledge or cfg.student.init_from_teacher or cfg.scheme.type == "seq_kd":
         if not records:
             raise ValueError("this run has knowledge terms but was given no teacher")
         teacher = Teacher.from_records(records).to(device)
@@ -298,7 +328,7 @@ def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
         with seeded_init(cfg.seed):
             student = Classifier(info.preprocess(), init_from_teacher(teacher.members[0],
                                                                       cfg.student.init_from_teacher))
-        if not cfg.knowledge:  # the teacher only gave the initial weights
+        if not cfg.knowledge and cfg.scheme.type != "seq_kd":  # the teacher only gave the initial weights
             teacher = None
     else:
         with seeded_init(cfg.seed):

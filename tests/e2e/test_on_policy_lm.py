@@ -1,5 +1,6 @@
 """On-policy distillation as users run it: 2 gloo ranks draw the same on-policy steps and learn what one process learns
-on the whole batch; a sweep over off- and on-policy choices (λ, the divergence) on the generated task set selects on
+on the whole batch; a sweep over off- and on-policy choices (λ, the divergence) and sequence-level KD (the teacher's
+answers made once by the sweep, shared by its trials) on the generated task set selects on
 validation exact match, and the registered champion, loaded with Hugging Face's own classes and completing the test
 prompts with ``generate``, scores the test exact match kdray recorded."""
 from __future__ import annotations
@@ -85,7 +86,8 @@ SPACE = {
         "none": {},
         "tkd": {"divergence": {"type": "categorical", "choices": ["fkl", "rkl"]}},
         "on_policy+tkd": {"divergence": {"type": "categorical", "choices": ["rkl", "rkl_sampled"]},
-                          "scheme.lmbda": {"type": "float", "low": 0.3, "high": 1.0}}}},
+                          "scheme.lmbda": {"type": "float", "low": 0.3, "high": 1.0}},
+        "seq_kd": {}}},
 }
 
 
@@ -111,7 +113,7 @@ def test_a_sweep_over_lambda_and_divergence_ranks_on_exact_match_and_logs_what_w
     trials = [t for t in sweep_children(c, parent, kind="trial") if t.data.tags.get(TAG_STATUS) == "completed"]
     train = load_dataset(DatasetConfig.model_validate(SPACE["base"]["dataset"])).train
     kinds = {t.data.tags["kdray.knowledge"] for t in trials}
-    assert kinds == {"none", "tkd", "on_policy+tkd"}
+    assert kinds == {"none", "tkd", "on_policy+tkd", "seq_kd"}
     for t in trials:
         m, searched = t.data.metrics, json.loads(t.data.tags["kdray.searched"])
         if t.data.tags["kdray.knowledge"] == "on_policy+tkd":
@@ -124,6 +126,9 @@ def test_a_sweep_over_lambda_and_divergence_ranks_on_exact_match_and_logs_what_w
             assert abs(mean - lmbda) <= 4 * (lmbda * (1 - lmbda) / draws) ** 0.5
         else:
             assert "generated_tokens" not in m
+        # seq_kd: the teacher's answers were made once by the sweep and read by the trial
+        assert t.data.tags.get("kdray.teacher_generations") == (
+            "shared" if t.data.tags["kdray.knowledge"] == "seq_kd" else None)
 
 
 @pytest.mark.ray
