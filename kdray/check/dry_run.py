@@ -37,6 +37,7 @@ class DryRun:
     student_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     connectors: dict[str, str] = field(default_factory=dict)
     peers: list[tuple[str, int]] = field(default_factory=list)  # dml: (model, parameters) of each peer
+    notes: list[str] = field(default_factory=list)  # what was accepted and how (a shared vocabulary prefix)
 
     def lines(self) -> list[str]:
         if self.peers:  # dml: no teacher, the peers learn together
@@ -51,6 +52,7 @@ class DryRun:
             out.append(f"  student tap {k}: {s}")
         for k, c in self.connectors.items():
             out.append(f"  connector {k}: {c}")
+        out.extend(f"  note: {n}" for n in self.notes)
         return out
 
 
@@ -86,11 +88,12 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
             teacher_records: list[dict[str, Any]] | None = None) -> DryRun:
     """Build everything a run needs and push a zero batch through it; raise ``ConfigError`` on failure."""
     info = _data_info(cfg, file)
-    _check_tokenizers(cfg, info, file)
+    notes: list[str] = []
+    _check_tokenizers(cfg, info, file, notes)
     student = _build(cfg, info, file, cfg.student.name, cfg.student.options, "student")
     _check_lora(cfg, student, file)
     report = DryRun(cfg.knowledge_label, None, cfg.student.name,
-                    student_params=sum(p.numel() for p in student.parameters()))
+                    student_params=sum(p.numel() for p in student.parameters()), notes=notes)
     _check_peers(cfg, info, file, report)
     teacher = _teacher(cfg, info, file, teacher_records, report)
     if cfg.student.init_from_teacher:
@@ -317,8 +320,9 @@ def _check_vocabularies(cfg: RunConfig, s_out: TapOutputs, t_out: TapOutputs, fi
                           "need the same tokenizer", file, "teacher")
 
 
-def _check_tokenizers(cfg: RunConfig, info: Any, file: str | Path | None) -> None:
-    """Every ``hf-lm/<folder>`` model that ships a tokenizer must share the data set's vocabulary."""
+def _check_tokenizers(cfg: RunConfig, info: Any, file: str | Path | None, notes: list[str]) -> None:
+    """Every ``hf-lm/<folder>`` model that ships a tokenizer must share the data set's vocabulary, or extend it (the
+    data's tokens at the same ids: a padded or extended vocabulary, said in ``notes``)."""
     if not info.causal_lm or not info.tokenizer:
         return
     from kdray.data.lm import load_tokenizer
@@ -335,11 +339,20 @@ def _check_tokenizers(cfg: RunConfig, info: Any, file: str | Path | None) -> Non
             continue
         data_tok = data_tok or load_tokenizer(str(info.tokenizer))
         own = load_tokenizer(str(folder), where)
-        if own.get_vocab() != data_tok.get_vocab():
-            raise ConfigError(f"{name} comes with a tokenizer whose vocabulary differs from the data set's "
-                              f"({len(own)} vs {len(data_tok)} tokens, from {info.tokenizer}): the model would read "
-                              "other tokens than it was trained on; tokenise the data with the model's own "
-                              "(dataset.tokenizer)", file, "dataset.tokenizer")
+        mine, theirs = own.get_vocab(), data_tok.get_vocab()
+        if mine == theirs:
+            continue
+        if all(mine.get(token) == i for token, i in theirs.items()):  # the data's ids mean the same tokens
+            notes.append(f"{where} {name}: its tokenizer extends the data set's ({len(own)} tokens, the first "
+                         f"{len(data_tok)} the data's own at the same ids): a shared vocabulary prefix, the loss is "
+                         "over it")
+            continue
+        raise ConfigError(f"{name} comes with a tokenizer whose vocabulary differs from the data set's "
+                          f"({len(own)} vs {len(data_tok)} tokens, from {info.tokenizer}, not a prefix of it): the "
+                          "model would read other tokens than it was trained on, and token-level knowledge compares "
+                          "distributions over one vocabulary; tokenise the data with the model's own "
+                          "(dataset.tokenizer). Teachers of another tokenizer (ULD) are not supported yet", file,
+                          "dataset.tokenizer")
 
 
 def _strong_view(cfg: RunConfig, modules: dict[int, Knowledge], x: torch.Tensor,

@@ -165,6 +165,29 @@ def test_a_model_whose_tokenizer_differs_from_the_datas_fails_at_check(tmp_path)
     assert e.value.fields == ["dataset.tokenizer"] and "vocabulary differs" in str(e.value)
 
 
+def test_a_teacher_whose_tokenizer_extends_the_datas_is_accepted_over_the_shared_prefix(tmp_path):
+    """A teacher's vocabulary extended after the data's tokens (the same strings at the same ids, then its own):
+    kdray reads the data's ids with it and distils over those, saying so; any other difference is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path, _ = folder_of(tmp_path, "llama", vocab=72, with_tokenizer=False)
+    extended = Tokenizer(models.WordLevel({**{f"t{i}": i for i in range(64)}, **{f"x{i}": 64 + i for i in range(8)}},
+                                          unk_token="t0"))
+    extended.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=extended, unk_token="t0").save_pretrained(path)
+    report = dry_run(run_cfg(teacher={"name": f"hf-lm/{path}"}, knowledge=[{"type": "tkd"}]), file="run.yaml")
+    assert any("shared vocabulary prefix" in line and "72 tokens" in line for line in report.lines())
+    assert build_model(f"hf-lm/{path}", 64, PRE).net.vocab == 64
+    shuffled = Tokenizer(models.WordLevel({**{f"t{i}": 71 - i for i in range(64)}, **{f"x{i}": i for i in range(8)}},
+                                          unk_token="t0"))
+    shuffled.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=shuffled, unk_token="t0").save_pretrained(path)
+    with pytest.raises(ConfigError) as e:
+        dry_run(run_cfg(teacher={"name": f"hf-lm/{path}"}, knowledge=[{"type": "tkd"}]), file="run.yaml")
+    assert e.value.fields == ["dataset.tokenizer"] and "not a prefix" in str(e.value)
+
+
 def test_a_classifier_student_on_language_model_data_fails_at_check():
     with pytest.raises(ConfigError) as e:
         dry_run(run_cfg(student={"name": "mlp"}), file="run.yaml")
