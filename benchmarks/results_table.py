@@ -1,13 +1,13 @@
 """The README's results table, from one command: `make results` (or `python benchmarks/results_table.py`).
 
 For each shipped space (MNIST-1D's default, digits, the language model's tiny_lm and tasks_lm, off- against on-policy
-on tasks with exact answers): run the sweep (`kdray
+on tasks with exact answers, and digits_transfer, a transfer set): run the sweep (`kdray
 sweep`), then `kdray final --per-type --seeds 5` on it (tiny_lm: `--by tkd.divergence`, every divergence its own row):
 the best configuration of every knowledge type retrained over the same seeds, each compared with labels only (`none`)
 seed by seed, p-values Holm-corrected. Writes one markdown table per space, with the sweep's per-type budget, next to
-the MNIST-1D paper's reference numbers (Greydanus 2020: CNN 94 %, MLP 68 %). ~38 minutes on 2 CPUs for the four.
+the MNIST-1D paper's reference numbers (Greydanus 2020: CNN 94 %, MLP 68 %). ~40 minutes on 2 CPUs for the five.
 
-    python benchmarks/results_table.py [--seeds 5] [--spaces default digits tiny_lm tasks_lm]
+    python benchmarks/results_table.py [--seeds 5] [--spaces default digits tiny_lm tasks_lm digits_transfer]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PAPER = {"mnist1d": {"teacher": "94 (CNN)", "student": "68 (MLP)"}, "digits": {"teacher": "-", "student": "-"},
          "python_docs": {"teacher": "-", "student": "-"}, "lm_tasks": {"teacher": "-", "student": "-"}}
-DATASET = {"default": "mnist1d", "tiny_lm": "python_docs", "tasks_lm": "lm_tasks"}
+DATASET = {"default": "mnist1d", "tiny_lm": "python_docs", "tasks_lm": "lm_tasks", "digits_transfer": "digits"}
 BY = {"tiny_lm": "tkd.divergence"}  # final --per-type --by: a language model's divergences each get a row
 
 
@@ -35,7 +35,7 @@ def kdray(*args: str, cwd: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--spaces", nargs="+", default=["default", "digits", "tiny_lm", "tasks_lm"])
+    ap.add_argument("--spaces", nargs="+", default=["default", "digits", "tiny_lm", "tasks_lm", "digits_transfer"])
     ap.add_argument("--workdir", default=str(REPO / "kdray_runs" / "results"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()

@@ -27,7 +27,10 @@ def teacher_key(spec: dict[str, Any]) -> str:
 def teacher_run_config(cfg: RunConfig) -> TeacherRunConfig:
     """The labels-only run that trains ``cfg.teacher.train`` on ``cfg``'s data set."""
     t = cfg.teacher.train
-    return TeacherRunConfig(name=f"teacher-{t.model.name}", seed=t.seed, dataset=cfg.dataset, model=t.model,
+    # the teacher learns from labels: a transfer set's samples have none; its share of labels is its own if given
+    data = cfg.dataset.model_copy(update={"transfer": None, "labelled_fraction": (
+        t.labelled_fraction if t.labelled_fraction is not None else cfg.dataset.labelled_fraction)})
+    return TeacherRunConfig(name=f"teacher-{t.model.name}", seed=t.seed, dataset=data, model=t.model,
                             train=t.train, resources=cfg.resources.model_copy(update={"execution": "train"}))
 
 
@@ -35,10 +38,12 @@ def trained_teacher_path(cfg: RunConfig, storage_path: str, data_fingerprint: st
     """Where the teacher trained for ``cfg`` lives in the run storage (a folder or a URI): keyed by its
     config *and* the data's content, so changed data (a re-exported image folder) trains a new teacher."""
     tcfg = teacher_run_config(cfg)
-    # `peft` is a student's (refused for teachers): left out, so teachers stored before it existed keep their name
+    # Fields added since teachers were first stored are left out at their defaults, so those teachers keep their
+    # name: `peft` (a student's, refused for teachers), hidden labels and a transfer set (the teacher's data).
+    d = tcfg.dataset
+    later = {k for k, default in (("labelled_fraction", 1.0), ("transfer", None)) if getattr(d, k) == default}
     key = teacher_key({"model": tcfg.model.model_dump(exclude={"peft"}), "train": tcfg.train.model_dump(),
-                       "seed": tcfg.seed,
-                       "dataset": tcfg.dataset.model_dump(), "data": data_fingerprint})
+                       "seed": tcfg.seed, "dataset": d.model_dump(exclude=later), "data": data_fingerprint})
     return storage.join(storage_path, "teachers", f"{tcfg.model.name}-{key}.pt")
 
 
@@ -75,7 +80,7 @@ def teacher_records(cfg: RunConfig, storage_path: str, *, local: bool = False, p
         return load_teacher_records(cfg, tracking_uri=tracking_uri)
     from kdray.data import load_dataset
 
-    path = trained_teacher_path(cfg, storage_path, load_dataset(cfg.dataset).fingerprint)
+    path = trained_teacher_path(cfg, storage_path, load_dataset(teacher_run_config(cfg).dataset).fingerprint)
     if storage.exists(path):
         log(f"using the teacher trained earlier for this config and data: {path}")
         return [load_record(path)]

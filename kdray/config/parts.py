@@ -33,6 +33,10 @@ class DatasetConfig(Strict):
     augment: bool | None = Field(None,
                                  description="random augmentation of training images (default: the set's standard)")
     options: dict[str, Any] = Field(default_factory=dict, description="data-set specific options")
+    labelled_fraction: float = Field(1.0, gt=0, le=1, description="share of the training split whose labels are kept "
+                                     "(seeded by split_seed); the others train only through knowledge terms")
+    transfer: "DatasetConfig | None" = Field(None, description="another data set whose training inputs join the "
+                                             "training split unlabelled (a transfer set; its labels are ignored)")
 
     @field_validator("data_dir")
     @classmethod
@@ -205,6 +209,9 @@ class TeacherTrainSpec(Strict):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     seed: int = 0
+    labelled_fraction: float | None = Field(
+        None, gt=0, le=1, description="the teacher's own share of the training labels (default: the run's "
+        "dataset.labelled_fraction); 1.0: a teacher that saw every label, as one trained elsewhere")
 
 
 class TeacherConfig(Strict):

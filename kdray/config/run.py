@@ -171,6 +171,7 @@ class RunConfig(Strict):
                                     f"{self.cache.top_k} with cache.tail renormalize gives 0 outside the top-k (the "
                                     "divergence is infinite); use cache.tail uniform or tail, or another divergence")])
         self._check_on_policy()
+        self._check_unlabelled()
         if self.scheme.type == "seq_kd" and self.teacher is None:
             raise ConfigError([("teacher", "scheme seq_kd trains the student on the teacher's answers: it needs a "
                                            "teacher")])
@@ -178,6 +179,25 @@ class RunConfig(Strict):
             raise ConfigError([("knowledge", "scheme born_again passes knowledge from generation to generation: "
                                              "name the knowledge terms (e.g. kd)")])
         return self
+
+    def _check_unlabelled(self) -> None:
+        """A transfer set's samples have no labels: what needs one for every sample cannot train on them."""
+        d = self.dataset
+        if d.labelled_fraction == 1.0 and d.transfer is None:
+            return
+        from kdray.knowledge import KNOWLEDGE
+
+        field = "dataset.transfer" if d.transfer is not None else "dataset.labelled_fraction"
+        if self.scheme.type == "dml":
+            raise ConfigError([(field, "dml's peers learn from labels and each other; unlabelled samples are for "
+                                       "distilling from a teacher")])
+        for i, k in enumerate(self.knowledge):
+            if KNOWLEDGE.get(k["type"]).uses_target:
+                raise ConfigError([(f"knowledge.{i}.type", f"{k['type']} needs each sample's label, and the "
+                                    f"unlabelled samples ({field}) have none")])
+            if k.get("negatives") == "other_class":
+                raise ConfigError([(f"knowledge.{i}.negatives", "other-class negatives need each sample's label; "
+                                    f"the unlabelled samples ({field}) have none: use negatives uniform")])
 
     def _check_on_policy(self) -> None:
         """``on_policy`` needs a token-level term to train its samples on; ``rkl_sampled`` estimates from samples

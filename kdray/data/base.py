@@ -219,7 +219,10 @@ def cached_arrays(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict
 
 
 def load_dataset(cfg: "DatasetSpec") -> DataBundle:
-    return DATASETS.get(cfg.name).load(cfg)
+    """The data set of ``cfg``, with its unlabelled training samples (``labelled_fraction``, ``transfer``) if any."""
+    from kdray.data.transfer import with_transfer
+
+    return with_transfer(DATASETS.get(cfg.name).load(cfg), cfg, load_dataset)
 
 
 def describe_dataset(cfg: "DatasetSpec") -> DatasetInfo:

@@ -43,6 +43,7 @@ class DistillObjective(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.teacher_view = teacher_view
         self.token_chunk = token_chunk
+        self.partial_labels = False  # some training labels are hidden (-100): a transfer set (kdray.data.transfer)
 
     @classmethod
     def from_specs(
@@ -131,10 +132,9 @@ class DistillObjective(nn.Module):
 
     def _terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
                index: Tensor | None = None) -> dict[str, Tensor]:
-        terms = {"ce": F.cross_entropy(as_float(student.logits), target, label_smoothing=self.label_smoothing)}
+        terms = {"ce": self._ce(student.logits, target)}
         if student.strong is not None:  # the labels hold for the strong view too (MLKD trains on both)
-            terms["ce"] = terms["ce"] + F.cross_entropy(as_float(student.strong.logits), target,
-                                                        label_smoothing=self.label_smoothing)
+            terms["ce"] = terms["ce"] + self._ce(student.strong.logits, target)
         total = _weighted(self.ce_weight, terms["ce"])
         if self.knowledge:
             if teacher is None:
@@ -151,6 +151,14 @@ class DistillObjective(nn.Module):
         terms["loss"] = total
         return terms
 
+
+    def _ce(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The cross-entropy on the labels; with ``partial_labels`` (a transfer set: hidden labels are -100) the mean
+        over the labelled samples only, 0 for a batch without any (PyTorch's mean would be 0/0 there)."""
+        if not self.partial_labels:
+            return F.cross_entropy(as_float(logits), target, label_smoothing=self.label_smoothing)
+        total = F.cross_entropy(as_float(logits), target, label_smoothing=self.label_smoothing, reduction="sum")
+        return total / (target != -100).sum().clamp_min(1)
 
     def _lm_terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
                   token_scale: Tensor | None, mean_scale: float, sampled: bool = False) -> dict[str, Tensor]:

@@ -139,8 +139,9 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
     if trunc:
         say("teacher-output cache: mean KL(teacher || its top-k) per token (nats), " + ", ".join(
             f"{k.removeprefix('truncation_kl.')} {v:.2e}" for k, v in sorted(trunc.items())))
-    if stats is not None:
-        stats.update(summary.get("stats") or {})
+    if stats is not None:  # logged to the sweep's run: its size, and what a language model's cache measured
+        stats.update({"samples": float(summary["samples"]), "nbytes": float(summary["nbytes"]),
+                      **(summary.get("stats") or {})})
     return ref, None
 
 

@@ -170,6 +170,8 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
     scaled = st.scaler.is_enabled()
     optimizer, step_module, lm, accum = st.optimizer, st.step_module, st.lm, cfg.train.grad_accum_steps
     ddp = isinstance(step_module, nn.parallel.DistributedDataParallel)
+    partial = objective.partial_labels
+    labelled: list[Tensor] = []  # a transfer set: the labelled samples of each step (train accuracy's denominator)
     values: list[list[Tensor]] = []  # per step: every term, then the correct predictions
     sizes: list[Any] = []
     names: list[str] = []
@@ -214,8 +216,10 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
             with torch.no_grad():  # one op for the terms, not a detach each; argmax needs no detach
                 if lm:
                     correct, count = terms.pop("_correct"), terms.pop("_count")
-                else:
+                else:  # a hidden label (-100, a transfer set) is never the argmax: accuracy over the labelled
                     correct, count = (logits.argmax(1) == y).sum(), y.numel()
+                    if partial:
+                        labelled.append((y != -100).sum())
                 if not names:
                     names = list(terms)
                 values.append([torch.stack(list(terms.values())), correct])
@@ -237,7 +241,10 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
                        torch.stack([v[1] for v in values]).double()[:, None]], dim=1)  # (steps, terms + 1)
     weights = (torch.stack(sizes) if lm else torch.tensor(sizes)).to(dtype=table.dtype, device=table.device)
     sums = torch.cat([(table[:, :-1] * weights[:, None]).sum(0), table[:, -1:].sum(0)])
-    return dict(zip([*names, "_correct"], sums.unbind())), (weights.sum() if lm else int(sum(sizes)))
+    out = dict(zip([*names, "_correct"], sums.unbind()))
+    if labelled:
+        out["_labelled"] = torch.stack(labelled).sum().to(table.dtype)
+    return out, (weights.sum() if lm else int(sum(sizes)))
 
 
 def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, lr: float,
@@ -245,13 +252,15 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
     """The epoch's one sync (every term's sum, the accuracy and the count over all ranks), validation of every
     peer, and the report; ``failed`` says why when a term or the validation loss is not finite."""
     cfg, device = st.cfg, st.device
-    names = [k for k in sums if k != "_correct"]
-    packed = torch.stack([*(sums[k] for k in names), sums["_correct"],
+    names = [k for k in sums if k not in ("_correct", "_labelled")]
+    labelled = sums.get("_labelled")
+    packed = torch.stack([*(sums[k] for k in names), *([labelled] if labelled is not None else []), sums["_correct"],
                           torch.as_tensor(seen, dtype=torch.float64, device=device)]) if sums else \
         torch.zeros(2, dtype=torch.float64, device=device)
     packed = st.session.all_reduce_sum(packed)
     vals = packed.tolist()
     total = vals[-1] or 1.0
+    judged = (vals[-3] or 1.0) if labelled is not None else total  # train accuracy: over the labelled samples
     means = {k: vals[i] / total for i, k in enumerate(names)}
     train_time = time.perf_counter() - t0
     bad = [k for k in names if not math.isfinite(means[k])]
@@ -275,7 +284,7 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
         "epoch": epoch, PLANNED_EPOCHS: cfg.train.epochs, "world_size": st.world,
         "val_accuracy": val["accuracy"], "val_loss": val["loss"],
         **({f"val_{k}": val[k] for k in LM_METRICS if k in val} if st.lm else {}),
-        "train_accuracy": vals[-2] / total, "train_loss": means.pop("loss", float("nan")),
+        "train_accuracy": vals[-2] / judged, "train_loss": means.pop("loss", float("nan")),
         **{f"loss_{k}": v for k, v in means.items()},
         **({"best_peer": best, **{f"val_accuracy_peer{k}": v["accuracy"] for k, v in enumerate(peer_vals)}}
            if len(st.peers) > 1 else {}),

@@ -238,6 +238,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
         ModelLayout.of(student), cfg.ce_weight, cfg.train.label_smoothing,
         TeacherView(cfg.cache.top_k, cfg.cache.tail), cfg.train.token_chunk,
     )
+    objective.partial_labels = not data.info.causal_lm and bool((data.train.y == -100).any())  # a transfer set
     s_taps = FeatureTaps(student.net, objective.student_layers)
     if teacher is not None:
         teacher.tap(objective.teacher_layers)
