@@ -44,10 +44,11 @@ class SchemeConfig(Strict):
     student's own samples, scored by the live teacher (GKD, Agarwal et al., ICLR 2024; on-policy distillation as
     Thinking Machines published it in 2025); the other batches are the data's answers. ``seq_kd`` (the same data):
     the student trains on the teacher's greedy answers to the training prompts (Kim & Rush, EMNLP 2016), made once
-    per sweep."""
+    per sweep. ``assistant``: teacher assistants (Mirzadeh et al., AAAI 2020): each model of ``chain`` is distilled
+    from the one before it (the first from the teacher) and teaches the next; the last teaches ``student``."""
 
-    type: Literal["distill", "born_again", "dml", "on_policy", "seq_kd"] = Field(
-        "distill", description="distill | born_again | dml | on_policy | seq_kd")
+    type: Literal["distill", "born_again", "dml", "on_policy", "seq_kd", "assistant"] = Field(
+        "distill", description="distill | born_again | dml | on_policy | seq_kd | assistant")
     generations: int = Field(1, ge=1, description="born_again: how many generations to train (1 = plain distill)")
     peers: list[ModelConfig] = Field(default_factory=list,
                                      description="dml: the models that learn together with `student`")
@@ -59,6 +60,24 @@ class SchemeConfig(Strict):
                                                                "(default: the data's answer length)")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig,
                                      description="on_policy: the student's sampling temperature and top_p")
+    chain: list[ModelConfig] = Field(default_factory=list,
+                                     description="assistant: the assistants from the teacher's side to the "
+                                                 "student's, or their names joined by commas (searchable)")
+
+    @field_validator("chain", mode="before")
+    @classmethod
+    def _chain_names(cls, v: Any) -> Any:
+        """``"a,b"`` (what a categorical can search: chain length and sizes) -> [{name: a}, {name: b}]."""
+        if isinstance(v, str):
+            return [{"name": n.strip()} for n in v.split(",") if n.strip()]
+        return v
+
+    @property
+    def stages(self) -> int:
+        """Runs one after the other: born-again's generations, or the assistants then the student."""
+        if self.type == "assistant":
+            return len(self.chain) + 1
+        return self.generations if self.type == "born_again" else 1
 
     @classmethod
     def catalogue(cls) -> dict[str, dict[str, Any]]:
@@ -71,7 +90,9 @@ class SchemeConfig(Strict):
                   "on_policy": ("Agarwal et al. 2024 (GKD); Thinking Machines 2025", "with probability lmbda the "
                                 "student completes the batch's prompts itself and the live teacher scores its tokens"),
                   "seq_kd": ("Kim & Rush 2016", "sequence-level KD: the student trains on the teacher's greedy "
-                             "answers to the training prompts, made once per sweep")}
+                             "answers to the training prompts, made once per sweep"),
+                  "assistant": ("Mirzadeh et al. 2020", "teacher assistants: a chain of mid-sized models, each "
+                                "distilled from the one before, the last teaching the student")}
         out = {}
         for name, (paper, summary) in papers.items():
             params = {f: info.description.split(":", 1)[1].strip() for f, info in cls.model_fields.items()
@@ -87,6 +108,10 @@ class SchemeConfig(Strict):
             raise ConfigError([("scheme.peers", "dml needs at least one peer besides `student`")])
         if self.type != "dml" and self.peers:
             raise ConfigError([("scheme.peers", f"is for type dml, not {self.type}")])
+        if self.type == "assistant" and not self.chain:
+            raise ConfigError([("scheme.chain", "assistant needs at least one model between teacher and student")])
+        if self.type != "assistant" and self.chain:
+            raise ConfigError([("scheme.chain", f"is for type assistant, not {self.type}")])
         if self.type != "on_policy":  # a value other than the default (a dumped config carries every field)
             for name in ON_POLICY_FIELDS:
                 if getattr(self, name) != type(self).model_fields[name].get_default(call_default_factory=True):
@@ -175,9 +200,16 @@ class RunConfig(Strict):
         if self.scheme.type == "seq_kd" and self.teacher is None:
             raise ConfigError([("teacher", "scheme seq_kd trains the student on the teacher's answers: it needs a "
                                            "teacher")])
-        if self.scheme.type == "born_again" and not self.knowledge:
-            raise ConfigError([("knowledge", "scheme born_again passes knowledge from generation to generation: "
+        if self.scheme.type in ("born_again", "assistant") and not self.knowledge:
+            raise ConfigError([("knowledge", f"scheme {self.scheme.type} passes knowledge from model to model: "
                                              "name the knowledge terms (e.g. kd)")])
+        if self.scheme.type == "assistant" and (self.teacher is None or self.student.init_from_teacher):
+            raise ConfigError([("teacher" if self.teacher is None else "student.init_from_teacher",
+                                "scheme assistant distils the teacher into its chain, then the student, each from "
+                                "scratch: it needs a teacher, and the student starts from its own weights")])
+        for j, m in enumerate(self.scheme.chain):
+            if m.peft is not None or m.init_from_teacher:
+                raise ConfigError([(f"scheme.chain.{j}", "an assistant is trained whole from its own weights")])
         return self
 
     def _check_unlabelled(self) -> None:
@@ -232,7 +264,8 @@ class RunConfig(Strict):
             return "dml"
         if self.scheme.type == "seq_kd":  # the teacher's answers are its knowledge, with or without token terms
             return "seq_kd" + ("" if label == "none" else f"+{label}")
-        return f"{self.scheme.type}+{label}" if self.scheme.type in ("born_again", "on_policy") else label
+        return f"{self.scheme.type}+{label}" if self.scheme.type in ("born_again", "on_policy", "assistant") \
+            else label
 
 
 class TeacherRunConfig(Strict):

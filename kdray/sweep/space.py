@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from kdray.config import (
     PLUGINS_FIELD,
@@ -43,109 +42,22 @@ from kdray.config import (
 )
 from kdray.goal import GOALS, Goal, goal_of
 from kdray.knowledge import KNOWLEDGE
+from kdray.sweep.distributions import (  # noqa: F401 (Distribution and parse_value: re-exported)
+    Distribution,
+    SchedulerConfig,
+    SearcherConfig,
+    chain_stages,
+    parse_value,
+)
 
 NONE = "none"
 # Cache settings a language-model trial may search: what it reads of the sweep's top-k cache (kdray.cache.tokens).
 SEARCHABLE_CACHE = ("cache.top_k", "cache.tail")
 # Schemes that may stand in a knowledge choice's name: `dml` (peers teach each other, no teacher; its peers in
 # `scheme.peers`), `born_again+kd` (generations of kd, `scheme.generations` of them), `on_policy+tkd` (a language
-# model's own samples, `scheme.lmbda` of the batches), `seq_kd` or `seq_kd+tkd` (the teacher's answers as the data).
-SCHEMES = ("dml", "born_again", "on_policy", "seq_kd")
-
-
-class Distribution(BaseModel):
-    """One searched parameter, in Optuna's vocabulary."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = Field(None, gt=0)
-    choices: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _coherent(self) -> "Distribution":
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("a categorical needs a non-empty `choices` list")
-            if self.low is not None or self.high is not None or self.log or self.step is not None:
-                raise ValueError("a categorical takes only `choices`")
-            bad = [c for c in self.choices if not (c is None or isinstance(c, (str, int, float, bool)))]
-            if bad:
-                raise ValueError(f"Optuna's categorical choices must be strings, numbers, booleans or null; "
-                                 f"got {bad[0]!r} "
-                                 "(fix a list-valued parameter as a plain value instead)")
-            if len({repr(c) for c in self.choices}) != len(self.choices):
-                raise ValueError(f"`choices` has duplicates: {self.choices}")
-            return self
-        if self.choices is not None:
-            raise ValueError(f"a {self.type} takes low/high, not `choices`")
-        if self.low is None or self.high is None:
-            raise ValueError(f"a {self.type} needs both `low` and `high`")
-        if not (math.isfinite(self.low) and math.isfinite(self.high)):
-            raise ValueError("`low` and `high` must be finite numbers")
-        if self.low >= self.high:
-            raise ValueError(f"`low` ({self.low}) must be smaller than `high` ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log-scaled range needs `low` > 0, got {self.low}")
-        if self.log and self.step is not None:
-            raise ValueError("Optuna does not combine `log` with `step`")
-        if self.type == "int":
-            if not float(self.low).is_integer() or not float(self.high).is_integer():
-                raise ValueError("an int range needs whole `low` and `high`")
-            if self.step is not None and not float(self.step).is_integer():
-                raise ValueError("an int `step` must be whole")
-        return self
-
-    def suggest(self, trial: Any, name: str) -> Any:
-        if self.type == "categorical":
-            return trial.suggest_categorical(name, self.choices)
-        if self.type == "int":
-            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
-
-    def extremes(self) -> list[Any]:
-        """Values that together exercise the range: both ends, or every categorical choice."""
-        if self.type == "categorical":
-            return list(self.choices)
-        cast = int if self.type == "int" else float
-        return [cast(self.low), cast(self.high)]
-
-    def grid(self, n: int) -> list[Any]:
-        """``n`` evenly spaced values (log-spaced for log ranges), or every categorical choice."""
-        if self.type == "categorical":
-            return list(self.choices)
-        if n <= 1:
-            mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
-            values = [mid]
-        elif self.log:
-            values = [math.exp(math.log(self.low) + i * (math.log(self.high) - math.log(self.low)) / (n - 1))
-                      for i in range(n)]
-        else:
-            values = [self.low + i * (self.high - self.low) / (n - 1) for i in range(n)]
-        if self.type == "int":
-            return sorted({int(round(v)) for v in values})
-        return values
-
-
-def parse_value(raw: Any) -> Distribution | Any:
-    """A mapping with ``type`` is a distribution; anything else is a fixed value."""
-    if isinstance(raw, dict) and "type" in raw:
-        return Distribution.model_validate(raw)
-    return raw
-
-
-class SchedulerConfig(Strict):
-    type: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(4, ge=1, description="epochs every trial runs before ASHA may stop it")
-    reduction_factor: float = Field(2.0, gt=1)
-
-
-class SearcherConfig(Strict):
-    type: Literal["tpe", "random", "grid"] = "tpe"
-    n_startup_trials: int = Field(8, ge=0, description="random trials before TPE models the space")
-    grid_points: int = Field(3, ge=1, description="values per numeric parameter for the grid searcher")
+# model's own samples, `scheme.lmbda` of the batches), `seq_kd` or `seq_kd+tkd` (the teacher's answers as the data),
+# `assistant+kd` (teacher assistants, `scheme.chain`).
+SCHEMES = ("dml", "born_again", "on_policy", "seq_kd", "assistant")
 
 
 class SearchSpace(Strict):
@@ -304,9 +216,9 @@ class SearchSpace(Strict):
                 if "dml" in types and types != ["dml"]:
                     errors.append((where, "dml trains peers without a teacher: it takes no knowledge types"))
                     continue
-                if types == ["born_again"]:
-                    errors.append((where, "born_again passes knowledge between generations: combine it with "
-                                          "knowledge types, e.g. born_again+kd"))
+                if types in (["born_again"], ["assistant"]):
+                    errors.append((where, f"{types[0]} passes knowledge from model to model: combine it with "
+                                          f"knowledge types, e.g. {types[0]}+kd"))
                     continue
                 if types == ["on_policy"]:
                     errors.append((where, "on_policy trains on the student's samples scored by the teacher: "
@@ -364,7 +276,7 @@ class SearchSpace(Strict):
                 errors.append((field, "the teacher-output cache is one for the whole sweep (built before any trial, "
                                       "shared by all), so a trial's own cache settings would be ignored; set them in "
                                       "base.cache"))
-            elif (key in ("train.epochs", "scheme.generations") and isinstance(value, Distribution)
+            elif (key in ("train.epochs", "scheme.generations", "scheme.chain") and isinstance(value, Distribution)
                   and self.scheduler.type == "asha"):
                 errors.append((field, f"ASHA compares trials at the same epochs over one max_t, so {key} "
                                       "cannot be searched with scheduler asha; use scheduler: {type: fifo} or fix "
@@ -399,11 +311,16 @@ class SearchSpace(Strict):
     # -- trials ------------------------------------------------------------------------------------
     @property
     def max_epochs(self) -> int:
-        """The longest trial's epochs (ASHA's max_t): born-again trials report their generations as one run."""
+        """The longest trial's epochs (ASHA's max_t): born-again trials report their generations as one run, and a
+        teacher-assistant trial its chain's stages then the student's."""
         epochs = self._resolve({"knowledge": NONE}).train.epochs
-        generations = [(self.base.get("scheme") or {}).get("generations", 1), self.params.get("scheme.generations", 1)]
+        base = self.base.get("scheme") or {}
+        generations = [base.get("generations", 1), self.params.get("scheme.generations", 1)]
         generations += [d for sub in self.choices.values() for k, d in sub.items() if k == "scheme.generations"]
-        return epochs * max(int(g) for g in generations if not isinstance(g, Distribution))
+        chains = [base.get("chain"), self.params.get("scheme.chain")]
+        chains += [d for sub in self.choices.values() for k, d in sub.items() if k == "scheme.chain"]
+        stages = [n for c in chains for n in chain_stages(c)]
+        return epochs * max([int(g) for g in generations if not isinstance(g, Distribution)] + stages)
 
     @property
     def model_name(self) -> str:

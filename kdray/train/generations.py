@@ -1,4 +1,6 @@
-"""Born-again networks: the run is repeated for N generations, generation k+1 taught by generation k.
+"""Born-again networks: the run is repeated for N generations, generation k+1 taught by generation k; and teacher
+assistants (Mirzadeh, Farajtabar, Li, Levine, Matsukawa & Ghasemzadeh, "Improved Knowledge Distillation via Teacher
+Assistant", AAAI 2020, arXiv:1902.03393): the same stages with another model each, ``scheme.chain`` then the student.
 
 Furlanello, Lipton, Tschannen, Itti & Anandkumar, "Born Again Neural Networks", ICML 2018, arXiv:1805.04770.
 Generation 1 is taught by the run's teacher; every later one by the final student of the generation before,
@@ -120,8 +122,12 @@ def _share_from_rank0(session: Session, record: dict[str, Any] | None) -> dict[s
 
 def generation_run(run: dict[str, Any], generation: int) -> dict[str, Any]:
     """Generation ``generation``'s run config: the run's, with its own seed (``seed + 1_000_003·(g-1)``, far
-    from the seeds a user runs side by side)."""
-    return {**run, "seed": int(run.get("seed", 0)) + GENERATION_SEED_STEP * (generation - 1)}
+    from the seeds a user runs side by side); with teacher assistants, stage g < the last trains ``chain[g-1]``."""
+    out = {**run, "seed": int(run.get("seed", 0)) + GENERATION_SEED_STEP * (generation - 1)}
+    chain = (run.get("scheme") or {}).get("chain") or []
+    if (run.get("scheme") or {}).get("type") == "assistant" and generation <= len(chain):
+        out["student"] = chain[generation - 1]
+    return out
 
 
 def run_generations(config: dict[str, Any], session: Session,
@@ -131,7 +137,8 @@ def run_generations(config: dict[str, Any], session: Session,
     from kdray.config import RunConfig
 
     cfg = RunConfig.model_validate(config["run"])
-    n, epochs = cfg.scheme.generations, cfg.train.epochs
+    n, epochs = cfg.scheme.stages, cfg.train.epochs
+    what = "teacher-assistant stage" if cfg.scheme.type == "assistant" else "born-again generation"
     finished: dict[str, float] = {}
     with session.restored_checkpoint() as d:
         start, teacher, restore = 1, None, None
@@ -152,8 +159,8 @@ def run_generations(config: dict[str, Any], session: Session,
             if g > 1:
                 run.update(teacher_records=[teacher], teacher_cache=None)
             if session.rank == 0 and config.get("progress"):
-                print(f"[kdray] born-again generation {g}/{n}"
-                      + (" (taught by generation %d)" % (g - 1) if g > 1 else ""), flush=True)
+                print(f"[kdray] {what} {g}/{n}: {run['run']['student']['name']}"
+                      + (" (taught by stage %d)" % (g - 1) if g > 1 else " (taught by the teacher)"), flush=True)
             last = train_one(run, sub)
             last = sub.last_report or last  # as reported: in the run's epochs, with the generation
             if last.get("failed"):

@@ -58,7 +58,7 @@ def train_run(config: dict[str, Any], session: Session) -> dict[str, Any]:
     gives the reason; it is not raised, so Ray does not retry a deterministic failure.
     """
     cfg = RunConfig.model_validate(config["run"])
-    if cfg.scheme.type == "born_again" and cfg.scheme.generations > 1 and "_generation" not in config:
+    if cfg.scheme.stages > 1 and "_generation" not in config:  # born-again generations, teacher assistants
         return run_generations(config, session, train_run)  # which calls this function once per generation
     st = build_run(config, cfg, session)
     restore(st)
