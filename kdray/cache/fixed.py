@@ -27,6 +27,8 @@ class TeacherCache:
     tokens: dict[str, np.ndarray] | None = None  # logp (N, T, k) float16; index (N, T, k), rest (N, T) unless exact
     vocab: int = 0
     stats: dict[str, float] = field(default_factory=dict)
+    members: np.ndarray | None = None  # an ensemble: each member's logits (N, M, C), so a trial combines by its rule
+    feature_member: int = 0  # whose feature maps ``features`` holds
 
     @property
     def top_k(self) -> int:
@@ -36,6 +38,7 @@ class TeacherCache:
     @property
     def nbytes(self) -> int:
         arrays = [self.logits] if self.logits is not None else list((self.tokens or {}).values())
+        arrays += [self.members] if self.members is not None else []
         return int(sum(a.nbytes for a in arrays) + sum(a.nbytes for a in self.features.values()))
 
     def __len__(self) -> int:
@@ -63,11 +66,13 @@ def plan_cache(n: int, shapes: dict[str, tuple[int, ...]], num_classes: int, max
 @torch.no_grad()
 def build_cache(
     records: list[dict[str, Any]], data: DataBundle, layers: list[str], max_bytes: int, dtype: str = "auto",
-    device: torch.device | str = "cpu", batch_size: int = 512,
+    device: torch.device | str = "cpu", batch_size: int = 512, feature_member: int = 0,
 ) -> TeacherCache | None:
-    """Run the teacher once over the training split and keep its outputs (``None`` if nothing fits)."""
+    """Run the teacher once over the training split and keep its outputs (``None`` if nothing fits): an ensemble's
+    every member's logits too, so each trial combines them by its own rule; the feature maps of ``feature_member``."""
     device = torch.device(device)
-    teacher = Teacher.from_records(records).to(device)
+    teacher = Teacher.from_records(records, feature_member=feature_member).to(device)
+    ensemble = len(teacher.members) > 1
     teacher.tap(layers)
     split = data.train
     n = len(split)
@@ -80,12 +85,16 @@ def build_cache(
         return None
     teacher.tap(keep)
     logits = np.empty((n, out.logits.shape[1]), dtype=np.float32)
+    members = np.empty((n, len(teacher.members), out.logits.shape[1]), dtype=np.float32) if ensemble else None
     feats = {k: np.empty((n, *shapes[k]), dtype=np.dtype(feat_dtype)) for k in keep}
     for idx, x, _ in Batches(split, batch_size, train=False, device=device):
         o = teacher(x)
         i = idx.cpu().numpy()
         logits[i] = o.logits.float().cpu().numpy()
+        if ensemble:
+            members[i] = torch.stack(teacher.member_outputs(x)[0], dim=1).cpu().numpy()
         for k in keep:
             feats[k][i] = o.features[k].to(torch.float16 if feat_dtype == "float16" else torch.float32).cpu().numpy()
     teacher.tap([])
-    return TeacherCache(cache_key(records, data), logits, feats, feat_dtype, note)
+    return TeacherCache(cache_key(records, data), logits, feats, feat_dtype, note, members=members,
+                        feature_member=feature_member)

@@ -18,6 +18,7 @@ from kdray.data import DataBundle
 from kdray.knowledge import TapOutputs
 from kdray.knowledge.token import TopKTokens
 from kdray.models import Teacher
+from kdray.models.checkpoint import combine
 
 
 class TeacherOutputs:
@@ -28,6 +29,7 @@ class TeacherOutputs:
         self.teacher, self.layers, self.device, self.reason = teacher, list(layers), device, reason
         self.source = "cache" if cache is not None else "live"
         self._logits: Tensor | None = None
+        self._members: Tensor | None = None  # an ensemble's members' logits, combined by the trial's rule on read
         self._tokens: dict[str, Tensor] = {}
         self._vocab = 0
         self._feats: dict[str, Tensor] = {}
@@ -41,10 +43,14 @@ class TeacherOutputs:
                     self._vocab = cache.vocab
                 else:
                     self._logits = torch.from_numpy(np.asarray(cache.logits))
+                    if cache.members is not None and teacher is not None and teacher.rule != "mean":
+                        self._members = torch.from_numpy(np.asarray(cache.members))
                 self._feats = {k: torch.from_numpy(np.asarray(cache.features[k])) for k in self.layers}
             if device.type == "cuda" and copy_to_device:  # a whole GPU: one copy, then slices on the device
                 if self._logits is not None:
                     self._logits = self._logits.to(device)
+                if self._members is not None:
+                    self._members = self._members.to(device)
                 self._tokens = {k: v.to(device) for k, v in self._tokens.items()}
                 self._feats = {k: v.to(device) for k, v in self._feats.items()}
             # Trials sharing a GPU (gpus_per_worker < 1) each copy only their batch's rows (__call__).
@@ -62,9 +68,14 @@ class TeacherOutputs:
             want = f"the top {top_k}" if top_k else f"all {cache.vocab}"
             return cls(teacher, None, layers, device, f"the cache holds the teacher's top {cache.top_k} tokens per "
                                                       f"position; this trial learns from {want}")
+        if teacher is not None and teacher.feature_member != getattr(cache, "feature_member", 0) and layers:
+            return cls(teacher, None, layers, device, "the cache holds another ensemble member's feature maps")
         if isinstance(cache, ViewCacheHandle):
             if teacher is None:  # nothing to distil (none, dml): nothing to read
                 return cls(teacher, None, layers, device, "this run has no teacher")
+            if len(teacher.members) > 1 and teacher.rule != "mean":
+                return cls(teacher, None, layers, device, "the per-epoch cache holds the ensemble's mean; this "
+                                                          f"trial combines its members by {teacher.rule}")
             if cache.key != view_cache_key(records, data, seed):
                 return cls(teacher, None, layers, device,
                            "the sweep's cache is for another teacher, data or seed (views differ)")
@@ -95,7 +106,11 @@ class TeacherOutputs:
         if self._logits is None:
             return self.teacher(x)
         i = idx if self._logits.device == idx.device else idx.to(self._logits.device)
-        logits = self._logits[i].to(self.device, non_blocking=True)
+        if self._members is not None:  # (B, M, C) -> the trial's own rule
+            m = self._members[i].to(self.device, non_blocking=True).transpose(0, 1)
+            logits = combine(m, self.teacher.rule, self.teacher.weights)
+        else:
+            logits = self._logits[i].to(self.device, non_blocking=True)
         feats = {k: v[i].to(self.device, non_blocking=True).float() for k, v in self._feats.items()}
         return TapOutputs(logits, feats)
 

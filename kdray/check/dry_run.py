@@ -210,7 +210,7 @@ def _teacher(cfg: RunConfig, info: Any, file: str | Path | None, records: list[d
                 "seen this run's validation samples, which favours distillation in selection. Retrain it "
                 "on this split, or set teacher.allow_split_mismatch: true to accept that", file, where)
         members.append(model_from_record(rec))
-    teacher = Teacher(members)
+    teacher = Teacher(members, **cfg.teacher.ensemble.model_dump())
     report.teacher = "+".join(r["model"] for r in records)
     report.teacher_params = sum(p.numel() for p in teacher.members[0].parameters())
     return teacher
@@ -220,7 +220,7 @@ def _knowledge(cfg: RunConfig, teacher: Teacher | None, student: Classifier, fil
                report: DryRun) -> dict[int, Knowledge]:
     """Each knowledge type built with its layers resolved (a layer a model lacks names the field and the valid
     ones), then shown the two networks (OFD watches the teacher's BatchNorms)."""
-    t_layout = ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), "")
+    t_layout = ModelLayout.of(teacher.feature_model) if teacher else ModelLayout((), "")
     s_layout = ModelLayout.of(student)
     modules = {}
     lm = bool(getattr(student, "causal_lm", False))
@@ -235,7 +235,7 @@ def _knowledge(cfg: RunConfig, teacher: Teacher | None, student: Classifier, fil
         except ValueError as e:
             raise ConfigError(str(e), file, f"knowledge.{i}") from None
         try:
-            check_layers(teacher.members[0].net, k.teacher_layers, report.teacher)
+            check_layers(teacher.feature_model.net, k.teacher_layers, report.teacher)
         except LayerNotFound as e:
             raise ConfigError(f"teacher {e}", file, _layer_field(i, spec, e.missing, "teacher")) from None
         try:
@@ -246,7 +246,7 @@ def _knowledge(cfg: RunConfig, teacher: Teacher | None, student: Classifier, fil
     if teacher is not None:  # before the dry forward pass, which a type may watch
         for i, k in modules.items():
             try:
-                k.bind_models(teacher.members[0].net, student.net)
+                k.bind_models(teacher.feature_model.net, student.net)
             except Exception as e:  # noqa: BLE001 - a layer the loss cannot use is a config problem
                 raise ConfigError(f"{spec_name(cfg, i)} cannot use these models: {e}", file,
                                   f"knowledge.{i}") from None

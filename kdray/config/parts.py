@@ -214,6 +214,25 @@ class TeacherTrainSpec(Strict):
         "dataset.labelled_fraction); 1.0: a teacher that saw every label, as one trained elsewhere")
 
 
+class EnsembleConfig(Strict):
+    """How an ensemble of teachers (``checkpoint: [a, b, ...]``) is combined into one: its members' logits weighted by
+    a named rule, and the member whose feature maps the feature knowledge taps."""
+
+    rule: Literal["mean", "fixed", "confidence"] = Field(
+        "mean", description="mean: the members' logits averaged; fixed: weighted by `weights`; confidence: per sample, "
+                            "each member weighted by its top-class probability (normalised over members); searchable")
+    weights: list[float] | None = Field(None, description="fixed: one non-negative weight per checkpoint")
+    feature_member: int = Field(0, ge=0, description="which checkpoint's feature maps the feature knowledge taps")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "EnsembleConfig":
+        if (self.rule == "fixed") != (self.weights is not None):
+            raise ValueError("`weights` go with rule fixed, and rule fixed needs them")
+        if self.weights is not None and (min(self.weights) < 0 or sum(self.weights) <= 0):
+            raise ValueError(f"weights must be >= 0 and not all 0, got {self.weights}")
+        return self
+
+
 class TeacherConfig(Strict):
     """Where the teacher comes from: exactly one of a kdray checkpoint, a config to train first, a model by name
     (``hf/...``, ``timm/...`` with its pretrained weights) or a model in the MLflow registry."""
@@ -235,6 +254,8 @@ class TeacherConfig(Strict):
     allow_split_mismatch: bool = Field(
         False, description="use a teacher trained on another train/validation split (it has seen validation "
         "samples, which biases selection towards distillation); tagged in MLflow")
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig,
+                                     description="an ensemble (checkpoint list): how its members are combined")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
@@ -249,6 +270,11 @@ class TeacherConfig(Strict):
             raise ValueError("`options` go with `name`")
         if self.mlflow is not None and not self.mlflow.startswith(("models:/", "runs:/")):
             raise ValueError(f"`mlflow` must be a models:/ or runs:/ URI, got {self.mlflow!r}")
+        e, n = self.ensemble, len(self.checkpoints) or 1
+        if e.weights is not None and len(e.weights) != n:
+            raise ValueError(f"ensemble.weights has {len(e.weights)} weights for {n} checkpoint(s)")
+        if e.feature_member >= n:
+            raise ValueError(f"ensemble.feature_member is {e.feature_member}, but there are {n} checkpoint(s)")
         return self
 
     @property

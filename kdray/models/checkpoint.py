@@ -23,6 +23,30 @@ from kdray.models.taps import FeatureTaps
 from kdray.models.zoo import Classifier, Preprocess, build_model, unwrap
 
 FORMAT = "kdray.model/1"
+ENSEMBLE_RULES = ("mean", "fixed", "confidence")
+
+
+def combine(logits: list[Tensor] | Tensor, rule: str = "mean", weights: list[float] | None = None) -> Tensor:
+    """An ensemble's logits from its members' (a list of (B, C), or (M, B, C)): ``mean`` their average; ``fixed`` the
+    average weighted by ``weights`` (normalised); ``confidence`` per sample, each member weighted by its top-class
+    probability over the members' sum (a confident member counts more where it is confident). The weights are on
+    the logits, as the mean always was (a weighted geometric mean of the members' distributions)."""
+    z = torch.stack(list(logits)) if isinstance(logits, (list, tuple)) else logits
+    z = z.float()
+    if rule == "mean":
+        total = z[0]
+        for k in range(1, z.shape[0]):  # summed in order, as kdray always did: the same bits
+            total = total + z[k]
+        return total / z.shape[0]
+    if rule == "fixed":
+        w = torch.as_tensor(weights, dtype=z.dtype, device=z.device)
+        w = (w / w.sum()).view(-1, *([1] * (z.dim() - 1)))
+    elif rule == "confidence":
+        c = torch.softmax(z, dim=-1).amax(-1)  # (M, B)
+        w = (c / c.sum(0, keepdim=True))[..., None]
+    else:
+        raise ValueError(f"unknown ensemble rule {rule!r}; known: {', '.join(ENSEMBLE_RULES)}")
+    return (w * z).sum(0)
 
 
 def model_record(
@@ -154,36 +178,52 @@ class Teacher(nn.Module):
     its outputs are its hidden states and head, from which the loss makes logits a chunk at a time.
     """
 
-    def __init__(self, members: list[Classifier]) -> None:
+    def __init__(self, members: list[Classifier], rule: str = "mean", weights: list[float] | None = None,
+                 feature_member: int = 0) -> None:
         super().__init__()
         if not members:
             raise ValueError("a teacher needs at least one model")
         self.causal_lm = bool(getattr(members[0], "causal_lm", False))
         if self.causal_lm and len(members) > 1:
             raise ValueError("an ensemble of language-model teachers is not supported: give one checkpoint")
+        if rule not in ENSEMBLE_RULES:
+            raise ValueError(f"unknown ensemble rule {rule!r}; known: {', '.join(ENSEMBLE_RULES)}")
         self.members = nn.ModuleList(members)
+        self.rule, self.weights, self.feature_member = rule, weights, int(feature_member)
         self.requires_grad_(False)
         self.eval()
-        self.taps = FeatureTaps(self.members[0].net, [])
+        self.taps = FeatureTaps(self.feature_model.net, [])
+
+    @property
+    def feature_model(self) -> Classifier:
+        """The member whose feature maps the feature knowledge taps (``ensemble.feature_member``)."""
+        return self.members[self.feature_member]
 
     @classmethod
-    def from_records(cls, records: list[dict[str, Any]]) -> "Teacher":
-        return cls([model_from_record(r) for r in records])
+    def from_records(cls, records: list[dict[str, Any]], rule: str = "mean", weights: list[float] | None = None,
+                     feature_member: int = 0) -> "Teacher":
+        return cls([model_from_record(r) for r in records], rule, weights, feature_member)
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # a teacher never leaves eval mode (BatchNorm stats stay frozen)
 
     def tap(self, layers: list[str]) -> None:
         self.taps.remove()
-        self.taps = FeatureTaps(self.members[0].net, layers)
+        self.taps = FeatureTaps(self.feature_model.net, layers)
+
+    @torch.no_grad()
+    def member_outputs(self, x: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Each member's logits, and the taps of the feature member."""
+        out = self.taps.run(self.feature_model, x, states=self.causal_lm)
+        logits = [out.logits.float() if k == self.feature_member else m(x).float()
+                  for k, m in enumerate(self.members)]
+        return logits, out.features
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> TapOutputs:
-        """Logits and taps; a causal LM's ``logits`` are its hidden states and head (TokenStates)."""
-        out = self.taps.run(self.members[0], x, states=self.causal_lm)
+        """Logits and taps; a causal LM's ``logits`` are its hidden states and head (TokenStates); an ensemble's
+        logits its members' combined by its rule (:func:`combine`)."""
         if len(self.members) == 1:
-            return out
-        logits = out.logits.float()
-        for m in self.members[1:]:
-            logits = logits + m(x).float()
-        return TapOutputs(logits / len(self.members), out.features)
+            return self.taps.run(self.members[0], x, states=self.causal_lm)
+        logits, features = self.member_outputs(x)
+        return TapOutputs(combine(logits, self.rule, self.weights), features)

@@ -17,7 +17,8 @@ def cache_summary(cache: Any, why_not: str = "") -> dict[str, Any] | None:
 
 
 def _build_cache_task(records: list, dataset: dict[str, Any], layers: list[str], max_bytes: int, dtype: str,
-                      use_gpu: bool, summarise: bool = False, tokens: dict[str, Any] | None = None):
+                      use_gpu: bool, summarise: bool = False, tokens: dict[str, Any] | None = None,
+                      feature_member: int = 0):
     """The cache (and, with ``summarise``, its summary as a second return value: what the driver reads). A language
     model's (``tokens``: the top-k to keep, the tail rule, the k whose truncation is measured) holds each
     position's top-k (:mod:`kdray.cache.tokens`)."""
@@ -38,7 +39,7 @@ def _build_cache_task(records: list, dataset: dict[str, Any], layers: list[str],
         cache, why_not = build_token_cache(records, data, layers, max_bytes, device, **tokens)
         why_not = "" if cache is not None else why_not
     else:
-        cache = build_cache(records, data, layers, max_bytes, dtype, device)
+        cache = build_cache(records, data, layers, max_bytes, dtype, device, feature_member=feature_member)
     return (cache, cache_summary(cache, why_not)) if summarise else cache
 
 
@@ -69,7 +70,9 @@ def teacher_layers_needed(space: SearchSpace, records: list[dict[str, Any]]) -> 
     from kdray.knowledge import DistillObjective, ModelLayout
     from kdray.models import model_from_record
 
-    t_layout = ModelLayout.of(model_from_record(records[0]))
+    member = space.base.get("teacher", {}) or {}
+    member = int(((member.get("ensemble") or {}).get("feature_member")) or 0)
+    t_layout = ModelLayout.of(model_from_record(records[min(member, len(records) - 1)]))
     layers: list[str] = []
     for point in space.representative_points():
         cfg = space.resolve(point)
@@ -118,14 +121,15 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
     args = (refs, base.dataset.model_dump(mode="json"), layers, base.cache.max_bytes, base.cache.dtype,
             base.resources.use_gpu)
     tokens = token_request(space, base)
+    member = base.teacher.ensemble.feature_member  # every member's logits are kept; this one's feature maps
     if base.resources.use_gpu:  # the teacher pass belongs on a GPU node: a Ray task there
         task = ray.remote(_build_cache_task).options(num_cpus=base.resources.cpus_per_worker,
                                                      num_gpus=min(1.0, base.resources.gpus_per_worker),
                                                      num_returns=2)
-        ref, summary_ref = task.remote(*args, summarise=True, tokens=tokens)
+        ref, summary_ref = task.remote(*args, summarise=True, tokens=tokens, feature_member=member)
         summary = ray.get(summary_ref)  # a few numbers: the cache itself (up to max_bytes) stays in the store
     else:  # on CPU, here: no worker process to start for one pass over the data
-        cache, summary = _build_cache_task(*args, summarise=True, tokens=tokens)
+        cache, summary = _build_cache_task(*args, summarise=True, tokens=tokens, feature_member=member)
         ref = ray.put(cache) if cache is not None else None
     if summary is None or "none" in summary:
         say("teacher-output cache: " + (summary["none"] if summary else "nothing fits the memory budget "

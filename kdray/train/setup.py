@@ -234,7 +234,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
         peers = [nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in peers]
         student = peers[0]
     objective = DistillObjective.from_specs(
-        cfg.knowledge, ModelLayout.of(teacher.members[0]) if teacher else ModelLayout((), ""),
+        cfg.knowledge, ModelLayout.of(teacher.feature_model) if teacher else ModelLayout((), ""),
         ModelLayout.of(student), cfg.ce_weight, cfg.train.label_smoothing,
         TeacherView(cfg.cache.top_k, cfg.cache.tail), cfg.train.token_chunk,
     )
@@ -322,7 +322,7 @@ def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
     if cfg.knowledge or cfg.student.init_from_teacher or cfg.scheme.type == "seq_kd":
         if not records:
             raise ValueError("this run has knowledge terms but was given no teacher")
-        teacher = Teacher.from_records(records).to(device)
+        teacher = Teacher.from_records(records, **cfg.teacher.ensemble.model_dump()).to(device)
     if cfg.student.init_from_teacher:  # the same on every rank: copied from the same teacher weights
         from kdray.models.hf_lm import init_from_teacher
 
@@ -358,7 +358,7 @@ def _bind(objective: DistillObjective, data: DataBundle, teacher: Teacher | None
         x0 = to_float(data.train.head(2).to(device))
         student.eval()
         with torch.no_grad():
-            objective.bind_models(teacher.members[0].net, student.net)  # before the pass: OFD watches it
+            objective.bind_models(teacher.feature_model.net, student.net)  # before the pass: OFD watches it
             objective.bind(teacher(x0).features, s_taps.run(student, x0, states=student.causal_lm).features)
         student.train()
     objective.to(device)
