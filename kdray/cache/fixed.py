@@ -11,7 +11,9 @@ import torch
 
 from kdray.cache.keys import cache_key
 from kdray.data import Batches, DataBundle
+from kdray.knowledge import TapOutputs
 from kdray.models import Teacher
+from kdray.models.checkpoint import combine
 
 
 @dataclass
@@ -80,19 +82,29 @@ def build_cache(
     probe = next(iter(Batches(split, 2, train=False, device=device)))[1]
     out = teacher(probe)
     shapes = {k: tuple(v.shape[1:]) for k, v in out.features.items()}
-    feat_dtype, keep, note = plan_cache(n, shapes, out.logits.shape[1], max_bytes, dtype)
+    # an ensemble's members' logits come out of the budget first (without them a trial's rule cannot be honoured)
+    member_bytes = n * len(teacher.members) * int(out.logits.shape[1]) * 4 if ensemble else 0
+    if member_bytes and member_bytes > max_bytes // 2:
+        ensemble, member_bytes = False, 0  # too large: the mean only; trials with another rule run live
+    feat_dtype, keep, note = plan_cache(n, shapes, out.logits.shape[1], max_bytes - member_bytes, dtype)
     if feat_dtype is None:
         return None
+    if len(teacher.members) > 1:
+        note += ("; each member's logits" if ensemble else
+                 "; the members' mean only (their logits exceed half the budget)")
     teacher.tap(keep)
     logits = np.empty((n, out.logits.shape[1]), dtype=np.float32)
     members = np.empty((n, len(teacher.members), out.logits.shape[1]), dtype=np.float32) if ensemble else None
     feats = {k: np.empty((n, *shapes[k]), dtype=np.dtype(feat_dtype)) for k in keep}
     for idx, x, _ in Batches(split, batch_size, train=False, device=device):
-        o = teacher(x)
         i = idx.cpu().numpy()
+        if ensemble:  # one pass: every member's logits, and their mean from them (as the live teacher makes it)
+            member_logits, features = teacher.member_outputs(x)
+            o = TapOutputs(combine(member_logits), features)
+            members[i] = torch.stack(member_logits, dim=1).cpu().numpy()
+        else:
+            o = teacher(x)
         logits[i] = o.logits.float().cpu().numpy()
-        if ensemble:
-            members[i] = torch.stack(teacher.member_outputs(x)[0], dim=1).cpu().numpy()
         for k in keep:
             feats[k][i] = o.features[k].to(torch.float16 if feat_dtype == "float16" else torch.float32).cpu().numpy()
     teacher.tap([])

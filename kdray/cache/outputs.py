@@ -70,6 +70,10 @@ class TeacherOutputs:
                                                       f"position; this trial learns from {want}")
         if teacher is not None and teacher.feature_member != getattr(cache, "feature_member", 0) and layers:
             return cls(teacher, None, layers, device, "the cache holds another ensemble member's feature maps")
+        if (teacher is not None and len(teacher.members) > 1 and teacher.rule != "mean"
+                and not isinstance(cache, ViewCacheHandle) and getattr(cache, "members", None) is None):
+            return cls(teacher, None, layers, device, "the cache holds the ensemble's mean only; this trial combines "
+                                                      f"its members by {teacher.rule}")
         if isinstance(cache, ViewCacheHandle):
             if teacher is None:  # nothing to distil (none, dml): nothing to read
                 return cls(teacher, None, layers, device, "this run has no teacher")

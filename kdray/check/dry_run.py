@@ -100,9 +100,29 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
         student = student_from_teacher(cfg, teacher, info, file)
         report.student_params = sum(p.numel() for p in student.parameters())
     _check_on_policy(cfg, info, student, file)
+    teacher = _check_chain(cfg, info, teacher, file)
     modules = _knowledge(cfg, teacher, student, file, report)
     _forward(cfg, info, teacher, student, modules, file, report)
     return report
+
+
+def _check_chain(cfg: RunConfig, info: Any, teacher: Teacher | None, file: str | Path | None) -> Teacher | None:
+    """``scheme: assistant``: every stage as it will run, each assistant taught by the model before it with the run's
+    knowledge terms (their layers must exist in both); returns the student's teacher, the last assistant."""
+    if cfg.scheme.type != "assistant":
+        return teacher
+    for j, m in enumerate(cfg.scheme.chain):
+        net = _build(cfg, info, file, m.name, m.options, f"scheme.chain.{j}")
+        scratch = DryRun(cfg.knowledge_label, None, m.name)
+        try:
+            modules = _knowledge(cfg, teacher, net, file, scratch)
+            _forward(cfg, info, teacher, net, modules, file, scratch)
+        except ConfigError as e:
+            raise ConfigError([(f"scheme.chain.{j}", f"assistant {j} ({m.name}), taught by "
+                                f"{'the teacher' if j == 0 else f'assistant {j - 1}'}: {msg}")
+                               for _, msg in e.errors], file) from None
+        teacher = Teacher([net])
+    return teacher
 
 
 def _check_lora(cfg: RunConfig, student: Classifier, file: str | Path | None) -> None:
@@ -127,6 +147,16 @@ def _check_on_policy(cfg: RunConfig, info: Any, student: Classifier, file: str |
     why = prompt_rows_error(cfg, info)
     if why:
         raise ConfigError(why, file, "scheme.type")
+    if any(k["type"] == "tkd" and k["divergence"] == "rkl_sampled" for k in cfg.knowledge):
+        hf = getattr(student.net, "hf", None)
+        rates = [m.p for m in student.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        rates += [v for k in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+                  if isinstance(v := getattr(getattr(hf, "config", None), k, 0.0), float) and v > 0]
+        if rates:  # the samples are drawn without dropout, the loss's log q(y) would be taken with it
+            raise ConfigError(f"rkl_sampled weighs each sampled token by log q(y) of the distribution it was drawn "
+                              f"from, but the student has dropout ({max(rates)}): set it to 0 (e.g. options "
+                              "{config: {resid_pdrop: 0, embd_pdrop: 0, attn_pdrop: 0}}) or use rkl", file,
+                              "student.options")
     if cfg.scheme.type != "on_policy" or not cfg.scheme.max_new_tokens:
         return
     hf = getattr(student.net, "hf", None)

@@ -11,7 +11,8 @@ Every row is one example, ``prompt`` then ``answer`` then the end token, in a ch
 Every prompt has the same length (shorter bodies are left-padded with ``_``), so a batch's prompts are its first
 ``prompt_len`` tokens: what on-policy distillation generates from and what ``val_exact_match`` greedily completes.
 The targets are the answer and its end token; the padding after a short answer is not trained on (-100). The test
-examples come from their own seed and no training or validation example shares a prompt with one.
+examples come from their own seed; no training or validation row shares a prompt with a test row or with another
+training or validation row.
 """
 from __future__ import annotations
 
@@ -134,7 +135,13 @@ def load_tasks(cfg: "DatasetSpec") -> DataBundle:
         test = make_rows(o["test_examples"], o, 1)
         rows = make_rows(o["train_examples"], o, 0)
         held = {r[:p].tobytes() for r in test}
-        rows = rows[np.array([r[:p].tobytes() not in held for r in rows])]
+        seen: set[bytes] = set()  # one row per prompt: a prompt in both training and validation would be memorised
+        keep = []
+        for r in rows:
+            key = r[:p].tobytes()
+            keep.append(key not in held and key not in seen)
+            seen.add(key)
+        rows = rows[np.array(keep)]
         tr, va, _ = split_documents(len(rows), cfg.val_fraction, cfg.split_seed, None)
         out = {}
         for part, r in (("train", rows[tr]), ("val", rows[va]), ("test", test)):

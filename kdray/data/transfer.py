@@ -7,11 +7,14 @@ student against the truth):
 * ``dataset.labelled_fraction``: the labels of a seeded share of the training split are kept, the others hidden
   (``-100``): what most users have, a few labels among many samples;
 * ``dataset.transfer``: another data set's training and validation inputs join the training split unlabelled (the same
-  input shape; their labels, if any, are ignored).
+  input shape and dtype; their labels, if any, are ignored; any sample equal to one of this data set's validation or
+  test samples is dropped, so selection and ``final`` never see a sample that trained).
 
 An unlabelled sample trains only through the knowledge terms: the cross-entropy is the mean over the batch's labelled
 samples (:class:`~kdray.knowledge.DistillObjective` with ``partial_labels``), so a labels-only run (``none``) learns
-from the labelled share alone, and a distilling one from all of it. The teacher-output cache covers every training
+from the labelled share alone, and a distilling one from all of it. The mean is per batch and rank: with several DDP
+ranks or accumulated batches, each one's labelled mean counts alike (unlike a language model's loss, which is
+normalised by the tokens of every rank). The teacher-output cache covers every training
 sample, labelled or not.
 """
 from __future__ import annotations
@@ -65,10 +68,14 @@ def with_transfer(bundle: Any, cfg: Any, load: Any) -> Any:
         if extra.info.causal_lm or not extra.train.in_memory:
             raise ValueError(f"dataset.transfer: {extra.name!r} must be a classifier's data set held in memory")
         xs = torch.cat([extra.train.x, extra.val.x])
-        if tuple(xs.shape[1:]) != tuple(x.shape[1:]):
-            raise ValueError(f"dataset.transfer: {extra.name!r} has samples of shape {tuple(xs.shape[1:])}, the "
-                             f"data set {tuple(x.shape[1:])}")
-        x = torch.cat([x, xs.to(x.dtype)])
+        if tuple(xs.shape[1:]) != tuple(x.shape[1:]) or xs.dtype != x.dtype:
+            raise ValueError(f"dataset.transfer: {extra.name!r} has samples of shape {tuple(xs.shape[1:])} "
+                             f"({str(xs.dtype).removeprefix('torch.')}), the data set "
+                             f"{tuple(x.shape[1:])} ({str(x.dtype).removeprefix('torch.')})")
+        # a transfer sample equal to a validation or test sample would put it in training: dropped
+        held = {r.numpy().tobytes() for part in (bundle.val, bundle.test) if part.in_memory for r in part.x}
+        xs = xs[torch.tensor([r.numpy().tobytes() not in held for r in xs], dtype=torch.bool)]
+        x = torch.cat([x, xs])
         y = torch.cat([y, torch.full((len(xs),), HIDDEN, dtype=y.dtype)])
         added = len(xs)
         h.update(extra.fingerprint.encode())

@@ -64,7 +64,8 @@ def complete(model: nn.Module, prompts: Tensor, new_tokens: int, *, temperature:
         else:
             seq = prompts
             for _ in range(new_tokens):
-                token = pick(model(seq)[:, -1].float(), temperature, top_p, generator)
+                z = model(seq)[:, -1].float()
+                token = pick(z[:, :vocab] if vocab else z, temperature, top_p, generator)
                 out.append(token)
                 seq = torch.cat([seq, token[:, None].to(seq.dtype)], dim=1)
     finally:

@@ -11,6 +11,7 @@ state also holds the unmerged weights (:func:`trainable_state`).
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -40,14 +41,24 @@ def apply_lora(net: nn.Module, r: int, alpha: float, dropout: float, target_modu
     except ImportError:
         raise LoraUnavailable("student.peft needs peft: pip install peft") from None
     hf = _hf_model(net)
+    if not getattr(net, "kd_causal_lm", False):  # a classifier's head is new: frozen, it would stay random
+        raise LoraUnavailable("LoRA students are causal language models here (hf-lm/..., tiny_llama, tiny_qwen3, "
+                              "tiny_gpt2): a classifier's new head would stay frozen at its random start")
     config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
                         target_modules=target_modules, bias="none")
     for p in hf.parameters():
         p.requires_grad_(False)
+    embeddings = {id(m) for m in (hf.get_input_embeddings(), hf.get_output_embeddings()) if m is not None}
     try:
-        inject_adapter_in_model(config, hf, adapter_name=ADAPTER)
+        with warnings.catch_warnings():  # peft warns of a tied layer among the targets: refused just below
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+            inject_adapter_in_model(config, hf, adapter_name=ADAPTER)
     except ValueError as e:  # no module of that name
         raise LoraUnavailable(str(e).strip().splitlines()[0]) from None
+    on_embeddings = [n for n, m in _lora_layers(hf).items() if id(m.get_base_layer()) in embeddings]
+    if on_embeddings:  # kdray's chunked loss reads the head's weight itself: an adapter there would never train
+        raise LoraUnavailable(f"target_modules reach the embeddings or the output head ({', '.join(on_embeddings)}): "
+                              "adapt the transformer layers' linear maps (q_proj, v_proj, ... or all-linear)")
     for name, p in hf.named_parameters():
         p.requires_grad_(".lora_" in name)
     net.kd_lora = True

@@ -179,10 +179,14 @@ def _generations_task(records: list, dataset: dict[str, Any], use_gpu: bool) -> 
 
     data = load_dataset(DatasetConfig.model_validate(dataset))
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    teacher = model_from_record(resolve_ref(records[0])).to(device).eval()
+    from kdray.cache.keys import cache_key
+
+    records = [resolve_ref(r) for r in records]
+    teacher = model_from_record(records[0]).to(device).eval()
     info = data.info
-    return teacher_rows(teacher, data.train, info.prompt_len, info.eos_token_id, info.pad_token_id or 0,
+    rows = teacher_rows(teacher, data.train, info.prompt_len, info.eos_token_id, info.pad_token_id or 0,
                         device=device)
+    return {**rows, "key": cache_key(records, data)}  # which teacher and data they answer: trials compare
 
 
 def prepare_generations(space: SearchSpace, base: RunConfig, refs: list, say) -> Any:

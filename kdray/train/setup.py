@@ -222,7 +222,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     move_small_splits(data, device)
     records = [resolve_ref(r) for r in config.get("teacher_records") or []]
     teacher, student, peers, peer_cfgs = _models(cfg, data, records, device)
-    generations = _seq_kd(config, cfg, data, teacher, device)
+    generations = _seq_kd(config, cfg, data, records, teacher, device)
     # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
     if session.rank == 0:
@@ -283,8 +283,8 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     return st
 
 
-def _seq_kd(config: dict[str, Any], cfg: RunConfig, data: DataBundle, teacher: Teacher | None,
-            device: torch.device) -> dict[str, str]:
+def _seq_kd(config: dict[str, Any], cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
+            teacher: Teacher | None, device: torch.device) -> dict[str, str]:
     """``scheme: seq_kd``: the training split becomes the teacher's answers to its prompts (the sweep's, made once
     and shared, else made here). Returns what the run reports about them."""
     if cfg.scheme.type != "seq_kd":
@@ -295,18 +295,20 @@ def _seq_kd(config: dict[str, Any], cfg: RunConfig, data: DataBundle, teacher: T
     why = prompt_rows_error(cfg, data.info)
     if why:
         raise ValueError(f"scheme.type: {why}")
+    from kdray.cache.keys import cache_key
+
     rows = resolve_ref(config.get("teacher_generations"))
-    shared = rows is not None
+    note = "shared"
+    if rows is not None and rows.get("key") != cache_key(records, data):  # a searched data option, another split
+        rows, note = None, "made here (the sweep's answers are for another teacher or data)"
     if rows is None:
         info = data.info
         rows = teacher_rows(teacher.members[0], data.train, info.prompt_len, info.eos_token_id,
                             info.pad_token_id or 0, device=device)
-    if len(rows["x"]) != len(data.train):
-        raise ValueError(f"the teacher's answers cover {len(rows['x'])} prompts, the training split has "
-                         f"{len(data.train)}: they were made for other data")
+        note = "made here" if note == "shared" else note
     data.train = as_split(rows, data.info.prompt_len)
     move_small_splits(data, device)
-    return {"teacher_generations": "shared" if shared else "made here"}
+    return {"teacher_generations": note}
 
 
 def deliverable(model: nn.Module) -> nn.Module:
@@ -322,7 +324,9 @@ def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
     if cfg.knowledge or cfg.student.init_from_teacher or cfg.scheme.type == "seq_kd":
         if not records:
             raise ValueError("this run has knowledge terms but was given no teacher")
-        teacher = Teacher.from_records(records, **cfg.teacher.ensemble.model_dump()).to(device)
+        # an ensemble's rule and feature member; a later born-again / assistant stage has one teacher record
+        ensemble = cfg.teacher.ensemble.model_dump() if cfg.teacher is not None and len(records) > 1 else {}
+        teacher = Teacher.from_records(records, **ensemble).to(device)
     if cfg.student.init_from_teacher:  # the same on every rank: copied from the same teacher weights
         from kdray.models.hf_lm import init_from_teacher
 

@@ -81,3 +81,16 @@ def test_what_cannot_work_is_refused_naming_the_field(run, field):
     with pytest.raises(ConfigError) as e:
         RunConfig.model_validate(run)
     assert field in str(e.value)
+
+
+def test_check_runs_every_stage_and_names_the_assistant_a_layer_is_missing_from(images_teacher):  # noqa: F811
+    from kdray.check import dry_run
+
+    fitnet = {**assistant([MID]), "knowledge": [{"type": "fitnet", "teacher_layer": "stage2",
+                                                  "student_layer": "stage2"}]}
+    report = dry_run(RunConfig.model_validate(fitnet), teacher_records=[images_teacher])
+    assert report.knowledge == "assistant+fitnet"
+    bad = {**fitnet, "scheme": {"type": "assistant", "chain": [{"name": "mlp"}]}}  # an MLP has no stage2
+    with pytest.raises(ConfigError) as e:
+        dry_run(RunConfig.model_validate(bad), teacher_records=[images_teacher])
+    assert e.value.fields == ["scheme.chain.0"] and "assistant 0 (mlp)" in str(e.value)

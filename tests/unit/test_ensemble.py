@@ -86,3 +86,31 @@ def test_a_sweep_searches_the_rule():
                   "knowledge": {"kd": {}}}})
     cfg = space.resolve({"knowledge": "kd", "teacher.ensemble.rule": "confidence"})
     assert cfg.teacher.ensemble.rule == "confidence"
+
+
+def test_a_cache_too_small_for_every_members_logits_keeps_the_mean_and_another_rule_runs_live(members):
+    data = load_dataset(DatasetConfig(name="test_blobs"))
+    full = build_cache(members, data, [], max_bytes=2**30)
+    small = build_cache(members, data, [], max_bytes=full.logits.nbytes * 2 + 1)  # the members need 2x the logits
+    assert small is not None and small.members is None and "mean only" in small.note
+    live = Teacher.from_records(members, "confidence")
+    out = TeacherOutputs.create(live, small, members, data, [], torch.device("cpu"))
+    assert out.source == "live" and "mean only" in out.reason
+    mean = TeacherOutputs.create(Teacher.from_records(members), small, members, data, [], torch.device("cpu"))
+    assert mean.source == "cache"
+
+
+def test_a_born_again_run_of_an_ensemble_teacher_with_a_feature_member_reaches_its_second_generation(members,
+                                                                                                    tmp_path):
+    """From generation 2 the teacher is one record (the generation before): the ensemble's settings no longer apply."""
+    from kdray.train.loop import train_run
+    from kdray.train.session import Session
+
+    run = RunConfig.model_validate({
+        "dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"}, "knowledge": [{"type": "kd"}],
+        "teacher": {"checkpoint": ["a.pt", "b.pt"], "ensemble": {"rule": "fixed", "weights": [1, 3],
+                                                                  "feature_member": 1}},
+        "scheme": {"type": "born_again", "generations": 2}, "train": {"epochs": 1, "batch_size": 64}})
+    last = train_run({"run": run.model_dump(mode="json"), "teacher_records": members},
+                     Session(checkpoint_root=tmp_path))
+    assert last["generation"] == 2 and not last.get("failed")

@@ -111,3 +111,22 @@ def test_a_teacher_stored_before_student_options_existed_is_still_found():
         "dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"}, "knowledge": [{"type": "kd"}],
         "teacher": {"train": {"model": {"name": "test_cnn1d"}, "train": {"epochs": 6, "batch_size": 64, "lr": 0.01}}}})
     assert trained_teacher_path(cfg, "/runs", "abc") == "/runs/teachers/test_cnn1d-39b839cdf12d.pt"
+
+
+def test_lora_on_a_classifier_or_on_the_embeddings_is_refused(tmp_path):
+    """A Hugging Face classifier's head is new: frozen under LoRA it would stay random. An adapter on the embeddings or
+    the head would never reach kdray's chunked loss (it reads the head's weight itself)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from kdray.models.lora import LoraUnavailable, apply_lora
+
+    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, vocab_size=50, num_labels=3)
+                                  ).save_pretrained(tmp_path / "bert")
+    clf = build_model(f"hf/{tmp_path / 'bert'}", 3, Preprocess((8,), passthrough=True))
+    with pytest.raises(LoraUnavailable, match="classifier's new head"):
+        apply_lora(clf.net, 2, 4.0, 0.0, "all-linear")
+    with pytest.raises(ConfigError) as e:
+        dry_run(RunConfig.model_validate({**RUN, "student": {**RUN["student"],
+                                                              "peft": {"target_modules": ["embed_tokens"]}}}))
+    assert "student.peft.target_modules" in str(e.value) and "embeddings" in str(e.value)

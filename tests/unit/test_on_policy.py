@@ -55,11 +55,16 @@ def test_every_task_row_holds_its_exact_answer_and_trains_only_on_it(tasks):
     assert seen == {"A", "S", "C"}
 
 
-def test_no_training_or_validation_row_shares_a_prompt_with_a_test_row(tasks):
+def test_no_row_shares_a_prompt_with_a_test_row_or_with_another_training_or_validation_row(tasks):
     p = tasks.info.prompt_len
     test = {tuple(r[:p].tolist()) for r in tasks.test.x}
     for split in (tasks.train, tasks.val):
         assert not any(tuple(r[:p].tolist()) in test for r in split.x)
+    seen = [tuple(r[:p].tolist()) for r in torch.cat([tasks.train.x, tasks.val.x])]
+    assert len(set(seen)) == len(seen)  # a prompt in training and validation would be memorised, not answered
+    one_digit = load_dataset(DatasetConfig.model_validate({"name": "lm_tasks", "options": {
+        "tasks": ["add"], "digits": 1, "train_examples": 400}}))
+    assert len(one_digit.train) + len(one_digit.val) <= 100  # only 100 one-digit additions exist
 
 
 class NextIsPlusOne(nn.Module):
@@ -211,6 +216,16 @@ def test_on_policy_configurations_that_cannot_work_are_refused_naming_the_field(
     with pytest.raises(ConfigError) as e:
         RunConfig.model_validate({**BASE, **extra})
     assert field in str(e.value)
+
+
+def test_check_refuses_rkl_sampled_for_a_student_with_dropout():
+    run = {**BASE, "student": {"name": "tiny_gpt2", "options": TINY},  # GPT-2 drops 10 % by default
+           "knowledge": [{"type": "tkd", "divergence": "rkl_sampled"}], "scheme": {"type": "on_policy"}}
+    with pytest.raises(ConfigError) as e:
+        dry_run(RunConfig.model_validate(run))
+    assert e.value.fields == ["student.options"] and "dropout" in str(e.value)
+    quiet = {**TINY, "config": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}
+    assert dry_run(RunConfig.model_validate({**run, "student": {"name": "tiny_gpt2", "options": quiet}}))
 
 
 def test_check_refuses_on_policy_on_data_without_prompts_and_completions_longer_than_the_student():

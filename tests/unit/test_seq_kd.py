@@ -67,3 +67,21 @@ def test_seq_kd_where_it_cannot_work_is_refused_naming_the_field():
     with pytest.raises(ConfigError) as e:
         dry_run(cfg)
     assert "scheme.type" in str(e.value) and "prompt" in str(e.value)
+
+
+def test_a_sweeps_answers_for_other_data_are_not_used(tmp_path):
+    """The rows a sweep shares carry the key of the teacher and data they answer; a trial whose data differ (a searched
+    data option) makes its own instead of training on answers to other prompts."""
+    data = load_dataset(DatasetConfig.model_validate(DATA))
+    info = data.info
+    torch.manual_seed(3)
+    teacher = build_model("tiny_llama", info.num_classes, Preprocess(info.input_shape, passthrough=True), TINY).eval()
+    rec = model_record(teacher, model_name="tiny_llama", model_options=TINY, num_classes=info.num_classes,
+                       dataset=DATA)
+    rows = {**teacher_rows(teacher, data.train, info.prompt_len, END), "key": "another teacher or data"}
+    run = RunConfig.model_validate({"dataset": DATA, "teacher": {"checkpoint": "unused.pt"},
+                                    "student": {"name": "tiny_llama", "options": TINY}, "scheme": {"type": "seq_kd"},
+                                    "train": {"epochs": 1, "batch_size": 64}})
+    last = train_run({"run": run.model_dump(mode="json"), "teacher_records": [rec], "teacher_generations": rows},
+                     Session(checkpoint_root=tmp_path))
+    assert last["teacher_generations"].startswith("made here (the sweep's answers are for another")

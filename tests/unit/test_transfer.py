@@ -32,12 +32,17 @@ def test_a_transfer_set_joins_the_training_split_unlabelled():
     both = load_dataset(DatasetConfig.model_validate({"name": "digits", "transfer": {"name": "digits",
                                                                                        "split_seed": 3}}))
     n = len(base.train)
-    assert len(both.train) == n + len(extra.train) + len(extra.val)
+    held = {r.numpy().tobytes() for r in torch.cat([base.val.x, base.test.x])}
+    pool = torch.cat([extra.train.x, extra.val.x])
+    kept = pool[torch.tensor([r.numpy().tobytes() not in held for r in pool])]
+    # the same source split another way: its samples that are this split's validation ones never train
+    assert 0 < len(kept) < len(pool) and len(both.train) == n + len(kept)
     assert torch.equal(both.train.y[:n], base.train.y) and (both.train.y[n:] == -100).all()
-    assert torch.equal(both.train.x[n:], torch.cat([extra.train.x, extra.val.x]).to(both.train.x.dtype))
-    assert both.details["transfer"] == len(extra.train) + len(extra.val)
+    assert torch.equal(both.train.x[n:], kept) and both.details["transfer"] == len(kept)
     with pytest.raises(ValueError, match="shape"):
         load_dataset(DatasetConfig.model_validate({"name": "digits", "transfer": {"name": "mnist1d"}}))
+    with pytest.raises(ValueError, match="shape"):  # images against rows of floats: refused
+        load_dataset(DatasetConfig.model_validate({"name": "test_blobs", "transfer": {"name": "test_images"}}))
     with pytest.raises(ValueError, match="no labels to hide"):
         load_dataset(DatasetConfig.model_validate({"name": "synthetic_lm", "labelled_fraction": 0.5}))
 
