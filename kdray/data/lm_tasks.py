@@ -33,6 +33,7 @@ VOCAB = ("_", ".", *"0123456789", "+", "=", "A", "S", "C")  # id = position
 PAD, END = 0, 1
 ID = {t: i for i, t in enumerate(VOCAB)}
 TASK_KEYS = ("tasks", "digits", "items", "train_examples", "test_examples", "seed")
+ROWS_VERSION = 2  # in the cached rows' key: 2 keeps one row per prompt (1 let a prompt be in train and validation)
 _DEFAULTS = {"tasks": list(TASKS), "digits": 2, "items": 5, "train_examples": 3000, "test_examples": 300, "seed": 0}
 
 
@@ -129,7 +130,8 @@ def load_tasks(cfg: "DatasetSpec") -> DataBundle:
     o = task_options(cfg)
     info = describe_tasks(cfg)
     p = int(info.prompt_len or 0)
-    key = hashlib.sha256(json.dumps([o, cfg.val_fraction, cfg.split_seed], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([ROWS_VERSION, o, cfg.val_fraction, cfg.split_seed], sort_keys=True).encode()
+                         ).hexdigest()[:16]
 
     def make() -> dict[str, np.ndarray]:
         test = make_rows(o["test_examples"], o, 1)
