@@ -37,9 +37,9 @@ def hide_labels(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     """``y`` with all but a seeded ``fraction`` of its labels hidden (at least one kept)."""
     n = len(y)
     keep = max(1, int(round(n * fraction)))
-    kept = np.random.default_rng([int(seed), 0x7AB]).permutation(n)[:keep]
+    kept = torch.from_numpy(np.sort(np.random.default_rng([int(seed), 0x7AB]).permutation(n)[:keep]))
     out = torch.full_like(y, HIDDEN)
-    out[torch.from_numpy(np.sort(kept))] = y[torch.from_numpy(np.sort(kept))]
+    out[kept] = y[kept]
     return out
 
 

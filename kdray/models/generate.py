@@ -77,4 +77,15 @@ def complete(model: nn.Module, prompts: Tensor, new_tokens: int, *, temperature:
     return torch.where(ended_before, torch.full_like(tokens, pad), tokens), ~ended_before
 
 
-__all__ = ["complete", "pick"]
+def completion_rows(prompts: Tensor, tokens: Tensor, generated: Tensor, ignore: int = -100) -> tuple[Tensor, Tensor]:
+    """Prompts (B, P) and their completions (B, n) with :func:`complete`'s ``generated`` mask -> training rows: inputs
+    (B, P + n - 1) and next-token targets, ``ignore`` on the prompt and after each row's end token."""
+    p = prompts.shape[1]
+    row = torch.cat([prompts, tokens.to(prompts.dtype)], dim=1)
+    y = row[:, 1:].clone()
+    y[:, :p - 1] = ignore
+    y[:, p - 1:] = torch.where(generated, tokens, torch.full_like(tokens, ignore))
+    return row[:, :-1], y
+
+
+__all__ = ["complete", "completion_rows", "pick"]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from kdray.config import RunConfig
 from kdray.data import DatasetInfo
 from kdray.knowledge.token import IGNORE
-from kdray.models.generate import complete
+from kdray.models.generate import complete, completion_rows
 
 _DRAW, _SAMPLE = 0x0D1, 0x5A3  # stream tags: the λ draw and the samples never share a seed
 
@@ -63,13 +63,9 @@ class OnPolicyBatches:
         g = seeded(x.device, _SAMPLE, self.seed, self.rank, epoch, step)
         tokens, generated = complete(student, prompts, self.new_tokens, temperature=self.temperature,
                                      top_p=self.top_p, generator=g, eos=self.eos, pad=self.pad)
-        row = torch.cat([prompts, tokens.to(prompts.dtype)], dim=1)
-        y = row[:, 1:].clone()
-        y[:, :self.prompt_len - 1] = IGNORE
-        y[:, self.prompt_len - 1:] = torch.where(generated, tokens, torch.full_like(tokens, IGNORE))
         self.batches += 1
         self.tokens += generated.sum()
-        return row[:, :-1], y
+        return completion_rows(prompts, tokens, generated, IGNORE)
 
 
 def prompt_rows_error(cfg: RunConfig, info: DatasetInfo) -> str | None:

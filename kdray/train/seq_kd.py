@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from kdray.data import Split
 from kdray.knowledge.token import IGNORE
-from kdray.models.generate import complete
+from kdray.models.generate import complete, completion_rows
 
 
 @torch.no_grad()
@@ -30,11 +30,8 @@ def teacher_rows(teacher: nn.Module, split: Split, prompt_len: int, eos: int | N
     for a in range(0, len(split), batch_size):
         prompts = split.x[a:a + batch_size, :prompt_len].to(device)
         tokens, generated = complete(teacher, prompts, n_new, eos=eos, pad=pad)
-        row = torch.cat([prompts, tokens.to(prompts.dtype)], dim=1)
-        y = row[:, 1:].clone()
-        y[:, :prompt_len - 1] = IGNORE
-        y[:, prompt_len - 1:] = torch.where(generated, tokens, torch.full_like(tokens, IGNORE))
-        xs.append(row[:, :-1].cpu())
+        x, y = completion_rows(prompts, tokens, generated, IGNORE)
+        xs.append(x.cpu())
         ys.append(y.cpu())
     return {"x": torch.cat(xs), "y": torch.cat(ys)}
 

@@ -21,6 +21,17 @@ from kdray.train.session import Session
 DATA = {"name": "lm_tasks", "options": {"tasks": ["copy"], "items": 3, "train_examples": 400, "test_examples": 40}}
 
 
+def untrained_teacher():
+    """The task data, a randomly initialised (seeded) tiny Llama that answers wrongly but deterministically, and its
+    record."""
+    data = load_dataset(DatasetConfig.model_validate(DATA))
+    info = data.info
+    torch.manual_seed(3)
+    teacher = build_model("tiny_llama", info.num_classes, Preprocess(info.input_shape, passthrough=True), TINY).eval()
+    return data, teacher, model_record(teacher, model_name="tiny_llama", model_options=TINY,
+                                       num_classes=info.num_classes, dataset=DATA)
+
+
 def test_the_rows_are_the_prompts_then_the_teachers_answer_up_to_its_end_token():
     x = torch.tensor([[3, 4, 9, 9, 9], [15, 16, 9, 9, 9]])
     rows = teacher_rows(NextIsPlusOne(), Split(torch.zeros_like(x), x, prompt_len=2), 2, END, pad=0, batch_size=1)
@@ -32,12 +43,8 @@ def test_the_rows_are_the_prompts_then_the_teachers_answer_up_to_its_end_token()
 def test_a_seq_kd_student_learns_its_teachers_answers_not_the_datas(tmp_path):
     """An untrained teacher answers wrongly but always the same way: the seq_kd student copies those answers (its
     greedy completions of validation prompts agree with the teacher's), so it never answers the data right."""
-    data = load_dataset(DatasetConfig.model_validate(DATA))
+    data, teacher, rec = untrained_teacher()
     info = data.info
-    torch.manual_seed(3)
-    teacher = build_model("tiny_llama", info.num_classes, Preprocess(info.input_shape, passthrough=True), TINY).eval()
-    rec = model_record(teacher, model_name="tiny_llama", model_options=TINY, num_classes=info.num_classes,
-                       dataset=DATA)
     run = RunConfig.model_validate({"dataset": DATA, "teacher": {"checkpoint": "unused.pt"}, "seed": 1,
                                     "student": {"name": "tiny_llama", "options": TINY}, "scheme": {"type": "seq_kd"},
                                     "train": {"epochs": 8, "batch_size": 32, "optimizer": "adamw", "lr": 0.01}})
@@ -72,12 +79,8 @@ def test_seq_kd_where_it_cannot_work_is_refused_naming_the_field():
 def test_a_sweeps_answers_for_other_data_are_not_used(tmp_path):
     """The rows a sweep shares carry the key of the teacher and data they answer; a trial whose data differ (a searched
     data option) makes its own instead of training on answers to other prompts."""
-    data = load_dataset(DatasetConfig.model_validate(DATA))
+    data, teacher, rec = untrained_teacher()
     info = data.info
-    torch.manual_seed(3)
-    teacher = build_model("tiny_llama", info.num_classes, Preprocess(info.input_shape, passthrough=True), TINY).eval()
-    rec = model_record(teacher, model_name="tiny_llama", model_options=TINY, num_classes=info.num_classes,
-                       dataset=DATA)
     rows = {**teacher_rows(teacher, data.train, info.prompt_len, END), "key": "another teacher or data"}
     run = RunConfig.model_validate({"dataset": DATA, "teacher": {"checkpoint": "unused.pt"},
                                     "student": {"name": "tiny_llama", "options": TINY}, "scheme": {"type": "seq_kd"},
