@@ -254,15 +254,9 @@ def test_a_sweep_on_s3_killed_then_resumed_in_a_fresh_working_directory_keeps_it
     told = {(t.params["knowledge"], t.params["train.lr"]) for t in study.trials if t.state.name == "COMPLETE"}
     assert len(ran) == 4 and told == ran  # the study holds exactly the trials the sweep ran
     # Each Optuna trial names its Tune trial, and through it its MLflow run (a trial found in optuna-dashboard).
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    ids = {ch.data.tags[TAG_TRIAL] for ch in trials}
-    assert {t.user_attrs["kdray.trial_id"] for t in complete} == ids
-    # A trial asked just before the kill and absent from Tune's stored state never ran: Tune proposes another in
-    # its place, and the end of the sweep tells Optuna this one failed (it has no MLflow run). CI met it once.
-    others = [t for t in study.trials if t.state.name != "COMPLETE"]
-    assert all(t.state.name == "FAIL" and t.user_attrs["kdray.trial_id"] not in ids for t in others), states
+    assert {t.user_attrs["kdray.trial_id"] for t in study.trials} == {ch.data.tags[TAG_TRIAL] for ch in trials}
     # Tune's own verdicts agree with Optuna's: the values told after the resume are the trials' final results.
     last = {ch.data.tags[TAG_TRIAL]: max(c.get_metric_history(ch.info.run_id, "val_accuracy"), key=lambda m: m.step)
             for ch in trials}
     final = {tid: m.value for tid, m in last.items()}
-    assert {t.user_attrs["kdray.trial_id"]: t.value for t in complete} == pytest.approx(final)
+    assert {t.user_attrs["kdray.trial_id"]: t.value for t in study.trials} == pytest.approx(final)
