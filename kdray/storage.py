@@ -75,6 +75,22 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def newest(folder: str, pattern: str) -> str | None:
+    """The file of ``folder`` whose name matching ``pattern`` sorts last (how Tune picks its newest state file), or
+    None when there is none."""
+    import fnmatch
+
+    if not is_remote(folder):
+        names = [p.name for p in Path(folder).glob(pattern)]
+    else:
+        import pyarrow.fs
+
+        fs, p = _fs(folder)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(p, allow_not_found=True))
+        names = [i.base_name for i in infos if fnmatch.fnmatch(i.base_name, pattern)]
+    return join(folder, max(names)) if names else None
+
+
 def remove_tree(path: str) -> None:
     """Delete a folder (or a URI's prefix) and everything under it; nothing if it is not there."""
     if not is_remote(path):

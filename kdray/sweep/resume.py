@@ -112,3 +112,61 @@ def discard_orphans(c, parent_id: str, known: set[str], say) -> None:
     if gone:
         c.set_tag(parent_id, "kdray.discarded_partial_runs", str(gone))
         say(f"removed {gone} partial trial run(s) left by the interruption (those trials were re-run)")
+
+
+UNFINISHED = frozenset({"PENDING", "RUNNING", "PAUSED"})  # the Tune trials a resume runs again (resume_unfinished)
+
+
+def align_search_state(experiment_dir: str, searcher: Any) -> list[str]:
+    """Tune's stored search state made to agree with the trials it restores, before ``Tuner.restore`` reads it;
+    returns what was changed (nothing when the files agree).
+
+    Tune saves a sweep as separate files: its trials (``experiment_state``), its trial counter and concurrency slots
+    (``search_gen_state``) and the searcher (``searcher-state``), and uploads them with pyarrow's multi-threaded
+    ``copy_files`` (``train/_internal/storage.py``) while its next save may rewrite them. A driver killed in between
+    leaves them from different saves, and restored as they were: a counter behind ran one trial more than the sweep
+    has, numbered like another; a counter ahead ended the sweep a trial short, for good; concurrency slots
+    (``ConcurrencyLimiter.live_trials``) held by trials Tune no longer runs never freed, and the resume hung. The
+    trials are the truth (Tune restores them); the counter, the slots and the searcher's map (``searcher.align``)
+    are set from them. ``searcher`` is a bare instance of the sweep's searcher class."""
+    import os
+    import tempfile
+
+    import ray.cloudpickle as cloudpickle
+
+    state_file = storage.newest(experiment_dir, "experiment_state-*.json")
+    if state_file is None:
+        return []
+    trials = {t["trial_id"]: t["status"] for t in (json.loads(tj) for tj, _ in
+                                                   json.loads(storage.read_bytes(state_file))["trial_data"])}
+    live = {t for t, status in trials.items() if status in UNFINISHED}
+    changes: list[str] = []
+    gen_file = storage.newest(experiment_dir, "search_gen_state-*.json")
+    if gen_file is not None:
+        gen = cloudpickle.loads(storage.read_bytes(gen_file))
+        if gen["counter"] != len(trials):
+            changes.append(f"trial counter {gen['counter']} -> {len(trials)}")
+            gen["counter"], gen["finished"] = len(trials), False  # a searcher that has finished says so again
+        for name, wrapper in gen.items():
+            if name.startswith("name:") and isinstance(wrapper, dict) and "live_trials" in wrapper \
+                    and set(wrapper["live_trials"]) != live:
+                changes.append(f"{name[5:]} slots {len(wrapper['live_trials'])} -> {len(live)}")
+                wrapper["live_trials"] = set(live)
+        if changes:
+            storage.write_bytes(gen_file, cloudpickle.dumps(gen))
+    searcher_file = storage.newest(experiment_dir, "searcher-state-*.pkl")
+    if searcher_file is not None:
+        fd, tmp = tempfile.mkstemp(suffix=".pkl")
+        os.close(fd)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(storage.read_bytes(searcher_file))
+            searcher.restore(tmp)
+            if fixed := searcher.align(trials):
+                changes.extend(fixed)
+                searcher.save(tmp)
+                with open(tmp, "rb") as f:
+                    storage.write_bytes(searcher_file, f.read())
+        finally:
+            os.remove(tmp)
+    return changes

@@ -38,6 +38,7 @@ from kdray.sweep.report import (
 )
 from kdray.sweep.request import SWEEP_FILE, SweepRequest, SweepResult, local_state_dir, space_digest
 from kdray.sweep.resume import (
+    align_search_state,
     discard_orphans,
     registered_champion,
     restore_study,
@@ -241,6 +242,12 @@ def _tuner(sw: _Sweep) -> Any:
     if req.resume:
         if sw.tracker.created_parent:  # resumed into a store that has never seen this sweep
             sw.tracker.replay_history()
+        from kdray.sweep.searcher import GridSearch, KdraySearch
+
+        kind = GridSearch if space.searcher.type == "grid" else KdraySearch
+        if changed := align_search_state(sw.experiment_dir, kind.__new__(kind)):
+            sw.say("Tune's stored state files came from different saves (the driver was killed while it uploaded "
+                   "them); aligned with its trials: " + "; ".join(changed))
         tuner = tune.Tuner.restore(sw.experiment_dir, trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
         use_live_tracker(tuner, sw.tracker)

@@ -86,6 +86,7 @@ class KdraySearch(OptunaSearch):
     def __init__(self, *args: Any, max_epochs: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_epochs = int(max_epochs)
+        self.orphans: list[int] = []  # see align: storage ids of Optuna trials a killed driver asked and left
 
     def publish(self) -> None:
         """With remote storage, upload a copy of the study (``optuna-snapshot.db``) now, before Tune can save a state
@@ -130,11 +131,37 @@ class KdraySearch(OptunaSearch):
         Tune's state (see :func:`close_abandoned`) is told the results it missed, and by which a trial in
         optuna-dashboard is found in MLflow (``kdray.trial_id``)."""
         fresh = trial_id not in self._ot_trials
+        if fresh and getattr(self, "orphans", None):  # a searcher pickled before orphans existed has none
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self.orphans.pop(0))
         config = super().suggest(trial_id)
         if fresh and trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(TUNE_ID_ATTR, trial_id)
             self.publish()
         return config
+
+    def align(self, trials: dict[str, str]) -> list[str]:
+        """The map of Tune trials to Optuna trials as of the trials Tune restores (``trials``: id -> status; see
+        ``resume.align_search_state``); returns what changed.
+
+        * A trial Tune restores but this (older) searcher never asked for is found in the study by its
+          ``kdray.trial_id``: its results are told to its own Optuna trial.
+        * A trial this (newer) searcher asked for but Tune does not restore is dropped; Tune proposes another.
+        * An Optuna trial a killed driver asked for after Tune's last stored save (RUNNING, no Tune trial, no value
+          reported) is handed to the next trial Tune proposes (:meth:`suggest`): the study holds the sweep's trials,
+          none left behind as FAIL. One that had reported values ran in part: ``close_abandoned`` marks it FAIL."""
+        study, known = self._ot_study, set(trials)
+        by_tid = {t.user_attrs.get(TUNE_ID_ATTR): t for t in study.get_trials(deepcopy=False)}
+        dropped = sorted(set(self._ot_trials) - known)
+        found = sorted(t for t in known - set(self._ot_trials) if t in by_tid)
+        self._ot_trials = {t: tr for t, tr in self._ot_trials.items() if t in known}
+        self._ot_trials.update({t: optuna.trial.Trial(study, by_tid[t]._trial_id) for t in found})
+        self._completed_trials = {t for t in self._completed_trials if t in known}
+        self.orphans = [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                        if t.user_attrs.get(TUNE_ID_ATTR) not in known and not t.intermediate_values]
+        return ([f"searcher: {len(dropped)} trial(s) Tune does not restore dropped"] if dropped else []) + \
+            ([f"searcher: {len(found)} restored trial(s) found in the study"] if found else []) + \
+            ([f"searcher: {len(self.orphans)} Optuna trial(s) asked but never run handed to the next trials"]
+             if self.orphans else [])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -220,6 +247,13 @@ class GridSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass
 
+    def align(self, trials: dict[str, str]) -> list[str]:
+        """Points are handed out in order, one per trial: the next is the one after the trials Tune restores."""
+        if self.next == len(trials):
+            return []
+        was, self.next = self.next, len(trials)
+        return [f"grid: next point {was} -> {self.next}"]
+
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             pickle.dump({"points": self.points, "next": self.next}, f)
@@ -250,5 +284,7 @@ def close_abandoned(storage_url: str, study_name: str, ended: dict[str, dict | N
         else:
             value, state = None, TrialState.FAIL
             out["abandoned"] += 1
+            study._storage.set_trial_user_attr(t._trial_id, "kdray.abandoned",
+                                               "started by a driver that was killed; Tune ran another trial instead")
         study.tell(t.number, value, state=state, skip_if_finished=True)
     return out
