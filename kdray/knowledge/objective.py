@@ -113,29 +113,41 @@ class DistillObjective(nn.Module):
     # -- the loss ----------------------------------------------------------------------------------
     def forward(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
                 index: Tensor | None = None, token_scale: Tensor | None = None,
-                mean_scale: float = 1.0, sampled: bool = False) -> dict[str, Tensor]:
+                mean_scale: float = 1.0, sampled: bool = False,
+                label_scale: Tensor | None = None) -> dict[str, Tensor]:
         """Every term in float32, outside autocast: casting the inputs is not enough, since autocast casts
         the matmuls inside a loss back to bf16/fp16 (RKD 61 % off in bf16, SP NaN in fp16).
 
         ``index``: the batch's positions in the training split (the loop's ``idx``), passed on to the types
         with ``uses_index`` only. A causal LM's terms: see :meth:`_lm_terms` (``token_scale``, ``mean_scale``,
-        ``sampled``)."""
+        ``sampled``). ``label_scale`` (a transfer set, see :meth:`_terms`): the cross-entropy's normaliser."""
         if isinstance(student.logits, TokenStates):
             return self._lm_terms(student, teacher, target, token_scale, mean_scale, sampled)
         on = active_autocast()
         if not on:  # fp32: nothing to turn off (this runs every step)
-            return self._terms(student, teacher, target, index)
+            return self._terms(student, teacher, target, index, label_scale)
         with contextlib.ExitStack() as stack:
             for device in on:
                 stack.enter_context(torch.autocast(device, enabled=False))
-            return self._terms(student, teacher, target, index)
+            return self._terms(student, teacher, target, index, label_scale)
 
     def _terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
-               index: Tensor | None = None) -> dict[str, Tensor]:
+               index: Tensor | None = None, label_scale: Tensor | None = None) -> dict[str, Tensor]:
+        """A classifier's terms and their weighted sum ``loss``. A transfer set given ``label_scale`` (the training
+        loop's: world size x batches / labelled samples of the effective batch over every rank) also returns
+        ``_backward``, what to differentiate: the cross-entropy *summed* over this batch's labelled samples times
+        ``label_scale``, so DDP's and the accumulation's means give the mean over every labelled sample of the
+        effective batch, as one process on the whole batch; ``ce`` (logged) stays this batch's own mean."""
         terms = {"ce": self._ce(student.logits, target)}
         if student.strong is not None:  # the labels hold for the strong view too (MLKD trains on both)
             terms["ce"] = terms["ce"] + self._ce(student.strong.logits, target)
         total = _weighted(self.ce_weight, terms["ce"])
+        backward = None
+        if label_scale is not None and self.partial_labels:
+            summed = self._ce(student.logits, target, summed=True)
+            if student.strong is not None:
+                summed = summed + self._ce(student.strong.logits, target, summed=True)
+            backward = _weighted(self.ce_weight, summed * label_scale)
         if self.knowledge:
             if teacher is None:
                 raise ValueError("knowledge terms need teacher outputs")
@@ -148,17 +160,22 @@ class DistillObjective(nn.Module):
                 else:
                     terms[name] = k.compute(student, teacher, target)
                 total = total + _weighted(self.weights[name], terms[name])
+                if backward is not None:
+                    backward = backward + _weighted(self.weights[name], terms[name])
         terms["loss"] = total
+        if backward is not None:
+            terms["_backward"] = backward
         return terms
 
 
-    def _ce(self, logits: Tensor, target: Tensor) -> Tensor:
+    def _ce(self, logits: Tensor, target: Tensor, summed: bool = False) -> Tensor:
         """The cross-entropy on the labels; with ``partial_labels`` (a transfer set: hidden labels are -100) the mean
-        over the labelled samples only, 0 for a batch without any (PyTorch's mean would be 0/0 there)."""
+        over the labelled samples only, 0 for a batch without any (PyTorch's mean would be 0/0 there); ``summed``:
+        their sum."""
         if not self.partial_labels:
             return F.cross_entropy(as_float(logits), target, label_smoothing=self.label_smoothing)
         total = F.cross_entropy(as_float(logits), target, label_smoothing=self.label_smoothing, reduction="sum")
-        return total / (target != -100).sum().clamp_min(1)
+        return total if summed else total / (target != -100).sum().clamp_min(1)
 
     def _lm_terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
                   token_scale: Tensor | None, mean_scale: float, sampled: bool = False) -> dict[str, Tensor]:

@@ -136,6 +136,16 @@ def _token_scale(st: RunState, group: tuple) -> Tensor:
     return (st.world / n.clamp_min(1.0)).float()
 
 
+def _label_scale(st: RunState, group: tuple) -> Tensor:
+    """A transfer set's cross-entropy: world size x batches in the group / the labelled samples of the group over every
+    rank. The summed cross-entropy times this is, after the group's mean and DDP's mean over ranks, the mean over
+    every labelled sample of the effective batch (each half's own mean would weigh a sparser half's labels more)."""
+    n = torch.stack([(y != -100).sum() for _, _, y in group]).sum().double()
+    if st.world > 1:
+        n = st.session.all_reduce_sum(n)
+    return (st.world * len(group) / n.clamp_min(1.0)).float()
+
+
 def _on_policy_group(st: RunState, group: tuple, epoch: int, step: int) -> tuple[tuple, tuple[bool, ...]]:
     """The group's batches with each on-policy one (the draw at its step) replaced by the student's own rows."""
     out, sampled = [], []
@@ -184,7 +194,7 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
         sampled = (False,) * len(group)
         if on_policy is not None:  # before the token count: the student's rows have their own targets
             group, sampled = _on_policy_group(st, group, epoch, step)
-        token_scale = _token_scale(st, group) if lm else None
+        token_scale = _token_scale(st, group) if lm else _label_scale(st, group) if partial else None
         last = len(group) - 1
         for m, (idx, x, y) in enumerate(group):
             if hook is not None:
@@ -208,8 +218,9 @@ def train_epoch(st: RunState, epoch: int) -> tuple[dict[str, Tensor], Any]:
                         terms, logits = step_module(x, y, t_out, idx, x_strong, token_scale, 1.0 / len(group),
                                                     sampled[m])
                     else:
-                        terms, logits = step_module(x, y, t_out, idx, x_strong)
-                loss = terms.pop("_backward") if lm else terms["loss"]
+                        extra = (token_scale,) if partial else ()  # a transfer set's label_scale
+                        terms, logits = step_module(x, y, t_out, idx, x_strong, *extra)
+                loss = terms.pop("_backward") if lm or partial else terms["loss"]
                 if len(group) > 1 and not lm:  # the mean over the group's batches (an LM's scale has it)
                     loss = loss / len(group)
                 (st.scaler.scale(loss) if scaled else loss).backward()

@@ -48,6 +48,7 @@ class DistillStep(nn.Module):
                 mean_scale: float = 1.0, sampled: bool = False) -> tuple[dict[str, Tensor], Tensor | None]:
         """``idx``: the batch's positions in the training split, for the terms that need them (CRD);
         ``x_strong``: a strongly augmented view of the batch, for the terms that align it too (MLKD).
+        A classifier on a transfer set: ``token_scale`` is the cross-entropy's ``label_scale`` (its ``_backward``).
         A causal LM's step returns no logits (they are never made whole): its terms carry ``_correct`` and
         ``_count``; ``token_scale`` and ``mean_scale`` normalise its loss, ``sampled`` says the targets are the
         student's own samples (:meth:`DistillObjective._lm_terms`)."""
@@ -58,7 +59,7 @@ class DistillStep(nn.Module):
         s_out = self.taps.run(self.student, x)
         if x_strong is not None:
             s_out = s_out._replace(strong=self.taps.run(self.student, x_strong))
-        return self.objective(s_out, teacher_out, y, index=idx), s_out.logits
+        return self.objective(s_out, teacher_out, y, index=idx, label_scale=token_scale), s_out.logits
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:

@@ -41,3 +41,56 @@ def test_distilling_on_the_transfer_set_beats_labels_only_on_every_seed(tmp_path
     assert set(acc) == {"none", "kd"}
     assert all(kd - none > 0.04 for kd, none in zip(acc["kd"], acc["none"])), acc
     assert res.teacher_test > 0.97  # the teacher saw every label
+
+
+def test_a_transfer_set_on_two_gloo_ranks_or_accumulated_learns_what_one_process_learns_on_the_whole_batch(tmp_path):
+    """With 30 % of the labels kept, the halves of a batch (two ranks, or two accumulated batches) hold different
+    numbers of labelled samples: the mean of each half's labelled cross-entropy would weigh the labels of the
+    sparser half more. Normalised by the labelled samples of the whole effective batch, one SGD epoch on 2 gloo
+    ranks with batches of 12, or on one with 2 x 12 accumulated, ends at the weights of batches of 24."""
+    import torch
+    import torch.multiprocessing as mp
+    from lm_ddp import run_rank
+
+    from kdray.config import RunConfig
+    from kdray.models import Preprocess, build_model, model_record
+
+    dataset = {"name": "test_blobs", "labelled_fraction": 0.3}
+    data = load_dataset(DatasetConfig.model_validate(dataset))
+    assert len(data.train) % 24 == 0  # whole batches: no padding, no partial batch
+    torch.manual_seed(1)
+    teacher = build_model("test_mlp", data.info.num_classes, Preprocess(data.info.model_input))
+    record = model_record(teacher, model_name="test_mlp", model_options={}, num_classes=data.info.num_classes,
+                          dataset=dataset)
+
+    def run(batch: int, accum: int = 1, workers: int = 1) -> dict:
+        return RunConfig.model_validate({
+            "dataset": dataset, "teacher": {"checkpoint": "unused.pt"}, "student": {"name": "test_mlp"},
+            "knowledge": [{"type": "kd", "temperature": 2.0}], "seed": 3,
+            "train": {"epochs": 1, "batch_size": batch, "optimizer": "sgd", "momentum": 0.0, "lr": 0.5,
+                      "scheduler": "none", "grad_accum_steps": accum},
+            "resources": {"num_workers": workers}}).model_dump(mode="json")
+
+    def result(world: int, cfg: dict, out) -> dict:
+        out.mkdir()
+        if world == 1:
+            run_rank(0, 1, 0, cfg, [record], str(out))
+        else:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            mp.spawn(run_rank, args=(world, port, cfg, [record], str(out)), nprocs=world, join=True)
+        return torch.load(out / "result.pt", weights_only=True)
+
+    one = result(1, run(24), tmp_path / "one")
+    two = result(2, run(12, workers=2), tmp_path / "two")
+    acc = result(1, run(12, accum=2), tmp_path / "acc")
+    moved = max((one["state_dict"][k] - v).abs().max().item()
+                for k, v in build_model("test_mlp", data.info.num_classes,
+                                        Preprocess(data.info.model_input)).state_dict().items())
+    assert moved > 1e-3  # the epoch did train
+    for k, v in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][k], v, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(acc["state_dict"][k], v, rtol=1e-4, atol=1e-5)
