@@ -12,10 +12,10 @@ student against the truth):
 
 An unlabelled sample trains only through the knowledge terms: the cross-entropy is the mean over the batch's labelled
 samples (:class:`~kdray.knowledge.DistillObjective` with ``partial_labels``), so a labels-only run (``none``) learns
-from the labelled share alone, and a distilling one from all of it. The mean is per batch and rank: with several DDP
-ranks or accumulated batches, each one's labelled mean counts alike (unlike a language model's loss, which is
-normalised by the tokens of every rank). The teacher-output cache covers every training
-sample, labelled or not.
+from the labelled share alone, and a distilling one from all of it. With several DDP ranks or accumulated batches the
+mean is over the labelled samples of all of them (the training loop's ``label_scale``, as a language model's loss is
+normalised by the tokens of every rank): 2 ranks learn what one process learns on the whole batch. The teacher-output
+cache covers every training sample, labelled or not.
 """
 from __future__ import annotations
 
