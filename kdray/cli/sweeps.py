@@ -106,8 +106,10 @@ def format_budget(df, goal: Goal = ACCURACY) -> str:
     view = df.copy()
     best = f"best_{goal.metric}"
     view["epoch_share"] = view["epoch_share"].map(lambda v: f"{v * 100:.0f}%")
+    if "token_share" in view:  # a language model's trials: what each type trained on and generated
+        view["token_share"] = view["token_share"].map(lambda v: f"{v * 100:.0f}%")
     view[best] = view[best].map(lambda v: "-" if v != v else f"{v:.4f}")
-    return view.rename(columns={"full_length": "full-length", "epoch_share": "share",
+    return view.rename(columns={"full_length": "full-length", "epoch_share": "share", "token_share": "token share",
                                 best: f"best {goal.metric} (full-length)"}).to_string(index=False)
 
 

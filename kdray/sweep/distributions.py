@@ -106,6 +106,10 @@ class SchedulerConfig(Strict):
     type: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(4, ge=1, description="epochs every trial runs before ASHA may stop it")
     reduction_factor: float = Field(2.0, gt=1)
+    unit: Literal["epochs", "tokens"] = Field(
+        "epochs", description="what ASHA's rungs count: epochs, or (language models) tokens: each target token "
+                              "trained on plus each token the student generated, in epochs of the training split's "
+                              "target tokens (budget_epochs), so a trial that generates meets each rung sooner")
 
 
 class SearcherConfig(Strict):

@@ -72,8 +72,9 @@ class FairRungs:
         """True once ``kind`` has its full-length trials: from then on its trials meet every type's at rungs."""
         return self.full.get(kind, 0) >= self.min_full
 
-    def decide(self, trial_id: str, epoch: int, value: float) -> bool:
-        """A trial's result at ``epoch``: True to continue, False to stop it."""
+    def decide(self, trial_id: str, epoch: float, value: float) -> bool:
+        """A trial's result at ``epoch`` (or ``budget_epochs``, a budget in tokens: a fraction of an epoch is
+        judged at the highest rung it has passed): True to continue, False to stop it."""
         kind = self.kind.get(trial_id, NONE)
         reached = [m for m in self.rungs if epoch >= m]
         if not reached:
@@ -134,7 +135,7 @@ class FairASHA(FIFOScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if result.get("failed") or self.time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
-        go = self.rungs.decide(trial.trial_id, int(result[self.time_attr]), self._sign * float(result[self._metric]))
+        go = self.rungs.decide(trial.trial_id, float(result[self.time_attr]), self._sign * float(result[self._metric]))
         return TrialScheduler.CONTINUE if go else TrialScheduler.STOP
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:

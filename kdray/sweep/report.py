@@ -57,8 +57,10 @@ def trial_outcomes(results, space: SearchSpace, max_epochs: int, run_ids: dict[s
         number = tag_number(m.get("experiment_tag"))
         costs = {k: float(m[k]) for k in COSTS if isinstance(m.get(k), (int, float))}
         extra = {space.metric: float(m[space.metric])} if isinstance(m.get(space.metric), (int, float)) else {}
+        spent = float(m["budget_tokens"]) if isinstance(m.get("budget_tokens"), (int, float)) else None
         out.append(TrialOutcome(tid, run_ids.get(tid), params.get("knowledge", NONE), status, int(m.get("epoch", 0)),
-                                float(m.get("val_accuracy", float("nan"))), params, ckpt, number, costs, extra))
+                                float(m.get("val_accuracy", float("nan"))), params, ckpt, number, costs, extra,
+                                spent))
     return out
 
 
@@ -88,7 +90,8 @@ def leaderboard(outcomes: list[TrialOutcome], front_cost: str | None = None, goa
     rows = []
     for o in outcomes:
         row = {"trial": o.number, "trial_id": o.trial_id, "run_id": o.run_id, "knowledge": o.knowledge,
-               "status": o.status, "epochs": o.epochs, "val_accuracy": o.val_accuracy, **o.metrics, **o.costs}
+               "status": o.status, "epochs": o.epochs, "val_accuracy": o.val_accuracy, **o.metrics, **o.costs,
+               **({"budget_tokens": o.budget_tokens} if o.budget_tokens is not None else {})}
         row.update({k: v for k, v in searched_params(o.params).items() if k != "knowledge"})
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -196,5 +199,6 @@ def log_budget(c: Any, parent_id: str, board: pd.DataFrame, choices: list[str], 
     df.to_csv(buf, index=False)
     c.log_text(parent_id, buf.getvalue(), "budget_by_type.csv")
     log_metrics(c, parent_id, {f"budget.{metric_key(r['knowledge'])}.{k}": float(r[k]) for r in df.to_dict("records")
-                               for k in ("trials", "full_length", "epochs", "epoch_share", f"best_{goal.metric}")})
+                               for k in ("trials", "full_length", "epochs", "epoch_share", "tokens", "token_share",
+                                         f"best_{goal.metric}") if k in r})
     return df

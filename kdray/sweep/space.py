@@ -252,6 +252,7 @@ class SearchSpace(Strict):
             errors.append(("scheduler.type", "ASHA stops trials on one metric, which would stop the small, fast "
                                              f"students a front of {' and '.join(self.objectives)} needs; use "
                                              "scheduler: {type: fifo} with two objectives"))
+        errors.extend(self._token_budget_errors(params, choices))
         if choices and NONE not in choices:
             choices = {NONE: {}, **choices}  # every sweep measures what distillation gains
         if not choices:
@@ -282,6 +283,24 @@ class SearchSpace(Strict):
                                       "cannot be searched with scheduler asha; use scheduler: {type: fifo} or fix "
                                       f"{key} in base"))
         return errors
+
+    def _token_budget_errors(self, params: dict[str, Any], choices: dict[str, dict[str, Any]]
+                             ) -> list[tuple[str, str]]:
+        """``scheduler.unit: tokens`` counts what a language model's trial trains on and generates, at ASHA's rungs."""
+        if self.scheduler.unit != "tokens":
+            return []
+        if self.scheduler.type != "asha":
+            return [("scheduler.unit", "tokens sets where ASHA's rungs are; scheduler fifo has none")]
+        if not self._language_model():
+            return [("scheduler.unit", "tokens counts a language model's target and generated tokens; this data "
+                                       "set is a classifier's: use epochs")]
+        base = self.base.get("scheme") or {}
+        staged = base.get("type") in ("born_again", "assistant") or any(
+            t in ("born_again", "assistant") for c in choices for t in str(c).split("+"))
+        if staged or int(base.get("generations", 1) or 1) > 1:
+            return [("scheduler.unit", "born-again generations and assistant chains report several students as one "
+                                       "run, whose tokens are not counted across them yet: use epochs")]
+        return []
 
     def uses_scheme(self, scheme: str) -> bool:
         """Whether some trial of this space runs ``scheme`` (a choice names it, or the base sets it)."""

@@ -71,6 +71,16 @@ def make_scheduler(space: SearchSpace, max_epochs: int, say) -> Any:
     from kdray.sweep.fair import FailureAwareASHA, FairASHA
 
     grace = min(space.scheduler.grace_period, max_epochs)
+    if space.scheduler.type == "asha" and space.scheduler.unit == "tokens":
+        say(f"ASHA's rungs count tokens: each trial is judged once it has trained on and generated {grace} epochs' "
+            "worth of the training split's target tokens (budget_epochs), and so on up the rungs"
+            + (f"; each knowledge type's first {space.min_trials_per_type} trials run all {max_epochs} epochs"
+               if space.min_trials_per_type else ""))
+        # FairASHA has its own rungs (Ray's ASHA would stop a trial at max_t budget_epochs, before its last epoch
+        # when it generates); with no fair budget every type is settled from the start, plain ASHA
+        return FairASHA(metric=space.metric, mode=space.mode, max_t=max_epochs, grace_period=grace,
+                        reduction_factor=space.scheduler.reduction_factor,
+                        min_trials_per_type=space.min_trials_per_type, time_attr="budget_epochs")
     if space.scheduler.type == "asha" and space.min_trials_per_type:
         say(f"fair budget: each knowledge type's first {space.min_trials_per_type} trials run all "
             f"{max_epochs} epochs; until a type has them, ASHA compares its trials with its own")

@@ -40,6 +40,7 @@ class TrialOutcome:
     number: int = 0
     costs: dict[str, float] = field(default_factory=dict)  # student_params, latency_ms, latency_b64_ms
     metrics: dict[str, float] = field(default_factory=dict)  # the sweep's metric when it is not accuracy (val_nll)
+    budget_tokens: float | None = None  # a language model's: tokens trained on and generated (loop.budget_metrics)
 
 
 @dataclass

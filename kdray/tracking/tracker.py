@@ -56,7 +56,9 @@ METRICS = ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "lr", "ep
            # language models: per target token, at T = 1 (kdray.data.evaluate.evaluate_lm)
            "val_nll", "val_ppl", "val_kl_teacher", "val_rkl_teacher", "val_top1_agree", "val_kl_true", "tokens_per_s",
            # prompt/answer rows (lm_tasks): greedy answers exactly right; on_policy: what the student generated
-           "val_exact_match", "on_policy_fraction", "generated_tokens")
+           "val_exact_match", "on_policy_fraction", "generated_tokens",
+           # the spend of a language model's trial in tokens (kdray.train.loop.budget_metrics)
+           "budget_tokens", "budget_epochs")
 # Families of metrics: every loss term, each dml peer's accuracy, each born-again generation's last accuracy.
 METRIC_PREFIXES = ("loss_", "val_accuracy_peer", "val_accuracy_gen")
 

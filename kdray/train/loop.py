@@ -105,6 +105,7 @@ def restore(st: RunState) -> None:
         else:  # a checkpoint from before the schedule was saved: replay it to this epoch
             for _ in range(int(state["epoch"])):
                 st.scheduler.step()
+        st.budget_tokens = float(state.get("budget_tokens", 0.0))
         st.start_epoch = st.resumed_from = int(state["epoch"])
         st.start_epoch += 1
         if st.progress:
@@ -280,6 +281,7 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
                   f"(NaN or inf) in epoch {epoch}")
         # the costs too: a two-objective search needs every objective in every report, a failed one included
         return {"epoch": epoch, **failed_values(st), "failed": reason, "lr": lr, **st.costs[0]}
+    op = on_policy_metrics(st)
     peer_vals = []
     for m in st.peers:
         st.session.broadcast_buffers(m)  # validate exactly what rank 0 checkpoints
@@ -305,7 +307,7 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
         "teacher_source": st.teacher_out.source if distil else "none",
         # may change mid-run: a lost teacher-output store turns a trial live
         **({"teacher_reason": st.teacher_out.reason, **st.teacher_out.epoch_stats()} if distil else {}),
-        **st.costs[best], **st.where, **on_policy_metrics(st),
+        **st.costs[best], **st.where, **op, **budget_metrics(st, total, op),
         "_best": best,
     }
     if st.resumed_from:
@@ -325,6 +327,18 @@ def on_policy_metrics(st: RunState) -> dict[str, float]:
     steps = max(1, len(st.train_batches))
     tokens = st.session.all_reduce_sum(op.tokens.clone())
     return {"on_policy_fraction": op.batches / steps, "generated_tokens": float(tokens)}
+
+
+def budget_metrics(st: RunState, trained: float, op: dict[str, float]) -> dict[str, float]:
+    """A causal LM's spend so far, for a budget in tokens (``scheduler.unit: tokens``): ``budget_tokens``, every
+    target token trained on (over every rank) plus every token the student generated (on-policy batches: one forward
+    pass each), and ``budget_epochs``, that in epochs of the training split's target tokens: an off-policy run's
+    equals its epoch; a run that also generates reaches each epoch's worth of tokens sooner."""
+    if not st.lm:
+        return {}
+    st.budget_tokens += float(trained) + float(op.get("generated_tokens", 0.0))
+    per_epoch = max(1, int((st.data.train.y != IGNORE).sum()))
+    return {"budget_tokens": st.budget_tokens, "budget_epochs": st.budget_tokens / per_epoch}
 
 
 def failed_values(st: RunState) -> dict[str, float]:
@@ -375,6 +389,7 @@ def write_checkpoint(d: str, st: RunState, epoch: int, metrics: dict[str, Any], 
     atomic_torch_save(record, Path(d) / STUDENT_FILE)
     atomic_torch_save(
         {"epoch": epoch, "objective": step.objective.state_dict(), "optimizer": st.optimizer.state_dict(),
+         "budget_tokens": st.budget_tokens,
          "scaler": st.scaler.state_dict(), "scheduler": st.scheduler.state_dict(),
          **({"peers": [unwrap(m).state_dict() for m in peers]} if len(peers) > 1 else {}),
          **({"student": trainable_state(unwrap(peers[0]))} if has_lora(peers[0]) else {})},

@@ -185,6 +185,7 @@ class RunState:
     where: dict[str, str] = field(default_factory=dict)  # the node, and any teacher split mismatch
     start_epoch: int = 1
     resumed_from: int = 0
+    budget_tokens: float = 0.0  # a causal LM: tokens trained on and generated so far (see loop.budget_metrics)
 
     @property
     def lm(self) -> bool:

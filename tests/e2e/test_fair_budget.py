@@ -65,6 +65,43 @@ def test_a_late_type_is_protected_then_judged_by_its_own_kind_until_it_has_its_f
     assert r.decide("a6", 1, 0.95) and r.decide("a6", 1, 0.0)
 
 
+
+def test_a_budget_in_tokens_judges_a_trial_that_generates_at_the_rungs_it_reaches_sooner():
+    """``scheduler.unit: tokens``: rungs in epochs' worth of tokens (``budget_epochs``). An off-policy trial reports
+    1.0, 2.0, ...; an on-policy one that also generated reaches 2.3 epochs' worth in its first epoch and is judged at
+    rung 2 then, against what the off-policy trials had at their second epoch. No fair budget (0): plain ASHA, and
+    nothing stops a trial at max_t, which a trial that generates passes before its last epoch."""
+    from kdray.sweep.fair import FairRungs
+
+    r = FairRungs(max_t=4, grace_period=1, reduction_factor=2, min_trials_per_type=0)  # rungs 1, 2
+    for t in ("off1", "off2", "on1"):
+        assert not r.add(t, "tkd" if t.startswith("off") else "on_policy+tkd")  # none protected
+    assert r.decide("off1", 1.0, 0.3) and r.decide("off2", 1.0, 0.5)
+    assert r.decide("off1", 2.0, 0.6) and r.decide("off2", 2.0, 0.7)
+    assert r.recorded[2] == {"tkd": {"off1": 0.6, "off2": 0.7}}
+    assert not r.decide("on1", 2.3, 0.5)  # judged at rung 2 (cutoff: the median 0.65 of 0.7 and 0.6), not rung 1
+    assert "on1" not in r.recorded[1].get("on_policy+tkd", {})
+    r.add("on2", "on_policy+tkd")
+    assert r.decide("on2", 0.9, 0.0)  # below the first rung: not judged yet
+    assert r.decide("on2", 4.6, 0.9)  # past max_t's worth of tokens: judged at rung 2, and never stopped for it
+
+
+def test_a_budget_in_tokens_is_refused_where_it_measures_nothing_naming_the_field():
+    from kdray.errors import ConfigError
+    from kdray.sweep.space import SearchSpace
+
+    lm = {"name": "t", "base": {"dataset": {"name": "lm_tasks"}, "student": {"name": "tiny_llama"}},
+          "space": {"knowledge": {"none": {}}}}
+    SearchSpace.model_validate({**lm, "scheduler": {"type": "asha", "unit": "tokens"}})  # accepted
+    for space, why in (({**lm, "scheduler": {"type": "fifo", "unit": "tokens"}}, "fifo has none"),
+                       ({**lm, "base": {**lm["base"], "dataset": {"name": "test_blobs"}},
+                         "scheduler": {"unit": "tokens"}}, "classifier"),
+                       ({**lm, "space": {"knowledge": {"born_again+tkd": {}}}, "scheduler": {"unit": "tokens"}},
+                        "born-again")):
+        with pytest.raises(ConfigError) as e:
+            SearchSpace.model_validate(space)
+        assert e.value.fields == ["scheduler.unit"] and why in str(e.value), str(e.value)
+
 def test_the_best_within_a_budget_follows_the_sweeps_metric():
     from kdray.goal import GOALS
     from kdray.sweep.front import within_budget

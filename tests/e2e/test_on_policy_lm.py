@@ -70,6 +70,45 @@ def test_two_gloo_ranks_take_the_same_on_policy_steps_and_learn_what_one_process
     assert a["val_exact_match"] == b["val_exact_match"]
 
 
+
+def test_a_runs_budget_in_tokens_counts_what_it_trained_on_and_what_it_generated_and_survives_a_resume(tmp_path):
+    """``budget_tokens``: every target token trained on plus every token the student generated; ``budget_epochs``:
+    that in epochs of the training split's target tokens. Off-policy, epoch e has spent e epochs' worth exactly; with
+    every batch on-policy (λ = 1) each generated token is also a target, so an epoch spends twice what it generated.
+    A run resumed from its first checkpoint reports the same spend at its second epoch as the run that went on."""
+    from kdray.train.loop import train_run
+    from kdray.train.session import Session
+
+    dataset = whole_batches(tmp_path)
+    data = load_dataset(DatasetConfig.model_validate(dataset))
+    per_epoch = int((data.train.y != IGNORE).sum())
+    torch.manual_seed(1)
+    teacher = build_model("tiny_llama", data.info.num_classes, Preprocess(data.info.input_shape, passthrough=True),
+                          TINY)
+    rec = model_record(teacher, model_name="tiny_llama", model_options=TINY, num_classes=data.info.num_classes,
+                       dataset=dataset)
+
+    def run(lmbda: float, root, resume=None) -> list[dict]:
+        cfg = RunConfig.model_validate({
+            "dataset": dataset, "teacher": {"checkpoint": "unused.pt"},
+            "student": {"name": "tiny_llama", "options": TINY}, "knowledge": [{"type": "tkd"}],
+            "scheme": {"type": "on_policy", "lmbda": lmbda, "sampling": {"temperature": 0.0}},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 0.003, "checkpoint_every": 1}})
+        session = Session(checkpoint_root=root, resume_from=resume)
+        train_run({"run": cfg.model_dump(mode="json"), "teacher_records": [rec]}, session)
+        return session.reports
+
+    off = run(0.0, tmp_path / "off")
+    assert [r["budget_tokens"] for r in off] == [per_epoch, 2 * per_epoch]
+    assert [r["budget_epochs"] for r in off] == [1.0, 2.0]
+    resumed = run(0.0, tmp_path / "again", resume=tmp_path / "off" / "checkpoint_000001")
+    assert [r["epoch"] for r in resumed] == [2] and resumed[0]["budget_tokens"] == 2 * per_epoch
+    on = run(1.0, tmp_path / "on")
+    assert on[0]["on_policy_fraction"] == 1.0 and on[0]["generated_tokens"] > 0
+    assert on[0]["budget_tokens"] == 2 * on[0]["generated_tokens"]
+    assert on[1]["budget_tokens"] == on[0]["budget_tokens"] + 2 * on[1]["generated_tokens"]
+    assert on[1]["budget_epochs"] == pytest.approx(on[1]["budget_tokens"] / per_epoch)
+
 SPACE = {
     "name": "tasks-lm", "metric": "val_exact_match", "num_samples": 6, "seed": 0, "min_trials_per_type": 1,
     "base": {
@@ -80,7 +119,8 @@ SPACE = {
         "student": {"name": "tiny_llama", "options": TINY},
         "train": {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 0.003},
     },
-    "scheduler": {"type": "fifo"},
+    # the budget in tokens: a trial that generates meets ASHA's rungs (1 and 2 epochs' worth) sooner
+    "scheduler": {"type": "asha", "grace_period": 1, "unit": "tokens"},
     "searcher": {"type": "tpe", "n_startup_trials": 6},
     "space": {"knowledge": {
         "none": {},
@@ -107,6 +147,10 @@ def test_a_sweep_over_lambda_and_divergence_ranks_on_exact_match_and_logs_what_w
     tmp, result = task_sweep
     board = result.leaderboard
     assert list(board["val_exact_match"]) == sorted(board["val_exact_match"], reverse=True)  # higher first
+    # the budget table says what each type trained on and generated; the shares are of the sweep's tokens
+    budget = result.budget.set_index("knowledge")
+    assert budget["tokens"].sum() == int(board["budget_tokens"].sum()) > 0
+    assert budget["token_share"].sum() == pytest.approx(1.0)
     c = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     parent = find_sweep(c, "tasks")
     assert parent.data.tags["kdray.metric"] == "val_exact_match"
@@ -126,6 +170,10 @@ def test_a_sweep_over_lambda_and_divergence_ranks_on_exact_match_and_logs_what_w
             assert abs(mean - lmbda) <= 4 * (lmbda * (1 - lmbda) / draws) ** 0.5
         else:
             assert "generated_tokens" not in m
+            # off-policy (seq_kd: on the teacher's rows, its training split): epoch e has spent e epochs' worth
+            spent = sorted((h.step, h.value) for h in c.get_metric_history(t.info.run_id, "budget_epochs"))
+            assert spent == [(1, 1.0), (2, 2.0), (3, 3.0)], spent
+        assert m["budget_tokens"] > 0
         # seq_kd: the teacher's answers were made once by the sweep and read by the trial
         assert t.data.tags.get("kdray.teacher_generations") == (
             "shared" if t.data.tags["kdray.knowledge"] == "seq_kd" else None)
