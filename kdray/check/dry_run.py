@@ -138,6 +138,17 @@ def _check_lora(cfg: RunConfig, student: Classifier, file: str | Path | None) ->
         raise ConfigError(str(e), file, field) from None
 
 
+def dropout_rates(config: Any) -> list[float]:
+    """The dropout rates a Hugging Face config sets above 0, whatever their names (``dropout``, ``attention_dropout``,
+    ``resid_pdrop``, ...): families such as OPT drop out with ``nn.functional.dropout``, no module to find. Not the
+    heads a causal LM does not run (``classifier_dropout``, GPT-2's ``summary_first_dropout``)."""
+    if config is None:
+        return []
+    items = config.to_dict().items() if hasattr(config, "to_dict") else vars(config).items()
+    return [float(v) for k, v in items if ("dropout" in k or k.endswith("pdrop")) and isinstance(v, float) and v > 0
+            and not k.startswith(("classifier", "summary"))]
+
+
 def _check_on_policy(cfg: RunConfig, info: Any, student: Classifier, file: str | Path | None) -> None:
     """``scheme: on_policy`` completes the data's prompts: it needs prompt/answer rows, and the student's positions
     must hold a prompt and its ``max_new_tokens``."""
@@ -148,10 +159,13 @@ def _check_on_policy(cfg: RunConfig, info: Any, student: Classifier, file: str |
     if why:
         raise ConfigError(why, file, "scheme.type")
     if any(k["type"] == "tkd" and k["divergence"] == "rkl_sampled" for k in cfg.knowledge):
+        if cfg.student.peft is not None and cfg.student.peft.dropout > 0:
+            raise ConfigError(f"rkl_sampled weighs each sampled token by log q(y) of the distribution it was drawn "
+                              f"from, but the LoRA adapters drop out ({cfg.student.peft.dropout}): set it to 0 or use "
+                              "rkl", file, "student.peft.dropout")
         hf = getattr(student.net, "hf", None)
         rates = [m.p for m in student.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-        rates += [v for k in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
-                  if isinstance(v := getattr(getattr(hf, "config", None), k, 0.0), float) and v > 0]
+        rates += dropout_rates(getattr(hf, "config", None))
         if rates:  # the samples are drawn without dropout, the loss's log q(y) would be taken with it
             raise ConfigError(f"rkl_sampled weighs each sampled token by log q(y) of the distribution it was drawn "
                               f"from, but the student has dropout ({max(rates)}): set it to 0 (e.g. options "

@@ -228,6 +228,32 @@ def test_check_refuses_rkl_sampled_for_a_student_with_dropout():
     assert dry_run(RunConfig.model_validate({**run, "student": {"name": "tiny_gpt2", "options": quiet}}))
 
 
+
+def test_check_refuses_rkl_sampled_for_a_student_whose_family_drops_out_functionally(tmp_path):
+    """OPT drops out with ``nn.functional.dropout(p=config.dropout)``, no ``nn.Dropout`` module to find, under a name
+    the first check did not know: it was accepted with dropout 0.1. Every dropout rate of the model's config counts
+    (not the heads a causal LM does not run: GPT-2's ``summary_first_dropout``)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    def opt(dropout: float) -> str:
+        cfg = OPTConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
+                        max_position_embeddings=64, word_embed_proj_dim=32, dropout=dropout, attention_dropout=0.0,
+                        activation_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+        torch.manual_seed(0)
+        path = tmp_path / f"opt{dropout}"
+        OPTForCausalLM(cfg).save_pretrained(path)
+        return f"hf-lm/{path}"
+
+    run = {**BASE, "knowledge": [{"type": "tkd", "divergence": "rkl_sampled"}], "scheme": {"type": "on_policy"}}
+    with pytest.raises(ConfigError) as e:
+        dry_run(RunConfig.model_validate({**run, "student": {"name": opt(0.1)}}))
+    assert e.value.fields == ["student.options"] and "dropout (0.1)" in str(e.value)
+    assert dry_run(RunConfig.model_validate({**run, "student": {"name": opt(0.0)}}))
+    lora = {"name": "tiny_llama", "options": TINY, "peft": {"r": 4, "dropout": 0.1}}  # the adapters' own dropout
+    with pytest.raises(ConfigError) as e:
+        dry_run(RunConfig.model_validate({**run, "student": lora}))
+    assert e.value.fields == ["student.peft.dropout"]
+
 def test_check_refuses_on_policy_on_data_without_prompts_and_completions_longer_than_the_student():
     packed = {**BASE, "dataset": {"name": "synthetic_lm", "options": {"seq_len": 16}},
               "knowledge": [{"type": "tkd"}], "scheme": {"type": "on_policy"}}
