@@ -27,7 +27,12 @@ def _register(uri: str, name: str, net: nn.Module, width: int = 16, **log_kw) ->
     import mlflow
     from mlflow.models import infer_signature
 
+    from kdray.tracking.store import artifact_location
+
     mlflow.set_tracking_uri(uri)
+    c = mlflow.MlflowClient(uri)
+    if c.get_experiment_by_name("production-models") is None:  # its models beside the database, not in ./mlruns
+        c.create_experiment("production-models", artifact_location=artifact_location(uri))
     mlflow.set_experiment("production-models")  # not an experiment id left active by another test's store
     net.eval()
     x = torch.randn(5, width)
