@@ -68,13 +68,14 @@ def plan_cache(n: int, shapes: dict[str, tuple[int, ...]], num_classes: int, max
 @torch.no_grad()
 def build_cache(
     records: list[dict[str, Any]], data: DataBundle, layers: list[str], max_bytes: int, dtype: str = "auto",
-    device: torch.device | str = "cpu", batch_size: int = 512, feature_member: int = 0,
+    device: torch.device | str = "cpu", batch_size: int = 512, feature_member: int = 0, members: bool = True,
 ) -> TeacherCache | None:
     """Run the teacher once over the training split and keep its outputs (``None`` if nothing fits): an ensemble's
-    every member's logits too, so each trial combines them by its own rule; the feature maps of ``feature_member``."""
+    every member's logits too (unless ``members`` is False: no trial combines them by a rule other than the mean),
+    so each trial combines them by its own rule; the feature maps of ``feature_member``."""
     device = torch.device(device)
     teacher = Teacher.from_records(records, feature_member=feature_member).to(device)
-    ensemble = len(teacher.members) > 1
+    ensemble = len(teacher.members) > 1 and members
     teacher.tap(layers)
     split = data.train
     n = len(split)
@@ -90,8 +91,8 @@ def build_cache(
     if feat_dtype is None:
         return None
     if len(teacher.members) > 1:
-        note += ("; each member's logits" if ensemble else
-                 "; the members' mean only (their logits exceed half the budget)")
+        note += ("; each member's logits" if ensemble else "; the members' mean only (" + (
+            "their logits exceed half the budget" if members else "every trial averages them") + ")")
     teacher.tap(keep)
     logits = np.empty((n, out.logits.shape[1]), dtype=np.float32)
     members = np.empty((n, len(teacher.members), out.logits.shape[1]), dtype=np.float32) if ensemble else None

@@ -18,7 +18,7 @@ def cache_summary(cache: Any, why_not: str = "") -> dict[str, Any] | None:
 
 def _build_cache_task(records: list, dataset: dict[str, Any], layers: list[str], max_bytes: int, dtype: str,
                       use_gpu: bool, summarise: bool = False, tokens: dict[str, Any] | None = None,
-                      feature_member: int = 0):
+                      feature_member: int = 0, members: bool = True):
     """The cache (and, with ``summarise``, its summary as a second return value: what the driver reads). A language
     model's (``tokens``: the top-k to keep, the tail rule, the k whose truncation is measured) holds each
     position's top-k (:mod:`kdray.cache.tokens`)."""
@@ -39,7 +39,8 @@ def _build_cache_task(records: list, dataset: dict[str, Any], layers: list[str],
         cache, why_not = build_token_cache(records, data, layers, max_bytes, device, **tokens)
         why_not = "" if cache is not None else why_not
     else:
-        cache = build_cache(records, data, layers, max_bytes, dtype, device, feature_member=feature_member)
+        cache = build_cache(records, data, layers, max_bytes, dtype, device, feature_member=feature_member,
+                            members=members)
     return (cache, cache_summary(cache, why_not)) if summarise else cache
 
 
@@ -90,6 +91,19 @@ def teacher_layers_needed(space: SearchSpace, records: list[dict[str, Any]]) -> 
     return layers
 
 
+def combines_members(space: SearchSpace, base: RunConfig) -> bool:
+    """Whether some trial of the sweep combines an ensemble's members by a rule other than the mean (the base's rule,
+    or one the space sets or searches): only then does the cache keep each member's logits (M times the logits)."""
+    from kdray.sweep.space import Distribution
+
+    rules = [base.teacher.ensemble.rule] if base.teacher is not None else []
+    for sub in [space.params, *space.choices.values()]:
+        v = sub.get("teacher.ensemble.rule")
+        if v is not None:
+            rules += list(v.choices) if isinstance(v, Distribution) and v.type == "categorical" else [v]
+    return any(r != "mean" for r in rules)
+
+
 def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list, say,
                   spill_dir: str | None = None, stats: dict[str, float] | None = None) -> tuple[Any, Any]:
     """Share teacher outputs across the trials, or say why the teacher runs live.
@@ -121,15 +135,18 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
     args = (refs, base.dataset.model_dump(mode="json"), layers, base.cache.max_bytes, base.cache.dtype,
             base.resources.use_gpu)
     tokens = token_request(space, base)
-    member = base.teacher.ensemble.feature_member  # every member's logits are kept; this one's feature maps
+    member = base.teacher.ensemble.feature_member  # this member's feature maps
+    members = combines_members(space, base)  # every member's logits, if a trial combines them by another rule
     if base.resources.use_gpu:  # the teacher pass belongs on a GPU node: a Ray task there
         task = ray.remote(_build_cache_task).options(num_cpus=base.resources.cpus_per_worker,
                                                      num_gpus=min(1.0, base.resources.gpus_per_worker),
                                                      num_returns=2)
-        ref, summary_ref = task.remote(*args, summarise=True, tokens=tokens, feature_member=member)
+        ref, summary_ref = task.remote(*args, summarise=True, tokens=tokens, feature_member=member,
+                                       members=members)
         summary = ray.get(summary_ref)  # a few numbers: the cache itself (up to max_bytes) stays in the store
     else:  # on CPU, here: no worker process to start for one pass over the data
-        cache, summary = _build_cache_task(*args, summarise=True, tokens=tokens, feature_member=member)
+        cache, summary = _build_cache_task(*args, summarise=True, tokens=tokens, feature_member=member,
+                                           members=members)
         ref = ray.put(cache) if cache is not None else None
     if summary is None or "none" in summary:
         say("teacher-output cache: " + (summary["none"] if summary else "nothing fits the memory budget "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import train_record
@@ -87,6 +88,33 @@ def test_a_sweep_searches_the_rule():
     cfg = space.resolve({"knowledge": "kd", "teacher.ensemble.rule": "confidence"})
     assert cfg.teacher.ensemble.rule == "confidence"
 
+
+
+def test_a_sweep_keeps_each_members_logits_only_when_some_trial_combines_them_by_another_rule(members):
+    """M members' logits are M times the cache's logits: kept when the base's rule, or one the space sets or searches,
+    is not the mean; a sweep whose every trial averages holds the mean alone, and its trials read it."""
+    from kdray.sweep.space import SearchSpace
+    from kdray.sweep.teacher_outputs import combines_members
+
+    def space(teacher: dict, extra: dict) -> SearchSpace:
+        return SearchSpace.model_validate({
+            "name": "ens", "base": {"dataset": {"name": "test_blobs"}, "student": {"name": "test_mlp"},
+                                    "teacher": {"checkpoint": ["a.pt", "b.pt"], **teacher}},
+            "space": {**extra, "knowledge": {"kd": {}}}})
+
+    searched = {"teacher.ensemble.rule": {"type": "categorical", "choices": ["mean", "confidence"]}}
+    cases = [({}, {}, False), ({"ensemble": {"rule": "confidence"}}, {}, True), ({}, searched, True),
+             ({}, {"teacher.ensemble.rule": "mean"}, False)]
+    for teacher, extra, want in cases:
+        sp = space(teacher, extra)
+        assert combines_members(sp, sp.resolve({"knowledge": "kd"})) is want, (teacher, extra)
+    data = load_dataset(DatasetConfig(name="test_blobs"))
+    both, mean = build_cache(members, data, [], max_bytes=2**30), build_cache(members, data, [], 2**30, members=False)
+    assert mean.members is None and both.members.shape == (len(data.train), 2, data.info.num_classes)
+    assert mean.nbytes == both.nbytes - both.members.nbytes and "every trial averages them" in mean.note
+    np.testing.assert_array_equal(mean.logits, both.logits)
+    out = TeacherOutputs.create(Teacher.from_records(members), mean, members, data, [], torch.device("cpu"))
+    assert out.source == "cache"
 
 def test_a_cache_too_small_for_every_members_logits_keeps_the_mean_and_another_rule_runs_live(members):
     data = load_dataset(DatasetConfig(name="test_blobs"))
