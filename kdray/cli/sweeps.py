@@ -246,7 +246,8 @@ def trial_table(uri: str, sweep: str | None):
                "status": t.get(TAG_STATUS, run.info.status.lower()), "epochs": int(t.get("kdray.epochs", 0) or 0),
                **{m: run.data.metrics.get(m, float("nan")) for m in dict.fromkeys([goal.metric, "val_accuracy"])},
                "run_id": run.info.run_id,
-               **{k: run.data.metrics[k] for k in ("latency_ms", "student_params") if k in run.data.metrics}}
+               **{k: run.data.metrics[k] for k in ("latency_ms", "student_params", "budget_tokens")
+                  if k in run.data.metrics}}
         row.update({k: v for k, v in json.loads(t.get("kdray.searched", "{}")).items() if k != "knowledge"})
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -270,7 +271,8 @@ def knowledge_summary(df, goal: Goal = ACCURACY) -> list[dict[str, Any]]:
     base = best.get("none", float("nan"))
     return [{"knowledge": k, key: float(v), "gain_over_none": float(v - base) if base == base else None,
              "trials": int(budget.at[k, "trials"]), "full_length": int(budget.at[k, "full_length"]),
-             "epochs": int(budget.at[k, "epochs"])} for k, v in best.items()]
+             "epochs": int(budget.at[k, "epochs"]),
+             **({"tokens": int(budget.at[k, "tokens"])} if "tokens" in budget else {})} for k, v in best.items()]
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -301,7 +303,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         diff = (f"{gain * 100:+.2f} points" if goal.percent else f"{gain:+.4f}") if gain is not None else None
         print(f"  {s['knowledge']:<12} {s[f'best_{m}']:.4f}   "
               + (diff if diff is not None else "(no completed `none` trial)")
-              + f"   ({s['trials']} trials, {s['full_length']} full-length, {s['epochs']} epochs)")
+              + f"   ({s['trials']} trials, {s['full_length']} full-length, {s['epochs']} epochs"
+              + (f", {s['tokens']} tokens)" if "tokens" in s else ")"))
     for f in finals:
         print(f"\nfinal evaluation over {f['seeds']} seeds (test split): {f['summary']}")
     return 0

@@ -128,7 +128,12 @@ def align_search_state(experiment_dir: str, searcher: Any) -> list[str]:
     has, numbered like another; a counter ahead ended the sweep a trial short, for good; concurrency slots
     (``ConcurrencyLimiter.live_trials``) held by trials Tune no longer runs never freed, and the resume hung. The
     trials are the truth (Tune restores them); the counter, the slots and the searcher's map (``searcher.align``)
-    are set from them. ``searcher`` is a bare instance of the sweep's searcher class."""
+    are set from them, and written under the session name of the newest trials' file, so they are what Tune reads
+    (it takes the name that sorts last: ``tune/utils/util.py`` ``_load_newest_checkpoint``), also where its staging
+    folder keeps an older copy. ``searcher`` is a bare instance of the sweep's searcher class.
+
+    A driver killed during its very first save can leave trials with no search state stored: Tune then starts its
+    search again from the pickled tuner, which this cannot repair; the change list says so."""
     import os
     import tempfile
 
@@ -140,9 +145,17 @@ def align_search_state(experiment_dir: str, searcher: Any) -> list[str]:
     trials = {t["trial_id"]: t["status"] for t in (json.loads(tj) for tj, _ in
                                                    json.loads(storage.read_bytes(state_file))["trial_data"])}
     live = {t for t, status in trials.items() if status in UNFINISHED}
+    session = Path(state_file.partition("?")[0]).name[len("experiment_state-"):-len(".json")]
     changes: list[str] = []
     gen_file = storage.newest(experiment_dir, "search_gen_state-*.json")
+    missing = [n for n, f in (("search_gen_state", gen_file),
+                              ("searcher-state", storage.newest(experiment_dir, "searcher-state-*.pkl"))) if f is None]
+    if missing and trials:
+        changes.append(f"no {' or '.join(missing)} was stored with the {len(trials)} trials (the driver was killed "
+                       "during its first save): Tune starts that part of the search again, and the sweep may run "
+                       "more trials than it was started with")
     if gen_file is not None:
+        target = storage.join(experiment_dir, f"search_gen_state-{session}.json")
         gen = cloudpickle.loads(storage.read_bytes(gen_file))
         if gen["counter"] != len(trials):
             changes.append(f"trial counter {gen['counter']} -> {len(trials)}")
@@ -152,21 +165,23 @@ def align_search_state(experiment_dir: str, searcher: Any) -> list[str]:
                     and set(wrapper["live_trials"]) != live:
                 changes.append(f"{name[5:]} slots {len(wrapper['live_trials'])} -> {len(live)}")
                 wrapper["live_trials"] = set(live)
-        if changes:
-            storage.write_bytes(gen_file, cloudpickle.dumps(gen))
+        if changes or gen_file != target:
+            storage.write_bytes(target, cloudpickle.dumps(gen))
     searcher_file = storage.newest(experiment_dir, "searcher-state-*.pkl")
     if searcher_file is not None:
+        target = storage.join(experiment_dir, f"searcher-state-{session}.pkl")
         fd, tmp = tempfile.mkstemp(suffix=".pkl")
         os.close(fd)
         try:
             with open(tmp, "wb") as f:
                 f.write(storage.read_bytes(searcher_file))
             searcher.restore(tmp)
-            if fixed := searcher.align(trials):
-                changes.extend(fixed)
+            fixed = searcher.align(trials)
+            changes.extend(fixed)
+            if fixed or searcher_file != target:
                 searcher.save(tmp)
                 with open(tmp, "rb") as f:
-                    storage.write_bytes(searcher_file, f.read())
+                    storage.write_bytes(target, f.read())
         finally:
             os.remove(tmp)
     return changes

@@ -148,7 +148,9 @@ class KdraySearch(OptunaSearch):
         * A trial this (newer) searcher asked for but Tune does not restore is dropped; Tune proposes another.
         * An Optuna trial a killed driver asked for after Tune's last stored save (RUNNING, no Tune trial, no value
           reported) is handed to the next trial Tune proposes (:meth:`suggest`): the study holds the sweep's trials,
-          none left behind as FAIL. One that had reported values ran in part: ``close_abandoned`` marks it FAIL."""
+          none left behind as FAIL. One that had reported values ran in part: ``close_abandoned`` marks it FAIL.
+          (A study copy uploaded at asks and tells only, or a two-objective study, which takes no intermediate
+          values, shows none for a trial that did run in part: it is handed on and run again, whole.)"""
         study, known = self._ot_study, set(trials)
         by_tid = {t.user_attrs.get(TUNE_ID_ATTR): t for t in study.get_trials(deepcopy=False)}
         dropped = sorted(set(self._ot_trials) - known)
@@ -156,8 +158,10 @@ class KdraySearch(OptunaSearch):
         self._ot_trials = {t: tr for t, tr in self._ot_trials.items() if t in known}
         self._ot_trials.update({t: optuna.trial.Trial(study, by_tid[t]._trial_id) for t in found})
         self._completed_trials = {t for t in self._completed_trials if t in known}
+        mapped = {tr._trial_id for tr in self._ot_trials.values()}
         self.orphans = [t._trial_id for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                        if t.user_attrs.get(TUNE_ID_ATTR) not in known and not t.intermediate_values]
+                        if t.user_attrs.get(TUNE_ID_ATTR) not in known and t._trial_id not in mapped
+                        and not t.intermediate_values]
         return ([f"searcher: {len(dropped)} trial(s) Tune does not restore dropped"] if dropped else []) + \
             ([f"searcher: {len(found)} restored trial(s) found in the study"] if found else []) + \
             ([f"searcher: {len(self.orphans)} Optuna trial(s) asked but never run handed to the next trials"]

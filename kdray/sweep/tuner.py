@@ -73,7 +73,8 @@ def make_scheduler(space: SearchSpace, max_epochs: int, say) -> Any:
     grace = min(space.scheduler.grace_period, max_epochs)
     if space.scheduler.type == "asha" and space.scheduler.unit == "tokens":
         say(f"ASHA's rungs count tokens: each trial is judged once it has trained on and generated {grace} epochs' "
-            "worth of the training split's target tokens (budget_epochs), and so on up the rungs"
+            "worth of the training split's target tokens (budget_epochs), and so on up the rungs: in fewer epochs "
+            "when its batches add generated tokens, in more when its completions are shorter than the data's answers"
             + (f"; each knowledge type's first {space.min_trials_per_type} trials run all {max_epochs} epochs"
                if space.min_trials_per_type else ""))
         # FairASHA has its own rungs (Ray's ASHA would stop a trial at max_t budget_epochs, before its last epoch

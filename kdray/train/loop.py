@@ -276,12 +276,13 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
     means = {k: vals[i] / total for i, k in enumerate(names)}
     train_time = time.perf_counter() - t0
     bad = [k for k in names if not math.isfinite(means[k])]
+    op = on_policy_metrics(st)  # every rank, failed or not: an all-reduce
     if bad:
         reason = (f"loss term{'s' if len(bad) > 1 else ''} {', '.join(bad)} became non-finite "
                   f"(NaN or inf) in epoch {epoch}")
         # the costs too: a two-objective search needs every objective in every report, a failed one included
-        return {"epoch": epoch, **failed_values(st), "failed": reason, "lr": lr, **st.costs[0]}
-    op = on_policy_metrics(st)
+        return {"epoch": epoch, **failed_values(st), "failed": reason, "lr": lr, **st.costs[0],
+                **budget_metrics(st, total, op)}  # what the failed trial spent counts in the budget too
     peer_vals = []
     for m in st.peers:
         st.session.broadcast_buffers(m)  # validate exactly what rank 0 checkpoints

@@ -108,6 +108,16 @@ def test_a_runs_budget_in_tokens_counts_what_it_trained_on_and_what_it_generated
     assert on[0]["budget_tokens"] == 2 * on[0]["generated_tokens"]
     assert on[1]["budget_tokens"] == on[0]["budget_tokens"] + 2 * on[1]["generated_tokens"]
     assert on[1]["budget_epochs"] == pytest.approx(on[1]["budget_tokens"] / per_epoch)
+    # a run whose loss became non-finite reports what it spent up to and with its last epoch (the budget table
+    # counts failed trials' tokens as their epochs)
+    cfg = RunConfig.model_validate({
+        "dataset": dataset, "student": {"name": "tiny_llama", "options": TINY},
+        "train": {"epochs": 3, "batch_size": 16, "optimizer": "sgd", "lr": 1e12, "momentum": 0.0,
+                  "scheduler": "none"}})
+    session = Session()
+    failed = train_run({"run": cfg.model_dump(mode="json")}, session)
+    assert "non-finite" in failed["failed"]
+    assert failed["budget_tokens"] == failed["epoch"] * per_epoch and failed["budget_epochs"] == failed["epoch"]
 
 SPACE = {
     "name": "tasks-lm", "metric": "val_exact_match", "num_samples": 6, "seed": 0, "min_trials_per_type": 1,

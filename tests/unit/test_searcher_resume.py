@@ -107,3 +107,25 @@ def test_the_counter_and_the_slots_follow_the_trials_tune_restores(tmp_path):
     again.restore(str(tmp_path / "searcher-state-2026-01-01_00-00-00.pkl"))
     assert again.suggest("d") == {"x": 3}
     assert align_search_state(str(tmp_path), GridSearch.__new__(GridSearch)) == []  # agreeing files: untouched
+
+
+def test_the_aligned_state_is_written_under_the_newest_trials_session_and_a_missing_one_is_said(tmp_path):
+    """Tune reads the file whose name sorts last: an aligned copy of an older session's search state goes under the
+    session of the trials it was aligned with (an older copy in Tune's staging folder then cannot win). With no search
+    state stored at all (a driver killed during its first save) nothing can be aligned, and the change list says so."""
+    tune_files(tmp_path, {"a": "TERMINATED", "b": "RUNNING"}, counter=2, live={"b"})
+    old = tmp_path / "search_gen_state-2026-01-01_00-00-00.json"
+    old.rename(tmp_path / "search_gen_state-2025-12-31_00-00-00.json")
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").rename(
+        tmp_path / "experiment_state-2026-01-02_00-00-00.json")
+    grid = GridSearch([{"x": i} for i in range(4)], "val_accuracy", "max")
+    grid.next = 2
+    grid.save(str(tmp_path / "searcher-state-2025-12-31_00-00-00.pkl"))
+    assert align_search_state(str(tmp_path), GridSearch.__new__(GridSearch)) == []  # they agree: nothing changed
+    assert sorted(p.name for p in tmp_path.glob("search*")) == [
+        "search_gen_state-2025-12-31_00-00-00.json", "search_gen_state-2026-01-02_00-00-00.json",
+        "searcher-state-2025-12-31_00-00-00.pkl", "searcher-state-2026-01-02_00-00-00.pkl"]
+    for f in tmp_path.glob("search*"):
+        f.unlink()
+    said = align_search_state(str(tmp_path), GridSearch.__new__(GridSearch))
+    assert len(said) == 1 and "no search_gen_state or searcher-state was stored with the 2 trials" in said[0]
