@@ -67,11 +67,13 @@ CASES = {
 
 
 def ray_processes_since(t0: float) -> list[str]:
+    """Ray's daemons started since ``t0`` from this environment (their paths are in it): another checkout's tests on
+    the same machine start their own, which say nothing of the command under test."""
     out = []
     for p in psutil.process_iter(["name", "create_time", "cmdline"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["create_time"] >= t0 and ("raylet" in cmd or "gcs_server" in cmd):
+            if p.info["create_time"] >= t0 and ("raylet" in cmd or "gcs_server" in cmd) and sys.prefix in cmd:
                 out.append(cmd[:80])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
