@@ -105,7 +105,10 @@ def project(tmp_path_factory):
     net.eval()
     with torch.no_grad():
         teacher_acc = (net(x).argmax(1) == y).float().mean().item()
+    from kdray.tracking.store import artifact_location
+
     mlflow.set_tracking_uri(uri)
+    mlflow.MlflowClient(uri).create_experiment("production", artifact_location=artifact_location(uri))  # not ./mlruns
     mlflow.set_experiment("production")
     with mlflow.start_run():
         sig = infer_signature(x[:5].numpy(), net(x[:5]).detach().numpy())
