@@ -95,19 +95,19 @@ def build_cache(
             "their logits exceed half the budget" if members else "every trial averages them") + ")")
     teacher.tap(keep)
     logits = np.empty((n, out.logits.shape[1]), dtype=np.float32)
-    members = np.empty((n, len(teacher.members), out.logits.shape[1]), dtype=np.float32) if ensemble else None
+    each = np.empty((n, len(teacher.members), out.logits.shape[1]), dtype=np.float32) if ensemble else None
     feats = {k: np.empty((n, *shapes[k]), dtype=np.dtype(feat_dtype)) for k in keep}
     for idx, x, _ in Batches(split, batch_size, train=False, device=device):
         i = idx.cpu().numpy()
         if ensemble:  # one pass: every member's logits, and their mean from them (as the live teacher makes it)
             member_logits, features = teacher.member_outputs(x)
             o = TapOutputs(combine(member_logits), features)
-            members[i] = torch.stack(member_logits, dim=1).cpu().numpy()
+            each[i] = torch.stack(member_logits, dim=1).cpu().numpy()
         else:
             o = teacher(x)
         logits[i] = o.logits.float().cpu().numpy()
         for k in keep:
             feats[k][i] = o.features[k].to(torch.float16 if feat_dtype == "float16" else torch.float32).cpu().numpy()
     teacher.tap([])
-    return TeacherCache(cache_key(records, data), logits, feats, feat_dtype, note, members=members,
+    return TeacherCache(cache_key(records, data), logits, feats, feat_dtype, note, members=each,
                         feature_member=feature_member)

@@ -138,16 +138,21 @@ class DistillObjective(nn.Module):
         ``_backward``, what to differentiate: the cross-entropy *summed* over this batch's labelled samples times
         ``label_scale``, so DDP's and the accumulation's means give the mean over every labelled sample of the
         effective batch, as one process on the whole batch; ``ce`` (logged) stays this batch's own mean."""
-        terms = {"ce": self._ce(student.logits, target)}
-        if student.strong is not None:  # the labels hold for the strong view too (MLKD trains on both)
-            terms["ce"] = terms["ce"] + self._ce(student.strong.logits, target)
-        total = _weighted(self.ce_weight, terms["ce"])
+        # the labels hold for the strong view too (MLKD trains on both)
+        views = [student.logits] + ([student.strong.logits] if student.strong is not None else [])
         backward = None
-        if label_scale is not None and self.partial_labels:
-            summed = self._ce(student.logits, target, summed=True)
-            if student.strong is not None:
-                summed = summed + self._ce(student.strong.logits, target, summed=True)
-            backward = _weighted(self.ce_weight, summed * label_scale)
+        if self.partial_labels:  # one sum over the labelled samples: the logged mean and the gradient's both use it
+            summed = self._ce_sum(views[0], target)
+            for z in views[1:]:
+                summed = summed + self._ce_sum(z, target)
+            terms = {"ce": summed / (target != -100).sum().clamp_min(1)}
+            if label_scale is not None:
+                backward = _weighted(self.ce_weight, summed * label_scale)
+        else:
+            terms = {"ce": self._ce(views[0], target)}
+            for z in views[1:]:
+                terms["ce"] = terms["ce"] + self._ce(z, target)
+        total = _weighted(self.ce_weight, terms["ce"])
         if self.knowledge:
             if teacher is None:
                 raise ValueError("knowledge terms need teacher outputs")
@@ -168,14 +173,14 @@ class DistillObjective(nn.Module):
         return terms
 
 
-    def _ce(self, logits: Tensor, target: Tensor, summed: bool = False) -> Tensor:
-        """The cross-entropy on the labels; with ``partial_labels`` (a transfer set: hidden labels are -100) the mean
-        over the labelled samples only, 0 for a batch without any (PyTorch's mean would be 0/0 there); ``summed``:
-        their sum."""
-        if not self.partial_labels:
-            return F.cross_entropy(as_float(logits), target, label_smoothing=self.label_smoothing)
-        total = F.cross_entropy(as_float(logits), target, label_smoothing=self.label_smoothing, reduction="sum")
-        return total if summed else total / (target != -100).sum().clamp_min(1)
+    def _ce(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The cross-entropy on the labels, the batch's mean."""
+        return F.cross_entropy(as_float(logits), target, label_smoothing=self.label_smoothing)
+
+    def _ce_sum(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``partial_labels`` (a transfer set: hidden labels are -100): the cross-entropy summed over the labelled
+        samples only, 0 for a batch without any (PyTorch's mean would be 0/0 there)."""
+        return F.cross_entropy(as_float(logits), target, label_smoothing=self.label_smoothing, reduction="sum")
 
     def _lm_terms(self, student: TapOutputs, teacher: TapOutputs | None, target: Tensor,
                   token_scale: Tensor | None, mean_scale: float, sampled: bool = False) -> dict[str, Tensor]:

@@ -148,8 +148,8 @@ def align_search_state(experiment_dir: str, searcher: Any) -> list[str]:
     session = Path(state_file.partition("?")[0]).name[len("experiment_state-"):-len(".json")]
     changes: list[str] = []
     gen_file = storage.newest(experiment_dir, "search_gen_state-*.json")
-    missing = [n for n, f in (("search_gen_state", gen_file),
-                              ("searcher-state", storage.newest(experiment_dir, "searcher-state-*.pkl"))) if f is None]
+    searcher_file = storage.newest(experiment_dir, "searcher-state-*.pkl")
+    missing = [n for n, f in (("search_gen_state", gen_file), ("searcher-state", searcher_file)) if f is None]
     if missing and trials:
         changes.append(f"no {' or '.join(missing)} was stored with the {len(trials)} trials (the driver was killed "
                        "during its first save): Tune starts that part of the search again, and the sweep may run "
@@ -167,7 +167,6 @@ def align_search_state(experiment_dir: str, searcher: Any) -> list[str]:
                 wrapper["live_trials"] = set(live)
         if changes or gen_file != target:
             storage.write_bytes(target, cloudpickle.dumps(gen))
-    searcher_file = storage.newest(experiment_dir, "searcher-state-*.pkl")
     if searcher_file is not None:
         target = storage.join(experiment_dir, f"searcher-state-{session}.pkl")
         fd, tmp = tempfile.mkstemp(suffix=".pkl")
