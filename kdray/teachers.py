@@ -15,6 +15,7 @@ from typing import Any
 from kdray import storage
 from kdray.config import ConfigError, RunConfig, TeacherRunConfig
 from kdray.data import describe_dataset
+from kdray.data.retokenize import cross_tokenizer, tokenizer_spec
 from kdray.errors import DatasetUnavailable, TrainingFailed
 from kdray.models import build_model, load_record, model_record, save_model
 from kdray.train.runner import final_student, fit, fit_inline, new_run_name
@@ -103,12 +104,22 @@ def load_teacher_records(cfg: RunConfig, file: str | Path | None = None,
         except (DatasetUnavailable, ValueError) as e:
             raise ConfigError(str(e), file, "dataset") from None
     if t.name is not None:
+        # a language model of another tokenizer keeps its own vocabulary, and its record carries the tokenizer
         try:
-            model = build_model(t.name, info.num_classes, info.preprocess(), t.options)
+            cross = cross_tokenizer(t.name, info.tokenizer) if info.causal_lm else None
+            tokenizer = tokenizer_spec(cross) if cross is not None else None
+        except ValueError as e:
+            raise ConfigError(str(e), file, "teacher.name") from None
+        classes = tokenizer["vocab"] if tokenizer else info.num_classes
+        try:
+            model = build_model(t.name, classes, info.preprocess(), t.options)
         except (TypeError, ValueError, RuntimeError, OSError) as e:
             raise ConfigError(f"cannot build teacher {t.name!r}: {e}", file, "teacher.name") from None
-        return [model_record(model, model_name=t.name, model_options=t.options, num_classes=info.num_classes,
-                             dataset={}, config={"teacher": t.name})]
+        record = model_record(model, model_name=t.name, model_options=t.options, num_classes=classes,
+                              dataset={}, config={"teacher": t.name})
+        if tokenizer:
+            record["tokenizer"] = tokenizer
+        return [record]
     if t.mlflow is not None:
         from kdray.tracking.store import tracking_uri as default_uri
         from kdray.tracking.teacher import MlflowTeacherError, load_mlflow_teacher

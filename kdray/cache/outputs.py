@@ -15,8 +15,10 @@ from torch import Tensor
 from kdray.cache.fixed import TeacherCache
 from kdray.cache.keys import ViewCacheHandle, cache_key, view_cache_key
 from kdray.data import DataBundle
+from kdray.data.retokenize import CrossRows, retokenize, tokenizer_of_record
 from kdray.knowledge import TapOutputs
 from kdray.knowledge.token import TopKTokens
+from kdray.knowledge.uld import AlignedTokens
 from kdray.models import Teacher
 from kdray.models.checkpoint import combine
 
@@ -33,6 +35,7 @@ class TeacherOutputs:
         self._tokens: dict[str, Tensor] = {}
         self._vocab = 0
         self._feats: dict[str, Tensor] = {}
+        self._cross: CrossRows | None = None  # a teacher of another tokenizer: the training rows in its tokens
         if cache is not None:
             # Read-only views of the object-store arrays (zero-copy on the same node; never written, so
             # torch's warning about non-writable arrays does not apply); on a GPU, one copy.
@@ -62,6 +65,12 @@ class TeacherOutputs:
         """The cache when it applies to this trial's teacher, data, seed and layers (and, for a language model,
         holds at least the ``top_k`` tokens the trial learns from; None: every token); else the live teacher
         and the reason."""
+        spec = records[0].get("tokenizer") if records else None
+        if spec and teacher is not None:  # a teacher of another tokenizer reads the rows re-read in its own tokens
+            out = cls(teacher, None, layers, device, "the teacher has its own tokenizer: it runs live on the rows "
+                                                     "re-read in its tokens")
+            out._cross = cross_rows(records[0], data, teacher)
+            return out
         if cache is None:
             return cls(teacher, None, layers, device, "no cache was offered")
         if getattr(cache, "tokens", None) is not None and cache.top_k < min(top_k or cache.vocab, cache.vocab):
@@ -98,6 +107,11 @@ class TeacherOutputs:
             return cls(teacher, None, layers, device, "cache size does not match the training split")
         return cls(teacher, cache, layers, device, f"shared cache ({cache.note})", copy_to_device)
 
+    @property
+    def cross(self) -> bool:
+        """Does the teacher read the rows in its own tokens (another tokenizer)?"""
+        return self._cross is not None
+
     def set_epoch(self, epoch: int) -> None:
         """One cache for every epoch (the inputs do not change)."""
 
@@ -107,6 +121,8 @@ class TeacherOutputs:
     def __call__(self, idx: Tensor, x: Tensor) -> TapOutputs:
         if self._tokens:
             return self._token_rows(idx)
+        if self._cross is not None:
+            return self._cross_rows(idx)
         if self._logits is None:
             return self.teacher(x)
         i = idx if self._logits.device == idx.device else idx.to(self._logits.device)
@@ -117,6 +133,16 @@ class TeacherOutputs:
             logits = self._logits[i].to(self.device, non_blocking=True)
         feats = {k: v[i].to(self.device, non_blocking=True).float() for k, v in self._feats.items()}
         return TapOutputs(logits, feats)
+
+    def _cross_rows(self, idx: Tensor) -> TapOutputs:
+        """A teacher of another tokenizer on the batch's rows in its tokens, with where each row's answer starts and
+        how long it is there (what ``uld`` aligns)."""
+        i = idx.cpu()
+        c = self._cross
+        out = self.teacher(torch.from_numpy(c.ids[i.numpy()]).to(self.device))
+        start = torch.from_numpy(c.start[i.numpy()]).to(self.device)
+        size = torch.from_numpy(c.size[i.numpy()]).to(self.device)
+        return TapOutputs(AlignedTokens(out.logits.hidden, out.logits.head, start, size), out.features)
 
     def _token_rows(self, idx: Tensor) -> TapOutputs:
         """A language model's batch of blocks: each position's stored top-k (float16 log-probabilities, ids, the
@@ -154,6 +180,8 @@ class ViewCacheOutputs:
     """A trial's teacher outputs from the store, by (epoch, sample index). Rows not there yet are computed live
     (on this batch's own view) unless another process has taken them on, used in their stored form and
     published at once; rows another process is computing are waited for, so no row is computed twice."""
+
+    cross = False  # augmented images: the teacher reads the student's inputs
 
     def __init__(self, handle: ViewCacheHandle, teacher: Any, device: torch.device, refresh_every: int = 8) -> None:
         self.store, self.codec, self.block = handle.store, handle.codec, handle.block
@@ -258,3 +286,15 @@ class ViewCacheOutputs:
     def epoch_stats(self) -> dict[str, float]:
         total = self.rows_read + self.rows_live
         return {"teacher_cached_fraction": self.rows_read / total if total else 0.0}
+
+
+def cross_rows(record: dict[str, Any], data: DataBundle, teacher: Teacher) -> CrossRows:
+    """The training split re-read in the tokens of the teacher's own tokenizer (its record carries it)."""
+    from kdray.data.lm import load_tokenizer
+    from kdray.models.hf_lm import max_positions
+
+    hf = getattr(teacher.members[0].net, "hf", None)
+    split = data.train
+    return retokenize(split.x.cpu().numpy(), split.y.cpu().numpy(), load_tokenizer(str(data.info.tokenizer)),
+                      tokenizer_of_record(record), record["tokenizer"]["pad"],
+                      max_positions(hf.config) if hf is not None else None)

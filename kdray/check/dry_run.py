@@ -18,6 +18,7 @@ from kdray.data.loaders import to_float
 from kdray.errors import DatasetUnavailable
 from kdray.knowledge import KNOWLEDGE, Knowledge, ModelLayout, TapOutputs
 from kdray.knowledge.token import TokenStates
+from kdray.knowledge.uld import ULD, AlignedTokens
 from kdray.models import Classifier, FeatureTaps, LayerNotFound, Teacher, build_model, model_from_record
 from kdray.models.hf_lm import SequenceTooLong
 from kdray.models.taps import check_layers
@@ -240,7 +241,7 @@ def _teacher(cfg: RunConfig, info: Any, file: str | Path | None, records: list[d
     for i, rec in enumerate(records):
         where = ("teacher.name" if cfg.teacher.name else "teacher.mlflow" if cfg.teacher.mlflow else
                  "teacher.checkpoint" if len(records) == 1 else f"teacher.checkpoint.{i}")
-        if rec["num_classes"] != info.num_classes:
+        if rec["num_classes"] != info.num_classes and not rec.get("tokenizer"):  # its own tokenizer: its own ids
             raise ConfigError(f"the teacher predicts {rec['num_classes']} classes but data set "
                               f"{cfg.dataset.name!r} has {info.num_classes}", file, where)
         if not rec["preprocess"].get("passthrough") and tuple(rec["preprocess"]["shape"]) != tuple(info.model_input):
@@ -270,6 +271,10 @@ def _knowledge(cfg: RunConfig, teacher: Teacher | None, student: Classifier, fil
     lm = bool(getattr(student, "causal_lm", False))
     for i, spec in enumerate(cfg.knowledge):
         cls = KNOWLEDGE.get(spec["type"])
+        if not lm and cls.family == "cross_token":
+            raise ConfigError(f"{spec_name(cfg, i)} aligns the answer tokens of two causal language models (a teacher "
+                              "of another tokenizer); a classifier's logits are distilled by kd, dist, dkd, ...", file,
+                              f"knowledge.{i}.type")
         if lm and cls.family == "response":
             raise ConfigError(f"{spec_name(cfg, i)} distils a classifier's logits; a language model's next-token "
                               "distributions are distilled per token by tkd (divergence fkl is KD per token)", file,
@@ -327,7 +332,11 @@ def _forward(cfg: RunConfig, info: Any, teacher: Teacher | None, student: Classi
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"the teacher fails on inputs of shape {tuple(info.model_input)}: {e}", file,
                               "teacher") from None
-        if lm and modules:
+        if lm and any(isinstance(k, ULD) for k in modules.values()):  # the dry rows: answers from position 0
+            t = t_out.logits
+            whole = torch.full((len(x),), x.shape[1], dtype=torch.long)
+            t_out = t_out._replace(logits=AlignedTokens(t.hidden, t.head, torch.zeros_like(whole), whole))
+        elif lm and modules:
             _check_vocabularies(cfg, s_out, t_out, file)
         report.teacher_shapes = {k: tuple(v.shape[1:]) for k, v in t_out.features.items()}
         for i, k in modules.items():
@@ -366,37 +375,65 @@ def _check_vocabularies(cfg: RunConfig, s_out: TapOutputs, t_out: TapOutputs, fi
 
 def _check_tokenizers(cfg: RunConfig, info: Any, file: str | Path | None, notes: list[str]) -> None:
     """Every ``hf-lm/<folder>`` model that ships a tokenizer must share the data set's vocabulary, or extend it (the
-    data's tokens at the same ids: a padded or extended vocabulary, said in ``notes``)."""
+    data's tokens at the same ids: a padded or extended vocabulary, said in ``notes``); a teacher of another
+    tokenizer is distilled by ``uld`` alone (:func:`_check_cross_teacher`), and ``uld`` is for such a teacher only."""
     if not info.causal_lm or not info.tokenizer:
         return
     from kdray.data.lm import load_tokenizer
+    from kdray.data.retokenize import OTHER, PREFIX, own_tokenizer_folder, vocabulary_relation
 
     names = [("student.name", cfg.student.name)]
     if cfg.teacher is not None:
         names.append(("teacher.name" if cfg.teacher.name else "teacher.train.model.name", cfg.teacher.model_name))
     data_tok = None
+    cross = False
     for where, name in names:
-        folder = Path(name[len("hf-lm/"):]).expanduser() if str(name).startswith("hf-lm/") else None
-        if folder is None or not (folder / "tokenizer_config.json").is_file():
-            continue
-        if folder.resolve() == Path(str(info.tokenizer)).expanduser().resolve():
+        folder = own_tokenizer_folder(name)
+        if folder is None or folder.resolve() == Path(str(info.tokenizer)).expanduser().resolve():
             continue
         data_tok = data_tok or load_tokenizer(str(info.tokenizer))
         own = load_tokenizer(str(folder), where)
-        mine, theirs = own.get_vocab(), data_tok.get_vocab()
-        if mine == theirs:
-            continue
-        if all(mine.get(token) == i for token, i in theirs.items()):  # the data's ids mean the same tokens
+        relation = vocabulary_relation(own, data_tok)
+        if relation == PREFIX:
             notes.append(f"{where} {name}: its tokenizer extends the data set's ({len(own)} tokens, the first "
                          f"{len(data_tok)} the data's own at the same ids): a shared vocabulary prefix, the loss is "
                          "over it")
-            continue
-        raise ConfigError(f"{name} comes with a tokenizer whose vocabulary differs from the data set's "
-                          f"({len(own)} vs {len(data_tok)} tokens, from {info.tokenizer}, not a prefix of it): the "
-                          "model would read other tokens than it was trained on, and token-level knowledge compares "
-                          "distributions over one vocabulary; tokenise the data with the model's own "
-                          "(dataset.tokenizer). Teachers of another tokenizer (ULD) are not supported yet", file,
-                          "dataset.tokenizer")
+        elif relation == OTHER and where == "teacher.name":
+            _check_cross_teacher(cfg, name, f"{len(own)} vs {len(data_tok)} tokens", file)
+            notes.append(f"teacher.name {name}: its own tokenizer ({len(own)} tokens, not the data set's "
+                         f"{len(data_tok)} nor an extension of it): each row is re-read in its tokens and uld aligns "
+                         "the two models' answers")
+            cross = True
+        elif relation == OTHER:
+            raise ConfigError(f"{name} comes with a tokenizer whose vocabulary differs from the data set's "
+                              f"({len(own)} vs {len(data_tok)} tokens, from {info.tokenizer}, not a prefix of it): "
+                              "the model would read other tokens than it was trained on; tokenise the data with the "
+                              "model's own (dataset.tokenizer)", file, "dataset.tokenizer")
+    uld = [i for i, k in enumerate(cfg.knowledge) if k["type"] == "uld"]
+    if uld and not cross:
+        raise ConfigError("uld is for a teacher of another tokenizer (teacher.name: hf-lm/<folder> whose own "
+                          "tokenizer is not the data set's); this teacher reads the data's tokens, so tkd compares "
+                          "the two distributions token by token, exactly", file, f"knowledge.{uld[0]}.type")
+
+
+def _check_cross_teacher(cfg: RunConfig, name: str, sizes: str, file: str | Path | None) -> None:
+    """A teacher of another tokenizer: its next-token distributions are over other tokens at other positions, so
+    only ``uld`` compares them; what needs one vocabulary or the teacher's own generations is refused."""
+    why = (f"the teacher {name} has another tokenizer ({sizes}, not an extension of the data set's): its "
+           "distributions are over other tokens at other positions")
+    for i, k in enumerate(cfg.knowledge):
+        if k["type"] != "uld":
+            raise ConfigError(f"{spec_name(cfg, i)}: {why}, which only uld compares (sorted probabilities over the "
+                              "aligned answer tokens); a token-level or hidden-state type needs one tokenizer",
+                              file, f"knowledge.{i}.type")
+    if not cfg.knowledge:
+        raise ConfigError(f"{why}: nothing but uld can distil it", file, "knowledge")
+    if cfg.scheme.type in ("on_policy", "seq_kd"):
+        raise ConfigError(f"scheme {cfg.scheme.type}: {why}; the teacher would score or generate tokens the "
+                          "student cannot read", file, "scheme.type")
+    if cfg.student.init_from_teacher:
+        raise ConfigError(f"{why}: its embeddings and head are for its own tokens", file,
+                          "student.init_from_teacher")
 
 
 def _strong_view(cfg: RunConfig, modules: dict[int, Knowledge], x: torch.Tensor,

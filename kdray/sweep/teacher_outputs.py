@@ -117,6 +117,10 @@ def prepare_cache(space: SearchSpace, base: RunConfig, refs: list, records: list
     if base.teacher is None or base.cache.teacher_outputs == "off":
         say("teacher-output cache: off" + (" (cache.teacher_outputs: off)" if base.teacher else ""))
         return None, None
+    if any(r.get("tokenizer") for r in records):
+        say("teacher-output cache: off (the teacher has its own tokenizer: each trial re-reads the rows in its "
+            "tokens and runs it live)")
+        return None, None
     from kdray.data import load_dataset
 
     data = load_dataset(base.dataset)

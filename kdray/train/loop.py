@@ -287,8 +287,9 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
     for m in st.peers:
         st.session.broadcast_buffers(m)  # validate exactly what rank 0 checkpoints
         if st.lm:
+            # a teacher of another tokenizer cannot read the validation rows: no agreement metrics with it
             peer_vals.append(evaluate_lm(m, st.data.val, cfg.train.batch_size, device, st.session, st.amp,
-                                         st.teacher, cfg.train.token_chunk))
+                                         None if st.teacher_out.cross else st.teacher, cfg.train.token_chunk))
         else:
             peer_vals.append(evaluate(m, st.data.val, max(cfg.train.batch_size, 256), device, st.session,
                                       st.channels_last, st.amp))

@@ -258,7 +258,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
                                         objective.teacher_layers, device,
                                         copy_to_device=cfg.resources.gpus_per_worker >= 1, seed=cfg.seed,
                                         top_k=cfg.cache.top_k if data.info.causal_lm else None)
-    _bind(objective, data, teacher, student, s_taps, device)
+    _bind(objective, data, teacher, student, s_taps, device, teacher_out)
     step_module: nn.Module = DistillStep(student, objective, s_taps) if len(peers) == 1 else MutualStep(
         peers, mutual_weight=cfg.scheme.mutual_weight, temperature=cfg.scheme.temperature,
         ce_weight=cfg.ce_weight, label_smoothing=cfg.train.label_smoothing)
@@ -356,7 +356,7 @@ def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
 
 
 def _bind(objective: DistillObjective, data: DataBundle, teacher: Teacher | None, student: Classifier,
-          s_taps: FeatureTaps, device: torch.device) -> None:
+          s_taps: FeatureTaps, device: torch.device, teacher_out: TeacherOutputs | None = None) -> None:
     """Per-sample state (CRD's memory bank) sized by the training split; connector shapes (FitNets' regressor)
     from one dry forward pass on two real samples."""
     objective.bind_data(len(data.train), data.train.y)
@@ -365,6 +365,9 @@ def _bind(objective: DistillObjective, data: DataBundle, teacher: Teacher | None
         student.eval()
         with torch.no_grad():
             objective.bind_models(teacher.feature_model.net, student.net)  # before the pass: OFD watches it
-            objective.bind(teacher(x0).features, s_taps.run(student, x0, states=student.causal_lm).features)
+            # a teacher of another tokenizer reads the rows in its own tokens
+            t_feats = teacher_out(torch.arange(2), x0).features if teacher_out is not None and \
+                teacher_out.cross else teacher(x0).features
+            objective.bind(t_feats, s_taps.run(student, x0, states=student.causal_lm).features)
         student.train()
     objective.to(device)

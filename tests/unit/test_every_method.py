@@ -22,7 +22,9 @@ NEEDS_ATTENTION = {"attn", "minilm"}
 # Token-level types (language models) also run on a classifier's logits (one token per sample), so the CNN pairs
 # dry-run them; the space that offers them is the language-model one.
 TOKEN_TYPES = [n for n in TYPES if KNOWLEDGE.get(n).family == "token"]
-CNN_TYPES = [n for n in TYPES if n not in NEEDS_ATTENTION and n not in TOKEN_TYPES]
+# Types for language models only: ``uld`` aligns two causal LMs' answer tokens, and a classifier pair is refused.
+LM_ONLY = {"uld"}
+CNN_TYPES = [n for n in TYPES if n not in NEEDS_ATTENTION and n not in TOKEN_TYPES and n not in LM_ONLY]
 PAIRS = [("resnet32x4", "resnet8x4"), ("resnet18", "mobilenet_v2")]
 # (teacher, student, type) -> words the refusal must contain: the pair's shapes cannot be combined.
 REFUSES = {
@@ -99,6 +101,11 @@ def test_the_attention_only_types_are_registered():
 def test_every_type_dry_runs_on_cnn_pairs(teacher, student, name):
     cfg = config(teacher, student, name)
     refusal = REFUSES.get((teacher, student, name))
+    if name in LM_ONLY:
+        with pytest.raises(ConfigError) as e:
+            dry_run(cfg)
+        assert e.value.fields == ["knowledge.0.type"] and "language models" in str(e.value), str(e.value)
+        return
     if name in NEEDS_ATTENTION or refusal:
         with pytest.raises(ConfigError) as e:
             dry_run(cfg)

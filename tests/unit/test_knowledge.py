@@ -42,7 +42,7 @@ def test_every_family_is_registered_with_paper_and_formula():
         doc = cls.__doc__ or ""
         assert re.search(r"(19|20)\d\d", doc), f"{name} cites no paper year"
         assert "math::" in doc, f"{name} states no formula"
-        assert cls.family in ("response", "feature", "relational", "token")
+        assert cls.family in ("response", "feature", "relational", "token", "cross_token")
         # Which reference implementation it matches (repository, file) and what it does differently, if anything.
         assert re.search(r"(Reference|matched\s+against)", doc) and re.search(r"``[\w/.-]+\.(py|md)``", doc), (
             f"{name} names no reference implementation (repository and file)")

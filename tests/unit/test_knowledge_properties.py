@@ -452,6 +452,21 @@ def test_tkd_at_the_extremes_matches_float64(case, kind, beta):
     assert_close(got, tkd_reference(z_s, z_t, kind, t, beta), atol=atol)
 
 
+@covers("uld")
+@SETTINGS
+@given(case=logit_cases, t_s=st.sampled_from([1.0, 2.0]), t_t=st.sampled_from([1.0, 4.0]))
+@example(case=CONFIDENT, t_s=1.0, t_t=1.0)
+@example(case=HOT_BF16, t_s=1.0, t_t=1.0)
+def test_uld_at_the_extremes_matches_float64(case, t_s, t_t):
+    """uld on a classifier's logits (each sample one token) against the float64 formula: the L1 between the sorted
+    probabilities, a sum of C rounded probability differences (tolerance 2 · C · 2^-24), the mean over samples."""
+    z_s, z_t, y = make_logits(case)
+    got = build("uld", {}, {}, student_temperature=t_s, teacher_temperature=t_t).compute(taps(z_s), taps(z_t), y)
+    q = torch.softmax(z_s.double() / t_s, -1).sort(-1, descending=True).values
+    p = torch.softmax(z_t.double() / t_t, -1).sort(-1, descending=True).values
+    assert_close(got, (q - p).abs().sum(-1).mean(), atol=2 * case.classes * EPS32)
+
+
 # -- every registered type -----------------------------------------------------------------------------------
 def test_every_registered_knowledge_type_has_a_property_test():
     """A new knowledge type must come with a property test here."""
