@@ -426,11 +426,12 @@ def _check_cross_teacher(cfg: RunConfig, name: str, sizes: str, file: str | Path
             raise ConfigError(f"{spec_name(cfg, i)}: {why}, which only uld compares (sorted probabilities over the "
                               "aligned answer tokens); a token-level or hidden-state type needs one tokenizer",
                               file, f"knowledge.{i}.type")
-    if not cfg.knowledge:
-        raise ConfigError(f"{why}: nothing but uld can distil it", file, "knowledge")
     if cfg.scheme.type in ("on_policy", "seq_kd"):
         raise ConfigError(f"scheme {cfg.scheme.type}: {why}; the teacher would score or generate tokens the "
                           "student cannot read", file, "scheme.type")
+    if cfg.scheme.type in ("born_again", "assistant"):
+        raise ConfigError(f"scheme {cfg.scheme.type}: {why}; its later stages are taught by models of the data's "
+                          "tokens, which uld is not for (not supported yet)", file, "scheme.type")
     if cfg.student.init_from_teacher:
         raise ConfigError(f"{why}: its embeddings and head are for its own tokens", file,
                           "student.init_from_teacher")

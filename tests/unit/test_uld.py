@@ -173,9 +173,11 @@ def test_check_takes_uld_alone_for_a_teacher_of_another_tokenizer_and_says_so(tm
 
     report = dry_run(cfg(), file="run.yaml")
     assert any("own tokenizer" in line and "uld" in line for line in report.lines())
+    dry_run(cfg(knowledge=[]), file="run.yaml")  # a sweep's "none" trials: the teacher is unused, nothing to refuse
     for over, field in (({"knowledge": [{"type": "uld"}, {"type": "tkd"}]}, "knowledge.1.type"),
                         ({"knowledge": [{"type": "fitnet"}]}, "knowledge.0.type"),
-                        ({"scheme": {"type": "seq_kd"}, "knowledge": [{"type": "uld"}]}, "scheme.type")):
+                        ({"scheme": {"type": "seq_kd"}, "knowledge": [{"type": "uld"}]}, "scheme.type"),
+                        ({"scheme": {"type": "born_again", "generations": 2}}, "scheme.type")):
         with pytest.raises(ConfigError) as e:
             dry_run(cfg(**over), file="run.yaml")
         assert e.value.fields == [field] and "another tokenizer" in str(e.value), (over, str(e.value))
