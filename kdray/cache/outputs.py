@@ -137,11 +137,12 @@ class TeacherOutputs:
     def _cross_rows(self, idx: Tensor) -> TapOutputs:
         """A teacher of another tokenizer on the batch's rows in its tokens, with where each row's answer starts and
         how long it is there (what ``uld`` aligns)."""
-        i = idx.cpu()
+        i = idx.cpu().numpy()
         c = self._cross
-        out = self.teacher(torch.from_numpy(c.ids[i.numpy()]).to(self.device))
-        start = torch.from_numpy(c.start[i.numpy()]).to(self.device)
-        size = torch.from_numpy(c.size[i.numpy()]).to(self.device)
+        width = int((c.start[i] + c.size[i]).max())  # the batch's rows, not the split's longest
+        out = self.teacher(torch.from_numpy(c.ids[i, :width]).to(self.device))
+        start = torch.from_numpy(c.start[i]).to(self.device)
+        size = torch.from_numpy(c.size[i]).to(self.device)
         return TapOutputs(AlignedTokens(out.logits.hidden, out.logits.head, start, size), out.features)
 
     def _token_rows(self, idx: Tensor) -> TapOutputs:
@@ -296,5 +297,5 @@ def cross_rows(record: dict[str, Any], data: DataBundle, teacher: Teacher) -> Cr
     hf = getattr(teacher.members[0].net, "hf", None)
     split = data.train
     return retokenize(split.x.cpu().numpy(), split.y.cpu().numpy(), load_tokenizer(str(data.info.tokenizer)),
-                      tokenizer_of_record(record), record["tokenizer"]["pad"],
+                      tokenizer_of_record(record), record["tokenizer"],
                       max_positions(hf.config) if hf is not None else None)

@@ -91,6 +91,7 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
     info = _data_info(cfg, file)
     notes: list[str] = []
     _check_tokenizers(cfg, info, file, notes)
+    _check_serve(cfg, info, file)
     student = _build(cfg, info, file, cfg.student.name, cfg.student.options, "student")
     _check_lora(cfg, student, file)
     report = DryRun(cfg.knowledge_label, None, cfg.student.name,
@@ -399,7 +400,7 @@ def _check_tokenizers(cfg: RunConfig, info: Any, file: str | Path | None, notes:
                          f"{len(data_tok)} the data's own at the same ids): a shared vocabulary prefix, the loss is "
                          "over it")
         elif relation == OTHER and where == "teacher.name":
-            _check_cross_teacher(cfg, name, f"{len(own)} vs {len(data_tok)} tokens", file)
+            _check_cross_teacher(cfg, info, name, f"{len(own)} vs {len(data_tok)} tokens", file)
             notes.append(f"teacher.name {name}: its own tokenizer ({len(own)} tokens, not the data set's "
                          f"{len(data_tok)} nor an extension of it): each row is re-read in its tokens and uld aligns "
                          "the two models' answers")
@@ -416,7 +417,31 @@ def _check_tokenizers(cfg: RunConfig, info: Any, file: str | Path | None, notes:
                           "the two distributions token by token, exactly", file, f"knowledge.{uld[0]}.type")
 
 
-def _check_cross_teacher(cfg: RunConfig, name: str, sizes: str, file: str | Path | None) -> None:
+def _check_serve(cfg: RunConfig, info: Any, file: str | Path | None) -> None:
+    """``teacher.serve``: the actors answer with a language model's top-k per position, which token terms read and
+    nothing else does (hidden states, the teacher's weights or its generations stay with the actors)."""
+    if cfg.teacher is None or cfg.teacher.serve is None:
+        return
+    if not info.causal_lm:
+        raise ConfigError("a served teacher answers with a language model's next-token top-k; this data set is "
+                          "not for causal language models", file, "teacher.serve")
+    if len(cfg.teacher.checkpoints) > 1:
+        raise ConfigError("a served teacher is one model (an ensemble is not served yet)", file, "teacher.serve")
+    if not cfg.cache.top_k:
+        raise ConfigError("a served teacher sends its top-k tokens per position: set cache.top_k (e.g. 64)", file,
+                          "cache.top_k")
+    for i, k in enumerate(cfg.knowledge):
+        if KNOWLEDGE.get(k["type"]).family != "token":
+            raise ConfigError(f"{spec_name(cfg, i)}: a served teacher sends only its top-k next-token "
+                              "log-probabilities, which token-level types (tkd) read", file, f"knowledge.{i}.type")
+    if cfg.scheme.type != "distill":
+        raise ConfigError(f"scheme {cfg.scheme.type}: a served teacher scores the data's rows only (not yet the "
+                          "student's generations, its own, or later stages)", file, "scheme.type")
+    if cfg.student.init_from_teacher:
+        raise ConfigError("a served teacher's weights stay on its actors", file, "student.init_from_teacher")
+
+
+def _check_cross_teacher(cfg: RunConfig, info: Any, name: str, sizes: str, file: str | Path | None) -> None:
     """A teacher of another tokenizer: its next-token distributions are over other tokens at other positions, so
     only ``uld`` compares them; what needs one vocabulary or the teacher's own generations is refused."""
     why = (f"the teacher {name} has another tokenizer ({sizes}, not an extension of the data set's): its "
@@ -426,6 +451,10 @@ def _check_cross_teacher(cfg: RunConfig, name: str, sizes: str, file: str | Path
             raise ConfigError(f"{spec_name(cfg, i)}: {why}, which only uld compares (sorted probabilities over the "
                               "aligned answer tokens); a token-level or hidden-state type needs one tokenizer",
                               file, f"knowledge.{i}.type")
+    if cfg.knowledge and not info.prompt_len:
+        raise ConfigError(f"{why}; uld aligns the two models' answers one per row, and data set "
+                          f"{cfg.dataset.name!r} packs its text into blocks (several answers, or none, per block): "
+                          "use prompt/answer rows (lm_tasks)", file, "dataset")
     if cfg.scheme.type in ("on_policy", "seq_kd"):
         raise ConfigError(f"scheme {cfg.scheme.type}: {why}; the teacher would score or generate tokens the "
                           "student cannot read", file, "scheme.type")

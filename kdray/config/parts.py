@@ -233,6 +233,15 @@ class EnsembleConfig(Strict):
         return self
 
 
+class TeacherServeConfig(Strict):
+    """A language-model teacher on Ray actors of its own, serving its top-k next-token log-probabilities to the
+    trials, so no trial loads it (kdray.cache.served)."""
+
+    actors: int = Field(1, ge=1, description="how many actors serve the teacher; a trial's batches go round them")
+    cpus: float = Field(1.0, ge=0, description="CPUs each actor holds")
+    gpus: float = Field(0.0, ge=0, description="GPUs each actor holds (its teacher runs on that GPU)")
+
+
 class TeacherConfig(Strict):
     """Where the teacher comes from: exactly one of a kdray checkpoint, a config to train first, a model by name
     (``hf/...``, ``timm/...`` with its pretrained weights) or a model in the MLflow registry."""
@@ -256,6 +265,9 @@ class TeacherConfig(Strict):
         "samples, which biases selection towards distillation); tagged in MLflow")
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig,
                                      description="an ensemble (checkpoint list): how its members are combined")
+    serve: TeacherServeConfig | None = Field(
+        None, description="a language model's teacher on its own Ray actors, serving its top-k (cache.top_k) to the "
+                          "trials instead of loaded by each")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":

@@ -233,7 +233,8 @@ def labels_only(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def final_teacher(cfg: RunConfig, storage: str, uri: str, say, goal: Goal = ACCURACY) -> tuple[list, float]:
     """The teacher records of ``cfg`` (as Ray refs when Ray runs) and the teacher's test value of the sweep's metric
-    (accuracy, or a language model's NLL; NaN for an ensemble)."""
+    (accuracy, or a language model's NLL; NaN for an ensemble and for a teacher of another tokenizer, which cannot
+    read the test rows)."""
     import ray
 
     from kdray.teachers import teacher_records
@@ -241,7 +242,7 @@ def final_teacher(cfg: RunConfig, storage: str, uri: str, say, goal: Goal = ACCU
 
     records = teacher_records(cfg, storage, log=say, inline=True, tracking_uri=uri)
     value = (test_metrics(records[0], cfg.dataset.model_dump(mode="json")).get(goal.test, float("nan"))
-             if len(records) == 1 else float("nan"))
+             if len(records) == 1 and not records[0].get("tokenizer") else float("nan"))
     return ([ray.put(r) for r in records] if ray.is_initialized() else records), value
 
 

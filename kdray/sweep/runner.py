@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdray import storage
+from kdray.cache.served import start_servers, stop_servers
 from kdray.config import RunConfig
 from kdray.errors import SweepError
 from kdray.storage import is_remote
@@ -80,6 +81,7 @@ class _Sweep:
     cache_ref: Any = None
     generations_ref: Any = None  # seq_kd: the teacher's answers to the training prompts, made once
     view_cache: Any = None
+    servers: list = field(default_factory=list)  # teacher.serve: the actors holding the teacher
     cache_stats: dict = field(default_factory=dict)  # what the one-pass teacher cache measured (logged to the run)
     tracker: Any = None
     parent_id: str = ""
@@ -110,9 +112,10 @@ def run_sweep(req: SweepRequest) -> SweepResult:
                 report_view_cache(sw.view_cache, sw.c, sw.parent_id, sw.say)
             except Exception as e:  # noqa: BLE001 - a report must not fail a sweep whose trials ran
                 sw.say(f"teacher-output cache: could not report its counters ({type(e).__name__}: {e})")
-    finally:  # the cache's actors and spill folder go with the sweep, however it ends
+    finally:  # the cache's and the teacher's actors and the spill folder go with the sweep, however it ends
         if sw.view_cache is not None:
             sw.view_cache.stop()
+        stop_servers(sw.servers)
         if sw.tracker is not None:
             sw.tracker.release()
     _flush(sw, results)
@@ -206,7 +209,13 @@ def _teacher_and_outputs(sw: _Sweep) -> None:
     sw.timings["teacher_s"] = time.time() - t0
     sw.refs = [ray.put(r) for r in sw.records]
     t0 = time.time()
-    if sw.records:
+    serve = sw.base.teacher.serve if sw.base.teacher is not None else None
+    if sw.records and serve is not None:  # the teacher on its own actors, its top-k served: nothing to cache
+        ensemble = sw.base.teacher.ensemble.model_dump() if len(sw.records) > 1 else {}
+        sw.servers = start_servers(sw.records, ensemble, serve)
+        sw.say(f"teacher: served by {serve.actors} actor(s) ({serve.cpus:g} CPU, {serve.gpus:g} GPU each), its top "
+               f"{sw.base.cache.top_k} tokens per position; teacher-output cache: off (nothing for trials to load)")
+    elif sw.records:
         sw.cache_ref, sw.view_cache = prepare_cache(sw.space, sw.base, sw.refs, sw.records, sw.say,
                                                     storage.join(req.storage, f"{req.name}-teacher-outputs"),
                                                     sw.cache_stats)
@@ -217,6 +226,12 @@ def _teacher_and_outputs(sw: _Sweep) -> None:
         sw.fixed = concurrency({**sw.most, "GPU": sw.most.get("GPU", 0) - sw.view_cache.producer_gpus}, sw.base,
                                sw.num_samples)
         sw.say(f"the teacher-output producer holds {sw.view_cache.producer_gpus:g} GPU: {sw.fixed} trials at a time")
+    if sw.servers and serve is not None and (serve.cpus or serve.gpus) and sw.most is not None and not (
+            req.max_concurrent or sw.space.max_concurrent):  # the serving actors' CPUs and GPUs are not the trials'
+        held = {"CPU": serve.actors * serve.cpus, "GPU": serve.actors * serve.gpus}
+        sw.fixed = concurrency({**sw.most, **{k: sw.most.get(k, 0) - v for k, v in held.items()}}, sw.base,
+                               sw.num_samples)
+        sw.say(f"the teacher's actors hold {held['CPU']:g} CPU and {held['GPU']:g} GPU: {sw.fixed} trials at a time")
 
 
 # -- the tuner -------------------------------------------------------------------------------------------------
@@ -231,7 +246,7 @@ def _tuner(sw: _Sweep) -> Any:
 
     req, space = sw.req, sw.space
     trainable = make_trainable(space, sw.base, sw.refs, sw.cache_ref, storage.join(req.storage, f"{req.name}-train"),
-                               sw.execution, sw.generations_ref)
+                               sw.execution, sw.generations_ref, sw.servers)
     sw.tracker = SweepTracker(req.tracking_uri, space.name, req.name, space, max_epochs=space.max_epochs,
                               space_yaml=req.space_yaml, total=sw.num_samples, quiet=req.quiet).make_live()
     sw.warm.join()

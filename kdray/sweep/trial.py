@@ -7,7 +7,7 @@ from kdray.sweep.space import SearchSpace
 
 
 def run_trial(params: dict[str, Any], *, space: SearchSpace, teacher_refs: list, cache_ref: Any,
-              train_storage: str, execution: str, generations_ref: Any = None) -> None:
+              train_storage: str, execution: str, generations_ref: Any = None, servers: list | None = None) -> None:
     """One trial: resolve its config and run the training loop inline or through a TorchTrainer."""
     from kdray.ray_setup import quiet_ray_loggers
     from kdray.train.loop import train_run
@@ -16,7 +16,8 @@ def run_trial(params: dict[str, Any], *, space: SearchSpace, teacher_refs: list,
     quiet_ray_loggers()
     cfg = space.resolve(params)
     loop = {"run": cfg.model_dump(mode="json"), "teacher_records": list(teacher_refs), "teacher_cache": cache_ref,
-            "progress": False, "teacher_generations": generations_ref if cfg.scheme.type == "seq_kd" else None}
+            "progress": False, "teacher_generations": generations_ref if cfg.scheme.type == "seq_kd" else None,
+            "teacher_servers": list(servers or []) if cfg.knowledge else []}  # teacher.serve: its actors
     if execution == "inline":
         train_run(loop, TuneSession())
         return

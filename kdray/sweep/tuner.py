@@ -95,7 +95,7 @@ def make_scheduler(space: SearchSpace, max_epochs: int, say) -> Any:
 
 
 def make_trainable(space: SearchSpace, base: RunConfig, refs: list, cache_ref: Any, train_storage: str,
-                   execution: str, generations_ref: Any = None) -> Any:
+                   execution: str, generations_ref: Any = None, servers: list | None = None) -> Any:
     """The trial function with what every trial shares, and the resources Tune reserves for it: an inline trial
     its worker's CPUs/GPUs; a trial that drives a TorchTrainer only the driver resource (its workers hold the CPUs)."""
     from ray import tune
@@ -105,7 +105,7 @@ def make_trainable(space: SearchSpace, base: RunConfig, refs: list, cache_ref: A
 
     trainable = tune.with_parameters(run_trial, space=space, teacher_refs=refs, cache_ref=cache_ref,
                                      train_storage=train_storage, execution=execution,
-                                     generations_ref=generations_ref)
+                                     generations_ref=generations_ref, servers=servers or [])
     if execution == "inline":
         r = base.resources
         return tune.with_resources(trainable, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})

@@ -117,7 +117,21 @@ def fit(
         resume_from = resume_from or newest_checkpoint(root)
     if resume_from:  # Train V2's way: the loop reads it when Train itself has no checkpoint to restore
         loop_config["resume_from"] = str(resume_from)
-    result = make_trainer(cfg, loop_config, name=name, storage_path=storage_path, local=local).fit()
+    servers = []
+    if cfg.teacher is not None and cfg.teacher.serve is not None and teacher_records and cfg.knowledge and \
+            not loop_config.get("teacher_servers"):  # a run of its own serves its teacher itself, for its length
+        from kdray.cache.served import start_servers
+
+        servers = start_servers(teacher_records, cfg.teacher.ensemble.model_dump() if len(teacher_records) > 1
+                                else {}, cfg.teacher.serve)
+        loop_config["teacher_servers"] = servers
+    try:
+        result = make_trainer(cfg, loop_config, name=name, storage_path=storage_path, local=local).fit()
+    finally:
+        if servers:
+            from kdray.cache.served import stop_servers
+
+            stop_servers(servers)
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kdray.cache import TeacherOutputs
+from kdray.cache.served import ServedOutputs
 from kdray.config import RunConfig, TrainConfig
 from kdray.data import Batches, DataBundle, load_dataset
 from kdray.data.loaders import to_float
@@ -223,7 +224,8 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     data = load_dataset(cfg.dataset)
     move_small_splits(data, device)
     records = [resolve_ref(r) for r in config.get("teacher_records") or []]
-    teacher, student, peers, peer_cfgs = _models(cfg, data, records, device)
+    servers = resolve_ref(config.get("teacher_servers")) or []  # teacher.serve: the teacher lives on its actors
+    teacher, student, peers, peer_cfgs = _models(cfg, data, records, device, served=bool(servers))
     generations = _seq_kd(config, cfg, data, records, teacher, device)
     # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
@@ -254,10 +256,13 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
                                 num_workers=cfg.resources.loader_workers)
     # seq_kd trains on the teacher's rows: the shared cache holds the data's, so its token terms score them live
     cache = None if cfg.scheme.type == "seq_kd" else resolve_ref(config.get("teacher_cache"))
-    teacher_out = TeacherOutputs.create(teacher, cache, records, data,
-                                        objective.teacher_layers, device,
-                                        copy_to_device=cfg.resources.gpus_per_worker >= 1, seed=cfg.seed,
-                                        top_k=cfg.cache.top_k if data.info.causal_lm else None)
+    if servers:
+        teacher_out: Any = ServedOutputs(servers, cfg.cache.top_k, device)
+    else:
+        teacher_out = TeacherOutputs.create(teacher, cache, records, data,
+                                            objective.teacher_layers, device,
+                                            copy_to_device=cfg.resources.gpus_per_worker >= 1, seed=cfg.seed,
+                                            top_k=cfg.cache.top_k if data.info.causal_lm else None)
     _bind(objective, data, teacher, student, s_taps, device, teacher_out)
     step_module: nn.Module = DistillStep(student, objective, s_taps) if len(peers) == 1 else MutualStep(
         peers, mutual_weight=cfg.scheme.mutual_weight, temperature=cfg.scheme.temperature,
@@ -318,12 +323,13 @@ def deliverable(model: nn.Module) -> nn.Module:
     return merged_copy(model) if has_lora(model) else model
 
 
-def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
-            device: torch.device) -> tuple[Teacher | None, Classifier, list[nn.Module], list[Any]]:
-    """The frozen teacher (when the run distils or starts from it), the student and dml's peers."""
+def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]], device: torch.device,
+            served: bool = False) -> tuple[Teacher | None, Classifier, list[nn.Module], list[Any]]:
+    """The frozen teacher (when the run distils or starts from it, and no actor serves it), the student and dml's
+    peers."""
     info = data.info
     teacher = None
-    if cfg.knowledge or cfg.student.init_from_teacher or cfg.scheme.type == "seq_kd":
+    if (cfg.knowledge or cfg.student.init_from_teacher or cfg.scheme.type == "seq_kd") and not served:
         if not records:
             raise ValueError("this run has knowledge terms but was given no teacher")
         # an ensemble's rule and feature member; a later born-again / assistant stage has one teacher record
@@ -356,7 +362,7 @@ def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]],
 
 
 def _bind(objective: DistillObjective, data: DataBundle, teacher: Teacher | None, student: Classifier,
-          s_taps: FeatureTaps, device: torch.device, teacher_out: TeacherOutputs | None = None) -> None:
+          s_taps: FeatureTaps, device: torch.device, teacher_out: Any = None) -> None:
     """Per-sample state (CRD's memory bank) sized by the training split; connector shapes (FitNets' regressor)
     from one dry forward pass on two real samples."""
     objective.bind_data(len(data.train), data.train.y)
@@ -364,10 +370,14 @@ def _bind(objective: DistillObjective, data: DataBundle, teacher: Teacher | None
         x0 = to_float(data.train.head(2).to(device))
         student.eval()
         with torch.no_grad():
-            objective.bind_models(teacher.feature_model.net, student.net)  # before the pass: OFD watches it
-            # a teacher of another tokenizer reads the rows in its own tokens
-            t_feats = teacher_out(torch.arange(2), x0).features if teacher_out is not None and \
-                teacher_out.cross else teacher(x0).features
+            if teacher is not None:
+                objective.bind_models(teacher.feature_model.net, student.net)  # before the pass: OFD watches it
+            if teacher is None:  # served by its actors: token terms only, no feature maps
+                t_feats = {}
+            elif teacher_out is not None and teacher_out.cross:  # another tokenizer: the rows in its own tokens
+                t_feats = teacher_out(torch.arange(2), x0).features
+            else:
+                t_feats = teacher(x0).features
             objective.bind(t_feats, s_taps.run(student, x0, states=student.causal_lm).features)
         student.train()
     objective.to(device)

@@ -33,5 +33,5 @@ def renumbered_teacher(tmp_path, info):
     tok = Tokenizer(models.WordLevel({VOCAB[i]: int(perm[i]) for i in range(len(VOCAB))}, unk_token="_"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="_", pad_token="_").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="_", pad_token="_", eos_token=".").save_pretrained(folder)
     return original, folder

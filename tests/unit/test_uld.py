@@ -16,7 +16,7 @@ from tokenizer_helpers import renumbered_teacher
 from kdray.check import dry_run
 from kdray.config import ConfigError, DatasetConfig, RunConfig
 from kdray.data import load_dataset
-from kdray.data.lm_tasks import ID, VOCAB, make_rows, task_tokenizer, to_blocks
+from kdray.data.lm_tasks import ID, VOCAB, layout, make_rows, task_tokenizer, to_blocks
 from kdray.data.retokenize import retokenize
 from kdray.knowledge import TapOutputs
 from kdray.knowledge.token import LMHead, TokenStates
@@ -87,42 +87,83 @@ def test_compute_aligns_each_models_answer_from_its_own_start_and_trains_the_stu
 
 
 def pair_tokenizer():
-    """A tokenizer that reads two characters at a time: 17 + 17² tokens."""
+    """A tokenizer that reads two characters at a time: 17 + 17² tokens; ``.`` (alone) its end token, ``_`` its
+    padding."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     pieces = list(VOCAB) + [a + b for a in VOCAB for b in VOCAB]
     tok = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="_"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("..?"), "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="_"), pieces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="_", eos_token=".", pad_token="_")
+    roles = {r: getattr(fast, r) for r in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    return fast, pieces, {"pad": fast.pad_token_id, **roles}
 
 
 def test_rows_are_re_read_in_the_teachers_tokens_with_their_answers_found(tmp_path):
-    """``A12+34=`` then ``046.``: read two characters at a time the prompt is A1 2+ 34 =, the answer 04 6.; the
-    teacher reads the prompt and the answer's first token (its last is only predicted), its answer predicted from
-    the logits of ``=`` (position 3), two tokens long."""
+    """``A12+34=`` then ``046.``: read two characters at a time the prompt is A1 2+ 34 =; the answer's text 04 6 and
+    the data's end token ``.`` becomes the teacher's own end token (never text); the teacher reads the prompt and the
+    answer but its last token (only predicted), its answer predicted from the logits of ``=`` (position 3), three
+    tokens long."""
     from kdray.data.lm import load_tokenizer
 
     data_tok = load_tokenizer(str(task_tokenizer(DatasetConfig(name="lm_tasks", data_dir=str(tmp_path)))))
     row = np.array([[ID[c] for c in "A12+34=046."]])
     x, y = to_blocks(row, 7)
-    teacher, pieces = pair_tokenizer()
-    rows = retokenize(x, y, data_tok, teacher, pad=0)
-    assert [pieces[i] for i in rows.ids[0]] == ["A1", "2+", "34", "=", "04"]
-    assert rows.start.tolist() == [3] and rows.size.tolist() == [2]
-    opts = {"tasks": ["add", "sort"], "digits": 2, "items": 5, "seed": 3}
-    p = 7
+    teacher, pieces, spec = pair_tokenizer()
+    rows = retokenize(x, y, data_tok, teacher, spec)
+    assert [pieces[i] for i in rows.ids[0]] == ["A1", "2+", "34", "=", "04", "6"]
+    assert rows.start.tolist() == [3] and rows.size.tolist() == [3]
+    opts = {"tasks": ["add", "sort"], "digits": 2, "items": 4, "seed": 3}
+    p, _ = layout(opts)  # sort's body of 4 digits is shorter than add's 5 characters: left-padded
     x, y = to_blocks(make_rows(20, opts, 0), p)
-    rows = retokenize(x, y, data_tok, teacher, pad=0)
-    for i in range(20):  # every row: the prompt's characters, then the answer's, in pairs
-        text = "".join(VOCAB[t] for t in x[i, :p]), "".join(VOCAB[t] for t in y[i][y[i] != -100])
-        want_p = [text[0][j:j + 2] for j in range(0, len(text[0]), 2)]
-        want_a = [text[1][j:j + 2] for j in range(0, len(text[1]), 2)]
+    rows = retokenize(x, y, data_tok, teacher, spec)
+    for i in range(20):  # every row: padding token by token, then the prompt's characters in pairs, then the answer's
+        prompt = "".join(VOCAB[t] for t in x[i, :p])
+        body = prompt.lstrip("_")
+        answer = "".join(VOCAB[t] for t in y[i][y[i] != -100])
+        assert answer.endswith(".") and "." not in answer[:-1]
+        want_p = ["_"] * (len(prompt) - len(body)) + [body[j:j + 2] for j in range(0, len(body), 2)]
+        want_a = [answer[:-1][j:j + 2] for j in range(0, len(answer) - 1, 2)] + ["."]
         got = [pieces[t] for t in rows.ids[i, :len(want_p) + len(want_a) - 1]]
-        assert got == want_p + want_a[:-1]
+        assert got == want_p + want_a[:-1], (prompt, answer, got)
         assert (rows.start[i], rows.size[i]) == (len(want_p) - 1, len(want_a))
     with pytest.raises(ValueError, match="more than its 3 positions"):
-        retokenize(x, y, data_tok, teacher, max_len=3)
+        retokenize(x, y, data_tok, teacher, spec, max_len=3)
+    two = y.copy()
+    two[0, p] = -100  # a hole in the first row's answer: two spans
+    with pytest.raises(ValueError, match="more than one answer"):
+        retokenize(x, two, data_tok, teacher, spec)
+
+
+def word_tokenizer(words: list[str], bos: bool):
+    """A SentencePiece-style word tokenizer (``▁`` marks a space), with ``</s>`` its end token and ``<s>`` its
+    beginning when ``bos``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "</s>"] + (["<s>"] if bos else [])
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>",
+                                   **({"bos_token": "<s>"} if bos else {}))
+    return fast, {"pad": 1, **{r: getattr(fast, r) for r in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                             "unk_token_id")}}
+
+
+def test_a_sentencepiece_answer_keeps_its_space_and_the_teacher_gets_its_own_beginning_and_end():
+    """The answer ``▁Paris`` decoded alone would lose its space (``Paris``, another token); read as the continuation
+    of its prompt it keeps it. The data's end token becomes the teacher's, and the teacher's rows start with its own
+    beginning-of-text token, as the reference's ``bos + prompt``."""
+    data, _ = word_tokenizer(["▁The", "▁capital", "▁is", "▁Paris"], bos=False)
+    teacher, spec = word_tokenizer(["▁is", "▁Paris", "▁capital", "▁The", "Paris"], bos=True)
+    ids = [data.convert_tokens_to_ids(t) for t in ["▁The", "▁capital", "▁is", "▁Paris", "</s>"]]
+    x, y = np.array([ids[:-1]]), np.array([[-100, -100, ids[3], ids[4]]])
+    rows = retokenize(x, y, data, teacher, spec)
+    read = teacher.convert_ids_to_tokens(rows.ids[0].tolist())
+    assert read == ["<s>", "▁The", "▁capital", "▁is", "▁Paris"]
+    assert rows.start.tolist() == [3] and rows.size.tolist() == [2]  # ▁Paris, </s>
 
 
 def test_a_renumbered_teacher_through_the_whole_path_gives_the_loss_of_the_original_on_the_datas_tokens(tmp_path):
@@ -177,7 +218,8 @@ def test_check_takes_uld_alone_for_a_teacher_of_another_tokenizer_and_says_so(tm
     for over, field in (({"knowledge": [{"type": "uld"}, {"type": "tkd"}]}, "knowledge.1.type"),
                         ({"knowledge": [{"type": "fitnet"}]}, "knowledge.0.type"),
                         ({"scheme": {"type": "seq_kd"}, "knowledge": [{"type": "uld"}]}, "scheme.type"),
-                        ({"scheme": {"type": "born_again", "generations": 2}}, "scheme.type")):
+                        ({"scheme": {"type": "born_again", "generations": 2}}, "scheme.type"),
+                        ({"dataset": {"name": "synthetic_lm", "data_dir": str(tmp_path)}}, "dataset")):
         with pytest.raises(ConfigError) as e:
             dry_run(cfg(**over), file="run.yaml")
         assert e.value.fields == [field] and "another tokenizer" in str(e.value), (over, str(e.value))

@@ -1,0 +1,114 @@
+"""A language-model teacher served by Ray actors of its own (``teacher.serve``), as users run it: a run whose batches
+go to real actors learns exactly what a run with the teacher loaded and cut to the same top-k learns, never building
+the teacher itself; and a sweep starts the actors once, every trial reads from them, and they are gone at its end."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from sweep_helpers import request
+from test_on_policy_lm import whole_batches
+
+from kdray.config import DatasetConfig, RunConfig
+from kdray.data import load_dataset
+from kdray.models import Preprocess, build_model, model_record, save_model
+from kdray.tracking.store import TAG_STATUS, find_sweep, sweep_children
+
+TINY = {"layers": 1, "hidden": 32, "heads": 2}
+
+
+def teacher_record(dataset: dict) -> dict:
+    torch.manual_seed(1)
+    info = load_dataset(DatasetConfig.model_validate(dataset)).info
+    teacher = build_model("tiny_llama", info.num_classes, Preprocess(info.input_shape, passthrough=True),
+                          {**TINY, "layers": 2})
+    return model_record(teacher, model_name="tiny_llama", model_options={**TINY, "layers": 2},
+                        num_classes=info.num_classes, dataset=dataset)
+
+
+def alive_servers() -> int:
+    from ray.util.state import list_actors
+
+    return sum(1 for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "TeacherServer")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_served_by_teacher_actors_learns_what_the_loaded_teacher_cut_to_its_top_k_teaches(tmp_path,
+                                                                                                ray_cluster):
+    import ray
+
+    from kdray.cache.served import start_servers, stop_servers
+    from kdray.train.loop import STUDENT_FILE, train_run
+    from kdray.train.session import Session
+
+    dataset = whole_batches(tmp_path)
+    rec = teacher_record(dataset)
+
+    def run(serve: bool) -> RunConfig:
+        return RunConfig.model_validate({
+            "dataset": dataset, "teacher": {"checkpoint": "unused.pt", **({"serve": {"cpus": 0}} if serve else {})},
+            "student": {"name": "tiny_llama", "options": TINY},
+            "knowledge": [{"type": "tkd", "divergence": "jsd", "beta": 0.5, "temperature": 2.0}], "ce_weight": 0.5,
+            "cache": {"top_k": 4, "tail": "uniform"},
+            "train": {"epochs": 1, "batch_size": 8, "optimizer": "sgd", "momentum": 0.0, "lr": 0.5,
+                      "scheduler": "none"}})
+
+    served_cfg = run(True)
+    servers = start_servers([rec], {}, served_cfg.teacher.serve)
+    try:
+        a, b = Session(checkpoint_root=tmp_path / "served"), Session(checkpoint_root=tmp_path / "loaded")
+        train_run({"run": served_cfg.model_dump(mode="json"), "teacher_records": [rec], "teacher_servers": servers},
+                  a)
+        train_run({"run": run(False).model_dump(mode="json"), "teacher_records": [rec]}, b)
+        batches = len(load_dataset(DatasetConfig.model_validate(dataset)).train) // 8
+        assert ray.get(servers[0].stats.remote())["served_batches"] == batches
+    finally:
+        stop_servers(servers)
+    sa = torch.load(a.last_checkpoint / STUDENT_FILE, weights_only=True)["state_dict"]
+    sb = torch.load(b.last_checkpoint / STUDENT_FILE, weights_only=True)["state_dict"]
+    for k, v in sb.items():
+        torch.testing.assert_close(sa[k], v, rtol=1e-5, atol=1e-6)
+    ra, rb = a.reports[-1], b.reports[-1]
+    assert ra["teacher_source"] == "served" and rb["teacher_source"] == "live"
+    assert ra["loss_tkd"] == pytest.approx(rb["loss_tkd"], rel=1e-5) and ra["loss_tkd"] > 0
+    from kdray.train.setup import seeded_init
+
+    info = load_dataset(DatasetConfig.model_validate(dataset)).info
+    with seeded_init(served_cfg.seed):  # the student's first weights, as the run made them
+        init = build_model("tiny_llama", info.num_classes, info.preprocess(), TINY).state_dict()
+    moved = max((sa[k] - v).abs().max().item() for k, v in init.items() if k in sa and v.is_floating_point())
+    assert moved > 1e-3  # the epoch did train
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_serves_its_teacher_from_actors_it_starts_once_and_stops(tmp_path, ray_cluster):
+    from kdray.sweep.runner import run_sweep
+
+    dataset = {"name": "lm_tasks", "options": {"tasks": ["copy"], "items": 4, "train_examples": 300,
+                                               "test_examples": 50}}
+    rec = teacher_record(dataset)
+    save_model(rec, tmp_path / "teacher.pt")
+    space = {
+        "name": "served", "metric": "val_nll", "num_samples": 2, "seed": 0,
+        "base": {"dataset": dataset, "teacher": {"checkpoint": str(tmp_path / "teacher.pt"), "serve": {"cpus": 0}},
+                 "student": {"name": "tiny_llama", "options": TINY}, "cache": {"top_k": 4},
+                 "train": {"epochs": 1, "batch_size": 32, "optimizer": "adamw", "lr": 0.003}},
+        "space": {"knowledge": {"tkd": {"divergence": {"type": "categorical", "choices": ["fkl", "rkl"]}}}},
+    }
+    path = tmp_path / "served.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    run_sweep(request(tmp_path, path, "served"))
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trials = [t for t in sweep_children(c, find_sweep(c, "served"), kind="trial")
+              if t.data.tags.get(TAG_STATUS) == "completed"]
+    assert len(trials) == 2  # the tkd trial and the sweep's baseline without distillation (which needs no teacher)
+    for t in trials:
+        if t.data.tags["kdray.knowledge"] == "tkd":
+            assert t.data.tags["kdray.teacher_source"] == "served" and t.data.metrics["loss_tkd"] > 0
+        else:
+            assert t.data.tags["kdray.knowledge"] == "none" and t.data.tags["kdray.teacher_source"] == "none"
+    assert {t.data.tags["kdray.knowledge"] for t in trials} == {"tkd", "none"}
+    assert alive_servers() == 0
