@@ -36,7 +36,8 @@ class TeacherServer:
     def top_k(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B, T) token ids -> per position the top-k log-probabilities (B, T, k), their ids and the log of the
         rest (B, T), computed a chunk of positions at a time (never B × T × V at once)."""
-        states = self.teacher(torch.from_numpy(np.asarray(x)).to(self.device)).logits
+        x = np.require(x, np.int64, requirements="W")  # Ray's arguments are read-only views: torch takes a copy
+        states = self.teacher(torch.from_numpy(x).to(self.device)).logits
         h = states.hidden.reshape(-1, states.hidden.shape[-1])
         size = chunk_tokens(states.head.vocab, None, self.device)
         parts = [top_k_of(torch.log_softmax(states.head.logits(h[a:a + size]), dim=-1), k)
