@@ -22,9 +22,11 @@ from kdray.knowledge.token import TopKTokens, chunk_tokens
 class TeacherServer:
     """The actor: the teacher built once from its records; ``top_k`` answers a batch."""
 
-    def __init__(self, records: list[dict[str, Any]], ensemble: dict[str, Any], use_gpu: bool) -> None:
+    def __init__(self, records: list[Any], ensemble: dict[str, Any], use_gpu: bool) -> None:
         from kdray.models import Teacher
+        from kdray.ray_setup import resolve_ref
 
+        records = [resolve_ref(r) for r in records]  # object refs: the weights travel once, not per actor
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.teacher = Teacher.from_records(records, **ensemble).to(self.device)
         self.served = 0  # batches answered
@@ -52,14 +54,20 @@ class TeacherServer:
         return {"served_batches": self.served}
 
 
-def start_servers(records: list[dict[str, Any]], ensemble: dict[str, Any], serve: Any) -> list[Any]:
+def start_servers(records: list[Any], ensemble: dict[str, Any], serve: Any) -> list[Any]:
     """``serve.actors`` actors holding the teacher, each with ``serve.cpus`` CPUs and ``serve.gpus`` GPUs; returns
-    their handles once every one has built its teacher (a teacher that cannot be built fails here, not in a trial)."""
+    their handles once every one has built its teacher (a teacher that cannot be built fails here, not in a trial,
+    and no actor is left behind). An actor that dies (its node pre-empted, out of memory) is restarted and its
+    pending batches retried: answering a batch changes nothing on it."""
     import ray
 
-    cls = ray.remote(num_cpus=serve.cpus, num_gpus=serve.gpus)(TeacherServer)
+    cls = ray.remote(num_cpus=serve.cpus, num_gpus=serve.gpus, max_restarts=-1, max_task_retries=-1)(TeacherServer)
     handles = [cls.remote(records, ensemble, serve.gpus > 0) for _ in range(serve.actors)]
-    ray.get([h.vocab.remote() for h in handles])
+    try:
+        ray.get([h.vocab.remote() for h in handles])
+    except BaseException:
+        stop_servers(handles)
+        raise
     return handles
 
 
@@ -77,13 +85,13 @@ class ServedOutputs:
     source = "served"
     cross = False
 
-    def __init__(self, handles: list[Any], top_k: int, device: torch.device) -> None:
+    def __init__(self, handles: list[Any], top_k: int, device: torch.device, rank: int = 0) -> None:
         import ray
 
         self.handles, self.top_k, self.device = list(handles), int(top_k), device
         self.vocab = int(ray.get(self.handles[0].vocab.remote()))
         self.reason = f"served by {len(self.handles)} teacher actor(s), its top {self.top_k} tokens per position"
-        self._next = 0
+        self._next = int(rank)  # DDP ranks start at different actors: one step's batches spread over them
 
     def set_epoch(self, epoch: int) -> None:
         """The inputs do not change between epochs."""

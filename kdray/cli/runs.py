@@ -250,7 +250,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         records = teacher_records(cfg, storage, local=args.local)
     print(f"[kdray] distilling {cfg.knowledge_label}: {cfg.teacher and '+'.join(r['model'] for r in records)} -> "
           f"{cfg.student.name} on {cfg.dataset.name}, {cfg.resources.num_workers} worker(s)", flush=True)
-    result = fit(cfg, records, storage_path=runs, name=run_name, local=args.local)
+    result = fit(cfg, records, storage_path=runs, name=run_name, local=args.local, serve_teacher=True)
     if result.failed:
         raise KdrayError(f"the run failed: {result.failed}")
     record = final_student(result)

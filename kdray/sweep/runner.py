@@ -102,8 +102,8 @@ class _Sweep:
 def run_sweep(req: SweepRequest) -> SweepResult:
     """Run (or resume) a sweep to the end and register its champion."""
     sw = _preflight(req)
-    _teacher_and_outputs(sw)
-    try:  # from here on the per-epoch teacher-output cache holds actors and storage
+    try:  # from here on the teacher's actors and the per-epoch teacher-output cache hold actors and storage
+        _teacher_and_outputs(sw)
         tuner = _tuner(sw)
         t0 = time.time()
         results = tuner.fit()
@@ -212,7 +212,7 @@ def _teacher_and_outputs(sw: _Sweep) -> None:
     serve = sw.base.teacher.serve if sw.base.teacher is not None else None
     if sw.records and serve is not None:  # the teacher on its own actors, its top-k served: nothing to cache
         ensemble = sw.base.teacher.ensemble.model_dump() if len(sw.records) > 1 else {}
-        sw.servers = start_servers(sw.records, ensemble, serve)
+        sw.servers = start_servers(sw.refs, ensemble, serve)
         sw.say(f"teacher: served by {serve.actors} actor(s) ({serve.cpus:g} CPU, {serve.gpus:g} GPU each), its top "
                f"{sw.base.cache.top_k} tokens per position; teacher-output cache: off (nothing for trials to load)")
     elif sw.records:
@@ -229,8 +229,14 @@ def _teacher_and_outputs(sw: _Sweep) -> None:
     if sw.servers and serve is not None and (serve.cpus or serve.gpus) and sw.most is not None and not (
             req.max_concurrent or sw.space.max_concurrent):  # the serving actors' CPUs and GPUs are not the trials'
         held = {"CPU": serve.actors * serve.cpus, "GPU": serve.actors * serve.gpus}
-        sw.fixed = concurrency({**sw.most, **{k: sw.most.get(k, 0) - v for k, v in held.items()}}, sw.base,
-                               sw.num_samples)
+        left = {**sw.most, **{k: sw.most.get(k, 0) - v for k, v in held.items()}}
+        from kdray.ray_setup import trials_that_fit
+
+        if not trials_that_fit(left, sw.base.resources):
+            raise SweepError(f"{req.space_path}: teacher.serve: the teacher's actors hold {held['CPU']:g} CPU and "
+                             f"{held['GPU']:g} GPU, and what the cluster has left ({left.get('CPU', 0):g} CPU, "
+                             f"{left.get('GPU', 0):g} GPU) fits no trial ({describe_need(sw.base)})")
+        sw.fixed = concurrency(left, sw.base, sw.num_samples)
         sw.say(f"the teacher's actors hold {held['CPU']:g} CPU and {held['GPU']:g} GPU: {sw.fixed} trials at a time")
 
 

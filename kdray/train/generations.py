@@ -157,7 +157,7 @@ def run_generations(config: dict[str, Any], session: Session,
             # Each generation is a new network (its own initial weights and data order), as in the paper.
             run = dict(config, _generation=g, run=generation_run(config["run"], g))
             if g > 1:
-                run.update(teacher_records=[teacher], teacher_cache=None)
+                run.update(teacher_records=[teacher], teacher_cache=None, teacher_servers=None)  # taught by stage g-1
             if session.rank == 0 and config.get("progress"):
                 print(f"[kdray] {what} {g}/{n}: {run['run']['student']['name']}"
                       + (" (taught by stage %d)" % (g - 1) if g > 1 else " (taught by the teacher)"), flush=True)

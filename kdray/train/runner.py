@@ -98,8 +98,11 @@ def fit(
     teacher_cache: Any = None,
     extra: dict[str, Any] | None = None,
     resume_from: str | None = None,
+    serve_teacher: bool = False,
 ) -> FitResult:
-    """Train ``cfg`` to the end and return its last metrics and final checkpoint."""
+    """Train ``cfg`` to the end and return its last metrics and final checkpoint. ``serve_teacher`` (``kdray
+    distill``): ``teacher.serve`` starts the teacher's actors for this run and stops them after it; without it (or
+    ``local``, in this process) the run loads its teacher itself."""
     loop_config = {
         "run": cfg.model_dump(mode="json"),
         "teacher_records": [share(r) for r in teacher_records or []],
@@ -118,12 +121,11 @@ def fit(
     if resume_from:  # Train V2's way: the loop reads it when Train itself has no checkpoint to restore
         loop_config["resume_from"] = str(resume_from)
     servers = []
-    if cfg.teacher is not None and cfg.teacher.serve is not None and teacher_records and cfg.knowledge and \
-            not loop_config.get("teacher_servers"):  # a run of its own serves its teacher itself, for its length
+    if serve_teacher and not local and cfg.teacher is not None and cfg.teacher.serve is not None and \
+            teacher_records and cfg.knowledge:  # `kdray distill`: the run serves its teacher itself, for its length
         from kdray.cache.served import start_servers
 
-        servers = start_servers(teacher_records, cfg.teacher.ensemble.model_dump() if len(teacher_records) > 1
-                                else {}, cfg.teacher.serve)
+        servers = start_servers(loop_config["teacher_records"], {}, cfg.teacher.serve)
         loop_config["teacher_servers"] = servers
     try:
         result = make_trainer(cfg, loop_config, name=name, storage_path=storage_path, local=local).fit()

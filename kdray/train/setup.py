@@ -223,8 +223,9 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
         torch.cuda.set_device(device)
     data = load_dataset(cfg.dataset)
     move_small_splits(data, device)
-    records = [resolve_ref(r) for r in config.get("teacher_records") or []]
     servers = resolve_ref(config.get("teacher_servers")) or []  # teacher.serve: the teacher lives on its actors
+    # a served teacher's records (its weights) stay in the object store: nothing here reads them
+    records = [] if servers else [resolve_ref(r) for r in config.get("teacher_records") or []]
     teacher, student, peers, peer_cfgs = _models(cfg, data, records, device, served=bool(servers))
     generations = _seq_kd(config, cfg, data, records, teacher, device)
     # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
@@ -257,7 +258,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     # seq_kd trains on the teacher's rows: the shared cache holds the data's, so its token terms score them live
     cache = None if cfg.scheme.type == "seq_kd" else resolve_ref(config.get("teacher_cache"))
     if servers:
-        teacher_out: Any = ServedOutputs(servers, cfg.cache.top_k, device)
+        teacher_out: Any = ServedOutputs(servers, cfg.cache.top_k, device, session.rank)
     else:
         teacher_out = TeacherOutputs.create(teacher, cache, records, data,
                                             objective.teacher_layers, device,

@@ -112,3 +112,18 @@ def test_a_sweep_serves_its_teacher_from_actors_it_starts_once_and_stops(tmp_pat
             assert t.data.tags["kdray.knowledge"] == "none" and t.data.tags["kdray.teacher_source"] == "none"
     assert {t.data.tags["kdray.knowledge"] for t in trials} == {"tkd", "none"}
     assert alive_servers() == 0
+
+
+@pytest.mark.ray
+def test_a_teacher_its_actors_cannot_build_fails_at_start_and_leaves_no_actor(tmp_path, ray_cluster):
+    """A record whose weights do not fit its model: every actor's construction fails; start_servers raises (it does
+    not wait for ever on actors restarted for good) and kills the others."""
+    from kdray.cache.served import start_servers
+    from kdray.config.parts import TeacherServeConfig
+
+    dataset = whole_batches(tmp_path)
+    rec = teacher_record(dataset)
+    bad = {**rec, "state_dict": {k: v[..., :1] if v.dim() else v for k, v in rec["state_dict"].items()}}
+    with pytest.raises(Exception, match="size mismatch"):
+        start_servers([bad], {}, TeacherServeConfig(actors=2, cpus=0))
+    assert alive_servers() == 0
