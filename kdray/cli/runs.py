@@ -262,6 +262,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     summary = {"val_accuracy": result.metrics["val_accuracy"], "student": str(out_dir / "student.pt")}
     if "val_nll" in result.metrics:
         summary["val_nll"] = result.metrics["val_nll"]
+    if result.metrics.get("teacher_source", "none") != "none":  # where the teacher's outputs came from, and why
+        summary["teacher_source"] = result.metrics["teacher_source"]
+        summary["teacher_reason"] = result.metrics.get("teacher_reason", "")
     if args.test:
         import torch
 
@@ -283,6 +286,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
           + (f", test NLL {summary['test_nll']:.4f}" if "test_nll" in summary else "")
           + (f", test exact match {summary['test_exact_match']:.4f}" if "test_exact_match" in summary else ""),
           flush=True)
+    if "teacher_source" in summary:
+        print(f"[kdray] teacher outputs: {summary['teacher_source']} ({summary['teacher_reason']})")
     print(f"[kdray] student saved to {out_dir / 'student.pt'}")
     if args.json:
         print(json.dumps(summary))

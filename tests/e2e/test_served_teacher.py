@@ -127,3 +127,28 @@ def test_a_teacher_its_actors_cannot_build_fails_at_start_and_leaves_no_actor(tm
     with pytest.raises(Exception, match="size mismatch"):
         start_servers([bad], {}, TeacherServeConfig(actors=2, cpus=0))
     assert alive_servers() == 0
+
+
+@pytest.mark.slow
+def test_kdray_distill_serves_its_teacher_to_two_train_workers_and_stops_it(tmp_path):
+    """As users start it: ``kdray distill`` (Ray started by kdray, no --local) with ``teacher.serve``: its two Ray
+    Train workers (DDP) read the teacher from the actor the run started; the summary says so."""
+    import json
+    import subprocess
+    import sys
+
+    dataset = {"name": "lm_tasks", "options": {"tasks": ["copy"], "items": 4, "train_examples": 200,
+                                               "test_examples": 20}, "data_dir": str(tmp_path / "data")}
+    save_model(teacher_record(dataset), tmp_path / "teacher.pt")
+    cfg = {"dataset": dataset, "teacher": {"checkpoint": str(tmp_path / "teacher.pt"), "serve": {"cpus": 0}},
+           "student": {"name": "tiny_llama", "options": TINY}, "knowledge": [{"type": "tkd"}],
+           "cache": {"top_k": 4}, "train": {"epochs": 1, "batch_size": 16},
+           "resources": {"num_workers": 2, "cpus_per_worker": 1}}
+    (tmp_path / "served.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "kdray", "distill", "served.yaml", "--storage", str(tmp_path / "runs"),
+                        "--output", str(tmp_path / "out"), "--json"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["teacher_source"] == "served" and "1 teacher actor" in summary["teacher_reason"]
+    assert (tmp_path / "out" / "student.pt").is_file()

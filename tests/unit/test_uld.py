@@ -86,13 +86,15 @@ def test_compute_aligns_each_models_answer_from_its_own_start_and_trains_the_stu
     assert hs.grad is not None and ws.grad is not None and wt.grad is None
 
 
-def pair_tokenizer():
+def pair_tokenizer(singles_first: bool = True):
     """A tokenizer that reads two characters at a time: 17 + 17² tokens; ``.`` (alone) its end token, ``_`` its
-    padding."""
+    padding. ``singles_first``: the data's 17 characters keep their ids (an extension of the data's vocabulary);
+    else the pairs come first (another vocabulary)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    pieces = list(VOCAB) + [a + b for a in VOCAB for b in VOCAB]
+    pairs = [a + b for a in VOCAB for b in VOCAB]
+    pieces = list(VOCAB) + pairs if singles_first else pairs + list(VOCAB)
     tok = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="_"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("..?"), "isolated")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="_", eos_token=".", pad_token="_")
@@ -245,3 +247,48 @@ def test_under_autocast_the_heads_and_the_loss_run_in_float32(dtype):
     ref = ULD().compute(TapOutputs(TokenStates(hs.float(), LMHead(ws)), {}),
                         TapOutputs(AlignedTokens(ht.float(), LMHead(wt), t.logits.start, t.logits.size), {}), target)
     assert low.dtype == torch.float32 and float(low) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_a_teacher_with_a_larger_vocabulary_keeps_it_and_is_compared_over_its_own_tokens(tmp_path):
+    """A teacher that reads two characters at a time (306 tokens against the data's 17): its record keeps its own
+    vocabulary, the live teacher's head has 306 rows, and uld over the batch equals the sorted-probability L1
+    computed from the Hugging Face model's own logits on its rows, each model's answer aligned from its start."""
+    from kdray.cache import TeacherOutputs
+    from kdray.models import Preprocess, Teacher, build_model
+    from kdray.teachers import load_teacher_records
+
+    dataset = {"name": "lm_tasks", "options": {"train_examples": 60, "test_examples": 10}, "data_dir": str(tmp_path)}
+    data = load_dataset(DatasetConfig.model_validate(dataset))
+    tok, pieces, _ = pair_tokenizer(singles_first=False)
+    torch.manual_seed(4)
+    net = build_model("tiny_llama", len(pieces), Preprocess((16,), passthrough=True), {**TINY, "layers": 2}).net.hf
+    net.save_pretrained(tmp_path / "pairs")
+    tok.save_pretrained(tmp_path / "pairs")
+    cfg = RunConfig.model_validate({"dataset": dataset, "teacher": {"name": f"hf-lm/{tmp_path / 'pairs'}"},
+                                    "student": {"name": "tiny_llama", "options": TINY},
+                                    "knowledge": [{"type": "uld"}]})
+    records = load_teacher_records(cfg)
+    assert records[0]["num_classes"] == len(pieces) == 306
+    out = TeacherOutputs.create(Teacher.from_records(records), None, records, data, [], torch.device("cpu"))
+    torch.manual_seed(1)
+    student = build_model("tiny_llama", len(VOCAB), Preprocess(data.info.input_shape, passthrough=True), TINY).eval()
+    idx = torch.arange(6)
+    x, y = data.train.x[idx], data.train.y[idx]
+    with torch.no_grad():
+        t_out = out(idx, x)
+        assert t_out.logits.head.vocab == 306
+        got = ULD().compute(TapOutputs(student.net.states(x), {}), t_out, y)
+        zs = student(x).double()
+        rows = torch.from_numpy(out._cross.ids[idx.numpy()])
+        zt = net.eval()(input_ids=rows).logits.double()
+    per_row = []
+    for i in range(len(x)):
+        pos = (y[i] != -100).nonzero().flatten()
+        t0, tn = int(out._cross.start[i]), int(out._cross.size[i])
+        n = min(len(pos), tn)
+        q = zs[i, pos[:n]].softmax(-1).sort(-1, descending=True).values
+        p = zt[i, t0:t0 + n].softmax(-1).sort(-1, descending=True).values
+        q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))  # the student's 17 then zeros
+        per_row.append((q - p).abs().sum(-1).mean())
+    assert float(got) == pytest.approx(float(torch.stack(per_row).mean()), rel=1e-5)
+    assert (out._cross.size[:6] < (y != -100).sum(1).numpy()).all()  # pairs: shorter answers than the data's
