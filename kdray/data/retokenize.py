@@ -76,9 +76,6 @@ class CrossRows:
     start: np.ndarray
     size: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
 
 ROLES = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
@@ -102,7 +99,6 @@ def _reread(ids: list[int], boundary: int, data_tok: Any, teacher_tok: Any, spec
     text = lambda k: data_tok.decode(ids[:k], skip_special_tokens=True,  # noqa: E731
                                      clean_up_tokenization_spaces=False)
     parts: tuple[list[int], list[int]] = ([], [])
-    a = 0
     cuts = sorted({0, boundary, len(ids), *[k for k, t in enumerate(ids) if t in specials],
                    *[k + 1 for k, t in enumerate(ids) if t in specials]})
     for a, b in zip(cuts, cuts[1:]):
