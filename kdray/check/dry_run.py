@@ -94,6 +94,7 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
     _check_serve(cfg, info, file)
     student = _build(cfg, info, file, cfg.student.name, cfg.student.options, "student")
     _check_lora(cfg, student, file)
+    _check_strategy(cfg, info, student, file, notes)
     report = DryRun(cfg.knowledge_label, None, cfg.student.name,
                     student_params=sum(p.numel() for p in student.parameters()), notes=notes)
     _check_peers(cfg, info, file, report)
@@ -138,6 +139,33 @@ def _check_lora(cfg: RunConfig, student: Classifier, file: str | Path | None) ->
     except LoraUnavailable as e:
         field = "student.peft.target_modules" if "target" in str(e).lower() else "student.peft"
         raise ConfigError(str(e), file, field) from None
+
+
+def _check_strategy(cfg: RunConfig, info: Any, student: Classifier, file: str | Path | None,
+                    notes: list[str]) -> None:
+    """``resources.strategy: fsdp`` shards a causal LM's decoder layers, with the training step as the root
+    (:mod:`kdray.train.sharding`): what has no decoder layers, or trains another step, is refused."""
+    if cfg.resources.strategy != "fsdp":
+        return
+    from kdray.train.sharding import decoder_layers
+
+    if not info.causal_lm:
+        raise ConfigError(f"fsdp shards a causal language model's decoder layers; data set {cfg.dataset.name!r} is "
+                          "for classifiers (use ddp)", file, "resources.strategy")
+    if decoder_layers(student) is None:
+        raise ConfigError(f"fsdp shards a Hugging Face causal LM's decoder layers; student {cfg.student.name!r} "
+                          "has no layer list", file, "student.name")
+    if cfg.student.peft is not None:
+        raise ConfigError("fsdp with LoRA adapters is not built yet (a LoRA student's frozen base fits one device "
+                          "in bf16 far more often than a fully trained one): use ddp", file, "student.peft")
+    if cfg.scheme.type in ("dml", "born_again", "assistant"):
+        raise ConfigError(f"scheme {cfg.scheme.type} with fsdp is not built yet (it trains several students in "
+                          "turn or at once): use ddp", file, "scheme.type")
+    if cfg.train.precision == "fp16":
+        raise ConfigError("fsdp with fp16 loss scaling is not built yet: use bf16 (or fp32)", file,
+                          "train.precision")
+    if cfg.resources.num_workers == 1:
+        notes.append("resources.strategy: fsdp with one worker: nothing to shard, the student runs whole")
 
 
 def dropout_rates(config: Any) -> list[float]:

@@ -265,6 +265,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if result.metrics.get("teacher_source", "none") != "none":  # where the teacher's outputs came from, and why
         summary["teacher_source"] = result.metrics["teacher_source"]
         summary["teacher_reason"] = result.metrics.get("teacher_reason", "")
+    if "strategy" in result.metrics:  # resources.strategy: fsdp, as the workers ran it
+        summary["strategy"] = result.metrics["strategy"]
     if args.test:
         import torch
 
@@ -288,6 +290,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
           flush=True)
     if "teacher_source" in summary:
         print(f"[kdray] teacher outputs: {summary['teacher_source']} ({summary['teacher_reason']})")
+    if "strategy" in summary:
+        print(f"[kdray] student sharded: {summary['strategy']}")
     print(f"[kdray] student saved to {out_dir / 'student.pt'}")
     if args.json:
         print(json.dumps(summary))

@@ -174,6 +174,12 @@ class ResourcesConfig(Strict):
     )
     loader_workers: int = Field(0, ge=0, description="DataLoader processes per worker (file-backed data sets)")
     max_failures: int = Field(2, ge=-1, description="times a failed worker/trial is restarted from its checkpoint")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="how several workers share a run: ddp = every worker holds the whole student and averages "
+        "gradients; fsdp = PyTorch's FSDP2 shards a causal LM student's parameters, gradients and optimizer state "
+        "across the workers (one group per decoder layer), for students larger than one GPU",
+    )
 
     @field_validator("gpus_per_worker")
     @classmethod

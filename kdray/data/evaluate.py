@@ -51,6 +51,7 @@ LM_SUMS = ("nll", "correct", "count", "kl_teacher", "rkl_teacher", "agree", "kl_
 def evaluate_lm(
     model: nn.Module, split: Split, batch_size: int, device: torch.device, session: Any = None,
     amp: torch.dtype | None = None, teacher: nn.Module | None = None, chunk: int | None = None,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """A causal LM on a split of blocks, per target token, a chunk of tokens at a time (never B × T × V logits):
     ``accuracy`` (top-1 next token), ``loss`` = ``nll`` (nats), ``ppl``; with a ``teacher`` (a frozen
@@ -58,14 +59,18 @@ def evaluate_lm(
     teacher) at T = 1 and ``top1_agree``; where the split carries the true next-token log-probabilities
     (``synthetic_lm``), ``kl_true`` = KL(truth ‖ student); on rows of prompt + answer (``split.prompt_len``,
     ``lm_tasks``), ``exact_match``: the fraction of rows whose greedy completion of the prompt is the answer and its
-    end token, exactly. Sums over every rank exactly once."""
+    end token, exactly. Sums over every rank exactly once. ``lockstep``: every rank runs the model as many times as the
+    rank with the most validation batches (a sharded model's forward is collective), the extra passes discarded."""
     rank, world = (session.rank, session.world_size) if session else (0, 1)
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(LM_SUMS), dtype=torch.float64, device=device)
     true = split.aux.get("true_logp")
     prompt = split.prompt_len
-    for idx, x, y in Batches(split, batch_size, train=False, rank=rank, world=world, device=device):
+    batches = Batches(split, batch_size, train=False, rank=rank, world=world, device=device)
+    pad = max(len(Batches(split, batch_size, train=False, rank=r, world=world)) for r in range(world)) - len(batches) \
+        if lockstep else 0
+    for idx, x, y in batches:
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             s = model.states(x)
             t = teacher(x).logits if teacher is not None else None
@@ -96,6 +101,12 @@ def evaluate_lm(
         if prompt:
             sums[7] += exact_matches(model, x, y, prompt, amp)
             sums[8] += x.shape[0]
+    for _ in range(pad):  # the same passes on the split's first batch, measuring nothing
+        _, x, y = next(iter(Batches(split, batch_size, train=False, device=device)))
+        with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            model.states(x)
+        if prompt:
+            exact_matches(model, x, y, prompt, amp)
     if session is not None:
         session.all_reduce_sum(sums)
     model.train(was_training)

@@ -59,9 +59,11 @@ def model_record(
     metrics: dict[str, float] | None = None,
     config: dict[str, Any] | None = None,
     raw_input: dict[str, Any] | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A self-contained, weights-only-loadable model record. ``raw_input`` ({shape, dtype}) is what the data
-    set stores per sample (uint8 NCHW images, float rows): what an exported model is traced for."""
+    set stores per sample (uint8 NCHW images, float rows): what an exported model is traced for. ``state_dict``:
+    the model's weights when the model itself holds only a shard of them (FSDP: gathered by every rank first)."""
     model = unwrap(model)
     pre = model.preprocess
     options = dict(model_options or {})
@@ -78,8 +80,9 @@ def model_record(
         "config": config or {},
         "raw_input": dict(raw_input) if raw_input else {"shape": list(pre.shape), "dtype": "float32"},
         # a LoRA student's adapters merged: the record loads into the plain model, without peft
-        "state_dict": {k: v.detach().cpu() for k, v in (merged_state_dict(model) if has_lora(model)
-                                                         else model.state_dict()).items()},
+        "state_dict": {k: v.detach().cpu() for k, v in (
+            state_dict if state_dict is not None else merged_state_dict(model) if has_lora(model)
+            else model.state_dict()).items()},
     }
 
 

@@ -43,6 +43,7 @@ from kdray.train.setup import (  # noqa: F401 (re-exported: the loop's public he
     seed_everything,
     seeded_init,
 )
+from kdray.train.sharding import full_state, load_full_state, split_state
 
 # What a causal LM's validation adds (as val_<name>): per target token, at T = 1.
 LM_METRICS = ("nll", "ppl", "kl_teacher", "rkl_teacher", "top1_agree", "kl_true", "exact_match")
@@ -89,7 +90,12 @@ def restore(st: RunState) -> None:
         if not ckpt_dir:
             return
         state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=st.device, weights_only=True)
-        if len(st.peers) > 1:  # student.pt holds the best peer; every peer's weights are in the state
+        if state.get("whole_state"):  # written by a sharded run: whole tensors, the optimizer's keyed by name
+            record = torch.load(Path(ckpt_dir) / STUDENT_FILE, map_location="cpu", weights_only=True)
+            model = {**{f"student.{k}": v for k, v in record["state_dict"].items()},
+                     **{f"objective.{k}": v for k, v in state["objective"].items()}}
+            load_full_state(st.step_module, st.optimizer, model, state["optimizer"])
+        elif len(st.peers) > 1:  # student.pt holds the best peer; every peer's weights are in the state
             for m, sd in zip(st.peers, state["peers"]):
                 m.load_state_dict(sd)
         elif "student" in state:  # a LoRA student: student.pt holds it merged, the state its adapters apart
@@ -97,8 +103,9 @@ def restore(st: RunState) -> None:
         else:
             record = torch.load(Path(ckpt_dir) / STUDENT_FILE, map_location=st.device, weights_only=True)
             st.student.load_state_dict(record["state_dict"])
-        st.objective.load_state_dict(state["objective"])
-        st.optimizer.load_state_dict(state["optimizer"])
+        if not state.get("whole_state"):
+            st.objective.load_state_dict(state["objective"])
+            st.optimizer.load_state_dict(state["optimizer"])
         st.scaler.load_state_dict(state["scaler"])
         if "scheduler" in state:
             st.scheduler.load_state_dict(state["scheduler"])
@@ -153,7 +160,7 @@ def _on_policy_group(st: RunState, group: tuple, epoch: int, step: int) -> tuple
     for m, (idx, x, y) in enumerate(group):
         if st.on_policy.draw(epoch, step + m):
             with st.autocast():
-                x, y = st.on_policy.rows(st.student, x, epoch, step + m)
+                x, y = st.outside(st.on_policy.rows, st.student, x, epoch, step + m)
             sampled.append(True)
         else:
             sampled.append(False)
@@ -288,8 +295,9 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
         st.session.broadcast_buffers(m)  # validate exactly what rank 0 checkpoints
         if st.lm:
             # a teacher of another tokenizer cannot read the validation rows: no agreement metrics with it
-            peer_vals.append(evaluate_lm(m, st.data.val, cfg.train.batch_size, device, st.session, st.amp,
-                                         None if st.teacher_out.cross else st.teacher, cfg.train.token_chunk))
+            peer_vals.append(st.outside(evaluate_lm, m, st.data.val, cfg.train.batch_size, device, st.session,
+                                        st.amp, None if st.teacher_out.cross else st.teacher, cfg.train.token_chunk,
+                                        lockstep=st.sharded))
         else:
             peer_vals.append(evaluate(m, st.data.val, max(cfg.train.batch_size, 256), device, st.session,
                                       st.channels_last, st.amp))
@@ -358,9 +366,10 @@ def report_epoch(st: RunState, epoch: int, metrics: dict[str, Any]) -> float:
     best = metrics.pop("_best")
     save = epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs
     t_report = time.perf_counter()
+    whole = full_state(st.step_module, st.optimizer) if save and st.sharded else None  # every rank gathers
     if save and st.rank == 0:
         with scratch_dir() as d:
-            write_checkpoint(d, st, epoch, metrics, best)
+            write_checkpoint(d, st, epoch, metrics, best, whole)
             metrics["checkpoint_write_s"] = time.perf_counter() - t_report
             st.session.report(metrics, d)
     else:
@@ -377,9 +386,11 @@ def report_epoch(st: RunState, epoch: int, metrics: dict[str, Any]) -> float:
     return latency
 
 
-def write_checkpoint(d: str, st: RunState, epoch: int, metrics: dict[str, Any], best: int) -> None:
+def write_checkpoint(d: str, st: RunState, epoch: int, metrics: dict[str, Any], best: int,
+                     whole: tuple[dict[str, Any], dict[str, Any]] | None = None) -> None:
     """``student.pt``: the model a run delivers (with ``dml``, the peer best on validation now); the state:
-    what resuming needs, every peer's weights included."""
+    what resuming needs, every peer's weights included. ``whole``: a sharded run's step and optimizer state dicts,
+    gathered whole (:func:`kdray.train.sharding.full_state`)."""
     cfg, peers = st.cfg, st.peers
     step: nn.Module = unwrap(st.step_module)
     record = model_record(
@@ -387,10 +398,13 @@ def write_checkpoint(d: str, st: RunState, epoch: int, metrics: dict[str, Any], 
         num_classes=st.data.info.num_classes, dataset=cfg.dataset.model_dump(mode="json"),
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         config=cfg.model_dump(mode="json"), raw_input=st.raw_input,
+        state_dict=split_state(whole[0], "student.") if whole else None,
     )
     atomic_torch_save(record, Path(d) / STUDENT_FILE)
+    objective = split_state(whole[0], "objective.") if whole else step.objective.state_dict()
     atomic_torch_save(
-        {"epoch": epoch, "objective": step.objective.state_dict(), "optimizer": st.optimizer.state_dict(),
+        {"epoch": epoch, "objective": objective, "optimizer": whole[1] if whole else st.optimizer.state_dict(),
+         **({"whole_state": True} if whole else {}),
          "budget_tokens": st.budget_tokens,
          "scaler": st.scaler.state_dict(), "scheduler": st.scheduler.state_dict(),
          **({"peers": [unwrap(m).state_dict() for m in peers]} if len(peers) > 1 else {}),

@@ -32,6 +32,7 @@ from kdray.ray_setup import resolve_ref
 from kdray.train.mutual import MutualStep
 from kdray.train.on_policy import OnPolicyBatches, on_policy_batches
 from kdray.train.session import Session
+from kdray.train.sharding import is_sharded, outside, shard
 
 
 class DistillStep(nn.Module):
@@ -62,6 +63,11 @@ class DistillStep(nn.Module):
             s_out = s_out._replace(strong=self.taps.run(self.student, x_strong))
         return self.objective(s_out, teacher_out, y, index=idx, label_scale=token_scale), s_out.logits
 
+    def outside(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``: what calls the student outside :meth:`forward` (validation, generation). Under
+        FSDP this counts as a forward of the root, which gathers its parameters (:mod:`kdray.train.sharding`)."""
+        return fn(*args, **kwargs)
+
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """The per-epoch learning-rate schedule, stepped once after each epoch, from torch's own schedulers:
@@ -88,7 +94,11 @@ def make_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     instead of ~10 ops per parameter tensor, which is most of an optimizer step for small students
     (a 2×100 MLP's Adam step: 59 µs fused, 177 µs as torch's CPU default; ``benchmarks/bench_epoch.py``)."""
     params = list(params)
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    from torch.distributed.tensor import DTensor
+
+    # FSDP's sharded parameters (DTensors) have no fused SGD (PyTorch registers no sharding rule for it): foreach
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                 and not isinstance(p, DTensor) for p in params)
     if train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov,
                                weight_decay=train.weight_decay, fused=fused or None)
@@ -201,6 +211,16 @@ class RunState:
     def world(self) -> int:
         return self.session.world_size
 
+    def outside(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, which calls the student outside the step's forward (see
+        :func:`kdray.train.sharding.outside`)."""
+        return outside(self.step_module, fn, *args, **kwargs)
+
+    @property
+    def sharded(self) -> bool:
+        """The student is sharded by FSDP (``resources.strategy: fsdp`` on several ranks)."""
+        return is_sharded(self.step_module)
+
     def autocast(self) -> Any:
         """The forward passes' precision context (autocast on GPUs, nothing in fp32)."""
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
@@ -268,7 +288,9 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     step_module: nn.Module = DistillStep(student, objective, s_taps) if len(peers) == 1 else MutualStep(
         peers, mutual_weight=cfg.scheme.mutual_weight, temperature=cfg.scheme.temperature,
         ce_weight=cfg.ce_weight, label_smoothing=cfg.train.label_smoothing)
-    if session.world_size > 1:
+    if session.world_size > 1 and cfg.resources.strategy == "fsdp":
+        step_module = shard(step_module, student, device, session.world_size)
+    elif session.world_size > 1:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in step_module.parameters() if p.requires_grad]
@@ -284,6 +306,8 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
                              else "float32"},
                   where={**node_info(), **generations},
                   on_policy=on_policy_batches(cfg, data.info, device, session.rank))
+    if st.sharded:  # reported, so a run says it was sharded (not only that it was asked to be)
+        st.where["strategy"] = f"fsdp over {session.world_size} ranks"
     if objective.needs_teacher:
         split = sorted({d for r in records for d in cfg.dataset.split_differences(r.get("dataset") or {})})
         if split:  # only reachable with teacher.allow_split_mismatch (checked before the run)

@@ -67,14 +67,15 @@ def lm_run(dataset: dict, batch: int, accum: int = 1, workers: int = 1) -> dict:
         "resources": {"num_workers": workers}}).model_dump(mode="json")
 
 
-def run_group(world: int, run: dict, records: list, out: Path) -> dict:
+def run_group(world: int, run: dict, records: list, out: Path, resume_from: Path | None = None) -> dict:
     import lm_ddp
 
     out.mkdir(parents=True, exist_ok=True)
+    resume = str(resume_from) if resume_from else None
     if world == 1:
-        lm_ddp.run_rank(0, 1, 0, run, records, str(out))
+        lm_ddp.run_rank(0, 1, 0, run, records, str(out), resume)
     else:
-        mp.spawn(lm_ddp.run_rank, args=(world, free_port(), run, records, str(out)), nprocs=world, join=True)
+        mp.spawn(lm_ddp.run_rank, args=(world, free_port(), run, records, str(out), resume), nprocs=world, join=True)
     return torch.load(out / "result.pt", weights_only=True)
 
 

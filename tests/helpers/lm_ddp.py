@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 
-def run_rank(rank: int, world: int, port: int, run: dict[str, Any], records: list, out: str) -> None:
-    """One rank: join the group, train, and (rank 0) save the final weights and the reports."""
+def run_rank(rank: int, world: int, port: int, run: dict[str, Any], records: list, out: str,
+             resume_from: str | None = None) -> None:
+    """One rank: join the group, train (from the checkpoint ``resume_from``, if given), and (rank 0) save the final
+    weights and the reports."""
     import torch
     import torch.distributed as dist
 
@@ -19,7 +21,7 @@ def run_rank(rank: int, world: int, port: int, run: dict[str, Any], records: lis
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        session = Session(checkpoint_root=Path(out) / f"rank{rank}")
+        session = Session(checkpoint_root=Path(out) / f"rank{rank}", resume_from=resume_from)
         train_run({"run": run, "teacher_records": records}, session)
         if rank == 0:
             from kdray.runfiles import STUDENT_FILE
