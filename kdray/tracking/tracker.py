@@ -351,7 +351,7 @@ class SweepTracker(Callback):
         if tid not in self._w.tagged:
             tags = {f"kdray.{k}": str(result[k]) for k in ("node_ip", "node_id", "teacher_source", "teacher_reason",
                                                             "teacher_split_mismatch", "latency_device",
-                                                            "teacher_generations")
+                                                            "teacher_generations", "strategy")
                     if k in result}
             self._w.tagged.add(tid)
         # The teacher's outputs changed source mid-run (a lost store): the trial's tags follow. A born-again trial's

@@ -119,3 +119,36 @@ def test_kdray_distill_shards_the_student_over_two_ray_train_workers(tmp_path):
                                        {**TINY, "layers": 2}).parameters())
     here = evaluate_lm(student, data.val, 16, torch.device("cpu"))
     assert here["nll"] == pytest.approx(summary["val_nll"], rel=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweeps_trials_shard_their_student_and_say_so(tmp_path, ray_cluster):
+    """A sweep whose trials are 2-worker Ray Train runs with ``strategy: fsdp``: each trial's MLflow run says it ran
+    sharded (what the workers did, not what was asked), and the champion, one of them, is tested and registered."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from sweep_helpers import request
+
+    from kdray.sweep.runner import run_sweep
+    from kdray.tracking.store import TAG_STATUS, find_sweep, sweep_children
+
+    dataset = {"name": "lm_tasks", "options": {"tasks": ["copy"], "items": 4, "train_examples": 200,
+                                               "test_examples": 20}, "data_dir": str(tmp_path / "data")}
+    space = {
+        "name": "sharded", "metric": "val_nll", "num_samples": 2, "seed": 0,
+        "base": {"dataset": dataset, "student": {"name": "tiny_llama", "options": {**TINY, "layers": 2}},
+                 "train": {"epochs": 1, "batch_size": 16, "optimizer": "adamw"},
+                 "resources": {"num_workers": 2, "cpus_per_worker": 1, "strategy": "fsdp"}},
+        "space": {"knowledge": {"none": {}}, "train.lr": {"type": "float", "low": 0.001, "high": 0.01, "log": True}},
+    }
+    path = tmp_path / "sharded.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    result = run_sweep(request(tmp_path, path, "sharded"))
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trials = [t for t in sweep_children(c, find_sweep(c, "sharded"), kind="trial")
+              if t.data.tags.get(TAG_STATUS) == "completed"]
+    assert len(trials) == 2 and all(t.data.tags["kdray.strategy"] == "fsdp over 2 ranks" for t in trials)
+    # the champion was tested after loading its whole record in the driver (one process, no FSDP)
+    assert result.champion is not None and 0 <= result.champion.test_accuracy <= 1
+    assert result.champion.trial_id in {t.data.tags["kdray.trial_id"] for t in trials}
