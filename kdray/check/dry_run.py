@@ -6,6 +6,7 @@ the models and every loss on two samples (connector shapes, strong views, scalar
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,7 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
     student = _build(cfg, info, file, cfg.student.name, cfg.student.options, "student")
     _check_lora(cfg, student, file)
     _check_strategy(cfg, info, student, file, notes)
+    _check_quantize(cfg, info, student, file)
     report = DryRun(cfg.knowledge_label, None, cfg.student.name,
                     student_params=sum(p.numel() for p in student.parameters()), notes=notes)
     _check_peers(cfg, info, file, report)
@@ -166,6 +168,34 @@ def _check_strategy(cfg: RunConfig, info: Any, student: Classifier, file: str | 
                           "train.precision")
     if cfg.resources.num_workers == 1:
         notes.append("resources.strategy: fsdp with one worker: nothing to shard, the student runs whole")
+
+
+def _check_quantize(cfg: RunConfig, info: Any, student: Classifier, file: str | Path | None) -> None:
+    """``student.quantize: int8`` (:mod:`kdray.models.quantize`): a classifier traced by FX, whose intermediate layers
+    lose their names (logit knowledge only), delivered as an int8 model that runs on the CPU."""
+    if not cfg.student.quantize:
+        return
+    if info.causal_lm:
+        raise ConfigError("int8 students are classifiers for now: a causal LM's token loss reads its head's weight "
+                          "outside the traced forward", file, "student.quantize")
+    for i, k in enumerate(cfg.knowledge):
+        if KNOWLEDGE.get(k["type"]).family != "response":
+            raise ConfigError(f"{spec_name(cfg, i)}: an int8 student is traced by FX, which inlines its blocks, so "
+                              "there is no named layer to tap: use logit knowledge (kd, dkd, dist, ctkd, mlkd)", file,
+                              f"knowledge.{i}.type")
+    if cfg.scheme.type in ("dml", "born_again", "assistant"):
+        raise ConfigError(f"scheme {cfg.scheme.type} with an int8 student is not built yet (its peers or later "
+                          "stages would be taught by, or be, int8 models)", file, "scheme.type")
+    if cfg.latency.device != "cpu":
+        raise ConfigError("an int8 student runs on PyTorch's CPU int8 kernels: its latency is measured on the CPU",
+                          file, "latency.device")
+    from kdray.models.quantize import example_input, prepare_int8
+
+    try:
+        prepare_int8(copy.deepcopy(student.net), example_input(student.preprocess))
+    except Exception as e:  # noqa: BLE001 - FX's tracing errors are of many kinds
+        raise ConfigError(f"student {cfg.student.name!r} cannot be traced for quantisation-aware training (FX "
+                          f"symbolic tracing: {type(e).__name__}: {str(e)[:300]})", file, "student.quantize") from None
 
 
 def dropout_rates(config: Any) -> list[float]:

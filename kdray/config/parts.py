@@ -119,6 +119,9 @@ class ModelConfig(Strict):
         "Face model (hf/ or hf-lm/)")
     peft: PeftConfig | None = Field(None, description="a student: train LoRA adapters instead of every weight "
                                                       "(r, alpha, dropout, target_modules)")
+    quantize: Literal["int8"] | None = Field(
+        None, description="a student: train with fake quantisation (PyTorch's FX quantisation-aware training) and "
+        "deliver the int8 model; validation, latency, the registered champion and exports are the int8 model's")
 
 
 class TrainConfig(Strict):

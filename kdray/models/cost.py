@@ -25,7 +25,14 @@ BUDGET_S = 0.05  # per round, after MIN_REPEATS: a CIFAR CNN at batch 64 costs ~
 
 
 def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Every weight: an int8 model's are packed inside its quantised layers (``weight()``, ``bias()``), not
+    parameters, and count as much as the float ones they replace."""
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if type(m).__module__.startswith("torch.ao.nn") and callable(getattr(m, "weight", None)):
+            bias = m.bias() if callable(getattr(m, "bias", None)) else None
+            n += m.weight().numel() + (bias.numel() if bias is not None else 0)
+    return n
 
 
 def latency_ms(model: nn.Module, example: torch.Tensor, *, rounds: int = ROUNDS, repeats: int = MAX_REPEATS,

@@ -21,6 +21,7 @@ import torch
 from kdray.errors import KdrayError
 from kdray.goal import ACCURACY, Goal
 from kdray.models import load_record, model_from_record, save_model
+from kdray.models.quantize import is_int8
 from kdray.tracking.store import TAG_STATUS, client, retrying
 
 CHAMPION_ALIAS = "champion"
@@ -186,9 +187,11 @@ def log_version(uri: str, run_id: str, record: dict[str, Any], test: dict[str, f
             with torch.no_grad():
                 out = model(example)
             signature = infer_signature(example.numpy(), out.numpy())
-            # MLflow 3 saves PyTorch models as "pt2" (torch.export): loading runs no pickled code.
+            # MLflow 3 saves PyTorch models as "pt2" (torch.export): loading runs no pickled code. torch.export has no
+            # rule for an int8 model's packed weights: it is logged as TorchScript, which loads without code too.
+            logged = torch.jit.trace(model, example, check_trace=False) if is_int8(model) else model
             info = mlflow.pytorch.log_model(
-                model, name="student", signature=signature, input_example=example.numpy(),
+                logged, name="student", signature=signature, input_example=example.numpy(),
                 registered_model_name=model_name, pip_requirements=_requirements(),
             )
         mlflow.log_metrics(test)
@@ -319,6 +322,9 @@ def export_record(record: dict[str, Any], out_dir: str | os.PathLike,
         with torch.no_grad():
             torch.jit.trace(model, example, check_trace=False).save(str(p))
         written["torchscript"] = str(p)
+    if "onnx" in formats and is_int8(model):
+        raise KdrayError("an int8 student is exported as TorchScript (and its state dict); PyTorch's ONNX exporter "
+                         "does not take its quantised layers: export without --onnx")
     if "onnx" in formats:
         try:
             import onnx  # noqa: F401  (torch's exporter needs it)

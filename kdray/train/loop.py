@@ -27,6 +27,7 @@ from kdray.knowledge.token import IGNORE
 from kdray.models import model_record, unwrap
 from kdray.models.checkpoint import atomic_torch_save
 from kdray.models.lora import has_lora, trainable_state
+from kdray.models.quantize import is_quantized
 from kdray.ray_setup import resolve_ref  # noqa: F401 (re-exported)
 from kdray.runfiles import PLANNED_EPOCHS, STATE_FILE, STUDENT_FILE, ran_all_epochs  # noqa: F401 (re-exported)
 from kdray.train.generations import run_generations
@@ -36,6 +37,7 @@ from kdray.train.setup import (  # noqa: F401 (re-exported: the loop's public he
     RunState,
     autocast_dtype,
     build_run,
+    deliverable,
     epoch_seed,
     make_optimizer,
     make_scheduler,
@@ -298,6 +300,9 @@ def epoch_metrics(st: RunState, epoch: int, sums: dict[str, Tensor], seen: int, 
             peer_vals.append(st.outside(evaluate_lm, m, st.data.val, cfg.train.batch_size, device, st.session,
                                         st.amp, None if st.teacher_out.cross else st.teacher, cfg.train.token_chunk,
                                         lockstep=st.sharded))
+        elif is_quantized(m):  # the int8 model it delivers, on the CPU (int8 kernels), the whole split on every rank
+            peer_vals.append(evaluate(deliverable(m), st.data.val, max(cfg.train.batch_size, 256),
+                                      torch.device("cpu")))
         else:
             peer_vals.append(evaluate(m, st.data.val, max(cfg.train.batch_size, 256), device, st.session,
                                       st.channels_last, st.amp))

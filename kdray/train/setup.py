@@ -28,6 +28,7 @@ from kdray.knowledge.token import TeacherView
 from kdray.models import Classifier, FeatureTaps, Teacher, build_model
 from kdray.models.cost import student_cost
 from kdray.models.lora import has_lora, merged_copy
+from kdray.models.quantize import convert_int8, example_input, is_quantized, prepare_int8
 from kdray.ray_setup import resolve_ref
 from kdray.train.mutual import MutualStep
 from kdray.train.on_policy import OnPolicyBatches, on_policy_batches
@@ -252,7 +253,8 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
     if session.rank == 0:
         samples = data.train.head(64)
-        costs = [student_cost(deliverable(m), samples, cfg.latency.device, cfg.latency.threads) for m in peers]
+        costs = [student_cost(deliverable(m, samples), samples, cfg.latency.device, cfg.latency.threads)
+                 for m in peers]
     else:
         costs = [{} for _ in peers]
     if session.world_size > 1 and cfg.train.sync_batchnorm:  # before any hook is placed on its modules
@@ -343,9 +345,12 @@ def _seq_kd(config: dict[str, Any], cfg: RunConfig, data: DataBundle, records: l
     return {"teacher_generations": note}
 
 
-def deliverable(model: nn.Module) -> nn.Module:
-    """The model a run delivers: a LoRA student with its adapters merged (what is served, so what is measured)."""
-    return merged_copy(model) if has_lora(model) else model
+def deliverable(model: nn.Module, samples: Tensor | None = None) -> nn.Module:
+    """The model a run delivers (what is served, so what is measured): a LoRA student with its adapters merged, a
+    fake-quantised one converted to int8 (``samples`` calibrate a copy that has not trained yet)."""
+    if has_lora(model):
+        return merged_copy(model)
+    return convert_int8(model, samples) if is_quantized(model) else model
 
 
 def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]], device: torch.device,
@@ -371,6 +376,8 @@ def _models(cfg: RunConfig, data: DataBundle, records: list[dict[str, Any]], dev
     else:
         with seeded_init(cfg.seed):
             student = build_model(cfg.student.name, info.num_classes, info.preprocess(), cfg.student.options)
+    if cfg.student.quantize:  # fake quantisation in the graph: it trains against the rounding it will have
+        student.net = prepare_int8(student.net, example_input(student.preprocess))
     if cfg.student.peft is not None:  # the adapters' random halves: the same on every rank
         from kdray.models.lora import apply_lora
 
