@@ -96,7 +96,7 @@ def dry_run(cfg: RunConfig, *, file: str | Path | None = None,
     student = _build(cfg, info, file, cfg.student.name, cfg.student.options, "student")
     _check_lora(cfg, student, file)
     _check_strategy(cfg, info, student, file, notes)
-    _check_quantize(cfg, info, student, file)
+    _check_quantize(cfg, info, student, file, notes)
     report = DryRun(cfg.knowledge_label, None, cfg.student.name,
                     student_params=sum(p.numel() for p in student.parameters()), notes=notes)
     _check_peers(cfg, info, file, report)
@@ -170,7 +170,8 @@ def _check_strategy(cfg: RunConfig, info: Any, student: Classifier, file: str | 
         notes.append("resources.strategy: fsdp with one worker: nothing to shard, the student runs whole")
 
 
-def _check_quantize(cfg: RunConfig, info: Any, student: Classifier, file: str | Path | None) -> None:
+def _check_quantize(cfg: RunConfig, info: Any, student: Classifier, file: str | Path | None,
+                    notes: list[str]) -> None:
     """``student.quantize: int8`` (:mod:`kdray.models.quantize`): a classifier traced by FX, whose intermediate layers
     lose their names (logit knowledge only), delivered as an int8 model that runs on the CPU."""
     if not cfg.student.quantize:
@@ -196,6 +197,10 @@ def _check_quantize(cfg: RunConfig, info: Any, student: Classifier, file: str | 
     except Exception as e:  # noqa: BLE001 - FX's tracing errors are of many kinds
         raise ConfigError(f"student {cfg.student.name!r} cannot be traced for quantisation-aware training (FX "
                           f"symbolic tracing: {type(e).__name__}: {str(e)[:300]})", file, "student.quantize") from None
+    from kdray.models.quantize import backend
+
+    notes.append(f"student.quantize: int8: trained with fake quantisation; validation, latency, the champion and "
+                 f"exports are the int8 model's ({backend()} CPU kernels)")
 
 
 def dropout_rates(config: Any) -> list[float]:

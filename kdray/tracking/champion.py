@@ -7,11 +7,13 @@ set's raw inputs: for MNIST-1D the float32 rows ``x`` of ``make_dataset(get_data
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,11 +191,15 @@ def log_version(uri: str, run_id: str, record: dict[str, Any], test: dict[str, f
             signature = infer_signature(example.numpy(), out.numpy())
             # MLflow 3 saves PyTorch models as "pt2" (torch.export): loading runs no pickled code. torch.export has no
             # rule for an int8 model's packed weights: it is logged as TorchScript, which loads without code too.
-            logged = torch.jit.trace(model, example, check_trace=False) if is_int8(model) else model
-            info = mlflow.pytorch.log_model(
-                logged, name="student", signature=signature, input_example=example.numpy(),
-                registered_model_name=model_name, pip_requirements=_requirements(),
-            )
+            int8 = is_int8(model)
+            with quiet_torchscript() if int8 else contextlib.nullcontext():
+                info = mlflow.pytorch.log_model(
+                    traced(model, example) if int8 else model, name="student", signature=signature,
+                    input_example=example.numpy(), registered_model_name=model_name,
+                    pip_requirements=_requirements(),
+                    # MLflow's "pickle" format saves a ScriptModule with torch.jit.save: no pickled code either
+                    **({"serialization_format": "pickle"} if int8 else {}),
+                )
         mlflow.log_metrics(test)
         mlflow.set_tags(run_tags)
         # The kdray record too (weights_only-loadable, rebuildable as a module): what --export reads.
@@ -201,6 +207,36 @@ def log_version(uri: str, run_id: str, record: dict[str, Any], test: dict[str, f
             save_model(record, Path(d) / RECORD_NAME)
             mlflow.log_artifact(str(Path(d) / RECORD_NAME), "kdray")
     return str(info.registered_model_version)
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Logging a TorchScript student: MLflow warns that its "pickle" format may run code (it saves a ScriptModule
+    with ``torch.jit.save``, which does not), and PyTorch that TorchScript is deprecated, as MLflow loads it back to
+    check the input example. None of it is the user's to act on."""
+    import logging
+    import warnings
+
+    log = logging.getLogger("mlflow.pytorch")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*TorchScript archive", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def traced(model: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """``model`` as TorchScript traced on ``example`` (PyTorch marks tracing deprecated in favour of torch.export,
+    which cannot take an int8 model's packed weights: the warning is not shown)."""
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
+        return torch.jit.trace(model, example, check_trace=False)
 
 
 def _metric_of(version, metric: str) -> float | None:
@@ -319,8 +355,7 @@ def export_record(record: dict[str, Any], out_dir: str | os.PathLike,
         written["state_dict"] = str(p)
     if "torchscript" in formats:
         p = out / "student.torchscript.pt"
-        with torch.no_grad():
-            torch.jit.trace(model, example, check_trace=False).save(str(p))
+        traced(model, example).save(str(p))
         written["torchscript"] = str(p)
     if "onnx" in formats and is_int8(model):
         raise KdrayError("an int8 student is exported as TorchScript (and its state dict); PyTorch's ONNX exporter "

@@ -78,5 +78,25 @@ def test_check_refuses_what_int8_cannot_do_naming_the_field(over, field, words):
     assert e.value.fields == [field] and words in str(e.value), str(e.value)
 
 
-def test_check_accepts_logit_knowledge_into_an_int8_student():
-    assert dry_run(RunConfig.model_validate(q_cfg(teacher={"name": "test_cnn1d"})), file="run.yaml").knowledge == "kd"
+def test_check_accepts_logit_knowledge_into_an_int8_student_and_says_what_is_measured():
+    report = dry_run(RunConfig.model_validate(q_cfg(teacher={"name": "test_cnn1d"})), file="run.yaml")
+    assert report.knowledge == "kd" and any("int8 model's" in n for n in report.notes), report.notes
+
+
+def test_check_refuses_a_student_fx_cannot_trace_naming_the_field(tmp_path, monkeypatch):
+    """A network whose forward branches on its input's values cannot be symbolically traced."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugin = tmp_path / "kdray_test_branchy.py"
+    plugin.write_text(
+        "import torch\nfrom kdray.models.zoo import register_model\n\n"
+        "@register_model('branchy', 'any', (1, 16), 'branches on its input')\n"
+        "class Branchy(torch.nn.Module):\n"
+        "    def __init__(self, num_classes, input_shape):\n"
+        "        super().__init__()\n        self.fc = torch.nn.Linear(16, num_classes)\n"
+        "    def forward(self, x):\n        x = x.flatten(1)\n"
+        "        return self.fc(x) if x.sum() > 0 else -self.fc(x)\n")
+    cfg = q_cfg(teacher={"name": "test_cnn1d"}, plugins=["kdray_test_branchy"],
+                student={"name": "branchy", "quantize": "int8"})
+    with pytest.raises(ConfigError) as e:
+        dry_run(RunConfig.model_validate(cfg), file="run.yaml")
+    assert e.value.fields == ["student.quantize"] and "traced" in str(e.value), str(e.value)
