@@ -22,6 +22,7 @@ RUNS = [
     ["bench_token_loss.py", "--json", "results/token_loss.json"],
     ["bench_lm_epoch.py", "--json", "results/lm_epoch.json"],
     ["bench_lm_sweep.py", "--json", "results/lm_sweep.json"],
+    ["bench_int8.py", "--json", "results/int8.json"],
 ]
 
 if __name__ == "__main__":

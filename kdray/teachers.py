@@ -40,10 +40,11 @@ def trained_teacher_path(cfg: RunConfig, storage_path: str, data_fingerprint: st
     config *and* the data's content, so changed data (a re-exported image folder) trains a new teacher."""
     tcfg = teacher_run_config(cfg)
     # Fields added since teachers were first stored are left out at their defaults, so those teachers keep their
-    # name: `peft` (a student's, refused for teachers), hidden labels and a transfer set (the teacher's data).
+    # name: `peft` and `quantize` (a student's, refused for teachers), hidden labels and a transfer set (the
+    # teacher's data).
     d = tcfg.dataset
     later = {k for k, default in (("labelled_fraction", 1.0), ("transfer", None)) if getattr(d, k) == default}
-    key = teacher_key({"model": tcfg.model.model_dump(exclude={"peft"}), "train": tcfg.train.model_dump(),
+    key = teacher_key({"model": tcfg.model.model_dump(exclude={"peft", "quantize"}), "train": tcfg.train.model_dump(),
                        "seed": tcfg.seed, "dataset": d.model_dump(exclude=later), "data": data_fingerprint})
     return storage.join(storage_path, "teachers", f"{tcfg.model.name}-{key}.pt")
 

@@ -166,9 +166,14 @@ class RunConfig(Strict):
         for j, peer in enumerate(self.scheme.peers):
             if peer.peft is not None:
                 raise ConfigError([(f"scheme.peers.{j}.peft", "LoRA adapters are for the student")])
+            if peer.quantize:
+                raise ConfigError([(f"scheme.peers.{j}.quantize", "int8 quantisation is for the student")])
         if self.teacher is not None and self.teacher.train is not None and self.teacher.train.model.peft is not None:
             raise ConfigError([("teacher.train.model.peft", "a teacher kdray trains is trained whole: LoRA adapters "
                                                             "are for the student")])
+        if self.teacher is not None and self.teacher.train is not None and self.teacher.train.model.quantize:
+            raise ConfigError([("teacher.train.model.quantize", "a teacher kdray trains stays in floating point: "
+                                                                "int8 quantisation is for the student")])
         if self.student.init_from_teacher and self.teacher is None:
             raise ConfigError([("student.init_from_teacher", "needs a teacher to copy the weights from")])
         if self.train.sync_batchnorm and not self.resources.use_gpu:
@@ -208,8 +213,9 @@ class RunConfig(Strict):
                                 "scheme assistant distils the teacher into its chain, then the student, each from "
                                 "scratch: it needs a teacher, and the student starts from its own weights")])
         for j, m in enumerate(self.scheme.chain):
-            if m.peft is not None or m.init_from_teacher:
-                raise ConfigError([(f"scheme.chain.{j}", "an assistant is trained whole from its own weights")])
+            if m.peft is not None or m.init_from_teacher or m.quantize:
+                raise ConfigError([(f"scheme.chain.{j}", "an assistant is trained whole from its own weights, in "
+                                                         "floating point")])
         return self
 
     def _check_unlabelled(self) -> None:
@@ -284,6 +290,8 @@ class TeacherRunConfig(Strict):
     def _whole(self) -> "TeacherRunConfig":
         if self.model.peft is not None:
             raise ConfigError([("model.peft", "a teacher is trained whole: LoRA adapters are for the student")])
+        if self.model.quantize:
+            raise ConfigError([("model.quantize", "a teacher stays in floating point: int8 is for the student")])
         return self
 
     _plugins = model_validator(mode="before")(import_config_plugins)

@@ -100,3 +100,14 @@ def test_check_refuses_a_student_fx_cannot_trace_naming_the_field(tmp_path, monk
     with pytest.raises(ConfigError) as e:
         dry_run(RunConfig.model_validate(cfg), file="run.yaml")
     assert e.value.fields == ["student.quantize"] and "traced" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("over,field", [
+    ({"teacher": {"train": {"model": {"name": "test_cnn1d", "quantize": "int8"}}}}, "teacher.train.model.quantize"),
+    ({"teacher": None, "knowledge": [], "scheme": {"type": "dml", "peers": [{"name": "test_mlp", "quantize": "int8"}],
+                                                 "mutual_weight": 1.0}}, "scheme.peers.0.quantize"),
+])
+def test_int8_is_refused_for_what_is_not_the_student(over, field):
+    with pytest.raises(ConfigError) as e:
+        RunConfig.model_validate({**q_cfg(), **over})
+    assert field in e.value.fields, str(e.value)
