@@ -181,7 +181,7 @@ class ResourcesConfig(Strict):
         "ddp",
         description="how several workers share a run: ddp = every worker holds the whole student and averages "
         "gradients; fsdp = PyTorch's FSDP2 shards a causal LM student's parameters, gradients and optimizer state "
-        "across the workers (one group per decoder layer), for students larger than one GPU",
+        "across the workers (one group per decoder layer), for students whose training state exceeds one GPU",
     )
 
     @field_validator("gpus_per_worker")

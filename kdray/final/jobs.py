@@ -185,6 +185,7 @@ def train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "",
     from kdray.data import load_dataset
     from kdray.data.evaluate import evaluate_model
     from kdray.models import load_record, model_from_record
+    from kdray.models.quantize import serving_device
     from kdray.ray_setup import quiet_ray_loggers, resolve_ref
     from kdray.runfiles import STUDENT_FILE
     from kdray.train.loop import train_run
@@ -209,8 +210,10 @@ def train_and_test(run: dict[str, Any], teacher_refs: list, storage: str = "",
             if last.get("failed"):
                 return dict(NOT_MEASURED)
             record = load_record(Path(session.last_checkpoint) / STUDENT_FILE)
-    device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
-    test = evaluate_model(model_from_record(record).to(device), load_dataset(cfg.dataset).test, 512, device)
+    model = model_from_record(record)
+    device = serving_device(model, torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available()
+                                                else "cpu"))  # an int8 student runs on the CPU
+    test = evaluate_model(model.to(device), load_dataset(cfg.dataset).test, 512, device)
     return {"val_accuracy": float(last["val_accuracy"]), "test_accuracy": float(test["accuracy"]),
             **({"val_nll": float(last["val_nll"]), "test_nll": float(test["nll"]), "test_ppl": float(test["ppl"])}
                if "nll" in test else {}),

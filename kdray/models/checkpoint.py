@@ -157,8 +157,8 @@ def model_from_record(record: dict[str, Any]) -> Classifier:
         from kdray.models.quantize import convert_int8, example_input, prepare_int8
 
         model = build_model(record["model"], record["num_classes"], preprocess,
-                            {k: v for k, v in options.items() if k != "quantize"})
-        model.net = prepare_int8(model.net, example_input(preprocess))
+                            {k: v for k, v in options.items() if k not in ("quantize", "quantize_backend")})
+        model.net = prepare_int8(model.net, example_input(preprocess), options.get("quantize_backend"))
         model.load_state_dict(record["state_dict"])
         return convert_int8(model)
     else:

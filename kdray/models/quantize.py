@@ -47,16 +47,19 @@ def backend() -> str:
     return "x86" if "x86" in engines else "fbgemm" if "fbgemm" in engines else "qnnpack"
 
 
-def prepare_int8(net: nn.Module, example: Tensor) -> nn.Module:
+def prepare_int8(net: nn.Module, example: Tensor, engine: str | None = None) -> nn.Module:
     """``net`` traced with fake quantisation inserted (a ``GraphModule`` in train mode); ``example`` a batch of its
-    (preprocessed) inputs, for the trace. Its options in a record say ``quantize: int8`` (what rebuilds it)."""
+    (preprocessed) inputs, for the trace; ``engine`` the quantised kernels' backend (this machine's by default). Its
+    options in a record say ``quantize: int8`` and the backend (what rebuilds it: per-channel weights on x86,
+    per-tensor on qnnpack, so a record rebuilds with the configuration it trained with, on any machine)."""
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     options = dict(getattr(net, "kd_record_options", None) or {})
+    engine = engine or backend()
     with _quiet():
-        prepared = prepare_qat_fx(net.train(), get_default_qat_qconfig_mapping(backend()), (example,))
-    prepared.kd_record_options = {**options, "quantize": "int8"}  # type: ignore[assignment]
+        prepared = prepare_qat_fx(net.train(), get_default_qat_qconfig_mapping(engine), (example,))
+    prepared.kd_record_options = {**options, "quantize": "int8", "quantize_backend": engine}  # type: ignore[assignment]
     prepared.kd_quantize = "int8"  # type: ignore[assignment]
     return prepared
 
@@ -90,6 +93,12 @@ def convert_int8(model: nn.Module, samples: Tensor | None = None) -> nn.Module:
 def is_int8(model: nn.Module) -> bool:
     """The converted int8 model (CPU kernels only)."""
     return bool(getattr(getattr(model, "net", model), "kd_int8", False))
+
+
+def serving_device(model: nn.Module, device: torch.device) -> torch.device:
+    """Where ``model`` runs: an int8 model's packed weights are CPU objects (``.to("cuda")`` moves only its scales),
+    so it runs on the CPU whatever ``device`` the caller has."""
+    return torch.device("cpu") if is_int8(model) else device
 
 
 def example_input(preprocess: Any) -> Tensor:

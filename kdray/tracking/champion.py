@@ -23,7 +23,7 @@ import torch
 from kdray.errors import KdrayError
 from kdray.goal import ACCURACY, Goal
 from kdray.models import load_record, model_from_record, save_model
-from kdray.models.quantize import is_int8
+from kdray.models.quantize import is_int8, serving_device
 from kdray.tracking.store import TAG_STATUS, client, retrying
 
 CHAMPION_ALIAS = "champion"
@@ -100,9 +100,10 @@ def test_metrics(record: dict[str, Any], dataset_cfg: dict[str, Any], use_gpu: b
     from kdray.data import load_dataset
     from kdray.data.evaluate import evaluate_model
 
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    model = model_from_record(record)
+    device = serving_device(model, torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu"))
     data = load_dataset(DatasetConfig.model_validate(dataset_cfg))
-    out = evaluate_model(model_from_record(record).to(device), data.test, 512, device)
+    out = evaluate_model(model.to(device), data.test, 512, device)
     return {f"test_{k}": float(out[k]) for k in ("accuracy", "nll", "ppl", "exact_match") if k in out}
 
 
@@ -190,7 +191,8 @@ def log_version(uri: str, run_id: str, record: dict[str, Any], test: dict[str, f
                 out = model(example)
             signature = infer_signature(example.numpy(), out.numpy())
             # MLflow 3 saves PyTorch models as "pt2" (torch.export): loading runs no pickled code. torch.export has no
-            # rule for an int8 model's packed weights: it is logged as TorchScript, which loads without code too.
+            # rule for an int8 model's packed weights: it is logged as TorchScript (torch.jit.save), which
+            # mlflow.pytorch.load_model reads back with torch.jit.load.
             int8 = is_int8(model)
             with quiet_torchscript() if int8 else contextlib.nullcontext():
                 info = mlflow.pytorch.log_model(
@@ -345,6 +347,9 @@ def export_record(record: dict[str, Any], out_dir: str | os.PathLike,
     model = model_from_record(record).eval()
     if model.causal_lm:
         return export_lm(record, model, out, source)
+    if "onnx" in formats and is_int8(model):  # before anything is written
+        raise KdrayError("an int8 student is exported as TorchScript (and its state dict); PyTorch's ONNX exporter "
+                         "does not take its quantised layers: export without --onnx")
     raw = record.get("raw_input") or {"shape": list(model.preprocess.shape), "dtype": "float32"}
     shape, dtype = tuple(raw["shape"]), getattr(torch, raw["dtype"])
     example = torch.zeros((2, *shape), dtype=dtype)
@@ -357,9 +362,6 @@ def export_record(record: dict[str, Any], out_dir: str | os.PathLike,
         p = out / "student.torchscript.pt"
         traced(model, example).save(str(p))
         written["torchscript"] = str(p)
-    if "onnx" in formats and is_int8(model):
-        raise KdrayError("an int8 student is exported as TorchScript (and its state dict); PyTorch's ONNX exporter "
-                         "does not take its quantised layers: export without --onnx")
     if "onnx" in formats:
         try:
             import onnx  # noqa: F401  (torch's exporter needs it)
@@ -376,7 +378,8 @@ def export_record(record: dict[str, Any], out_dir: str | os.PathLike,
         f"Input: {raw['dtype']} raw samples as the data set stores them, shape (batch, {', '.join(map(str, shape))})"
         f"{scale}; any batch size. Output: float32 logits, shape (batch, {record['num_classes']}).\n"
         "student.pt: kdray.models.model_from_record(kdray.models.load_record(path)).\n"
-        "student_state_dict.pt: load into kdray.models.build_model(<model>, <classes>, <Preprocess>).\n"
+        + ("student_state_dict.pt: the int8 model's (packed weights); rebuild it from student.pt.\n" if is_int8(model)
+           else "student_state_dict.pt: load into kdray.models.build_model(<model>, <classes>, <Preprocess>).\n") +
         "student.torchscript.pt: torch.jit.load(path)(x).  student.onnx: onnxruntime.InferenceSession(path)"
         ".run(None, {'x': x})[0].\n"
     )

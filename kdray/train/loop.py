@@ -91,7 +91,9 @@ def restore(st: RunState) -> None:
     with st.session.restored_checkpoint() as ckpt_dir:
         if not ckpt_dir:
             return
-        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=st.device, weights_only=True)
+        # a sharded run's whole state stays on the CPU: each rank's shard of it goes to its device
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu" if st.sharded else st.device,
+                           weights_only=True, mmap=st.sharded)
         if state.get("whole_state"):  # written by a sharded run: whole tensors, the optimizer's keyed by name
             record = torch.load(Path(ckpt_dir) / STUDENT_FILE, map_location="cpu", weights_only=True)
             model = {**{f"student.{k}": v for k, v in record["state_dict"].items()},

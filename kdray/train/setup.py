@@ -251,7 +251,10 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     generations = _seq_kd(config, cfg, data, records, teacher, device)
     # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
-    if session.rank == 0:
+    if session.rank == 0 and session.world_size > 1 and cfg.resources.strategy == "fsdp":
+        # a student sharded because it is large: timing it whole on one CPU thread would take the other ranks' time
+        costs = [{"student_params": sum(p.numel() for p in student.parameters())}]
+    elif session.rank == 0:
         samples = data.train.head(64)
         costs = [student_cost(deliverable(m, samples), samples, cfg.latency.device, cfg.latency.threads)
                  for m in peers]

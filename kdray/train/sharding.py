@@ -1,5 +1,7 @@
 """``resources.strategy: fsdp``: the student's parameters, gradients and optimizer state sharded across the run's
-workers by PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``), for students larger than one device.
+workers by PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``), for students whose training
+state (weights, gradients, optimizer moments) is larger than one device (each worker still builds the whole student
+once, before sharding it).
 
 How kdray uses it, and why:
 
@@ -11,9 +13,10 @@ How kdray uses it, and why:
 * gradients are averaged over the ranks as DDP averages them, so a run ends at DDP's weights (``tests/e2e/test_fsdp``).
 * what calls the student outside the step's forward (validation, greedy and sampled generation) runs through
   :func:`outside`, which FSDP treats as a forward of the root (``register_fsdp_forward_method``): the root's
-  parameters are gathered for it. Every rank must run the same number of sharded forwards, since each gathers
-  parameters from all ranks: validation pads the shorter shards (:func:`kdray.data.evaluate.evaluate_lm`'s
-  ``lockstep``), and generation runs a fixed number of steps on every rank.
+  parameters are gathered for it and sharded again after it (FSDP keeps a root's parameters whole after its forward,
+  for the backward that follows; none follows here). Every rank must run the same number of sharded forwards, since
+  each gathers parameters from all ranks: validation pads the shorter shards
+  (:func:`kdray.data.evaluate.evaluate_lm`'s ``lockstep``), and generation runs a fixed number of steps on every rank.
 * checkpoints hold whole tensors (``torch.distributed.checkpoint.state_dict``'s full state dicts, gathered by every
   rank and kept by rank 0), so a checkpoint or champion loads in one process without FSDP, and a run resumes from it
   on any number of ranks.
@@ -64,7 +67,10 @@ def outside(step: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) 
     """``fn(*args, **kwargs)``, which calls the student outside the step's forward: under FSDP, as a forward of the
     root (its parameters gathered first); otherwise just the call."""
     if is_sharded(step):
-        return step.outside(fn, *args, **kwargs)
+        try:
+            return step.outside(fn, *args, **kwargs)
+        finally:  # the root keeps its parameters whole after a forward (backward would gather them again): free them
+            step.reshard()
     return fn(*args, **kwargs)
 
 

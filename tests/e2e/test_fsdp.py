@@ -62,12 +62,15 @@ def test_fsdp_on_two_gloo_ranks_learns_what_ddp_learns_and_resumes_to_the_same_e
         assert fsdp["state_dict"][k].shape == init[k].shape
         torch.testing.assert_close(fsdp["state_dict"][k], v, rtol=1e-4, atol=1e-5)
     assert max((ddp["state_dict"][k] - v).abs().max().item() for k, v in init.items() if v.is_floating_point()) > 1e-3
+    assert all(r["strategy"] == "fsdp over 2 ranks" for r in fsdp["reports"])  # the workers did shard
+    assert all("strategy" not in r for r in ddp["reports"])
     for a, b in zip(ddp["reports"], fsdp["reports"], strict=True):
         for key in ("train_loss", "loss_tkd", "val_nll", "val_accuracy", "val_exact_match", "val_kl_teacher"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key  # weights agree to ~1e-6
     # the checkpoint of epoch 1 holds the whole optimizer state; two ranks resumed from it end where the run ended
     first = tmp_path / "fsdp" / "rank0" / "checkpoint_000001"
     state = torch.load(first / STATE_FILE, weights_only=True)
+    assert state["whole_state"]  # gathered from the shards
     moments = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
     assert moments and all(not hasattr(m, "placements") for m in moments)
     assert sum(m.numel() for m in moments) == sum(p.numel() for p in student.parameters())  # tied head: once

@@ -57,6 +57,14 @@ def test_a_resumed_int8_run_ends_where_a_straight_one_ends(tmp_path, blobs_teach
 
 
 def test_the_reported_latency_is_the_int8_models(int8_run):
+    """What a run times (setup's ``deliverable``, before its first epoch) is the int8 model, not the float graph."""
+    from kdray.models import Preprocess, build_model
+    from kdray.models.quantize import example_input, prepare_int8
+    from kdray.train.setup import deliverable
+
+    student = build_model("test_mlp", 3, Preprocess((1, 16), passthrough=True), {"hidden": [32, 32]})
+    student.net = prepare_int8(student.net, example_input(student.preprocess))
+    assert is_int8(deliverable(student, torch.randn(8, 1, 16))) and not is_int8(student)
     last, _ = int8_run
     # the int8 model's weights are packed in its quantised layers, not parameters: they count all the same
     assert last["latency_ms"] > 0 and last["student_params"] == (16 * 32 + 32) + (32 * 32 + 32) + (32 * 3 + 3)
