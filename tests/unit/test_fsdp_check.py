@@ -41,3 +41,17 @@ def test_an_unknown_strategy_is_refused_naming_the_field():
     with pytest.raises(Exception) as e:
         lm_cfg(resources={"strategy": "zero3"})
     assert "strategy" in str(e.value) and "fsdp" in str(e.value)
+
+
+def test_a_sweep_cannot_trade_accuracy_against_a_sharded_students_latency():
+    """A sharded student's latency is not measured: a sweep with it as the second objective would have no value."""
+    from kdray.sweep.space import SearchSpace
+
+    space = {"name": "s", "metric": "val_nll", "base": {"dataset": {"name": "lm_tasks"},
+                                                        "student": {"name": "tiny_llama"},
+                                                        "resources": {"num_workers": 2, "strategy": "fsdp"}},
+             "space": {"knowledge": {"none": {}}}, "scheduler": {"type": "fifo"}}
+    SearchSpace.model_validate({**space, "objectives": ["val_nll", "student_params"]})  # accepted
+    with pytest.raises(ConfigError) as e:
+        SearchSpace.model_validate({**space, "objectives": ["val_nll", "latency_ms"]})
+    assert e.value.fields == ["objectives"] and "not measured" in str(e.value)
