@@ -311,6 +311,9 @@ def _teacher(cfg: RunConfig, info: Any, file: str | Path | None, records: list[d
         if not rec["preprocess"].get("passthrough") and tuple(rec["preprocess"]["shape"]) != tuple(info.model_input):
             raise ConfigError(f"the teacher takes inputs of shape {tuple(rec['preprocess']['shape'])} "
                               f"but data set {cfg.dataset.name!r} gives {info.model_input}", file, where)
+        if (rec.get("model_options") or {}).get("quantize"):
+            raise ConfigError("the teacher is an int8 student: its packed weights run only on the CPU and FX left it "
+                              "no named layers to tap; teach with a float model", file, where)
         # A kdray checkpoint knows its split; a model by name or from MLflow was trained elsewhere.
         diff = cfg.dataset.split_differences(rec.get("dataset") or {}) if cfg.teacher.checkpoint else []
         if diff and not cfg.teacher.allow_split_mismatch:

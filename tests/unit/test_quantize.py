@@ -119,3 +119,13 @@ def test_int8_is_refused_for_what_is_not_the_student(over, field):
     with pytest.raises(ConfigError) as e:
         RunConfig.model_validate({**q_cfg(), **over})
     assert field in e.value.fields, str(e.value)
+
+
+def test_an_int8_student_cannot_teach(int8_run):
+    """Its packed weights run only on the CPU, and FX left it no named layers: refused, naming the teacher's field."""
+    _, record = int8_run
+    cfg = RunConfig.model_validate({"dataset": {"name": "test_blobs"}, "teacher": {"checkpoint": "int8.pt"},
+                                    "student": {"name": "test_mlp"}, "knowledge": [{"type": "kd"}]})
+    with pytest.raises(ConfigError) as e:
+        dry_run(cfg, file="run.yaml", teacher_records=[record])
+    assert e.value.fields == ["teacher.checkpoint"] and "int8" in str(e.value), str(e.value)
