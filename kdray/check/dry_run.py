@@ -190,15 +190,13 @@ def _check_quantize(cfg: RunConfig, info: Any, student: Classifier, file: str | 
     if cfg.latency.device != "cpu":
         raise ConfigError("an int8 student runs on PyTorch's CPU int8 kernels: its latency is measured on the CPU",
                           file, "latency.device")
-    from kdray.models.quantize import example_input, prepare_int8
+    from kdray.models.quantize import backend, example_input, prepare_int8
 
     try:
         prepare_int8(copy.deepcopy(student.net), example_input(student.preprocess))
     except Exception as e:  # noqa: BLE001 - FX's tracing errors are of many kinds
         raise ConfigError(f"student {cfg.student.name!r} cannot be traced for quantisation-aware training (FX "
                           f"symbolic tracing: {type(e).__name__}: {str(e)[:300]})", file, "student.quantize") from None
-    from kdray.models.quantize import backend
-
     notes.append(f"student.quantize: int8: trained with fake quantisation; validation, latency, the champion and "
                  f"exports are the int8 model's ({backend()} CPU kernels)")
 

@@ -101,8 +101,9 @@ def evaluate_lm(
         if prompt:
             sums[7] += exact_matches(model, x, y, prompt, amp)
             sums[8] += x.shape[0]
-    for _ in range(pad):  # the same passes on the split's first batch, measuring nothing
+    if pad:  # the same passes on the split's first batch, measuring nothing
         _, x, y = next(iter(Batches(split, batch_size, train=False, device=device)))
+    for _ in range(pad):
         with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
             model.states(x)
         if prompt:

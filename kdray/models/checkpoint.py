@@ -153,17 +153,19 @@ def model_from_record(record: dict[str, Any]) -> Classifier:
         net = rebuild(record["num_classes"], tuple(pre["shape"]), options)
         net.kd_model_name = record["model"]
         model = Classifier(preprocess, net)
-    elif options.get("quantize"):  # trained with fake quantisation: rebuilt so, then delivered as int8
-        from kdray.models.quantize import convert_int8, example_input, prepare_int8
-
+    else:
         model = build_model(record["model"], record["num_classes"], preprocess,
                             {k: v for k, v in options.items() if k not in ("quantize", "quantize_backend")})
+    quantized = bool(options.get("quantize"))
+    if quantized:  # trained with fake quantisation: rebuilt so, then delivered as int8
+        from kdray.models.quantize import example_input, prepare_int8
+
         model.net = prepare_int8(model.net, example_input(preprocess), options.get("quantize_backend"))
-        model.load_state_dict(record["state_dict"])
-        return convert_int8(model)
-    else:
-        model = build_model(record["model"], record["num_classes"], preprocess, options)
     model.load_state_dict(record["state_dict"])
+    if quantized:
+        from kdray.models.quantize import convert_int8
+
+        return convert_int8(model)
     return model
 
 

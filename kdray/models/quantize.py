@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-QUANTIZE = ("int8",)
 # An int8 model's every forward creates quantised tensors, which PyTorch 2.10+ warns about on each new call site (the
 # tensors move to torchao): kdray delivers exactly these models on purpose, so this one message is not shown.
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other "

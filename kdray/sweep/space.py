@@ -160,7 +160,7 @@ class SearchSpace(Strict):
         if len(v) == 2 and v[1] in GOALS:
             raise ConfigError([("objectives", f"the second objective is a cost (latency_ms, latency_b64_ms, "
                                               f"student_params), not {v[1]}")])
-        strategy = ((self.base.get("resources") or {}).get("strategy") if isinstance(self.base, dict) else None)
+        strategy = (self.base.get("resources") or {}).get("strategy")
         if len(v) == 2 and v[1].startswith("latency") and strategy == "fsdp":
             raise ConfigError([("objectives", f"{v[1]}: a sharded student's latency is not measured (timing it whole "
                                               "on one CPU thread would hold up the other ranks); use student_params")])

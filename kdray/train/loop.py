@@ -99,17 +99,8 @@ def restore(st: RunState) -> None:
             model = {**{f"student.{k}": v for k, v in record["state_dict"].items()},
                      **{f"objective.{k}": v for k, v in state["objective"].items()}}
             load_full_state(st.step_module, st.optimizer, model, state["optimizer"])
-        elif len(st.peers) > 1:  # student.pt holds the best peer; every peer's weights are in the state
-            for m, sd in zip(st.peers, state["peers"]):
-                m.load_state_dict(sd)
-        elif "student" in state:  # a LoRA student: student.pt holds it merged, the state its adapters apart
-            st.student.load_state_dict(state["student"])
         else:
-            record = torch.load(Path(ckpt_dir) / STUDENT_FILE, map_location=st.device, weights_only=True)
-            st.student.load_state_dict(record["state_dict"])
-        if not state.get("whole_state"):
-            st.objective.load_state_dict(state["objective"])
-            st.optimizer.load_state_dict(state["optimizer"])
+            _load_unsharded(st, ckpt_dir, state)
         st.scaler.load_state_dict(state["scaler"])
         if "scheduler" in state:
             st.scheduler.load_state_dict(state["scheduler"])
@@ -121,6 +112,20 @@ def restore(st: RunState) -> None:
         st.start_epoch += 1
         if st.progress:
             print(f"[kdray] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+
+
+def _load_unsharded(st: RunState, ckpt_dir: str, state: dict[str, Any]) -> None:
+    """The weights, objective and optimizer of a checkpoint written by an unsharded run."""
+    if len(st.peers) > 1:  # student.pt holds the best peer; every peer's weights are in the state
+        for m, sd in zip(st.peers, state["peers"]):
+            m.load_state_dict(sd)
+    elif "student" in state:  # a LoRA student: student.pt holds it merged, the state its adapters apart
+        st.student.load_state_dict(state["student"])
+    else:
+        record = torch.load(Path(ckpt_dir) / STUDENT_FILE, map_location=st.device, weights_only=True)
+        st.student.load_state_dict(record["state_dict"])
+    st.objective.load_state_dict(state["objective"])
+    st.optimizer.load_state_dict(state["optimizer"])
 
 
 def _groups(batches: Any, size: int) -> Any:

@@ -26,7 +26,7 @@ from kdray.data.loaders import to_float
 from kdray.knowledge import DistillObjective, ModelLayout, TapOutputs
 from kdray.knowledge.token import TeacherView
 from kdray.models import Classifier, FeatureTaps, Teacher, build_model
-from kdray.models.cost import student_cost
+from kdray.models.cost import parameter_count, student_cost
 from kdray.models.lora import has_lora, merged_copy
 from kdray.models.quantize import convert_int8, example_input, is_quantized, prepare_int8
 from kdray.ray_setup import resolve_ref
@@ -251,9 +251,10 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     generations = _seq_kd(config, cfg, data, records, teacher, device)
     # What the student costs to serve (rank 0 reports): a search may trade accuracy against it. With dml peers,
     # each one's: an epoch reports the cost of the peer it keeps (the one a checkpoint and the champion hold).
-    if session.rank == 0 and session.world_size > 1 and cfg.resources.strategy == "fsdp":
+    sharding = session.world_size > 1 and cfg.resources.strategy == "fsdp"
+    if session.rank == 0 and sharding:
         # a student sharded because it is large: timing it whole on one CPU thread would take the other ranks' time
-        costs = [{"student_params": sum(p.numel() for p in student.parameters())}]
+        costs = [{"student_params": parameter_count(student)}]
     elif session.rank == 0:
         samples = data.train.head(64)
         costs = [student_cost(deliverable(m, samples), samples, cfg.latency.device, cfg.latency.threads)
@@ -293,7 +294,7 @@ def build_run(config: dict[str, Any], cfg: RunConfig, session: Session) -> RunSt
     step_module: nn.Module = DistillStep(student, objective, s_taps) if len(peers) == 1 else MutualStep(
         peers, mutual_weight=cfg.scheme.mutual_weight, temperature=cfg.scheme.temperature,
         ce_weight=cfg.ce_weight, label_smoothing=cfg.train.label_smoothing)
-    if session.world_size > 1 and cfg.resources.strategy == "fsdp":
+    if sharding:
         step_module = shard(step_module, student, device, session.world_size)
     elif session.world_size > 1:
         step_module = nn.parallel.DistributedDataParallel(
